@@ -1,0 +1,75 @@
+"""nexabind: llama.cpp for Python, prebuilt and verified, through a zero-copy cffi binding.
+
+Importing nexabind loads no native library and no numpy: the library is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nexabind.errors import (
+    AbiMismatchError,
+    BuildError,
+    CacheError,
+    ChecksumMismatchError,
+    ContextError,
+    ContextOverflowError,
+    DecodeCancelled,
+    DecodeError,
+    DownloadError,
+    LibraryNotFoundError,
+    ManifestError,
+    ModelLoadError,
+    NexabindError,
+    StateError,
+    UnsafeArchiveError,
+)
+
+__version__ = "0.1.0"
+
+# Public names that live in modules with heavy imports, resolved on first access (PEP 562).
+_LAZY = {
+    "Llama": "nexabind.llama",
+    "Token": "nexabind.llama",
+    "fetch": "nexabind.fetch",
+    "build": "nexabind.build",
+}
+
+if TYPE_CHECKING:
+    from nexabind.build import build
+    from nexabind.fetch import fetch
+    from nexabind.llama import Llama, Token
+
+__all__ = [
+    "AbiMismatchError",
+    "BuildError",
+    "CacheError",
+    "ChecksumMismatchError",
+    "ContextError",
+    "ContextOverflowError",
+    "DecodeCancelled",
+    "DecodeError",
+    "DownloadError",
+    "LibraryNotFoundError",
+    "Llama",
+    "ManifestError",
+    "ModelLoadError",
+    "NexabindError",
+    "StateError",
+    "Token",
+    "UnsafeArchiveError",
+    "__version__",
+    "build",
+    "fetch",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nexabind' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

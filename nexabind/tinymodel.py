@@ -1,0 +1,164 @@
+"""Write small llama-architecture GGUF models with seeded random weights.
+
+Used by ``nexabind doctor`` (a self-test that needs no download), by the tests and by the
+benchmarks. The weights are random, so the text is gibberish, but every token goes through the
+same code path as a real model: tokenizer, embedding, attention with a KV cache, sampling.
+
+A tokenizer either comes from an existing GGUF (every ``tokenizer.*`` key is copied with its
+value type, so llama.cpp's SPM, BPE or WPM tokenizers come along) or is a built-in byte-level
+SPM vocabulary, which needs no file at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelSpec", "write_random_model"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a random llama model. The defaults give a model of a few MB."""
+
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_ctx_train: int = 2048
+    seed: int = 42
+    dtype: str = "f32"  # "f32" or "f16"
+    pooling: str | None = None  # None, "mean", "cls" or "last": makes an embedding model
+    chat_template: str | None = None
+
+
+_POOLING = {"mean": 1, "cls": 2, "last": 3}
+
+
+def _byte_vocab() -> dict[str, tuple[Any, Any, Any]]:
+    """A self-contained SPM vocabulary: three specials plus one token per byte (byte fallback)."""
+    from gguf import GGUFValueType as T
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    # A few whole words make the output look less like noise and exercise merges.
+    words = ["▁", "▁the", "▁a", "▁is", "▁of", "▁and", "▁to", "▁in", "▁Hello", "▁world", "."]
+    tokens += words
+    types = [2, 3, 3] + [6] * 256 + [1] * len(words)
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(words))]
+    return {
+        "tokenizer.ggml.model": ("llama", T.STRING, None),
+        "tokenizer.ggml.pre": ("default", T.STRING, None),
+        "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+        "tokenizer.ggml.scores": (scores, T.ARRAY, T.FLOAT32),
+        "tokenizer.ggml.token_type": (types, T.ARRAY, T.INT32),
+        "tokenizer.ggml.bos_token_id": (1, T.UINT32, None),
+        "tokenizer.ggml.eos_token_id": (2, T.UINT32, None),
+        "tokenizer.ggml.unknown_token_id": (0, T.UINT32, None),
+        "tokenizer.ggml.add_bos_token": (True, T.BOOL, None),
+        "tokenizer.ggml.add_eos_token": (False, T.BOOL, None),
+    }
+
+
+def _vocab_from(path: str | os.PathLike[str]) -> dict[str, tuple[Any, Any, Any]]:
+    """Every ``tokenizer.*`` key of a GGUF file, with its value type."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    keys: dict[str, tuple[Any, Any, Any]] = {}
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+        keys[name] = (field.contents(), vtype, sub)
+    if "tokenizer.ggml.tokens" not in keys:
+        msg = f"{path} has no tokenizer.ggml.tokens: pass a GGUF file that holds a vocabulary"
+        raise ValueError(msg)
+    return keys
+
+
+def write_random_model(
+    path: str | os.PathLike[str],
+    spec: ModelSpec | None = None,
+    *,
+    vocab: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a llama-architecture GGUF with seeded random weights.
+
+    Args:
+        path: Where to write the model.
+        spec: Model shape and seed; ``ModelSpec()`` when omitted.
+        vocab: A GGUF file to copy the tokenizer from (e.g. one of llama.cpp's
+            ``models/ggml-vocab-*.gguf``); a built-in byte-level vocabulary when omitted.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from gguf import GGUFValueType as T
+    from gguf import GGUFWriter
+
+    spec = spec or ModelSpec()
+    if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
+        msg = f"n_embd ({spec.n_embd}) must divide by n_head ({spec.n_head}), and n_head by n_head_kv"
+        raise ValueError(msg)
+    tok = _vocab_from(vocab) if vocab is not None else _byte_vocab()
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+    head_dim = spec.n_embd // spec.n_head
+    dtype = {"f32": np.float32, "f16": np.float16}[spec.dtype]
+    rng = np.random.default_rng(spec.seed)
+
+    path = Path(path)
+    writer = GGUFWriter(None, "llama")
+    writer.add_name(f"nexabind-random-{spec.n_embd}x{spec.n_layer}-seed{spec.seed}")
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(1 if spec.dtype == "f16" else 0)
+    if spec.pooling is not None:
+        writer.add_pooling_type(_POOLING[spec.pooling])
+    for key, (value, vtype, sub) in tok.items():
+        if key == "tokenizer.chat_template" and spec.chat_template is not None:
+            continue
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    if spec.chat_template is not None:
+        writer.add_key_value("tokenizer.chat_template", spec.chat_template, T.STRING)
+
+    def weight(*shape: int, scale: float = 0.02) -> Any:
+        # gguf takes numpy's row-major shape, the reverse of ggml's ne[]: (rows, cols) = (ne1, ne0).
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
+
+    def norm() -> Any:
+        return np.ones(spec.n_embd, dtype=np.float32)  # norms stay f32, as llama.cpp expects
+
+    kv_dim = head_dim * spec.n_head_kv
+    writer.add_tensor("token_embd.weight", weight(n_vocab, spec.n_embd, scale=1.0))
+    for i in range(spec.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_dim, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_dim, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=1.0))
+
+    tmp = path.with_name(path.name + ".part")
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated cache per test, the real library, real test models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="session")
+def libdir() -> Path:
+    """The folder of the real llama.cpp build the native tests run against.
+
+    ``.ci/run`` exports ``NEXABIND_LIB_PATH`` (what ``nexabind which`` prints after the build).
+    In CI a missing library fails the test; elsewhere it skips with what to run.
+    """
+    path = os.environ.get("NEXABIND_LIB_PATH")
+    if path and Path(path).is_dir():
+        return Path(path)
+    msg = "no llama.cpp library: run `nexabind fetch` and export NEXABIND_LIB_PATH=$(nexabind which)"
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty cache; the user's real cache is never touched."""
+    cache = tmp_path / "nexabind-cache"
+    monkeypatch.setenv("NEXABIND_CACHE_DIR", str(cache))
+    monkeypatch.delenv("NEXABIND_BASE_URL", raising=False)
+    monkeypatch.delenv("NEXABIND_OFFLINE", raising=False)
+    monkeypatch.delenv("NEXABIND_VARIANT", raising=False)
+    return cache
