@@ -20,7 +20,9 @@ def libdir() -> Path:
     path = os.environ.get("NEXABIND_LIB_PATH")
     if path and Path(path).is_dir():
         return Path(path)
-    msg = "no llama.cpp library: run `nexabind fetch` and export NEXABIND_LIB_PATH=$(nexabind which)"
+    msg = (
+        "no llama.cpp library: run `nexabind fetch` and export NEXABIND_LIB_PATH=$(nexabind which)"
+    )
     if IN_CI:
         pytest.fail(msg)
     pytest.skip(msg)
@@ -35,3 +37,11 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("NEXABIND_OFFLINE", raising=False)
     monkeypatch.delenv("NEXABIND_VARIANT", raising=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def llama_source() -> Path:
+    """The pinned llama.cpp source tree (headers, vocab GGUFs, chat templates), cached."""
+    from nexabind.build import ensure_source
+
+    return ensure_source()
