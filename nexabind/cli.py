@@ -22,6 +22,61 @@ def cli() -> None:
 # Commands are added below, one section per area (build, fetch and cache, binding).
 
 
+# --- build ---------------------------------------------------------------------------------
+
+
+@cli.command("build")
+@click.option("--variant", default="cpu", show_default=True, help="cpu, cuda, vulkan or metal.")
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, path_type=str),
+    envvar="NEXABIND_LLAMA_SOURCE",
+    help="llama.cpp source tree to build instead of the pinned one [env: NEXABIND_LLAMA_SOURCE].",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Write the artifact archive and add it to OUT/manifest.json.",
+)
+@click.option("--install", is_flag=True, help="Install the build into the cache, as fetch does.")
+@click.option(
+    "--build-cache",
+    type=click.Path(file_okay=False, path_type=str),
+    envvar="NEXABIND_BUILD_CACHE",
+    help="Build cache folder [env: NEXABIND_BUILD_CACHE].",
+)
+@click.option("-j", "--jobs", type=int, help="Parallel build jobs.")
+@click.option("--cmake-arg", "cmake_args", multiple=True, help="Extra CMake argument (repeat).")
+def build_cmd(
+    variant: str,
+    source: str | None,
+    out: str | None,
+    install: bool,
+    build_cache: str | None,
+    jobs: int | None,
+    cmake_args: tuple[str, ...],
+) -> None:
+    """Build llama.cpp from source for this machine (cached), like the release CI does.
+
+    With neither --out nor --install, prints the folder holding the built artifact.
+    """
+    from nexabind.build import build
+
+    try:
+        path = build(
+            variant,
+            source=source,
+            out=out,
+            install=install,
+            build_cache=build_cache,
+            cmake_args=cmake_args,
+            jobs=jobs,
+        )
+    except NexabindError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(str(path))
+
+
 def main() -> None:
     """Entry point of the ``nexabind`` console script."""
     cli()
