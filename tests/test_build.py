@@ -1,0 +1,217 @@
+"""nexabind.build: the pinned source, the cached build, the ABI probe, artifact and manifest.
+
+The real build runs once per build cache (``.ci/run`` does it before the tests); here every
+build of the pinned source is a cache hit. Failure paths use tiny fake CMake projects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nexabind import _cdef, pin
+from nexabind.build import _pack, build, build_cache_dir, host_target, probe_source
+from nexabind.cli import cli
+from nexabind.errors import BuildError
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_tools = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake and cc"
+)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact + manifest of the pinned source (a cache hit after the first build)."""
+    out = tmp_path_factory.mktemp("dist")
+    build(out=out)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pin_is_consistent() -> None:
+    assert pin.LLAMA_COMMIT == _cdef.LLAMA_COMMIT
+    assert f"llama-{pin.LLAMA_COMMIT}-r1" == pin.RELEASE
+    assert pin.DEFAULT_BASE_URL.startswith("https://")
+
+
+def test_build_cache_is_not_the_user_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("NEXABIND_BUILD_CACHE", raising=False)
+    assert not build_cache_dir().is_relative_to(Path(os.environ["NEXABIND_CACHE_DIR"]))
+    monkeypatch.setenv("NEXABIND_BUILD_CACHE", str(tmp_path / "b"))
+    assert build_cache_dir() == tmp_path / "b"
+    assert build_cache_dir(tmp_path / "c") == tmp_path / "c"
+
+
+def test_manifest_schema_and_digests(dist: Path) -> None:
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert manifest["schema"] == 1
+    assert manifest["release"] == pin.RELEASE
+    assert manifest["llama_commit"] == pin.LLAMA_COMMIT
+    assert manifest["llama_build"] == pin.LLAMA_BUILD
+    assert manifest["abi_fingerprint"] == _cdef.CDEF_SHA256
+    os_name, arch = host_target()
+    (art,) = [a for a in manifest["artifacts"] if (a["os"], a["arch"]) == (os_name, arch)]
+    keys = {"name", "os", "arch", "variant", "min_glibc", "min_macos", "requires", "url"}
+    assert keys | {"size", "sha256"} <= set(art)
+    assert art["name"] == f"nexabind-llama-{pin.ARTIFACT_VERSION}-{os_name}-{arch}-cpu.tar.gz"
+    archive = dist / art["url"]
+    assert archive.stat().st_size == art["size"]
+    assert _sha256(archive) == art["sha256"]
+    if os_name == "linux":
+        assert art["min_glibc"] and art["min_glibc"][0].isdigit()
+
+
+def test_artifact_contents(dist: Path) -> None:
+    (archive,) = dist.glob("nexabind-llama-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        info = json.load(tar.extractfile("build-info.json"))
+        abi = json.load(tar.extractfile("abi.json"))
+    assert names == sorted(names)
+    libs = {n.split("/", 1)[1] for n in names if n.startswith("lib/")}
+    ext = ".dylib" if sys.platform == "darwin" else ".so"
+    for stem in ("libllama", "libggml", "libggml-base"):
+        assert f"{stem}{ext}" in libs
+    assert any(n.startswith("libggml-cpu") for n in libs), libs
+    if host_target() == ("linux", "x86_64"):
+        assert {"libggml-cpu-x64.so", "libggml-cpu-haswell.so"} <= libs
+    assert {"include/llama.h", "include/ggml.h", "LICENSE"} <= set(names)
+    assert info["llama_commit"] == pin.LLAMA_COMMIT
+    assert "-DGGML_BACKEND_DL=ON" in info["cmake_flags"]
+    assert info["compiler"]
+    assert abi["cdef_sha256"] == _cdef.CDEF_SHA256
+    assert abi["pointer_size"] == 8
+    assert set(abi["structs"]) == set(_cdef.STRUCTS)
+    batch = abi["structs"]["llama_batch"]
+    assert batch["offsets"]["n_tokens"] == 0
+    assert set(batch["offsets"]) == set(_cdef.STRUCTS["llama_batch"])
+    assert abi["enums"]["LLAMA_VOCAB_TYPE_NONE"] == 0
+
+
+def test_libraries_find_each_other_in_lib(dist: Path, tmp_path: Path) -> None:
+    """The $ORIGIN rpath lets libllama load from wherever lib/ is extracted."""
+    (archive,) = dist.glob("nexabind-llama-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    code = (
+        "import ctypes, sys; l = ctypes.CDLL(sys.argv[1]); "
+        "l.llama_print_system_info.restype = ctypes.c_char_p; "
+        "print(l.llama_print_system_info().decode())"
+    )
+    ext = ".dylib" if sys.platform == "darwin" else ".so"
+    lib = tmp_path / "lib" / f"libllama{ext}"
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    r = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_second_build_is_a_cache_hit(dist: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    stage = build()
+    log = stage.parent / "build.log"
+    before = log.stat().st_mtime_ns
+    again = build(out=dist)
+    assert again == stage
+    assert "cache hit" in capfd.readouterr().err
+    assert log.stat().st_mtime_ns == before  # cmake did not run: nothing was logged
+
+
+def test_second_variant_adds_to_manifest(dist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    other = {"name": "x.tar.gz", "os": "plan9", "arch": "mips", "variant": "cpu"}
+    seed = {"schema": 1, "release": pin.RELEASE, "artifacts": [other]}
+    (out / "manifest.json").write_text(json.dumps(seed))
+    build(out=out)
+    arts = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert len(arts) == 2
+    assert other in arts
+
+
+def test_archives_are_deterministic(dist: Path, tmp_path: Path) -> None:
+    stage = build()
+    _pack(stage, tmp_path / "a.tar.gz")
+    _pack(stage, tmp_path / "b.tar.gz")
+    assert _sha256(tmp_path / "a.tar.gz") == _sha256(tmp_path / "b.tar.gz")
+
+
+def test_bad_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="not a llama.cpp source tree"):
+        build(source=tmp_path, build_cache=tmp_path / "bc")
+
+
+def test_cli_bad_source(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["build", "--source", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no CMakeLists.txt" in result.output
+
+
+def test_unknown_variant(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="variant 'opencl' is not built for"):
+        build("opencl", build_cache=tmp_path)
+
+
+@needs_tools
+def test_failing_compile_is_reported(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.14)\nproject(fake C)\n"
+        "add_library(llama SHARED broken.c)\n"
+    )
+    (src / "broken.c").write_text("int broken(void) { return this is not C; }\n")
+    with pytest.raises(BuildError) as info:
+        build(source=src, build_cache=tmp_path / "bc")
+    msg = str(info.value)
+    assert "cmake build failed" in msg
+    assert "broken.c" in msg
+    log = Path(msg.rsplit("Full log: ", 1)[1].strip())
+    assert log.is_file() and "broken.c" in log.read_text()
+
+
+@needs_tools
+def test_probe_compiles_against_headers(tmp_path: Path) -> None:
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "llama.h").write_text(
+        "#include <stdint.h>\nstruct pair { int8_t a; int64_t b; };\n"
+        "enum color { RED = 3, BLUE = -1 };\n"
+    )
+    (tmp_path / "probe.c").write_text(
+        probe_source({"pair": ("a", "b")}, {"color": ("RED", "BLUE")})
+    )
+    exe = tmp_path / "probe"
+    subprocess.run(["cc", f"-I{inc}", str(tmp_path / "probe.c"), "-o", str(exe)], check=True)
+    out = json.loads(subprocess.run([str(exe)], capture_output=True, check=True).stdout)
+    assert out["structs"] == {"pair": {"size": 16, "offsets": {"a": 0, "b": 8}}}
+    assert out["enums"] == {"RED": 3, "BLUE": -1}
+
+
+def test_stale_cdef_is_detected(tmp_path: Path, llama_source: Path) -> None:
+    pytest.importorskip("pycparser")
+    for sub in ("include", "ggml/include"):
+        shutil.copytree(llama_source / sub, tmp_path / sub)
+    gen = [sys.executable, str(ROOT / "build_scripts" / "gen_cdef.py"), "--check", "--source"]
+    fresh = subprocess.run([*gen, str(tmp_path)], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    header = tmp_path / "include" / "llama.h"
+    text = header.read_text()
+    assert "int32_t n_tokens;" in text
+    header.write_text(
+        text.replace("int32_t n_tokens;", "int32_t n_tokens;\n        int32_t n_new;", 1)
+    )
+    stale = subprocess.run([*gen, str(tmp_path)], capture_output=True, text=True)
+    assert stale.returncode == 1
+    assert "stale" in stale.stderr and "gen_cdef.py" in stale.stderr
