@@ -143,12 +143,15 @@ def _sha256(path: Path) -> str:
 
 def _from_git(dest: Path, timeout: float) -> None:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    # An unreachable host fails within `timeout`; a slow but live one may take its time.
+    git = ["git", "-C", str(dest), "-c", "http.lowSpeedLimit=1000",
+           "-c", f"http.lowSpeedTime={int(timeout)}"]  # fmt: skip
     subprocess.run(["git", "init", "-q", str(dest)], check=True, capture_output=True)
     for cmd in (
-        ["git", "-C", str(dest), "fetch", "-q", "--depth", "1", pin.GIT_URL, pin.LLAMA_COMMIT],
-        ["git", "-C", str(dest), "checkout", "-q", "FETCH_HEAD"],
+        [*git, "fetch", "-q", "--depth", "1", pin.GIT_URL, pin.LLAMA_COMMIT_FULL],
+        [*git, "checkout", "-q", "FETCH_HEAD"],
     ):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout, env=env)
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
     shutil.rmtree(dest / ".git", ignore_errors=True)
 
 

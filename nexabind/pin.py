@@ -8,8 +8,11 @@ from __future__ import annotations
 
 #: llama.cpp commit (short hash) the generated declarations and the libraries come from.
 LLAMA_COMMIT = "0c1e57098"
+#: The full hash (git can fetch a commit only by its full hash).
+LLAMA_COMMIT_FULL = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
 #: llama.cpp build number (``bNNNN`` tag) of that commit, or None when it has none.
+#: Upstream tags this commit b11312; artifacts are named by commit until releases adopt it.
 LLAMA_BUILD: int | None = None
 
 #: Release tag of the prebuilt libraries; bump the ``-rN`` suffix to rebuild the same commit.
@@ -20,7 +23,7 @@ DEFAULT_BASE_URL = "https://github.com/nexabind/nexabind/releases/download"
 
 #: Source locations, tried in this order.
 GIT_URL = "https://github.com/ggml-org/llama.cpp.git"
-ARCHIVE_URL = f"https://github.com/ggml-org/llama.cpp/archive/{LLAMA_COMMIT}.tar.gz"
+ARCHIVE_URL = f"https://github.com/ggml-org/llama.cpp/archive/{LLAMA_COMMIT_FULL}.tar.gz"
 #: The llama-cpp-python sdist vendors llama.cpp at exactly LLAMA_COMMIT (``vendor/llama.cpp``).
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
