@@ -649,7 +649,8 @@ def build(
             path = _update_manifest(dist, entry)
             _log(f"nexabind: wrote {archive} and {path}")
         if install:
-            from nexabind import fetch
+            # The module, not nexabind.fetch (the package attribute is the fetch() function).
+            from nexabind.fetch import install_archive
 
-            return fetch.install_archive(archive, entry, pin.RELEASE)
+            return install_archive(archive, entry, pin.RELEASE)
     return stage
