@@ -1,0 +1,553 @@
+"""Python names over the llama.cpp C API; the only module that calls ``lib``.
+
+Objects own their native handle and free it in an idempotent ``close()`` (also on ``with``
+exit); a finalizer is only a backstop. A :class:`Context` keeps its :class:`Model` alive.
+Logits and embeddings are read-only numpy views over llama.cpp memory, valid until the next
+decode; reading a stale view through :meth:`Context.logits` raises.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nexabind import loader
+from nexabind._ffi import ffi
+from nexabind.errors import (
+    ContextError,
+    ContextOverflowError,
+    DecodeCancelled,
+    DecodeError,
+    ModelLoadError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import numpy as np
+
+__all__ = [
+    "Batch",
+    "Context",
+    "Model",
+    "Sampler",
+    "devices",
+    "lib",
+    "system_info",
+    "time_us",
+]
+
+
+def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
+    """Return the loaded llama.cpp library (loading it on first use).
+
+    Args:
+        lib_path: Library folder for the first load; see :func:`nexabind.loader.library_dir`.
+    """
+    return loader.load(lib_path)
+
+
+def system_info() -> str:
+    """Return llama.cpp's system info line (CPU features of the loaded backend)."""
+    return ffi.string(lib().llama_print_system_info()).decode()
+
+
+def time_us() -> int:
+    """Return llama.cpp's monotonic clock in microseconds (a trivial C call)."""
+    return lib().llama_time_us()
+
+
+def devices() -> list[dict[str, str]]:
+    """Return the ggml backend devices registered after loading, as name/description dicts."""
+    lib()
+    g = loader.ggml()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        out.append(
+            {
+                "name": ffi.string(g.ggml_backend_dev_name(dev)).decode(),
+                "description": ffi.string(g.ggml_backend_dev_description(dev)).decode(),
+            }
+        )
+    return out
+
+
+class Model:
+    """A loaded GGUF model (weights and vocabulary).
+
+    Args:
+        path: The ``.gguf`` file.
+        n_gpu_layers: Layers to offload to a GPU device (0: CPU only).
+        vocab_only: Load only the vocabulary.
+        use_mmap: Map the file instead of reading it.
+        progress: Called with the load progress in [0, 1]; return False to abort the load.
+
+    Raises:
+        ModelLoadError: The file is missing, or llama.cpp cannot load it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_gpu_layers: int = 0,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        progress: Callable[[float], bool | None] | None = None,
+    ) -> None:
+        self._lib = L = lib()
+        self.path = Path(path)
+        if not self.path.is_file():
+            msg = f"model file not found: {self.path}; check the path or download the model"
+            raise ModelLoadError(msg)
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        if not use_mmap:
+            params.load_mode = L.LLAMA_LOAD_MODE_NONE
+        cb = None
+        if progress is not None:
+
+            @ffi.callback("bool(float, void *)")
+            def cb(p: float, _ud: Any) -> bool:
+                return progress(p) is not False
+
+            params.progress_callback = cb
+        ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if ptr == ffi.NULL:
+            msg = (
+                f"llama.cpp could not load {self.path} (not a valid GGUF model, truncated, or an "
+                f"unsupported architecture); enable logging.getLogger('nexabind.llama') for why"
+            )
+            raise ModelLoadError(msg)
+        self._ptr = ffi.gc(ptr, L.llama_model_free)
+        self._vocab = L.llama_model_get_vocab(ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = L.llama_model_n_embd(ptr)
+        self.n_ctx_train = L.llama_model_n_ctx_train(ptr)
+        self._piece = ffi.new("char[]", 256)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the model now; safe to call more than once."""
+        if getattr(self, "_ptr", None) is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+            self._vocab = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> Any:
+        if self._ptr is None:
+            msg = f"model {self.path} is closed; load it again"
+            raise ModelLoadError(msg)
+        return self._ptr
+
+    @property
+    def description(self) -> str:
+        """llama.cpp's one-line description of the model (architecture, size, type)."""
+        buf = ffi.new("char[]", 256)
+        self._lib.llama_model_desc(self._check(), buf, 256)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    @property
+    def bos(self) -> int:
+        """Beginning-of-sequence token id (-1 if none)."""
+        self._check()
+        return self._lib.llama_vocab_bos(self._vocab)
+
+    @property
+    def eos(self) -> int:
+        """End-of-sequence token id (-1 if none)."""
+        self._check()
+        return self._lib.llama_vocab_eos(self._vocab)
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        self._check()
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(
+        self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Tokenize text.
+
+        Args:
+            text: str (UTF-8 encoded) or bytes.
+            add_special: Add BOS/EOS as the model's vocabulary asks.
+            parse_special: Treat special-token text (``<|im_start|>``) as special tokens.
+
+        Returns:
+            The token ids.
+        """
+        self._check()
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        n_max = len(data) + 8
+        buf = ffi.new("llama_token[]", n_max)
+        n = self._lib.llama_tokenize(
+            self._vocab, data, len(data), buf, n_max, add_special, parse_special
+        )
+        if n < 0:
+            n_max = -n
+            buf = ffi.new("llama_token[]", n_max)
+            n = self._lib.llama_tokenize(
+                self._vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
+        if n < 0:
+            msg = f"tokenizing {len(data)} bytes failed ({n})"
+            raise ValueError(msg)
+        return list(buf[0:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """Return the bytes of one token (may be a partial UTF-8 sequence).
+
+        Args:
+            token: Token id.
+            special: Render special tokens as their text.
+        """
+        self._check()
+        buf = self._piece
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return ffi.unpack(buf, n)
+
+    def detokenize(
+        self, tokens: Sequence[int], *, remove_special: bool = False, unparse_special: bool = False
+    ) -> str:
+        """Turn token ids back into text.
+
+        Args:
+            tokens: Token ids.
+            remove_special: Drop BOS/EOS tokens.
+            unparse_special: Render special tokens as their text.
+        """
+        self._check()
+        toks = ffi.new("llama_token[]", list(tokens))
+        cap = max(64, len(tokens) * 8)
+        buf = ffi.new("char[]", cap)
+        n = self._lib.llama_detokenize(
+            self._vocab, toks, len(tokens), buf, cap, remove_special, unparse_special
+        )
+        if n < 0:
+            cap = -n
+            buf = ffi.new("char[]", cap)
+            n = self._lib.llama_detokenize(
+                self._vocab, toks, len(tokens), buf, cap, remove_special, unparse_special
+            )
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+
+class Batch:
+    """A reusable ``llama_batch`` of up to ``capacity`` tokens, allocated once.
+
+    Args:
+        capacity: Maximum number of tokens.
+        n_seq_max: Maximum sequences a token may belong to.
+    """
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        L = lib()
+        if capacity < 1:
+            msg = f"batch capacity must be >= 1, got {capacity}"
+            raise ValueError(msg)
+        self.capacity = capacity
+        raw = L.llama_batch_init(capacity, 0, n_seq_max)
+        self._holder = ffi.new("struct llama_batch *", raw)
+        self._free = L.llama_batch_free
+        self._raw = raw
+        self.b = self._holder[0]
+
+    def close(self) -> None:
+        """Free the batch; safe to call more than once."""
+        if self._raw is not None:
+            self._free(self._raw)
+            self._raw = None
+
+    def set(
+        self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0, logits_last: bool = True
+    ) -> None:
+        """Fill the batch with ``tokens`` at positions ``pos0..`` in sequence ``seq_id``.
+
+        Args:
+            tokens: Token ids (at most ``capacity``).
+            pos0: Position of the first token.
+            seq_id: Sequence id.
+            logits_last: Request logits for the last token only (else for every token).
+        """
+        n = len(tokens)
+        if n > self.capacity:
+            msg = f"{n} tokens do not fit in a batch of {self.capacity}"
+            raise ValueError(msg)
+        b = self.b
+        tok, pos, nseq, sid, lg = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        for i in range(n):
+            tok[i] = tokens[i]
+            pos[i] = pos0 + i
+            nseq[i] = 1
+            sid[i][0] = seq_id
+            lg[i] = not logits_last
+        lg[n - 1] = True
+        b.n_tokens = n
+
+    def set_one(self, token: int, pos: int, seq_id: int = 0) -> None:
+        """Fill the batch with a single token that requests logits (the generation step)."""
+        b = self.b
+        b.token[0] = token
+        b.pos[0] = pos
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = seq_id
+        b.logits[0] = True
+        b.n_tokens = 1
+
+
+class Context:
+    """An inference context (KV cache, threads) over a :class:`Model`.
+
+    Args:
+        model: The model; the context keeps it alive.
+        n_ctx: Context length in tokens (0: the model's training length).
+        n_batch: Maximum tokens per decode call.
+        n_threads: CPU threads (None: llama.cpp's default).
+        embeddings: Compute embeddings instead of (only) logits.
+        pooling: llama.cpp pooling type value for embeddings (None: the model's).
+        seed: Unused here; samplers take their own seed.
+
+    Raises:
+        ContextError: The model is closed or llama.cpp could not create the context.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        embeddings: bool = False,
+        pooling: int | None = None,
+    ) -> None:
+        self._lib = L = lib()
+        if model.closed:
+            msg = "cannot create a context on a closed model"
+            raise ContextError(msg)
+        self.model = model
+        p = L.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
+        if n_threads is not None:
+            p.n_threads = n_threads
+            p.n_threads_batch = n_threads
+        p.embeddings = embeddings
+        if pooling is not None:
+            p.pooling_type = pooling
+        p.no_perf = True
+        self._cancel = threading.Event()
+        cancel = self._cancel
+
+        @ffi.callback("bool(void *)")
+        def abort_cb(_ud: Any) -> bool:
+            return cancel.is_set()
+
+        self._abort_cb = abort_cb  # referenced for as long as the context lives
+        p.abort_callback = abort_cb
+        ptr = L.llama_init_from_model(model._check(), p)
+        if ptr == ffi.NULL:
+            msg = (
+                f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}); "
+                "try a smaller n_ctx"
+            )
+            raise ContextError(msg)
+        self._ptr = ffi.gc(ptr, L.llama_free)
+        self.n_ctx = L.llama_n_ctx(ptr)
+        self.n_batch = L.llama_n_batch(ptr)
+        self.n_vocab = model.n_vocab
+        self.batch = Batch(self.n_batch)
+        self.generation = 0
+        self._decode = L.llama_decode
+        self._get_logits_ith = L.llama_get_logits_ith
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the context now (the model stays open); safe to call more than once."""
+        if getattr(self, "_ptr", None) is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+            self.batch.close()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> Any:
+        if self._ptr is None:
+            msg = "context is closed; create a new one"
+            raise ContextError(msg)
+        return self._ptr
+
+    def cancel(self) -> None:
+        """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
+        self._cancel.set()
+
+    def decode(self, batch: Batch | None = None) -> None:
+        """Run the model on a batch (default: this context's own :attr:`batch`).
+
+        Raises:
+            ContextError: The context is closed.
+            DecodeCancelled: :meth:`cancel` was called during the decode.
+            ContextOverflowError: No room left in the KV cache.
+            DecodeError: Any other llama.cpp failure.
+        """
+        ptr = self._check()
+        b = (batch or self.batch).b
+        self.generation += 1
+        rc = self._decode(ptr, b)
+        if rc != 0:
+            self._raise_decode(rc)
+
+    def _raise_decode(self, rc: int) -> None:
+        if rc == 2 or self._cancel.is_set():
+            self._cancel.clear()
+            msg = "decode cancelled"
+            raise DecodeCancelled(msg)
+        if rc == 1:
+            msg = (
+                f"no KV cache slot for the batch (context of {self.n_ctx} tokens is full); "
+                "use a larger n_ctx or clear the memory"
+            )
+            raise ContextOverflowError(msg)
+        msg = f"llama_decode failed with status {rc}"
+        raise DecodeError(msg)
+
+    def clear(self) -> None:
+        """Clear the KV cache (all sequences)."""
+        L = self._lib
+        L.llama_memory_clear(L.llama_get_memory(self._check()), True)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Return a read-only float32 view of the logits of output ``i`` (default: last).
+
+        The view aliases llama.cpp memory and is only valid until the next decode; use
+        :class:`LogitsView` through :meth:`logits_view` to detect stale use.
+        """
+        import numpy as np
+
+        ptr = self._get_logits_ith(self._check(), i)
+        if ptr == ffi.NULL:
+            msg = f"no logits for output {i}; request logits for that token in the batch"
+            raise DecodeError(msg)
+        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
+
+    def logits_view(self, i: int = -1) -> LogitsView:
+        """Return logits that raise when read after the next decode."""
+        return LogitsView(self, self.logits(i), self.generation)
+
+    def embeddings(self, seq_id: int = 0) -> np.ndarray:
+        """Return a read-only view of the pooled embedding of sequence ``seq_id``."""
+        import numpy as np
+
+        L = self._lib
+        ptr = L.llama_get_embeddings_seq(self._check(), seq_id)
+        if ptr == ffi.NULL:
+            ptr = L.llama_get_embeddings_ith(self._ptr, -1)
+        if ptr == ffi.NULL:
+            msg = "no embeddings: create the context with embeddings=True"
+            raise DecodeError(msg)
+        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
+
+
+class LogitsView:
+    """Logits tied to the decode that produced them; :attr:`array` raises once stale."""
+
+    def __init__(self, ctx: Context, arr: np.ndarray, generation: int) -> None:
+        self._ctx = ctx
+        self._arr = arr
+        self._gen = generation
+
+    @property
+    def array(self) -> np.ndarray:
+        """The zero-copy view. Raises ContextError after the next decode or close."""
+        if self._ctx.closed or self._ctx.generation != self._gen:
+            msg = (
+                "these logits are stale (a later decode or close overwrote them); "
+                "copy them with .copy() to keep them"
+            )
+            raise ContextError(msg)
+        return self._arr
+
+
+class Sampler:
+    """A llama.cpp sampler chain.
+
+    Args:
+        greedy: Pick the most likely token (ignores the other settings).
+        temperature, top_k, top_p, min_p: Usual sampling settings.
+        seed: Seed of the final random draw.
+    """
+
+    def __init__(
+        self,
+        *,
+        greedy: bool = False,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        seed: int = 0xFFFFFFFF,
+    ) -> None:
+        self._lib = L = lib()
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._ptr = ffi.gc(chain, L.llama_sampler_free)
+        add = L.llama_sampler_chain_add
+        if greedy:
+            add(chain, L.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                add(chain, L.llama_sampler_init_top_k(top_k))
+            if top_p < 1.0:
+                add(chain, L.llama_sampler_init_top_p(top_p, 1))
+            if min_p > 0.0:
+                add(chain, L.llama_sampler_init_min_p(min_p, 1))
+            add(chain, L.llama_sampler_init_temp(temperature))
+            add(chain, L.llama_sampler_init_dist(seed))
+        self._sample = L.llama_sampler_sample
+
+    def sample(self, ctx: Context, i: int = -1) -> int:
+        """Sample (and accept) the next token from output ``i`` of the last decode."""
+        if self._ptr is None:
+            msg = "sampler is closed"
+            raise ContextError(msg)
+        return self._sample(self._ptr, ctx._check(), i)
+
+    def reset(self) -> None:
+        """Reset the chain's state (penalties, grammar, RNG history)."""
+        self._lib.llama_sampler_reset(self._ptr)
+
+    def close(self) -> None:
+        """Free the chain; safe to call more than once."""
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
