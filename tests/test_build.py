@@ -215,3 +215,22 @@ def test_stale_cdef_is_detected(tmp_path: Path, llama_source: Path) -> None:
     stale = subprocess.run([*gen, str(tmp_path)], capture_output=True, text=True)
     assert stale.returncode == 1
     assert "stale" in stale.stderr and "gen_cdef.py" in stale.stderr
+
+
+def test_cli_prints_the_build_folder(dist: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "nexabind", "build"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / "abi.json").is_file()
+    assert "cache hit" in r.stderr
+
+
+def test_install_goes_through_fetch(dist: Path) -> None:
+    fetch = pytest.importorskip("nexabind.fetch")
+    assert hasattr(fetch, "install_archive")
+    installed = Path(build(install=True))
+    cache = Path(os.environ["NEXABIND_CACHE_DIR"])
+    assert installed.is_relative_to(cache)
+    assert pin.RELEASE in installed.parts
+    assert any(installed.rglob("libllama*"))
