@@ -77,6 +77,40 @@ def build_cmd(
     click.echo(str(path))
 
 
+# --- binding -------------------------------------------------------------------------------
+
+
+@cli.command("doctor")
+@click.option(
+    "--lib-path",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Library folder to check instead of NEXABIND_LIB_PATH or the cache.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
+    """Load llama.cpp, show what it found, and generate a few tokens with a tiny random model."""
+    import json
+
+    from nexabind.doctor import diagnose
+
+    try:
+        report = diagnose(lib_path)
+    except NexabindError as e:
+        click.echo("nexabind doctor: FAILED", err=True)
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(f"library:     {report['libdir']}")
+        click.echo(f"ABI checked: {'yes' if report['abi_checked'] else 'no (no abi.json)'}")
+        click.echo(f"system:      {report['system_info']}")
+        click.echo(f"CPU variant: {report['cpu_variant']}")
+        for dev in report["devices"]:
+            click.echo(f"device:      {dev['name']} ({dev['description']})")
+        click.echo(f"generated:   {report['tokens']} ({report['tok_per_s']} tok/s)")
+    click.echo("nexabind doctor: OK", err=True)
+
+
 def main() -> None:
     """Entry point of the ``nexabind`` console script."""
     cli()

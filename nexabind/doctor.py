@@ -1,0 +1,72 @@
+"""``nexabind doctor``: load the library, report what it found, and generate a few tokens."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["diagnose"]
+
+
+def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
+    """Load llama.cpp, describe it, and run a tiny random model end to end.
+
+    Args:
+        lib_path: Library folder (default: the usual resolution, see ``nexabind.loader``).
+        n_tokens: Tokens to generate with the random model.
+
+    Returns:
+        A report: ``libdir``, ``system_info``, ``cpu_variant``, ``devices``, ``tokens``,
+        ``tok_per_s``.
+
+    Raises:
+        NexabindError: Whatever step failed, with its message.
+    """
+    from nexabind import loader, lowlevel
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    lowlevel.lib(lib_path)
+    libdir = loader.loaded_dir()
+    report: dict[str, Any] = {
+        "libdir": str(libdir),
+        "abi_checked": libdir is not None and loader._abi_file(libdir) is not None,
+        "system_info": lowlevel.system_info(),
+        "devices": lowlevel.devices(),
+    }
+    report["cpu_variant"] = _cpu_variant()
+    with tempfile.TemporaryDirectory(prefix="nexabind-doctor-") as tmp:
+        path = Path(tmp) / "tiny.gguf"
+        write_random_model(path, ModelSpec())
+        with lowlevel.Model(path) as model, lowlevel.Context(model, n_ctx=128) as ctx:
+            sampler = lowlevel.Sampler(greedy=True)
+            prompt = model.tokenize("Hello")
+            ctx.batch.set(prompt, 0)
+            ctx.decode()
+            out = []
+            pos = len(prompt)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                tok = sampler.sample(ctx)
+                out.append(tok)
+                ctx.batch.set_one(tok, pos)
+                pos += 1
+                ctx.decode()
+            dt = time.perf_counter() - t0
+            sampler.close()
+    report["tokens"] = out
+    report["tok_per_s"] = round(n_tokens / dt, 1) if dt > 0 else None
+    return report
+
+
+def _cpu_variant() -> str | None:
+    # ggml loads its chosen CPU backend module with dlopen; the mapped file names it.
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    for line in maps.read_text().splitlines():
+        name = line.rsplit("/", 1)[-1]
+        if name.startswith("libggml-cpu"):
+            return name.removeprefix("libggml-cpu-").split(".")[0] or "cpu"
+    return None
