@@ -201,7 +201,8 @@ def load(lib_path: str | os.PathLike[str] | None = None) -> Any:
     the library is first used; a local build without ``abi.json`` loads with a warning.
 
     Args:
-        lib_path: Library folder; see :func:`library_dir`. Ignored once loaded.
+        lib_path: Library folder; see :func:`library_dir`. Once loaded, only the same folder
+            (or None) is accepted.
 
     Returns:
         The cffi library object of ``libllama``.
@@ -212,6 +213,12 @@ def load(lib_path: str | os.PathLike[str] | None = None) -> Any:
     """
     global _lib, _libdir
     if _lib is not None:
+        if lib_path is not None and Path(lib_path).expanduser().resolve() != _libdir:
+            msg = (
+                f"llama.cpp is already loaded from {_libdir} in this process; it cannot also "
+                f"load {lib_path}: use a new process"
+            )
+            raise LibraryNotFoundError(msg)
         return _lib
     with _lock:
         if _lib is not None:

@@ -129,18 +129,31 @@ class Model:
         self.n_embd = L.llama_model_n_embd(ptr)
         self.n_ctx_train = L.llama_model_n_ctx_train(ptr)
         self._piece = ffi.new("char[]", 256)
+        self._users = 0
+        self._closing = False
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._ptr is None
+        return self._ptr is None or self._closing
 
     def close(self) -> None:
-        """Free the model now; safe to call more than once."""
-        if getattr(self, "_ptr", None) is not None:
+        """Free the model; safe to call more than once.
+
+        While contexts still use the model, the memory is freed when the last one closes.
+        """
+        if getattr(self, "_ptr", None) is None:
+            return
+        self._closing = True
+        if self._users == 0:
             ffi.release(self._ptr)
             self._ptr = None
             self._vocab = None
+
+    def _release_user(self) -> None:
+        self._users -= 1
+        if self._closing and self._users == 0:
+            self.close()
 
     def __enter__(self) -> Model:
         return self
@@ -149,7 +162,7 @@ class Model:
         self.close()
 
     def _check(self) -> Any:
-        if self._ptr is None:
+        if self._ptr is None or self._closing:
             msg = f"model {self.path} is closed; load it again"
             raise ModelLoadError(msg)
         return self._ptr
@@ -372,6 +385,7 @@ class Context:
             )
             raise ContextError(msg)
         self._ptr = ffi.gc(ptr, L.llama_free)
+        model._users += 1
         self.n_ctx = L.llama_n_ctx(ptr)
         self.n_batch = L.llama_n_batch(ptr)
         self.n_vocab = model.n_vocab
@@ -391,6 +405,7 @@ class Context:
             ffi.release(self._ptr)
             self._ptr = None
             self.batch.close()
+            self.model._release_user()
 
     def __enter__(self) -> Context:
         return self
