@@ -234,3 +234,20 @@ def test_install_goes_through_fetch(dist: Path) -> None:
     assert installed.is_relative_to(cache)
     assert pin.RELEASE in installed.parts
     assert any(installed.rglob("libllama*"))
+
+
+def test_extracted_artifact_loads_with_abi_check(dist: Path, tmp_path: Path) -> None:
+    """The binding's own loader accepts the artifact: its abi.json matches the declarations."""
+    (archive,) = dist.glob("nexabind-llama-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    r = subprocess.run(
+        [sys.executable, "-m", "nexabind.loader", str(tmp_path / "lib")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is True
+    assert report["abi_checked"] is True
