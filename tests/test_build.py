@@ -251,3 +251,14 @@ def test_extracted_artifact_loads_with_abi_check(dist: Path, tmp_path: Path) -> 
     report = json.loads(r.stdout)
     assert report["ok"] is True
     assert report["abi_checked"] is True
+
+
+def test_missing_cmake_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text("project(fake C)\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(
+        BuildError, match=r"cmake not found on PATH; install it \(pip install cmake"
+    ):
+        build(source=src, build_cache=tmp_path / "bc")
