@@ -450,7 +450,7 @@ class Context:
                 "use a larger n_ctx or clear the memory"
             )
             raise ContextOverflowError(msg)
-        msg = f"llama_decode failed with status {rc}"
+        msg = f"llama_decode failed with status {rc}; the 'nexabind.llama' log says why"
         raise DecodeError(msg)
 
     def clear(self) -> None:

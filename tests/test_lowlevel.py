@@ -1,0 +1,250 @@
+"""The low-level layer against the real library and a tiny random model."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nexabind.errors import ContextError, DecodeCancelled, ModelLoadError
+from nexabind.tinymodel import ModelSpec, write_random_model
+
+
+@pytest.fixture(scope="session")
+def ll(libdir: Path):
+    from nexabind import lowlevel
+
+    lowlevel.lib(libdir)
+    return lowlevel
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.gguf"
+    write_random_model(path, ModelSpec())
+    return path
+
+
+@pytest.fixture
+def model(ll, tiny: Path):
+    with ll.Model(tiny) as m:
+        yield m
+
+
+def _generate(ll, ctx, n: int, sampler=None) -> list[int]:
+    sampler = sampler or ll.Sampler(greedy=True)
+    prompt = ctx.model.tokenize("Hello")
+    ctx.batch.set(prompt, 0)
+    ctx.decode()
+    out, pos = [], len(prompt)
+    for _ in range(n):
+        tok = sampler.sample(ctx)
+        out.append(tok)
+        ctx.batch.set_one(tok, pos)
+        pos += 1
+        ctx.decode()
+    return out
+
+
+def test_tokenize_roundtrip(model) -> None:
+    toks = model.tokenize("hello world", add_special=False)
+    assert toks and all(0 <= t < model.n_vocab for t in toks)
+    assert model.detokenize(toks) == "hello world"
+    # SPM vocabularies prefix a space that detokenize strips
+    assert b"".join(model.token_to_piece(t) for t in toks).lstrip() == b"hello world"
+    assert model.tokenize("hi", add_special=True)[0] == model.bos
+
+
+def test_greedy_generation_is_deterministic(ll, model) -> None:
+    with ll.Context(model, n_ctx=128) as a, ll.Context(model, n_ctx=128) as b:
+        assert _generate(ll, a, 10) == _generate(ll, b, 10)
+
+
+def test_logits_view_shares_llama_memory(ll, model) -> None:
+    from nexabind._ffi import ffi
+
+    with ll.Context(model, n_ctx=128) as ctx:
+        ctx.batch.set(model.tokenize("Hello"), 0)
+        ctx.decode()
+        view = ctx.logits()
+        ptr = ll.lib().llama_get_logits_ith(ctx._ptr, -1)
+        assert view.ctypes.data == int(ffi.cast("uintptr_t", ptr))
+        assert view.shape == (model.n_vocab,) and view.dtype == np.float32
+        assert not view.flags.writeable and not view.flags.owndata
+        copied = np.array(ffi.unpack(ptr, model.n_vocab), dtype=np.float32)
+        np.testing.assert_array_equal(view, copied)
+        with pytest.raises(ValueError):
+            view[0] = 1.0
+
+
+def test_stale_logits_are_detected(ll, model) -> None:
+    with ll.Context(model, n_ctx=128) as ctx:
+        prompt = model.tokenize("Hello")
+        ctx.batch.set(prompt, 0)
+        ctx.decode()
+        logits = ctx.logits_view()
+        first = logits.array.copy()
+        ctx.batch.set_one(int(first.argmax()), len(prompt))
+        ctx.decode()
+        with pytest.raises(ContextError, match="stale.*copy"):
+            _ = logits.array
+
+
+def test_no_allocation_growth_per_token(ll, model) -> None:
+    with ll.Context(model, n_ctx=1200, n_threads=1) as ctx:
+        sampler = ll.Sampler(greedy=True)
+        _generate(ll, ctx, 50, sampler)
+        ctx.clear()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            out = _generate(ll, ctx, 1000, sampler)
+            del out
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        stats = after.compare_to(before, "filename")
+        growth = sum(s.size_diff for s in stats if "lowlevel" in s.traceback[0].filename)
+        assert growth < 2048, stats[:5]
+
+
+def test_use_after_close_raises(ll, tiny: Path) -> None:
+    model = ll.Model(tiny)
+    ctx = ll.Context(model, n_ctx=64)
+    ctx.close()
+    ctx.close()
+    assert ctx.closed
+    with pytest.raises(ContextError, match="closed"):
+        ctx.decode()
+    with pytest.raises(ContextError, match="closed"):
+        ctx.logits()
+    model.close()
+    model.close()
+    with pytest.raises(ModelLoadError, match="closed"):
+        model.tokenize("x")
+    with pytest.raises(ContextError, match="closed model"):
+        ll.Context(model)
+
+
+def test_context_keeps_model_alive(ll, tiny: Path) -> None:
+    ctx = ll.Context(ll.Model(tiny), n_ctx=64)
+    gc.collect()  # no reference to the model remains but the context's
+    assert len(_generate(ll, ctx, 3)) == 3
+    ctx.close()
+
+
+def test_closing_a_model_in_use_defers_the_free(ll, tiny: Path) -> None:
+    model = ll.Model(tiny)
+    ctx = ll.Context(model, n_ctx=64)
+    prompt = model.tokenize("Hello")
+    model.close()
+    assert model.closed
+    with pytest.raises(ModelLoadError, match="closed"):
+        model.tokenize("x")
+    ctx.batch.set(prompt, 0)
+    ctx.decode()  # the weights are still there
+    assert ctx.logits().shape == (model.n_vocab,)
+    ctx.close()
+    assert model._ptr is None  # freed with its last context
+
+
+def test_cancel_from_another_thread(ll, model) -> None:
+    with ll.Context(model, n_ctx=512, n_batch=512, n_threads=1) as ctx:
+        prompt = [3 + i % (model.n_vocab - 3) for i in range(500)]
+        result: list[BaseException | None] = []
+
+        def work() -> None:
+            try:
+                for _ in range(100000):
+                    ctx.clear()
+                    ctx.batch.set(prompt, 0)
+                    ctx.decode()
+                result.append(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                result.append(e)
+
+        t = threading.Thread(target=work)
+        t.start()
+        time.sleep(0.2)
+        ctx.cancel()
+        t.join(30)
+        assert not t.is_alive()
+        assert isinstance(result[0], DecodeCancelled)
+        # the context is usable again afterwards
+        ctx.clear()
+        assert len(_generate(ll, ctx, 2)) == 2
+
+
+def test_two_contexts_decode_in_two_threads(ll, model) -> None:
+    with ll.Context(model, n_ctx=128) as ref:
+        want = _generate(ll, ref, 20)
+    got: dict[int, list[int]] = {}
+
+    def work(i: int) -> None:
+        with ll.Context(model, n_ctx=128, n_threads=1) as ctx:
+            got[i] = _generate(ll, ctx, 20)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == {0: want, 1: want}
+
+
+def test_load_free_cycles_do_not_grow_rss(ll, tiny: Path) -> None:
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("RSS measured through /proc")
+    for _ in range(50):
+        with ll.Model(tiny) as m, ll.Context(m, n_ctx=64):
+            pass
+    gc.collect()
+    start = rss()
+    for _ in range(1000):
+        with ll.Model(tiny) as m, ll.Context(m, n_ctx=64):
+            pass
+    gc.collect()
+    assert rss() - start < 8 * 2**20
+
+
+def test_missing_model_file(ll, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        ll.Model(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random"])
+def test_bad_gguf_raises_in_a_child(libdir: Path, tiny: Path, tmp_path: Path, kind: str) -> None:
+    bad = tmp_path / "bad.gguf"
+    data = tiny.read_bytes()
+    bad.write_bytes(
+        data[: len(data) // 2] if kind == "truncated" else np.random.default_rng(1).bytes(4096)
+    )
+    code = (
+        "import sys\n"
+        "from nexabind import lowlevel\n"
+        "from nexabind.errors import ModelLoadError\n"
+        "lowlevel.lib(sys.argv[1])\n"
+        "try:\n"
+        "    lowlevel.Model(sys.argv[2])\n"
+        "except ModelLoadError as e:\n"
+        "    print('ModelLoadError:', e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(libdir), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ModelLoadError:" in r.stdout and str(bad) in r.stdout
