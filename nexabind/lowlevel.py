@@ -21,6 +21,7 @@ from nexabind.errors import (
     DecodeCancelled,
     DecodeError,
     ModelLoadError,
+    StateError,
 )
 
 if TYPE_CHECKING:
@@ -33,10 +34,12 @@ __all__ = [
     "Context",
     "Model",
     "Sampler",
+    "chat_template_apply",
     "devices",
     "lib",
     "system_info",
     "time_us",
+    "version",
 ]
 
 
@@ -52,6 +55,46 @@ def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
 def system_info() -> str:
     """Return llama.cpp's system info line (CPU features of the loaded backend)."""
     return ffi.string(lib().llama_print_system_info()).decode()
+
+
+def version() -> str:
+    """Return llama.cpp's version string as compiled into the loaded library."""
+    return ffi.string(lib().llama_version()).decode()
+
+
+def chat_template_apply(
+    template: str,
+    messages: Sequence[tuple[str, str]],
+    *,
+    add_assistant: bool = True,
+) -> str:
+    """Format messages with one of llama.cpp's built-in chat templates.
+
+    Args:
+        template: A Jinja template text or a built-in template name (``chatml``, ``llama3``...).
+        messages: ``(role, content)`` pairs.
+        add_assistant: End with the opening of an assistant turn.
+
+    Raises:
+        ValueError: llama.cpp does not recognise the template.
+    """
+    L = lib()
+    keep = [(ffi.new("char[]", r.encode()), ffi.new("char[]", c.encode())) for r, c in messages]
+    chat = ffi.new("struct llama_chat_message[]", len(keep))
+    for i, (r, c) in enumerate(keep):
+        chat[i].role = r
+        chat[i].content = c
+    tmpl = template.encode()
+    cap = 256 + 2 * sum(len(c) + len(r) for r, c in messages)
+    buf = ffi.new("char[]", cap)
+    n = L.llama_chat_apply_template(tmpl, chat, len(keep), add_assistant, buf, cap)
+    if n > cap:
+        buf = ffi.new("char[]", n)
+        n = L.llama_chat_apply_template(tmpl, chat, len(keep), add_assistant, buf, n)
+    if n < 0:
+        msg = f"llama.cpp does not support the chat template {template[:60]!r}"
+        raise ValueError(msg)
+    return ffi.unpack(buf, n).decode("utf-8", "replace")
 
 
 def time_us() -> int:
@@ -173,6 +216,54 @@ class Model:
         buf = ffi.new("char[]", 256)
         self._lib.llama_model_desc(self._check(), buf, 256)
         return ffi.string(buf).decode("utf-8", "replace")
+
+    @property
+    def n_params(self) -> int:
+        """Number of weights."""
+        return self._lib.llama_model_n_params(self._check())
+
+    @property
+    def size(self) -> int:
+        """Total size of the weights in bytes."""
+        return self._lib.llama_model_size(self._check())
+
+    def metadata(self) -> dict[str, str]:
+        """Return the GGUF metadata as strings (arrays are summarised by llama.cpp)."""
+        L, ptr = self._lib, self._check()
+        out = {}
+        buf = ffi.new("char[]", 4096)
+        for i in range(L.llama_model_meta_count(ptr)):
+            L.llama_model_meta_key_by_index(ptr, i, buf, 4096)
+            key = ffi.string(buf).decode("utf-8", "replace")
+            n = L.llama_model_meta_val_str_by_index(ptr, i, buf, 4096)
+            if n >= 4096:
+                big = ffi.new("char[]", n + 1)
+                L.llama_model_meta_val_str_by_index(ptr, i, big, n + 1)
+                out[key] = ffi.string(big).decode("utf-8", "replace")
+            else:
+                out[key] = ffi.string(buf).decode("utf-8", "replace")
+        return out
+
+    def chat_template(self, name: str | None = None) -> str | None:
+        """Return the model's chat template (Jinja text), or None if it has none."""
+        p = self._lib.llama_model_chat_template(self._check(), name.encode() if name else ffi.NULL)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenization adds BOS."""
+        self._check()
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's text of ``token``."""
+        self._check()
+        if not 0 <= token < self.n_vocab:
+            msg = f"token {token} is outside the vocabulary (0..{self.n_vocab - 1})"
+            raise ValueError(msg)
+        return ffi.string(self._lib.llama_vocab_get_text(self._vocab, token)).decode(
+            "utf-8", "replace"
+        )
 
     @property
     def bos(self) -> int:
@@ -315,6 +406,27 @@ class Batch:
         lg[n - 1] = True
         b.n_tokens = n
 
+    def set_array(self, tokens: Any, pos0: int, *, seq_id: int = 0) -> None:
+        """Fill the batch from an int32 buffer (numpy int32, ``array('i')``) in one copy.
+
+        Only the last token requests logits.
+        """
+        src = ffi.from_buffer("llama_token[]", tokens)
+        n = len(src)
+        if not 0 < n <= self.capacity:
+            msg = f"{n} tokens do not fit in a batch of {self.capacity}"
+            raise ValueError(msg)
+        b = self.b
+        ffi.memmove(b.token, src, 4 * n)
+        pos, nseq, sid, lg = b.pos, b.n_seq_id, b.seq_id, b.logits
+        for i in range(n):
+            pos[i] = pos0 + i
+            nseq[i] = 1
+            sid[i][0] = seq_id
+            lg[i] = False
+        lg[n - 1] = True
+        b.n_tokens = n
+
     def set_one(self, token: int, pos: int, seq_id: int = 0) -> None:
         """Fill the batch with a single token that requests logits (the generation step)."""
         b = self.b
@@ -453,10 +565,70 @@ class Context:
         msg = f"llama_decode failed with status {rc}; the 'nexabind.llama' log says why"
         raise DecodeError(msg)
 
+    def encode(self, batch: Batch | None = None) -> None:
+        """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
+        ptr = self._check()
+        b = (batch or self.batch).b
+        self.generation += 1
+        rc = self._lib.llama_encode(ptr, b)
+        if rc != 0:
+            self._raise_decode(rc)
+
     def clear(self) -> None:
         """Clear the KV cache (all sequences)."""
         L = self._lib
         L.llama_memory_clear(L.llama_get_memory(self._check()), True)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions ``[p0, p1)`` of a sequence (-1: open end); False if impossible."""
+        L = self._lib
+        return bool(L.llama_memory_seq_rm(L.llama_get_memory(self._check()), seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Copy positions ``[p0, p1)`` of sequence ``src`` to ``dst``."""
+        L = self._lib
+        L.llama_memory_seq_cp(L.llama_get_memory(self._check()), src, dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Drop every sequence but ``seq_id``."""
+        L = self._lib
+        L.llama_memory_seq_keep(L.llama_get_memory(self._check()), seq_id)
+
+    def seq_pos_max(self, seq_id: int = 0) -> int:
+        """Highest position stored for a sequence (-1 when empty)."""
+        L = self._lib
+        return L.llama_memory_seq_pos_max(L.llama_get_memory(self._check()), seq_id)
+
+    def state_get(self) -> bytes:
+        """Serialize the context state (KV cache, logits, RNG).
+
+        Raises:
+            StateError: llama.cpp wrote fewer bytes than it announced.
+        """
+        L, ptr = self._lib, self._check()
+        size = L.llama_state_get_size(ptr)
+        buf = ffi.new("uint8_t[]", size)
+        n = L.llama_state_get_data(ptr, buf, size)
+        if n == 0 and size:
+            msg = f"saving the context state failed ({size} bytes announced)"
+            raise StateError(msg)
+        return ffi.unpack(ffi.cast("char *", buf), n)
+
+    def state_set(self, data: bytes) -> None:
+        """Restore a state from :meth:`state_get` of a context over the same model.
+
+        Raises:
+            StateError: llama.cpp rejected the data.
+        """
+        ptr = self._check()
+        self.generation += 1
+        n = self._lib.llama_state_set_data(ptr, ffi.from_buffer("uint8_t[]", data), len(data))
+        if n != len(data):
+            msg = (
+                f"restoring the context state failed (read {n} of {len(data)} bytes); "
+                "the state must come from a context over the same model"
+            )
+            raise StateError(msg)
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Return a read-only float32 view of the logits of output ``i`` (default: last).

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nexabind.errors import ContextError, DecodeCancelled, ModelLoadError
+from nexabind.errors import ContextError, DecodeCancelled, ModelLoadError, StateError
 from nexabind.tinymodel import ModelSpec, write_random_model
 
 
@@ -248,3 +248,36 @@ def test_bad_gguf_raises_in_a_child(libdir: Path, tiny: Path, tmp_path: Path, ki
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ModelLoadError:" in r.stdout and str(bad) in r.stdout
+
+
+def test_metadata_version_and_chat_template(ll, model) -> None:
+    assert ll.version()
+    meta = model.metadata()
+    assert meta["general.architecture"] == "llama"
+    assert model.n_params > 0 and model.size > 0
+    assert model.token_text(model.bos)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.token_text(model.n_vocab)
+    text = ll.chat_template_apply("chatml", [("user", "hi")])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="does not support the chat template"):
+        ll.chat_template_apply("no-such-template", [("user", "hi")])
+
+
+def test_state_roundtrip_and_array_input(ll, model) -> None:
+    prompt = np.array(model.tokenize("Hello world"), dtype=np.int32)
+    with ll.Context(model, n_ctx=128) as a, ll.Context(model, n_ctx=128) as b:
+        a.batch.set_array(prompt, 0)
+        a.decode()
+        assert a.seq_pos_max(0) == len(prompt) - 1
+        state = a.state_get()
+        b.state_set(state)
+        assert b.seq_pos_max(0) == len(prompt) - 1
+        for ctx in (a, b):  # the same next step from the restored cache
+            ctx.batch.set_one(5, len(prompt))
+            ctx.decode()
+        np.testing.assert_array_equal(b.logits(), a.logits())
+        assert b.seq_rm(0, 2, -1)
+        assert b.seq_pos_max(0) == 1
+        with pytest.raises(StateError, match="same model"):
+            b.state_set(state[: len(state) // 2])
