@@ -102,6 +102,7 @@ def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=1))
     else:
         click.echo(f"library:     {report['libdir']}")
+        click.echo(f"llama.cpp:   {report['llama_version']}")
         click.echo(f"ABI checked: {'yes' if report['abi_checked'] else 'no (no abi.json)'}")
         click.echo(f"system:      {report['system_info']}")
         click.echo(f"CPU variant: {report['cpu_variant']}")

@@ -18,8 +18,8 @@ def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
         n_tokens: Tokens to generate with the random model.
 
     Returns:
-        A report: ``libdir``, ``system_info``, ``cpu_variant``, ``devices``, ``tokens``,
-        ``tok_per_s``.
+        A report: ``libdir``, ``llama_version``, ``system_info``, ``cpu_variant``,
+        ``devices``, ``tokens``, ``tok_per_s``.
 
     Raises:
         NexabindError: Whatever step failed, with its message.
@@ -32,6 +32,7 @@ def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
     report: dict[str, Any] = {
         "libdir": str(libdir),
         "abi_checked": libdir is not None and loader._abi_file(libdir) is not None,
+        "llama_version": lowlevel.version(),
         "system_info": lowlevel.system_info(),
         "devices": lowlevel.devices(),
     }

@@ -25,6 +25,7 @@ def test_doctor_generates_with_a_tiny_model(libdir: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "nexabind doctor: OK" in r.stderr
     assert str(libdir.resolve()) in r.stdout and "CPU variant:" in r.stdout
+    assert "llama.cpp:" in r.stdout
     assert "device:" in r.stdout and "generated:" in r.stdout
 
 
