@@ -1,0 +1,876 @@
+"""``Llama``: generation, streaming, chat, embeddings, KV-cache reuse and state.
+
+The surface follows llama-cpp-python (``create_completion``, ``create_chat_completion``,
+``create_embedding`` with the same OpenAI-shaped results), built on two iterators,
+:meth:`Llama.generate` and :meth:`Llama.chat`, that yield :class:`Token` values.
+
+The generation loop does O(1) work per token: one ``llama_decode`` of one token through a
+batch allocated once, one ``llama_sampler_sample``, one ``llama_token_to_piece`` into a buffer
+allocated once, an incremental UTF-8 decoder, and stop strings checked only on the tail window.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from nexabind import lowlevel
+from nexabind._ffi import ffi
+from nexabind.errors import ContextError, ContextOverflowError, StateError
+from nexabind.sampling import SamplingOptions, build_sampler
+
+__all__ = ["Llama", "Token"]
+
+_STATE_MAGIC = b"NXBSTAT1"
+_SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
+
+
+class Token(NamedTuple):
+    """One generated token.
+
+    Attributes:
+        id: Token id.
+        text: Text this token completes (may be empty while a UTF-8 character or a possible
+            stop string is pending; the held text comes with a later token).
+        logprob: Log-probability of the token, when asked for (else None).
+    """
+
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class _StopMatcher:
+    """Hold back text that could start a stop string; find stops across token boundaries."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        # Every proper prefix of every stop string: the longest one that ends the text is held.
+        self.prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+        self.max_prefix = max((len(p) for p in self.prefixes), default=0)
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        s = self.held + text
+        best = -1
+        for stop in self.stops:
+            i = s.find(stop)
+            if i >= 0 and (best < 0 or i < best):
+                best = i
+        if best >= 0:
+            self.held = ""
+            return s[:best], True
+        for k in range(min(self.max_prefix, len(s)), 0, -1):
+            if s[-k:] in self.prefixes:
+                self.held = s[-k:]
+                return s[:-k], False
+        self.held = ""
+        return s, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class Llama:
+    """A model and its context, with llama-cpp-python's calls.
+
+    Args:
+        model_path: The ``.gguf`` file.
+        n_ctx: Context length (None or 0: the model's training length, capped at 4096).
+        n_batch: Most prompt tokens per decode.
+        n_ubatch: Physical batch size (accepted for compatibility).
+        n_threads: Threads for generation (None: llama.cpp's default).
+        n_threads_batch: Threads for prompt processing (None: as ``n_threads``).
+        n_gpu_layers: Layers on the GPU (None: all, when a GPU backend is present).
+        seed: Default sampling seed.
+        embedding: Create an embedding context (pooled as the model says).
+        flash_attn: Accepted for compatibility; llama.cpp decides.
+        use_mmap: Map the model file.
+        use_mlock: Accepted for compatibility.
+        chat_template: A jinja template, or a llama.cpp built-in template name.
+        verbose: Accepted for compatibility; llama.cpp logs go to ``logging``.
+        lib_path: Folder of the llama.cpp libraries (see :func:`nexabind.loader.library_dir`).
+
+    Raises:
+        ModelLoadError: The model file is missing or invalid.
+        ContextError: The context could not be created.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_gpu_layers: int | None = None,
+        seed: int | None = None,
+        embedding: bool = False,
+        flash_attn: bool | None = None,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        chat_template: str | None = None,
+        verbose: bool = False,
+        lib_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._ctx: lowlevel.Context | None = None
+        self._model: lowlevel.Model | None = None
+        lowlevel.lib(lib_path)
+        if n_gpu_layers is None:
+            n_gpu_layers = 999
+        self.model_path = str(model_path)
+        self._model = lowlevel.Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+        if not n_ctx:
+            n_ctx = min(self._model.n_ctx_train or 4096, 4096)
+        self._ctx = lowlevel.Context(
+            self._model,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            embeddings=embedding,
+        )
+        if n_threads_batch is not None or n_threads is not None:
+            lowlevel.lib().llama_set_n_threads(
+                self._ctx._ptr, n_threads or n_threads_batch, n_threads_batch or n_threads
+            )
+        self.embedding = embedding
+        self.seed = seed
+        self.chat_template = chat_template
+        self.verbose = verbose
+        self._tokens: list[int] = []
+        self._cancel = threading.Event()
+        self._piece_buf = ffi.new("char[]", 256)
+        self.n_decoded_tokens = 0
+        """Tokens decoded by this object so far (prompt and generated)."""
+        self.n_prompt_tokens_decoded = 0
+        """Prompt tokens the last call had to decode (the rest came from the KV cache)."""
+        self.last_finish_reason: str | None = None
+        """Why the last generation ended: ``stop``, ``length`` or ``cancelled``."""
+        self._metadata: dict[str, str] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._ctx is None
+
+    def close(self) -> None:
+        """Free the context and the model; safe to call more than once."""
+        ctx, model = self._ctx, self._model
+        self._ctx = self._model = None
+        if ctx is not None:
+            ctx.close()
+        if model is not None:
+            model.close()
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> lowlevel.Context:
+        if self._ctx is None:
+            msg = f"this Llama ({self.model_path}) is closed; create a new one"
+            raise ContextError(msg)
+        return self._ctx
+
+    # -- basic properties ----------------------------------------------------------------
+
+    def n_ctx(self) -> int:
+        """Context length in tokens."""
+        return self._check().n_ctx
+
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        return self._check().n_vocab
+
+    def n_embd(self) -> int:
+        """Embedding width."""
+        return self._check().model.n_embd
+
+    def token_bos(self) -> int:
+        """BOS token id (-1 if none)."""
+        return self._check().model.bos
+
+    def token_eos(self) -> int:
+        """EOS token id (-1 if none)."""
+        return self._check().model.eos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """GGUF metadata of the model as strings (arrays are left out by llama.cpp)."""
+        ctx = self._check()
+        if self._metadata is None:
+            L = lowlevel.lib()
+            mp = ctx.model._ptr
+            out = {}
+            for i in range(L.llama_model_meta_count(mp)):
+                vals = []
+                for fn in (L.llama_model_meta_key_by_index, L.llama_model_meta_val_str_by_index):
+                    n = fn(mp, i, ffi.NULL, 0)
+                    buf = ffi.new("char[]", max(n, 0) + 1)
+                    fn(mp, i, buf, n + 1)
+                    vals.append(ffi.string(buf).decode("utf-8", "replace"))
+                out[vals[0]] = vals[1]
+            self._metadata = out
+        return dict(self._metadata)
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokenize text (llama-cpp-python's signature)."""
+        return self._check().model.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """Turn tokens back into bytes (llama-cpp-python returns bytes)."""
+        model = self._check().model
+        return b"".join(model.token_to_piece(t, special=special) for t in tokens)
+
+    def reset(self) -> None:
+        """Forget the KV cache; the next call decodes its whole prompt."""
+        self._check().clear()
+        self._tokens = []
+
+    def cancel(self) -> None:
+        """Stop a generation running in another thread (it ends with ``cancelled``)."""
+        self._cancel.set()
+        if self._ctx is not None:
+            self._ctx.cancel()
+
+    # -- prompt and KV cache -------------------------------------------------------------
+
+    def _as_tokens(self, prompt: str | bytes | Sequence[int], special: bool = False) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            return self._check().model.tokenize(prompt, add_special=True, parse_special=special)
+        return [int(t) for t in prompt]
+
+    def _ingest(self, tokens: list[int]) -> None:
+        """Make the KV cache hold ``tokens``, decoding only what differs from what it holds."""
+        ctx = self._check()
+        if not tokens:
+            msg = "the prompt is empty; give at least one token"
+            raise ValueError(msg)
+        if len(tokens) > ctx.n_ctx:
+            msg = (
+                f"the prompt has {len(tokens)} tokens but the context holds {ctx.n_ctx}; "
+                "shorten the prompt or create the Llama with a larger n_ctx"
+            )
+            raise ContextOverflowError(msg)
+        old = self._tokens
+        n = 0
+        lim = min(len(old), len(tokens) - 1)  # always decode at least one token for logits
+        while n < lim and old[n] == tokens[n]:
+            n += 1
+        if n < len(old):
+            L = lowlevel.lib()
+            mem = L.llama_get_memory(ctx._ptr)
+            if not L.llama_memory_seq_rm(mem, 0, n, -1):
+                ctx.clear()
+                n = 0
+        self._tokens = tokens[:n]
+        step = ctx.n_batch
+        self.n_prompt_tokens_decoded = 0
+        try:
+            for i in range(n, len(tokens), step):
+                chunk = tokens[i : i + step]
+                ctx.batch.set(chunk, i)
+                ctx.decode()
+                self._tokens.extend(chunk)
+                self.n_prompt_tokens_decoded += len(chunk)
+                self.n_decoded_tokens += len(chunk)
+        except BaseException:
+            self.reset()
+            raise
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 16,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        context_shift: bool = False,
+        special: bool = False,
+        **options: Any,
+    ) -> Iterator[Token]:
+        """Generate tokens after ``prompt``, one :class:`Token` at a time.
+
+        Breaking out of the loop stops decoding; what was decoded stays in the KV cache for the
+        next call.
+
+        Args:
+            prompt: Text or token ids.
+            max_tokens: Most tokens to generate (None or <= 0: until the context is full).
+            stop: Stop strings; matched across tokens and never emitted.
+            logprobs: Fill ``Token.logprob``.
+            context_shift: When the context is full, drop the oldest half (after the first
+                token) instead of raising.
+            special: Parse special-token text in a text prompt.
+            **options: Sampling options (see :class:`nexabind.sampling.SamplingOptions`).
+
+        Raises:
+            ContextOverflowError: The prompt does not fit, or the context fills up with
+                ``max_tokens`` asking for more and no ``context_shift``.
+            ValueError: An unknown or out-of-range option.
+        """
+        unknown = set(options) - _SAMPLING_KEYS
+        if unknown:
+            msg = f"unknown sampling options {sorted(unknown)}; known: {sorted(_SAMPLING_KEYS)}"
+            raise TypeError(msg)
+        if options.get("seed") is None and self.seed is not None:
+            options["seed"] = self.seed
+        opts = SamplingOptions(**options)
+        tokens = self._as_tokens(prompt, special)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return self._generate(tokens, opts, max_tokens, stops, logprobs, context_shift)
+
+    def _generate(
+        self,
+        tokens: list[int],
+        opts: SamplingOptions,
+        max_tokens: int | None,
+        stops: list[str],
+        want_logprobs: bool,
+        context_shift: bool,
+    ) -> Iterator[Token]:
+        ctx = self._check()
+        model = ctx.model
+        sampler = build_sampler(model, opts)
+        self._cancel.clear()
+        ctx._cancel.clear()
+        self.last_finish_reason = None
+        self.n_completion_tokens = 0
+        try:
+            self._ingest(tokens)
+            yield from self._loop(
+                ctx, model, sampler, max_tokens, stops, want_logprobs, context_shift
+            )
+        finally:
+            sampler.close()
+
+    def _loop(
+        self,
+        ctx: lowlevel.Context,
+        model: lowlevel.Model,
+        sampler: Any,
+        max_tokens: int | None,
+        stops: list[str],
+        want_logprobs: bool,
+        context_shift: bool,
+    ) -> Iterator[Token]:
+        L = lowlevel.lib()
+        n_ctx = ctx.n_ctx
+        limit = max_tokens if max_tokens and max_tokens > 0 else None
+        if limit is None and not context_shift:
+            limit = n_ctx - len(self._tokens)
+        # Hot-loop locals: every name below is a local lookup, nothing is allocated per token.
+        sample = L.llama_sampler_sample
+        decode = L.llama_decode
+        to_piece = L.llama_token_to_piece
+        is_eog = L.llama_vocab_is_eog
+        vocab = model._vocab
+        chain = sampler.ptr
+        cptr = ctx._ptr
+        buf = self._piece_buf
+        buffer = ffi.buffer
+        b = ctx.batch.b
+        btok, bpos = b.token, b.pos
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = 0
+        b.logits[0] = 1
+        dec = codecs.getincrementaldecoder("utf-8")("replace").decode
+        matcher = _StopMatcher(stops) if stops else None
+        cancel = self._cancel
+        toks = self._tokens
+        n_past = len(toks)
+        n_gen = 0
+        lp = None
+        while True:
+            tok = sample(chain, cptr, -1)
+            if want_logprobs:
+                lp = self._logprob(ctx, tok)
+            if is_eog(vocab, tok):
+                self.last_finish_reason = "stop"
+                tail = dec(b"", True) + (matcher.flush() if matcher else "")
+                if tail:
+                    yield Token(tok, tail, lp)
+                return
+            n = to_piece(vocab, tok, buf, 256, 0, False)
+            text = dec(buffer(buf, n)[:]) if n > 0 else ""
+            n_gen += 1
+            self.n_completion_tokens = n_gen
+            last = limit is not None and n_gen >= limit
+            if matcher is not None:
+                text, hit = matcher.feed(text)
+                if hit:
+                    self.last_finish_reason = "stop"
+                    yield Token(tok, text, lp)
+                    return
+                if last:
+                    text += dec(b"", True) + matcher.flush()
+            elif last:
+                text += dec(b"", True)
+            if last:
+                self.last_finish_reason = "length"
+                yield Token(tok, text, lp)
+                return
+            yield Token(tok, text, lp)
+            if cancel.is_set():
+                cancel.clear()
+                self.last_finish_reason = "cancelled"
+                return
+            if n_past >= n_ctx:
+                if not context_shift:
+                    self.last_finish_reason = "length"
+                    msg = (
+                        f"the context of {n_ctx} tokens is full after {n_gen} generated tokens; "
+                        "use a larger n_ctx, a smaller max_tokens, or context_shift=True"
+                    )
+                    raise ContextOverflowError(msg)
+                n_past = self._shift(ctx)
+                toks = self._tokens
+            btok[0] = tok
+            bpos[0] = n_past
+            b.n_tokens = 1
+            rc = decode(cptr, b)
+            if rc != 0:
+                if cancel.is_set():
+                    cancel.clear()
+                    ctx._cancel.clear()
+                    self.reset()
+                    self.last_finish_reason = "cancelled"
+                    return
+                self.reset()
+                ctx._raise_decode(rc)
+            toks.append(tok)
+            n_past += 1
+            self.n_decoded_tokens += 1
+
+    def _shift(self, ctx: lowlevel.Context) -> int:
+        """Drop the older half of the context after the first token; return the new length."""
+        L = lowlevel.lib()
+        mem = L.llama_get_memory(ctx._ptr)
+        n = len(self._tokens)
+        n_keep = 1
+        n_discard = (n - n_keep) // 2
+        L.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
+        L.llama_memory_seq_add(mem, 0, n_keep + n_discard, n, -n_discard)
+        del self._tokens[n_keep : n_keep + n_discard]
+        return len(self._tokens)
+
+    def _logprob(self, ctx: lowlevel.Context, tok: int) -> float:
+        import numpy as np
+
+        logits = ctx.logits(-1)
+        m = float(logits.max())
+        return float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+
+    # -- llama-cpp-python compatible completion ----------------------------------------------
+
+    def __call__(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """Same as :meth:`create_completion`."""
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | Sequence[str] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        grammar: str | None = None,
+        model: str | None = None,
+    ) -> Any:
+        """Complete ``prompt``; returns a ``text_completion`` dict or an iterator of chunks.
+
+        Args mirror llama-cpp-python's ``Llama.create_completion``; ``grammar`` is GBNF text.
+
+        Raises:
+            ContextOverflowError: The prompt does not fit the context.
+        """
+        self._check()
+        if suffix:
+            msg = "suffix (fill-in-the-middle) is not supported; leave it None"
+            raise ValueError(msg)
+        tokens = self._as_tokens(prompt)
+        sampling = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": min_p,
+            "typical_p": typical_p,
+            "repeat_penalty": repeat_penalty,
+            "frequency_penalty": frequency_penalty,
+            "presence_penalty": presence_penalty,
+            "seed": seed,
+            "logit_bias": dict(logit_bias or {}),
+            "grammar": grammar,
+        }
+        it = self.generate(
+            tokens, max_tokens=max_tokens, stop=stop, logprobs=logprobs is not None, **sampling
+        )
+        cid = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        name = model or self.model_path
+        prefix = self._check().model.detokenize(tokens, remove_special=True) if echo else ""
+        if stream:
+            return self._stream_completion(it, cid, created, name, prefix, logprobs)
+        parts = [prefix]
+        lps: list[Token] = []
+        for t in it:
+            parts.append(t.text)
+            if logprobs is not None:
+                lps.append(t)
+        text = "".join(parts)
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "text": text,
+                    "index": 0,
+                    "logprobs": self._logprobs_dict(lps, len(prefix))
+                    if logprobs is not None
+                    else None,
+                    "finish_reason": self._finish(),
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": self.n_completion_tokens,
+                "total_tokens": len(tokens) + self.n_completion_tokens,
+            },
+        }
+
+    def _finish(self) -> str:
+        return "length" if self.last_finish_reason == "length" else "stop"
+
+    @staticmethod
+    def _logprobs_dict(toks: list[Token], offset: int = 0) -> dict[str, Any]:
+        offsets = []
+        pos = offset
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t.text)
+        return {
+            "tokens": [t.text for t in toks],
+            "text_offset": offsets,
+            "token_logprobs": [t.logprob for t in toks],
+            "top_logprobs": [{t.text: t.logprob} for t in toks],
+        }
+
+    def _stream_completion(
+        self,
+        it: Iterator[Token],
+        cid: str,
+        created: int,
+        name: str,
+        prefix: str,
+        logprobs: int | None,
+    ) -> Iterator[dict[str, Any]]:
+        def chunk(text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": name,
+                "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
+            }
+
+        if prefix:
+            yield chunk(prefix, None, None)
+        for t in it:
+            if t.text:
+                lp = self._logprobs_dict([t]) if logprobs is not None else None
+                yield chunk(t.text, lp, None)
+        yield chunk("", None, self._finish())
+
+    # -- chat ----------------------------------------------------------------------------
+
+    def _template_source(self) -> str | None:
+        if self.chat_template:
+            return self.chat_template
+        ptr = lowlevel.lib().llama_model_chat_template(self._check().model._ptr, ffi.NULL)
+        return None if ptr == ffi.NULL else ffi.string(ptr).decode("utf-8", "replace")
+
+    def format_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render ``messages`` into a prompt with the chat template.
+
+        The template is ``chat_template`` given to the constructor, else the model's own; a
+        short name (``chatml``, ``llama3``, ...) uses llama.cpp's built-in template.
+
+        Raises:
+            ValueError: The model has no chat template and none was given.
+        """
+        from nexabind import chat as chat_mod
+
+        src = self._template_source()
+        if src is None:
+            msg = (
+                f"{self.model_path} has no chat template; pass chat_template= (a jinja "
+                "template or a llama.cpp name such as 'chatml')"
+            )
+            raise ValueError(msg)
+        if "{" not in src:
+            return chat_mod.apply_builtin_template(
+                src, messages, add_generation_prompt=add_generation_prompt
+            )
+        model = self._check().model
+        bos = model.token_to_piece(model.bos, special=True).decode() if model.bos >= 0 else ""
+        eos = model.token_to_piece(model.eos, special=True).decode() if model.eos >= 0 else ""
+        return chat_mod.render_jinja(
+            src, messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt
+        )
+
+    def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.format_chat(messages)
+        model = self._check().model
+        bos = model.token_to_piece(model.bos, special=True).decode() if model.bos >= 0 else None
+        add_bos = not (bos and text.startswith(bos))
+        return model.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
+        """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.
+
+        Args:
+            messages: ``[{"role": ..., "content": ...}, ...]``.
+            **options: As for :meth:`generate` (``max_tokens``, ``stop``, sampling options).
+        """
+        return self.generate(self._chat_tokens(messages), **options)
+
+    def create_chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        grammar: str | None = None,
+        model: str | None = None,
+    ) -> Any:
+        """Answer a conversation; returns a ``chat.completion`` dict or an iterator of chunks.
+
+        Args mirror llama-cpp-python's ``Llama.create_chat_completion``.
+        """
+        tokens = self._chat_tokens(messages)
+        it = self.generate(
+            tokens,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            typical_p=typical_p,
+            seed=seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repeat_penalty=repeat_penalty,
+            logit_bias=dict(logit_bias or {}),
+            grammar=grammar,
+        )
+        cid = f"chatcmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        name = model or self.model_path
+        if stream:
+            return self._stream_chat(it, cid, created, name)
+        text = "".join(t.text for t in it)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": self._finish(),
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": self.n_completion_tokens,
+                "total_tokens": len(tokens) + self.n_completion_tokens,
+            },
+        }
+
+    def _stream_chat(
+        self, it: Iterator[Token], cid: str, created: int, name: str
+    ) -> Iterator[dict[str, Any]]:
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+
+        yield chunk({"role": "assistant"}, None)
+        for t in it:
+            if t.text:
+                yield chunk({"content": t.text}, None)
+        yield chunk({}, self._finish())
+
+    # -- embeddings ----------------------------------------------------------------------
+
+    def embed(
+        self, input: str | Sequence[str], normalize: bool = False, truncate: bool = True
+    ) -> Any:
+        """Embed one text or a list of texts.
+
+        Args:
+            input: A text or a list of texts.
+            normalize: Scale each vector to unit L2 norm.
+            truncate: Cut texts longer than the batch instead of raising.
+
+        Returns:
+            A float32 numpy array of shape ``(n_texts, n_embd)``.
+
+        Raises:
+            ContextError: The Llama was not created with ``embedding=True``.
+            ContextOverflowError: A text is longer than the batch and ``truncate`` is False.
+        """
+        import numpy as np
+
+        ctx = self._check()
+        if not self.embedding:
+            msg = "create the Llama with embedding=True to compute embeddings"
+            raise ContextError(msg)
+        texts = [input] if isinstance(input, str) else list(input)
+        out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
+        self._tokens = []
+        for i, text in enumerate(texts):
+            toks = ctx.model.tokenize(text, add_special=True)
+            if len(toks) > ctx.n_batch:
+                if not truncate:
+                    msg = (
+                        f"text {i} has {len(toks)} tokens, more than the batch of "
+                        f"{ctx.n_batch}; pass truncate=True or a larger n_batch"
+                    )
+                    raise ContextOverflowError(msg)
+                toks = toks[: ctx.n_batch]
+            ctx.clear()
+            ctx.batch.set(toks, 0, logits_last=False)
+            ctx.decode()
+            self.n_decoded_tokens += len(toks)
+            out[i] = ctx.embeddings(0)
+        ctx.clear()
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out /= np.where(norms == 0, 1, norms)
+        return out
+
+    def create_embedding(
+        self, input: str | Sequence[str], model: str | None = None
+    ) -> dict[str, Any]:
+        """Embed texts; returns llama-cpp-python's (OpenAI's) ``list`` of ``embedding`` dict."""
+        texts = [input] if isinstance(input, str) else list(input)
+        ctx = self._check()
+        arr = self.embed(texts)
+        n_tok = sum(len(ctx.model.tokenize(t)) for t in texts)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "embedding": arr[i].tolist(), "index": i}
+                for i in range(len(texts))
+            ],
+            "model": model or self.model_path,
+            "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+        }
+
+    # -- state ---------------------------------------------------------------------------
+
+    def save_state(self, path: str | os.PathLike[str] | None = None) -> bytes:
+        """Save the context (KV cache and the tokens in it).
+
+        Args:
+            path: Also write the state to this file.
+
+        Returns:
+            The state as bytes (give it to :meth:`load_state`).
+        """
+        ctx = self._check()
+        L = lowlevel.lib()
+        size = L.llama_state_get_size(ctx._ptr)
+        buf = ffi.new("uint8_t[]", size)
+        n = L.llama_state_get_data(ctx._ptr, buf, size)
+        toks = self._tokens
+        blob = (
+            _STATE_MAGIC
+            + struct.pack("<I", len(toks))
+            + struct.pack(f"<{len(toks)}i", *toks)
+            + ffi.buffer(buf, n)[:]
+        )
+        if path is not None:
+            Path(path).write_bytes(blob)
+        return blob
+
+    def load_state(self, state: bytes | str | os.PathLike[str]) -> None:
+        """Restore a state from :meth:`save_state` (bytes or a file path).
+
+        Raises:
+            StateError: The data is not a nexabind state or llama.cpp refused it.
+        """
+        ctx = self._check()
+        data = state if isinstance(state, (bytes, bytearray)) else Path(state).read_bytes()
+        if not data.startswith(_STATE_MAGIC) or len(data) < 12:
+            msg = "not a nexabind state (bad header); use bytes from Llama.save_state()"
+            raise StateError(msg)
+        (n,) = struct.unpack_from("<I", data, 8)
+        toks = list(struct.unpack_from(f"<{n}i", data, 12))
+        payload = data[12 + 4 * n :]
+        L = lowlevel.lib()
+        src = ffi.from_buffer("uint8_t[]", payload)
+        got = L.llama_state_set_data(ctx._ptr, src, len(payload))
+        if got != len(payload):
+            self.reset()
+            msg = (
+                f"llama.cpp refused the state ({got} of {len(payload)} bytes read); it must "
+                "come from the same model and context size"
+            )
+            raise StateError(msg)
+        self._tokens = toks
