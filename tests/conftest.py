@@ -45,3 +45,33 @@ def llama_source() -> Path:
     from nexabind.build import ensure_source
 
     return ensure_source()
+
+
+# -- test models (Llama tests) ----------------------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
+    """A small random llama model with llama.cpp's SPM tokenizer and a ChatML template."""
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama.gguf"
+    vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
+    write_random_model(path, ModelSpec(chat_template=CHATML), vocab=vocab)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embed_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
+    """A small random llama model with mean pooling (an embedding model)."""
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-embed.gguf"
+    vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
+    write_random_model(path, ModelSpec(pooling="mean", seed=7), vocab=vocab)
+    return path
