@@ -149,6 +149,8 @@ def check_abi(abi: dict[str, Any], source: str = "abi.json") -> None:
 
 
 _native_log = logging.getLogger("nexabind.llama")
+# Quiet unless the application configures logging: no "last resort" printing of warnings.
+_native_log.addHandler(logging.NullHandler())
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _log_cb: Any = None
 _last_level = logging.DEBUG

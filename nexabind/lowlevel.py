@@ -9,7 +9,6 @@ decode; reading a stale view through :meth:`Context.logits` raises.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -480,15 +479,17 @@ class Context:
         if pooling is not None:
             p.pooling_type = pooling
         p.no_perf = True
-        self._cancel = threading.Event()
-        cancel = self._cancel
+        flag = self._cancel_flag = [False]  # no reference to self: no cycle
 
         @ffi.callback("bool(void *)")
         def abort_cb(_ud: Any) -> bool:
-            return cancel.is_set()
+            return flag[0]
 
+        # ggml calls the abort callback between graph nodes, and a Python callback costs a
+        # GIL round trip each time: it is only installed for multi-token batches (prompt
+        # processing); single-token steps check the flag before the call instead.
         self._abort_cb = abort_cb  # referenced for as long as the context lives
-        p.abort_callback = abort_cb
+        self._abort_on = False
         ptr = L.llama_init_from_model(model._check(), p)
         if ptr == ffi.NULL:
             msg = (
@@ -533,27 +534,38 @@ class Context:
 
     def cancel(self) -> None:
         """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
-        self._cancel.set()
+        self._cancel_flag[0] = True
 
     def decode(self, batch: Batch | None = None) -> None:
         """Run the model on a batch (default: this context's own :attr:`batch`).
 
+        A :meth:`cancel` from another thread stops a multi-token decode between graph nodes,
+        and any decode before it starts.
+
         Raises:
             ContextError: The context is closed.
-            DecodeCancelled: :meth:`cancel` was called during the decode.
+            DecodeCancelled: :meth:`cancel` was called.
             ContextOverflowError: No room left in the KV cache.
             DecodeError: Any other llama.cpp failure.
         """
         ptr = self._check()
         b = (batch or self.batch).b
+        if self._cancel_flag[0]:
+            self._raise_decode(2)
+        if (b.n_tokens > 1) is not self._abort_on:
+            self._set_abort(ptr, b.n_tokens > 1)
         self.generation += 1
         rc = self._decode(ptr, b)
         if rc != 0:
             self._raise_decode(rc)
 
+    def _set_abort(self, ptr: Any, on: bool) -> None:
+        self._abort_on = on
+        self._lib.llama_set_abort_callback(ptr, self._abort_cb if on else ffi.NULL, ffi.NULL)
+
     def _raise_decode(self, rc: int) -> None:
-        if rc == 2 or self._cancel.is_set():
-            self._cancel.clear()
+        if rc == 2 or self._cancel_flag[0]:
+            self._cancel_flag[0] = False
             msg = "decode cancelled"
             raise DecodeCancelled(msg)
         if rc == 1:
@@ -569,6 +581,10 @@ class Context:
         """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
         ptr = self._check()
         b = (batch or self.batch).b
+        if self._cancel_flag[0]:
+            self._raise_decode(2)
+        if not self._abort_on:
+            self._set_abort(ptr, True)
         self.generation += 1
         rc = self._lib.llama_encode(ptr, b)
         if rc != 0:
