@@ -103,7 +103,9 @@ def write_random_model(
 
     spec = spec or ModelSpec()
     if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
-        msg = f"n_embd ({spec.n_embd}) must divide by n_head ({spec.n_head}), and n_head by n_head_kv"
+        msg = (
+            f"n_embd ({spec.n_embd}) must divide by n_head ({spec.n_head}), and n_head by n_head_kv"
+        )
         raise ValueError(msg)
     tok = _vocab_from(vocab) if vocab is not None else _byte_vocab()
     n_vocab = len(tok["tokenizer.ggml.tokens"][0])
@@ -125,7 +127,9 @@ def write_random_model(
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(1 if spec.dtype == "f16" else 0)
     if spec.pooling is not None:
-        writer.add_pooling_type(_POOLING[spec.pooling])
+        from gguf import PoolingType
+
+        writer.add_pooling_type(PoolingType(_POOLING[spec.pooling]))
     for key, (value, vtype, sub) in tok.items():
         if key == "tokenizer.chat_template" and spec.chat_template is not None:
             continue
