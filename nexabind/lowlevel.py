@@ -437,6 +437,33 @@ class Batch:
         b.n_tokens = 1
 
 
+class CancelFlag:
+    """A thread-safe enough boolean (one attribute store) that a decode polls."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def set(self) -> None:
+        """Request cancellation."""
+        self.on = True
+
+    def clear(self) -> None:
+        """Withdraw the request."""
+        self.on = False
+
+    def is_set(self) -> bool:
+        """Whether cancellation was requested."""
+        return self.on
+
+    def __getitem__(self, _i: int) -> bool:
+        return self.on
+
+    def __setitem__(self, _i: int, value: bool) -> None:
+        self.on = value
+
+
 class Context:
     """An inference context (KV cache, threads) over a :class:`Model`.
 
@@ -479,11 +506,12 @@ class Context:
         if pooling is not None:
             p.pooling_type = pooling
         p.no_perf = True
-        flag = self._cancel_flag = [False]  # no reference to self: no cycle
+        # The callback holds the flag, not self: no reference cycle.
+        flag = self._cancel = self._cancel_flag = CancelFlag()
 
         @ffi.callback("bool(void *)")
         def abort_cb(_ud: Any) -> bool:
-            return flag[0]
+            return flag.on
 
         # ggml calls the abort callback between graph nodes, and a Python callback costs a
         # GIL round trip each time: it is only installed for multi-token batches (prompt
@@ -534,7 +562,16 @@ class Context:
 
     def cancel(self) -> None:
         """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
-        self._cancel_flag[0] = True
+        self._cancel.on = True
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was requested and not yet reported by a decode."""
+        return self._cancel.on
+
+    def reset_cancel(self) -> None:
+        """Withdraw a pending :meth:`cancel` request."""
+        self._cancel.on = False
 
     def decode(self, batch: Batch | None = None) -> None:
         """Run the model on a batch (default: this context's own :attr:`batch`).
@@ -550,7 +587,7 @@ class Context:
         """
         ptr = self._check()
         b = (batch or self.batch).b
-        if self._cancel_flag[0]:
+        if self._cancel.on:
             self._raise_decode(2)
         if (b.n_tokens > 1) is not self._abort_on:
             self._set_abort(ptr, b.n_tokens > 1)
@@ -564,8 +601,8 @@ class Context:
         self._lib.llama_set_abort_callback(ptr, self._abort_cb if on else ffi.NULL, ffi.NULL)
 
     def _raise_decode(self, rc: int) -> None:
-        if rc == 2 or self._cancel_flag[0]:
-            self._cancel_flag[0] = False
+        if rc == 2 or self._cancel.on:
+            self._cancel.on = False
             msg = "decode cancelled"
             raise DecodeCancelled(msg)
         if rc == 1:
@@ -581,7 +618,7 @@ class Context:
         """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
         ptr = self._check()
         b = (batch or self.batch).b
-        if self._cancel_flag[0]:
+        if self._cancel.on:
             self._raise_decode(2)
         if not self._abort_on:
             self._set_abort(ptr, True)
