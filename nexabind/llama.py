@@ -32,6 +32,15 @@ _STATE_MAGIC = b"NXBSTAT1"
 _SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
 
 
+def _clear_cancel(ctx: lowlevel.Context) -> None:
+    """Forget a cancel request the context has not consumed (the generation loop did)."""
+    flag = getattr(ctx, "_cancel", None)
+    if hasattr(flag, "on"):
+        flag.on = False
+    elif hasattr(flag, "clear"):
+        flag.clear()
+
+
 class Token(NamedTuple):
     """One generated token.
 
@@ -272,12 +281,9 @@ class Llama:
         lim = min(len(old), len(tokens) - 1)  # always decode at least one token for logits
         while n < lim and old[n] == tokens[n]:
             n += 1
-        if n < len(old):
-            L = lowlevel.lib()
-            mem = L.llama_get_memory(ctx._ptr)
-            if not L.llama_memory_seq_rm(mem, 0, n, -1):
-                ctx.clear()
-                n = 0
+        if n < len(old) and not ctx.seq_rm(0, n, -1):
+            ctx.clear()
+            n = 0
         self._tokens = tokens[:n]
         step = ctx.n_batch
         self.n_prompt_tokens_decoded = 0
@@ -350,7 +356,7 @@ class Llama:
         model = ctx.model
         sampler = build_sampler(model, opts)
         self._cancel.clear()
-        ctx._cancel.clear()
+        _clear_cancel(ctx)
         self.last_finish_reason = None
         self.n_completion_tokens = 0
         try:
@@ -373,6 +379,9 @@ class Llama:
     ) -> Iterator[Token]:
         L = lowlevel.lib()
         n_ctx = ctx.n_ctx
+        if getattr(ctx, "_abort_on", False):
+            # One-token decodes are short; the abort callback would cost a Python call per node.
+            ctx._set_abort(ctx._ptr, False)
         limit = max_tokens if max_tokens and max_tokens > 0 else None
         if limit is None and not context_shift:
             limit = n_ctx - len(self._tokens)
@@ -430,6 +439,7 @@ class Llama:
             yield Token(tok, text, lp)
             if cancel.is_set():
                 cancel.clear()
+                _clear_cancel(ctx)
                 self.last_finish_reason = "cancelled"
                 return
             if n_past >= n_ctx:
@@ -449,7 +459,7 @@ class Llama:
             if rc != 0:
                 if cancel.is_set():
                     cancel.clear()
-                    ctx._cancel.clear()
+                    _clear_cancel(ctx)
                     self.reset()
                     self.last_finish_reason = "cancelled"
                     return

@@ -1,0 +1,250 @@
+"""Llama on the real library with generated models: generation, streaming, KV reuse, state."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nexabind import Llama, Token
+from nexabind.errors import ContextError, ContextOverflowError, ModelLoadError, StateError
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture
+def llm(libdir: Path, tiny_model: Path):
+    with Llama(tiny_model, n_ctx=512, n_threads=1, lib_path=libdir) as m:
+        yield m
+
+
+def text_of(tokens) -> str:
+    return "".join(t.text for t in tokens)
+
+
+def test_greedy_is_repeatable_and_matches_a_low_level_loop(llm: Llama, libdir: Path) -> None:
+    from nexabind import lowlevel
+
+    ids = [t.id for t in llm.generate("Hello world", max_tokens=40, **GREEDY)]
+    llm.reset()
+    assert [t.id for t in llm.generate("Hello world", max_tokens=40, **GREEDY)] == ids
+    assert len(ids) == 40
+
+    model = lowlevel.Model(llm.model_path)
+    with lowlevel.Context(model, n_ctx=512, n_threads=1) as ctx:
+        prompt = model.tokenize("Hello world")
+        ctx.batch.set(prompt, 0)
+        ctx.decode()
+        sampler = lowlevel.Sampler(greedy=True)
+        out, pos = [], len(prompt)
+        for _ in range(40):
+            tok = sampler.sample(ctx)
+            out.append(tok)
+            ctx.batch.set_one(tok, pos)
+            ctx.decode()
+            pos += 1
+        sampler.close()
+    model.close()
+    assert out == ids
+
+
+def test_stream_joined_equals_non_stream(llm: Llama) -> None:
+    whole = llm("Hello world", max_tokens=30, **GREEDY)
+    chunks = list(llm("Hello world", max_tokens=30, stream=True, **GREEDY))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_string_across_token_boundary_is_never_emitted(llm: Llama) -> None:
+    toks = list(llm.generate("Hello world", max_tokens=30, **GREEDY))
+    # A stop string made of the end of one token and the start of the next.
+    i = next(i for i in range(3, 29) if len(toks[i].text) >= 2 and len(toks[i + 1].text) >= 2)
+    a, b = toks[i].text, toks[i + 1].text
+    stop = a[-2:] + b[:2]
+    full = text_of(toks)
+    cut = full.index(stop)
+    got = list(llm.generate("Hello world", max_tokens=30, stop=[stop], **GREEDY))
+    assert text_of(got) == full[:cut]
+    assert stop not in text_of(got)
+    assert llm.last_finish_reason == "stop"
+    res = llm("Hello world", max_tokens=30, stop=stop, **GREEDY)
+    assert res["choices"][0]["text"] == full[:cut]
+    assert res["choices"][0]["finish_reason"] == "stop"
+    streamed = "".join(
+        c["choices"][0]["text"]
+        for c in llm("Hello world", max_tokens=30, stop=stop, stream=True, **GREEDY)
+    )
+    assert streamed == full[:cut]
+
+
+def test_multibyte_character_split_across_tokens(llm: Llama) -> None:
+    # U+1D518 is not in the SPM vocabulary: it is generated as four byte-fallback tokens.
+    toks = list(llm.generate("Hello", max_tokens=8, grammar='root ::= "𝔘𝔘"', **GREEDY))
+    assert text_of(toks) == "𝔘𝔘"
+    assert "\ufffd" not in text_of(toks)
+    assert len(toks) >= 4
+    assert toks[0].text == ""  # the first byte alone is no character yet
+
+
+def test_kv_cache_reuse_decodes_only_new_tokens(llm: Llama, libdir: Path, tiny_model: Path) -> None:
+    prompt = "Hello world, this is the first turn of a conversation."
+    first = text_of(llm.generate(prompt, max_tokens=10, **GREEDY))
+    n_prompt = len(llm.tokenize(prompt))
+    assert llm.n_prompt_tokens_decoded == n_prompt
+    follow = prompt + first + " And a second turn."
+    before = llm.n_decoded_tokens
+    second = text_of(llm.generate(follow, max_tokens=10, **GREEDY))
+    n_follow = len(llm.tokenize(follow))
+    # Only the tokens not already in the cache were decoded (the last generated token, which
+    # was never fed back, plus the new turn).
+    assert llm.n_prompt_tokens_decoded < n_follow - n_prompt + 3
+    assert llm.n_decoded_tokens - before == llm.n_prompt_tokens_decoded + 9
+    with Llama(tiny_model, n_ctx=512, n_threads=1, lib_path=libdir) as fresh:
+        assert text_of(fresh.generate(follow, max_tokens=10, **GREEDY)) == second
+        assert fresh.n_prompt_tokens_decoded == n_follow
+
+
+def test_same_prompt_twice_decodes_one_token(llm: Llama) -> None:
+    a = text_of(llm.generate("Hello world", max_tokens=5, **GREEDY))
+    b = text_of(llm.generate("Hello world", max_tokens=5, **GREEDY))
+    assert a == b
+    assert llm.n_prompt_tokens_decoded == 1
+
+
+def test_state_round_trip_continues_identically(llm: Llama, tmp_path: Path) -> None:
+    prompt = llm.tokenize("Hello world")
+    list(llm.generate(prompt, max_tokens=1, **GREEDY))
+    state = llm.save_state(tmp_path / "state.bin")
+    cont = llm._tokens + [1]  # noqa: SLF001 - the exact tokens in the cache
+    expected = [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)]
+    llm.reset()
+    llm.load_state(state)
+    assert [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)] == expected
+    assert llm.n_prompt_tokens_decoded == 1
+    llm.reset()
+    llm.load_state(tmp_path / "state.bin")
+    assert [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)] == expected
+
+
+def test_bad_state_is_refused(llm: Llama) -> None:
+    with pytest.raises(StateError, match="not a nexabind state"):
+        llm.load_state(b"garbage")
+
+
+def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path) -> None:
+    with Llama(embed_model, embedding=True, n_ctx=256, n_threads=1, lib_path=libdir) as m:
+        e = m.embed(["Hello world", "the cat", "Hello world"])
+        assert e.shape == (3, m.n_embd())
+        assert e.dtype == np.float32
+        np.testing.assert_allclose(e[0], e[2], rtol=1e-5)
+        assert not np.allclose(e[0], e[1])
+        n = m.embed(["Hello world", "the cat"], normalize=True)
+        np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(n[0], e[0] / np.linalg.norm(e[0]), rtol=1e-4)
+        assert m.embed("Hello world").shape == (1, m.n_embd())
+
+
+def test_embedding_needs_embedding_mode(llm: Llama) -> None:
+    with pytest.raises(ContextError, match="embedding=True"):
+        llm.embed("x")
+
+
+def test_wrong_model_path(libdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        Llama(tmp_path / "missing.gguf", lib_path=libdir)
+
+
+def test_closed_llama_raises(libdir: Path, tiny_model: Path) -> None:
+    m = Llama(tiny_model, n_ctx=128, lib_path=libdir)
+    m.close()
+    m.close()
+    assert m.closed
+    with pytest.raises(ContextError, match="closed"):
+        m("Hello")
+    with pytest.raises(ContextError, match="closed"):
+        m.tokenize("Hello")
+
+
+def test_prompt_longer_than_context(libdir: Path, tiny_model: Path) -> None:
+    with (
+        Llama(tiny_model, n_ctx=32, n_batch=32, n_threads=1, lib_path=libdir) as m,
+        pytest.raises(ContextOverflowError, match="larger n_ctx"),
+    ):
+        m("Hello world " * 400, max_tokens=4)
+
+
+def test_generation_reaching_end_of_context(libdir: Path, tiny_model: Path) -> None:
+    with Llama(tiny_model, n_ctx=32, n_batch=32, n_threads=1, lib_path=libdir) as m:
+        with pytest.raises(ContextOverflowError, match="context_shift"):
+            list(m.generate("Hello", max_tokens=m.n_ctx() + 10, **GREEDY))
+        # Until the context is full: stops with "length", no error.
+        res = m("Hello", max_tokens=None, **GREEDY)
+        assert res["choices"][0]["finish_reason"] == "length"
+        # With a context shift, generation goes past the context length.
+        n = m.n_ctx() + 20
+        toks = list(m.generate("Hello", max_tokens=n, context_shift=True, **GREEDY))
+        assert len(toks) == n
+
+
+def test_break_stops_decoding(llm: Llama) -> None:
+    before = llm.n_decoded_tokens
+    for i, _ in enumerate(llm.generate("Hello", max_tokens=100, **GREEDY)):
+        if i == 4:
+            break
+    # prompt + 4 fed-back tokens, nothing more
+    assert llm.n_decoded_tokens - before == llm.n_prompt_tokens_decoded + 4
+
+
+def test_cancel_from_another_thread(llm: Llama) -> None:
+    got: list[Token] = []
+    started = threading.Event()
+
+    def run() -> None:
+        for t in llm.generate("Hello", max_tokens=400, **GREEDY):
+            got.append(t)
+            started.set()
+
+    th = threading.Thread(target=run)
+    th.start()
+    started.wait(10)
+    llm.cancel()
+    th.join(30)
+    assert not th.is_alive()
+    assert llm.last_finish_reason == "cancelled"
+    assert len(got) < 400
+    # The Llama still works afterwards.
+    assert len(list(llm.generate("Hello", max_tokens=3, **GREEDY))) == 3
+
+
+def test_logprobs_only_when_asked(llm: Llama) -> None:
+    assert all(t.logprob is None for t in llm.generate("Hello", max_tokens=3, **GREEDY))
+    lps = [t.logprob for t in llm.generate("Hello", max_tokens=3, logprobs=True, **GREEDY)]
+    assert all(lp is not None and lp <= 0 for lp in lps)
+
+
+def test_metadata_tokenize_detokenize(llm: Llama) -> None:
+    md = llm.metadata
+    assert md["general.architecture"] == "llama"
+    toks = llm.tokenize("Hello world")
+    assert toks[0] == llm.token_bos()
+    assert llm.detokenize(toks[1:]).decode().strip() == "Hello world"
+    assert llm.n_vocab() == 32000
+    assert llm.n_ctx() == 512
+
+
+def test_default_context_from_training_length(libdir: Path, tiny_model: Path) -> None:
+    with Llama(tiny_model, lib_path=libdir) as m:
+        assert m.n_ctx() == 2048  # the model's n_ctx_train, under the 4096 cap
+
+
+def test_chat_reuses_the_conversation(llm: Llama) -> None:
+    msgs = [{"role": "user", "content": "Hello"}]
+    r1 = llm.create_chat_completion(msgs, max_tokens=6, temperature=0)
+    msgs += [r1["choices"][0]["message"], {"role": "user", "content": "And again"}]
+    n_all = len(llm.tokenize(llm.format_chat(msgs), special=True))
+    llm.create_chat_completion(msgs, max_tokens=6, temperature=0)
+    # The first turn's prompt stays in the cache: only the reply and the new turn are decoded.
+    assert llm.n_prompt_tokens_decoded <= n_all - r1["usage"]["prompt_tokens"]
