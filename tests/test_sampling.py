@@ -1,0 +1,80 @@
+"""Sampling options: validation, seeds, logit bias, penalties and grammars on the real library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexabind import Llama
+from nexabind.sampling import SamplingOptions
+
+
+@pytest.fixture
+def llm(libdir: Path, tiny_model: Path):
+    with Llama(tiny_model, n_ctx=256, n_threads=1, lib_path=libdir) as m:
+        yield m
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"temperature": -1}, "temperature=-1 is out of range"),
+        ({"top_p": 1.5}, "top_p=1.5 is out of range: use a value in [0, 1]"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"typical_p": 2}, "typical_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"repeat_penalty": 0}, "repeat_penalty"),
+        ({"seed": -1}, "unsigned 32-bit"),
+    ],
+)
+def test_out_of_range_options(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        SamplingOptions(**kwargs)
+
+
+def test_unknown_option(llm: Llama) -> None:
+    with pytest.raises(TypeError, match="unknown sampling options"):
+        llm.generate("Hello", top_z=3)
+
+
+def ids(llm: Llama, **kw) -> list[int]:
+    return [t.id for t in llm.generate("Hello world", max_tokens=20, **kw)]
+
+
+def test_same_seed_same_output(llm: Llama) -> None:
+    a = ids(llm, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=123)
+    b = ids(llm, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=123)
+    c = ids(llm, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=124)
+    assert a == b
+    assert a != c
+
+
+def test_logit_bias_forces_a_token(llm: Llama) -> None:
+    tok = llm.tokenize("the", add_bos=False)[0]
+    assert set(ids(llm, temperature=0, logit_bias={tok: 100.0})) == {tok}
+
+
+def test_logit_bias_out_of_vocabulary(llm: Llama) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ids(llm, logit_bias={10**7: 1.0})
+
+
+def test_presence_penalty_stops_a_repeat(llm: Llama) -> None:
+    tok = llm.tokenize("the", add_bos=False)[0]
+    bias = {tok: 50.0}
+    assert ids(llm, temperature=0, logit_bias=bias).count(tok) == 20
+    assert ids(llm, temperature=0, logit_bias=bias, presence_penalty=100.0).count(tok) == 1
+
+
+def test_grammar_constrains_output(llm: Llama) -> None:
+    g = 'root ::= ("yes" | "no") " " [0-9] [0-9]'
+    out = llm("Hello", max_tokens=20, temperature=0.9, seed=5, grammar=g)
+    text = out["choices"][0]["text"]
+    assert text.split(" ")[0] in {"yes", "no"}
+    assert text[-2:].isdigit()
+
+
+def test_bad_grammar(llm: Llama) -> None:
+    with pytest.raises(ValueError, match="grammar does not parse"):
+        ids(llm, grammar="root ::= (")
