@@ -426,6 +426,24 @@ class Batch:
         lg[n - 1] = True
         b.n_tokens = n
 
+    def clear(self) -> None:
+        """Empty the batch before :meth:`add`."""
+        self.b.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int = 0, logits: bool = False) -> None:
+        """Append one token (e.g. several sequences in one decode for embeddings)."""
+        b = self.b
+        i = b.n_tokens
+        if i >= self.capacity:
+            msg = f"the batch is full ({self.capacity} tokens)"
+            raise ValueError(msg)
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+
     def set_one(self, token: int, pos: int, seq_id: int = 0) -> None:
         """Fill the batch with a single token that requests logits (the generation step)."""
         b = self.b
@@ -474,7 +492,7 @@ class Context:
         n_threads: CPU threads (None: llama.cpp's default).
         embeddings: Compute embeddings instead of (only) logits.
         pooling: llama.cpp pooling type value for embeddings (None: the model's).
-        seed: Unused here; samplers take their own seed.
+        n_seq_max: Sequences the context (and its :attr:`batch`) can hold at once.
 
     Raises:
         ContextError: The model is closed or llama.cpp could not create the context.
@@ -489,6 +507,7 @@ class Context:
         n_threads: int | None = None,
         embeddings: bool = False,
         pooling: int | None = None,
+        n_seq_max: int = 1,
     ) -> None:
         self._lib = L = lib()
         if model.closed:
@@ -503,6 +522,7 @@ class Context:
             p.n_threads = n_threads
             p.n_threads_batch = n_threads
         p.embeddings = embeddings
+        p.n_seq_max = n_seq_max
         if pooling is not None:
             p.pooling_type = pooling
         p.no_perf = True
@@ -530,7 +550,7 @@ class Context:
         self.n_ctx = L.llama_n_ctx(ptr)
         self.n_batch = L.llama_n_batch(ptr)
         self.n_vocab = model.n_vocab
-        self.batch = Batch(self.n_batch)
+        self.batch = Batch(self.n_batch, n_seq_max)
         self.generation = 0
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith
@@ -569,9 +589,19 @@ class Context:
         """Whether :meth:`cancel` was requested and not yet reported by a decode."""
         return self._cancel.on
 
-    def reset_cancel(self) -> None:
-        """Withdraw a pending :meth:`cancel` request."""
+    def clear_cancel(self) -> None:
+        """Forget a :meth:`cancel` request that no decode has consumed yet."""
         self._cancel.on = False
+
+    def prepare_single_token(self) -> None:
+        """Turn the abort callback off before a caller-driven loop of one-token decodes.
+
+        Such a loop should check :attr:`cancelled` itself between steps; :meth:`decode`
+        turns the callback back on for the next multi-token batch.
+        """
+        ptr = self._check()
+        if self._abort_on:
+            self._set_abort(ptr, False)
 
     def decode(self, batch: Batch | None = None) -> None:
         """Run the model on a batch (default: this context's own :attr:`batch`).
@@ -684,7 +714,7 @@ class Context:
             raise StateError(msg)
 
     def logits(self, i: int = -1) -> np.ndarray:
-        """Return a read-only float32 view of the logits of output ``i`` (default: last).
+        """Return a read-only float32 view of the logits of batch token ``i`` (default: last).
 
         The view aliases llama.cpp memory and is only valid until the next decode; use
         :class:`LogitsView` through :meth:`logits_view` to detect stale use.

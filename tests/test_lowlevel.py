@@ -281,3 +281,37 @@ def test_state_roundtrip_and_array_input(ll, model) -> None:
         assert b.seq_pos_max(0) == 1
         with pytest.raises(StateError, match="same model"):
             b.state_set(state[: len(state) // 2])
+
+
+def test_several_sequences_in_one_decode(ll, model) -> None:
+    texts = ["Hello", "world again"]
+    with ll.Context(model, n_ctx=128, n_seq_max=2) as ctx:
+        ctx.batch.clear()
+        last = []  # batch index of each sequence's last token
+        for seq, text in enumerate(texts):
+            toks = model.tokenize(text)
+            for pos, tok in enumerate(toks):
+                ctx.batch.add(tok, pos, seq, logits=pos == len(toks) - 1)
+            last.append(ctx.batch.b.n_tokens - 1)
+        ctx.decode()
+        assert [ctx.seq_pos_max(s) for s in (0, 1)] == [len(model.tokenize(t)) - 1 for t in texts]
+        both = [ctx.logits(i).copy() for i in last]
+    for seq, text in enumerate(texts):
+        with ll.Context(model, n_ctx=128) as one:
+            one.batch.set(model.tokenize(text), 0)
+            one.decode()
+            np.testing.assert_allclose(one.logits(), both[seq], rtol=1e-4, atol=1e-4)
+
+
+def test_cancel_flag_is_public(ll, model) -> None:
+    with ll.Context(model, n_ctx=64) as ctx:
+        ctx.cancel()
+        assert ctx.cancelled
+        ctx.clear_cancel()
+        assert not ctx.cancelled
+        ctx.prepare_single_token()
+        ctx.cancel()
+        ctx.batch.set(model.tokenize("Hi"), 0)
+        with pytest.raises(DecodeCancelled):
+            ctx.decode()
+        assert not ctx.cancelled  # consumed by the decode that reported it
