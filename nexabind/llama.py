@@ -164,6 +164,8 @@ class Llama:
         """Tokens decoded by this object so far (prompt and generated)."""
         self.n_prompt_tokens_decoded = 0
         """Prompt tokens the last call had to decode (the rest came from the KV cache)."""
+        self.n_completion_tokens = 0
+        """Tokens the last generation produced."""
         self.last_finish_reason: str | None = None
         """Why the last generation ended: ``stop``, ``length`` or ``cancelled``."""
         self._metadata: dict[str, str] | None = None
@@ -394,80 +396,89 @@ class Llama:
         chain = sampler.ptr
         cptr = ctx._ptr
         buf = self._piece_buf
-        buffer = ffi.buffer
+        unpack = ffi.unpack
+        new = tuple.__new__  # Token(...) through its Python-level __new__ costs more
         b = ctx.batch.b
         btok, bpos = b.token, b.pos
         b.n_seq_id[0] = 1
         b.seq_id[0][0] = 0
         b.logits[0] = 1
+        b.n_tokens = 1
         dec = codecs.getincrementaldecoder("utf-8")("replace").decode
         matcher = _StopMatcher(stops) if stops else None
         cancel = self._cancel
         toks = self._tokens
         n_past = len(toks)
         n_gen = 0
+        n_fed = 0
         lp = None
-        while True:
-            tok = sample(chain, cptr, -1)
-            if want_logprobs:
-                lp = self._logprob(ctx, tok)
-            if is_eog(vocab, tok):
-                self.last_finish_reason = "stop"
-                tail = dec(b"", True) + (matcher.flush() if matcher else "")
-                if tail:
-                    yield Token(tok, tail, lp)
-                return
-            n = to_piece(vocab, tok, buf, 256, 0, False)
-            text = dec(buffer(buf, n)[:]) if n > 0 else ""
-            n_gen += 1
-            self.n_completion_tokens = n_gen
-            last = limit is not None and n_gen >= limit
-            if matcher is not None:
-                text, hit = matcher.feed(text)
-                if hit:
+        if limit is None:
+            limit = 1 << 62
+        try:
+            while True:
+                tok = sample(chain, cptr, -1)
+                if want_logprobs:
+                    lp = self._logprob(ctx, tok)
+                if is_eog(vocab, tok):
                     self.last_finish_reason = "stop"
-                    yield Token(tok, text, lp)
+                    tail = dec(b"", True) + (matcher.flush() if matcher else "")
+                    if tail:
+                        yield new(Token, (tok, tail, lp))
                     return
+                n = to_piece(vocab, tok, buf, 256, 0, False)
+                text = dec(unpack(buf, n)) if n > 0 else ""
+                n_gen += 1
+                last = n_gen >= limit
+                if matcher is not None:
+                    text, hit = matcher.feed(text)
+                    if hit:
+                        self.last_finish_reason = "stop"
+                        yield new(Token, (tok, text, lp))
+                        return
+                    if last:
+                        text += dec(b"", True) + matcher.flush()
+                elif last:
+                    text += dec(b"", True)
                 if last:
-                    text += dec(b"", True) + matcher.flush()
-            elif last:
-                text += dec(b"", True)
-            if last:
-                self.last_finish_reason = "length"
-                yield Token(tok, text, lp)
-                return
-            yield Token(tok, text, lp)
-            if cancel.is_set():
-                cancel.clear()
-                _clear_cancel(ctx)
-                self.last_finish_reason = "cancelled"
-                return
-            if n_past >= n_ctx:
-                if not context_shift:
                     self.last_finish_reason = "length"
-                    msg = (
-                        f"the context of {n_ctx} tokens is full after {n_gen} generated tokens; "
-                        "use a larger n_ctx, a smaller max_tokens, or context_shift=True"
-                    )
-                    raise ContextOverflowError(msg)
-                n_past = self._shift(ctx)
-                toks = self._tokens
-            btok[0] = tok
-            bpos[0] = n_past
-            b.n_tokens = 1
-            rc = decode(cptr, b)
-            if rc != 0:
+                    yield new(Token, (tok, text, lp))
+                    return
+                yield new(Token, (tok, text, lp))
                 if cancel.is_set():
                     cancel.clear()
                     _clear_cancel(ctx)
-                    self.reset()
                     self.last_finish_reason = "cancelled"
                     return
-                self.reset()
-                ctx._raise_decode(rc)
-            toks.append(tok)
-            n_past += 1
-            self.n_decoded_tokens += 1
+                if n_past >= n_ctx:
+                    if not context_shift:
+                        self.last_finish_reason = "length"
+                        msg = (
+                            f"the context of {n_ctx} tokens is full after {n_gen} generated "
+                            "tokens; use a larger n_ctx, a smaller max_tokens, or "
+                            "context_shift=True"
+                        )
+                        raise ContextOverflowError(msg)
+                    n_past = self._shift(ctx)
+                    toks = self._tokens
+                btok[0] = tok
+                bpos[0] = n_past
+                rc = decode(cptr, b)
+                if rc != 0:
+                    if cancel.is_set():
+                        cancel.clear()
+                        _clear_cancel(ctx)
+                        self.reset()
+                        self.last_finish_reason = "cancelled"
+                        return
+                    self.reset()
+                    ctx._raise_decode(rc)
+                toks.append(tok)
+                n_past += 1
+                n_fed += 1
+        finally:
+            # Counters are written once, not per token (also when the caller breaks out).
+            self.n_completion_tokens = n_gen
+            self.n_decoded_tokens += n_fed
 
     def _shift(self, ctx: lowlevel.Context) -> int:
         """Drop the older half of the context after the first token; return the new length."""
