@@ -29,16 +29,8 @@ from nexabind.sampling import SamplingOptions, build_sampler
 __all__ = ["Llama", "Token"]
 
 _STATE_MAGIC = b"NXBSTAT1"
+_EMBED_SEQS = 16  # sequences packed into one decode by embed()
 _SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
-
-
-def _clear_cancel(ctx: lowlevel.Context) -> None:
-    """Forget a cancel request the context has not consumed (the generation loop did)."""
-    flag = getattr(ctx, "_cancel", None)
-    if hasattr(flag, "on"):
-        flag.on = False
-    elif hasattr(flag, "clear"):
-        flag.clear()
 
 
 class Token(NamedTuple):
@@ -148,6 +140,7 @@ class Llama:
             n_batch=n_batch,
             n_threads=n_threads,
             embeddings=embedding,
+            n_seq_max=_EMBED_SEQS if embedding else 1,
         )
         if n_threads_batch is not None or n_threads is not None:
             lowlevel.lib().llama_set_n_threads(
@@ -225,18 +218,7 @@ class Llama:
         """GGUF metadata of the model as strings (arrays are left out by llama.cpp)."""
         ctx = self._check()
         if self._metadata is None:
-            L = lowlevel.lib()
-            mp = ctx.model._ptr
-            out = {}
-            for i in range(L.llama_model_meta_count(mp)):
-                vals = []
-                for fn in (L.llama_model_meta_key_by_index, L.llama_model_meta_val_str_by_index):
-                    n = fn(mp, i, ffi.NULL, 0)
-                    buf = ffi.new("char[]", max(n, 0) + 1)
-                    fn(mp, i, buf, n + 1)
-                    vals.append(ffi.string(buf).decode("utf-8", "replace"))
-                out[vals[0]] = vals[1]
-            self._metadata = out
+            self._metadata = ctx.model.metadata()
         return dict(self._metadata)
 
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -358,7 +340,7 @@ class Llama:
         model = ctx.model
         sampler = build_sampler(model, opts)
         self._cancel.clear()
-        _clear_cancel(ctx)
+        ctx.clear_cancel()
         self.last_finish_reason = None
         self.n_completion_tokens = 0
         try:
@@ -381,9 +363,8 @@ class Llama:
     ) -> Iterator[Token]:
         L = lowlevel.lib()
         n_ctx = ctx.n_ctx
-        if getattr(ctx, "_abort_on", False):
-            # One-token decodes are short; the abort callback would cost a Python call per node.
-            ctx._set_abort(ctx._ptr, False)
+        # One-token decodes are short; the abort callback would cost a Python call per node.
+        ctx.prepare_single_token()
         limit = max_tokens if max_tokens and max_tokens > 0 else None
         if limit is None and not context_shift:
             limit = n_ctx - len(self._tokens)
@@ -446,7 +427,7 @@ class Llama:
                 yield new(Token, (tok, text, lp))
                 if cancel.is_set():
                     cancel.clear()
-                    _clear_cancel(ctx)
+                    ctx.clear_cancel()
                     self.last_finish_reason = "cancelled"
                     return
                 if n_past >= n_ctx:
@@ -466,7 +447,7 @@ class Llama:
                 if rc != 0:
                     if cancel.is_set():
                         cancel.clear()
-                        _clear_cancel(ctx)
+                        ctx.clear_cancel()
                         self.reset()
                         self.last_finish_reason = "cancelled"
                         return
@@ -639,8 +620,7 @@ class Llama:
     def _template_source(self) -> str | None:
         if self.chat_template:
             return self.chat_template
-        ptr = lowlevel.lib().llama_model_chat_template(self._check().model._ptr, ffi.NULL)
-        return None if ptr == ffi.NULL else ffi.string(ptr).decode("utf-8", "replace")
+        return self._check().model.chat_template()
 
     def format_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
@@ -803,22 +783,46 @@ class Llama:
             raise ContextError(msg)
         texts = [input] if isinstance(input, str) else list(input)
         out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
-        self._tokens = []
+        # Without a unified KV cache each sequence gets n_ctx / n_seq_max cells.
+        max_len = min(ctx.n_batch, ctx.n_ctx // _EMBED_SEQS)
+        seqs = []
         for i, text in enumerate(texts):
             toks = ctx.model.tokenize(text, add_special=True)
-            if len(toks) > ctx.n_batch:
+            if len(toks) > max_len:
                 if not truncate:
                     msg = (
-                        f"text {i} has {len(toks)} tokens, more than the batch of "
-                        f"{ctx.n_batch}; pass truncate=True or a larger n_batch"
+                        f"text {i} has {len(toks)} tokens, more than the {max_len} an embedding "
+                        "sequence holds; pass truncate=True or a larger n_ctx / n_batch"
                     )
                     raise ContextOverflowError(msg)
-                toks = toks[: ctx.n_batch]
+                toks = toks[:max_len]
+            seqs.append(toks)
+        self._tokens = []
+        batch = ctx.batch
+        # llama.cpp splits a multi-sequence batch into equal-length slices per sequence and
+        # pools per slice, so only sequences of the same length share a decode.
+        order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
+        i = 0
+        while i < len(order):
             ctx.clear()
-            ctx.batch.set(toks, 0, logits_last=False)
+            batch.clear()
+            group: list[int] = []
+            n = len(seqs[order[i]])
+            while (
+                i < len(order)
+                and len(group) < _EMBED_SEQS
+                and len(seqs[order[i]]) == n
+                and (len(group) + 1) * n <= ctx.n_batch
+            ):
+                k = order[i]
+                for pos, tok in enumerate(seqs[k]):
+                    batch.add(tok, pos, len(group), True)
+                group.append(k)
+                i += 1
             ctx.decode()
-            self.n_decoded_tokens += len(toks)
-            out[i] = ctx.embeddings(0)
+            self.n_decoded_tokens += n * len(group)
+            for s_id, k in enumerate(group):
+                out[k] = ctx.embeddings(s_id)
         ctx.clear()
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -855,16 +859,13 @@ class Llama:
             The state as bytes (give it to :meth:`load_state`).
         """
         ctx = self._check()
-        L = lowlevel.lib()
-        size = L.llama_state_get_size(ctx._ptr)
-        buf = ffi.new("uint8_t[]", size)
-        n = L.llama_state_get_data(ctx._ptr, buf, size)
+        payload = ctx.state_get()
         toks = self._tokens
         blob = (
             _STATE_MAGIC
             + struct.pack("<I", len(toks))
             + struct.pack(f"<{len(toks)}i", *toks)
-            + ffi.buffer(buf, n)[:]
+            + payload
         )
         if path is not None:
             Path(path).write_bytes(blob)
@@ -884,14 +885,9 @@ class Llama:
         (n,) = struct.unpack_from("<I", data, 8)
         toks = list(struct.unpack_from(f"<{n}i", data, 12))
         payload = data[12 + 4 * n :]
-        L = lowlevel.lib()
-        src = ffi.from_buffer("uint8_t[]", payload)
-        got = L.llama_state_set_data(ctx._ptr, src, len(payload))
-        if got != len(payload):
+        try:
+            ctx.state_set(payload)
+        except StateError:
             self.reset()
-            msg = (
-                f"llama.cpp refused the state ({got} of {len(payload)} bytes read); it must "
-                "come from the same model and context size"
-            )
-            raise StateError(msg)
+            raise
         self._tokens = toks

@@ -145,6 +145,15 @@ def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path)
         np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, rtol=1e-5)
         np.testing.assert_allclose(n[0], e[0] / np.linalg.norm(e[0]), rtol=1e-4)
         assert m.embed("Hello world").shape == (1, m.n_embd())
+        # Texts of one length share a decode, and each pools only its own sequence.
+        before = m.n_decoded_tokens
+        one_by_one = np.vstack([m.embed(t) for t in ["Hello world", "the cat", "a b c d", "b c"]])
+        n_tok = m.n_decoded_tokens - before
+        before, gen = m.n_decoded_tokens, m._ctx.generation  # noqa: SLF001 - decode count
+        packed = m.embed(["Hello world", "the cat", "a b c d", "b c"])
+        assert m._ctx.generation - gen < 4  # noqa: SLF001
+        assert m.n_decoded_tokens - before == n_tok
+        np.testing.assert_allclose(packed, one_by_one, rtol=1e-4, atol=1e-5)
 
 
 def test_embedding_needs_embedding_mode(llm: Llama) -> None:
