@@ -12,9 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from nexabind._ffi import ffi
-
-__all__ = ["apply_builtin_template", "render_jinja"]
+__all__ = ["TemplateError", "apply_builtin_template", "render_jinja"]
 
 
 class TemplateError(ValueError):
@@ -95,27 +93,14 @@ def apply_builtin_template(
     """
     from nexabind import lowlevel
 
-    L = lowlevel.lib()
-    keep = []
-    arr = ffi.new("llama_chat_message[]", len(messages))
-    for i, m in enumerate(messages):
-        role = ffi.new("char[]", str(m["role"]).encode())
-        content = ffi.new("char[]", str(m.get("content") or "").encode())
-        keep += [role, content]
-        arr[i].role = role
-        arr[i].content = content
-    tmpl = name_or_source.encode()
-    cap = 1024 + sum(len(str(m.get("content") or "")) * 2 for m in messages)
-    buf = ffi.new("char[]", cap)
-    n = L.llama_chat_apply_template(tmpl, arr, len(messages), add_generation_prompt, buf, cap)
-    if n > cap:
-        cap = n
-        buf = ffi.new("char[]", cap)
-        n = L.llama_chat_apply_template(tmpl, arr, len(messages), add_generation_prompt, buf, cap)
-    if n < 0:
+    pairs = [(str(m["role"]), str(m.get("content") or "")) for m in messages]
+    try:
+        return lowlevel.chat_template_apply(
+            name_or_source, pairs, add_assistant=add_generation_prompt
+        )
+    except ValueError as e:
         msg = (
             f"llama.cpp does not support the chat template {name_or_source[:60]!r}; "
             "pass a jinja template with chat_template=..."
         )
-        raise TemplateError(msg)
-    return ffi.unpack(buf, n).decode("utf-8", "replace")
+        raise TemplateError(msg) from e
