@@ -162,6 +162,7 @@ class Llama:
         self.last_finish_reason: str | None = None
         """Why the last generation ended: ``stop``, ``length`` or ``cancelled``."""
         self._metadata: dict[str, str] | None = None
+        self._epoch = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Llama:
         """Forget the KV cache; the next call decodes its whole prompt."""
         self._check().clear()
         self._tokens = []
+        self._epoch += 1
 
     def cancel(self) -> None:
         """Stop a generation running in another thread (it ends with ``cancelled``)."""
@@ -343,6 +345,7 @@ class Llama:
         ctx.clear_cancel()
         self.last_finish_reason = None
         self.n_completion_tokens = 0
+        self._epoch += 1
         try:
             self._ingest(tokens)
             yield from self._loop(
@@ -392,6 +395,7 @@ class Llama:
         n_past = len(toks)
         n_gen = 0
         n_fed = 0
+        epoch = self._epoch
         lp = None
         if limit is None:
             limit = 1 << 62
@@ -425,6 +429,12 @@ class Llama:
                     yield new(Token, (tok, text, lp))
                     return
                 yield new(Token, (tok, text, lp))
+                if self._epoch != epoch:
+                    msg = (
+                        "this generator was superseded by a later call on the same Llama (the "
+                        "context now holds other tokens); finish one generation before the next"
+                    )
+                    raise ContextError(msg)
                 if cancel.is_set():
                     cancel.clear()
                     ctx.clear_cancel()
@@ -798,6 +808,7 @@ class Llama:
                 toks = toks[:max_len]
             seqs.append(toks)
         self._tokens = []
+        self._epoch += 1
         batch = ctx.batch
         # llama.cpp splits a multi-sequence batch into equal-length slices per sequence and
         # pools per slice, so only sequences of the same length share a decode.
@@ -891,3 +902,4 @@ class Llama:
             self.reset()
             raise
         self._tokens = toks
+        self._epoch += 1

@@ -257,3 +257,11 @@ def test_chat_reuses_the_conversation(llm: Llama) -> None:
     llm.create_chat_completion(msgs, max_tokens=6, temperature=0)
     # The first turn's prompt stays in the cache: only the reply and the new turn are decoded.
     assert llm.n_prompt_tokens_decoded <= n_all - r1["usage"]["prompt_tokens"]
+
+
+def test_superseded_generator_raises(llm: Llama) -> None:
+    old = llm.generate("Hello", max_tokens=10, **GREEDY)
+    next(old)
+    assert len(list(llm.generate("world", max_tokens=3, **GREEDY))) == 3
+    with pytest.raises(ContextError, match="superseded"):
+        next(old)
