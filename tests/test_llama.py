@@ -265,3 +265,12 @@ def test_superseded_generator_raises(llm: Llama) -> None:
     assert len(list(llm.generate("world", max_tokens=3, **GREEDY))) == 3
     with pytest.raises(ContextError, match="superseded"):
         next(old)
+
+
+def test_chat_iterator_matches_chat_completion(llm: Llama) -> None:
+    msgs = [{"role": "user", "content": "Hello"}]
+    streamed = text_of(llm.chat(msgs, max_tokens=8, temperature=0))
+    res = llm.create_chat_completion(msgs, max_tokens=8, temperature=0)
+    assert streamed == res["choices"][0]["message"]["content"]
+    # The whole conversation was already in the cache: one token decoded for the logits.
+    assert llm.n_prompt_tokens_decoded == 1
