@@ -29,7 +29,7 @@ from nexabind.sampling import SamplingOptions, build_sampler
 __all__ = ["Llama", "Token"]
 
 _STATE_MAGIC = b"NXBSTAT1"
-_EMBED_SEQS = 16  # sequences packed into one decode by embed()
+_EMBED_SEQS = 16  # most sequences packed into one decode by embed()
 _SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
 
 
@@ -134,14 +134,22 @@ class Llama:
         self._model = lowlevel.Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         if not n_ctx:
             n_ctx = min(self._model.n_ctx_train or 4096, 4096)
-        self._ctx = lowlevel.Context(
-            self._model,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_threads=n_threads,
-            embeddings=embedding,
-            n_seq_max=_EMBED_SEQS if embedding else 1,
-        )
+        # Without a unified KV cache each sequence gets n_ctx / n_seq_max cells: pack only as
+        # many sequences as leave every one a full batch of room.
+        self._n_seqs = max(1, min(_EMBED_SEQS, n_ctx // n_batch)) if embedding else 1
+        try:
+            self._ctx = lowlevel.Context(
+                self._model,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                embeddings=embedding,
+                n_seq_max=self._n_seqs,
+            )
+        except BaseException:
+            self._model.close()
+            self._model = None
+            raise
         if n_threads_batch is not None or n_threads is not None:
             lowlevel.lib().llama_set_n_threads(
                 self._ctx._ptr, n_threads or n_threads_batch, n_threads_batch or n_threads
@@ -793,8 +801,7 @@ class Llama:
             raise ContextError(msg)
         texts = [input] if isinstance(input, str) else list(input)
         out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
-        # Without a unified KV cache each sequence gets n_ctx / n_seq_max cells.
-        max_len = min(ctx.n_batch, ctx.n_ctx // _EMBED_SEQS)
+        max_len = min(ctx.n_batch, ctx.n_ctx // self._n_seqs)
         seqs = []
         for i, text in enumerate(texts):
             toks = ctx.model.tokenize(text, add_special=True)
@@ -821,7 +828,7 @@ class Llama:
             n = len(seqs[order[i]])
             while (
                 i < len(order)
-                and len(group) < _EMBED_SEQS
+                and len(group) < self._n_seqs
                 and len(seqs[order[i]]) == n
                 and (len(group) + 1) * n <= ctx.n_batch
             ):

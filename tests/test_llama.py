@@ -135,7 +135,9 @@ def test_bad_state_is_refused(llm: Llama) -> None:
 
 
 def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path) -> None:
-    with Llama(embed_model, embedding=True, n_ctx=256, n_threads=1, lib_path=libdir) as m:
+    with Llama(
+        embed_model, embedding=True, n_ctx=1024, n_batch=64, n_threads=1, lib_path=libdir
+    ) as m:
         e = m.embed(["Hello world", "the cat", "Hello world"])
         assert e.shape == (3, m.n_embd())
         assert e.dtype == np.float32
@@ -154,6 +156,9 @@ def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path)
         assert m._ctx.generation - gen < 4  # noqa: SLF001
         assert m.n_decoded_tokens - before == n_tok
         np.testing.assert_allclose(packed, one_by_one, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ContextOverflowError, match="truncate=True"):
+            m.embed("word " * 200, truncate=False)
+        assert m.embed("word " * 200).shape == (1, m.n_embd())
 
 
 def test_embedding_needs_embedding_mode(llm: Llama) -> None:
