@@ -93,17 +93,14 @@ _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
 
 
 def host_target() -> tuple[str, str]:
-    """Return this process's ``(os, arch)`` in the names artifacts use.
+    """Return this process's ``(os, arch)`` in the names artifacts use (:func:`platform.target`).
 
     Returns:
         ``os`` in {linux, macos, windows} and ``arch`` in {x86_64, arm64}.
     """
-    os_name = {"darwin": "macos", "win32": "windows"}.get(sys.platform, sys.platform)
-    if os_name.startswith("linux"):
-        os_name = "linux"
-    machine = _platform.machine().lower()
-    arch = {"amd64": "x86_64", "x64": "x86_64", "aarch64": "arm64"}.get(machine, machine)
-    return os_name, arch
+    from nexabind.platform import target
+
+    return target()
 
 
 def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
