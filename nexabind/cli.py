@@ -77,6 +77,52 @@ def build_cmd(
     click.echo(str(path))
 
 
+# --- info ----------------------------------------------------------------------------------
+
+
+@cli.command("info")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Inspect this manifest.json instead of the packaged one (shown as unpinned).",
+)
+@click.option(
+    "--variant",
+    envvar="NEXABIND_VARIANT",
+    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
+)
+@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=str),
+    envvar="NEXABIND_CACHE_DIR",
+    help="Cache folder [env: NEXABIND_CACHE_DIR; default: the user cache].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def info_cmd(
+    manifest_path: str | None,
+    variant: str | None,
+    release: str | None,
+    cache_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Show this platform, its GPU runtimes, the artifact chosen for it and why, the settings in
+    force and the installed libraries. Downloads and loads nothing."""
+    import json
+
+    from nexabind.info import gather, render
+
+    click.echo("nexabind: probing this platform (GPU runtimes in a child process)...", err=True)
+    try:
+        report = gather(
+            manifest_path=manifest_path, variant=variant, release=release, cache_dir=cache_dir
+        )
+    except (NexabindError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(report, indent=1) if as_json else render(report))
+
+
 # --- binding -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,208 @@
+"""What ``nexabind info`` reports: platform, manifest, chosen artifact, settings, installs.
+
+:func:`gather` collects it as a JSON-ready dict and :func:`render` turns that into text; nothing
+here downloads or loads a library.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nexabind import manifest as _manifest
+from nexabind import pin
+from nexabind.errors import NexabindError
+from nexabind.platform import detect
+
+__all__ = ["SETTINGS", "gather", "render"]
+
+#: Environment variables nexabind reads, their CLI twin and what applies when unset.
+SETTINGS = {
+    "NEXABIND_CACHE_DIR": ("--cache-dir", "the user cache folder"),
+    "NEXABIND_BASE_URL": ("--base-url", pin.DEFAULT_BASE_URL),
+    "NEXABIND_OFFLINE": ("--offline", "off"),
+    "NEXABIND_LIB_PATH": ("--lib-path", "none: the library installed in the cache"),
+    "NEXABIND_VARIANT": ("--variant", "the best variant for this machine"),
+}
+
+_NO_MANIFEST = "none packaged yet: a mirror's manifest would be unpinned"
+
+
+def _settings(cache_dir: str | None, variant: str | None) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, (flag, default) in SETTINGS.items():
+        value = os.environ.get(name) or None
+        out[name] = {"value": value, "flag": flag, "default": default, "in_force": value or default}
+    out["NEXABIND_CACHE_DIR"]["in_force"] = _cache_root(cache_dir)
+    offline = os.environ.get("NEXABIND_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    out["NEXABIND_OFFLINE"]["in_force"] = "on" if offline else "off"
+    if variant is not None:
+        out["NEXABIND_VARIANT"]["in_force"] = variant
+    return out
+
+
+def _load_manifest(path: str | os.PathLike[str] | None, release: str) -> _manifest.Manifest | None:
+    if path is None:
+        return _manifest.packaged(release)
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        msg = f"cannot read the manifest {file}: {e.strerror or e}; pass an existing manifest.json"
+        raise _manifest.ManifestError(msg) from e
+    return _manifest.Manifest.from_json(data, pinned=False, source=str(file))
+
+
+def _cache_root(cache_dir: str | None) -> str:
+    try:
+        from nexabind.cache import cache_root
+    except ImportError:  # nexabind.cache not there yet: the same rule, read here
+        from platformdirs import user_cache_dir
+
+        return str(cache_dir or os.environ.get("NEXABIND_CACHE_DIR") or user_cache_dir("nexabind"))
+    return str(cache_root(cache_dir))
+
+
+def _installed(cache_dir: str | None) -> list[dict[str, Any]]:
+    try:
+        from nexabind.cache import installed
+    except ImportError:
+        return []
+    return [i.to_dict() for i in installed(cache_dir)]
+
+
+def gather(
+    *,
+    manifest_path: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
+    release: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Collect everything ``nexabind info`` shows.
+
+    Args:
+        manifest_path: Inspect this manifest file instead of the packaged one (unpinned).
+        variant: The variant asked for (``--variant`` / ``NEXABIND_VARIANT``); None chooses.
+        release: Release tag; default :data:`nexabind.pin.RELEASE`.
+        cache_dir: Cache folder (``--cache-dir`` / ``NEXABIND_CACHE_DIR``).
+
+    Returns:
+        A JSON-ready dict: ``nexabind``, ``release``, ``llama_commit``, ``platform``,
+        ``manifest``, ``choice``, ``settings``, ``installed`` and ``library``.
+
+    Raises:
+        ManifestError: The manifest cannot be read or is invalid.
+        ValueError: ``variant`` or ``release`` is malformed.
+    """
+    from nexabind import __version__
+    from nexabind.loader import library_dir
+
+    release = release or pin.RELEASE
+    platform = detect()
+    man = _load_manifest(manifest_path, release)
+    report: dict[str, Any] = {
+        "nexabind": __version__,
+        "release": release,
+        "llama_commit": pin.LLAMA_COMMIT,
+        "platform": platform.to_dict(),
+        "manifest": None,
+        "choice": None,
+    }
+    wanted = _manifest.variant_order(platform, variant)
+    if man is None:
+        report["manifest"] = {"source": None, "pinned": False, "note": _NO_MANIFEST}
+        report["choice"] = {"variant_order": list(wanted), "artifact": None, "rejected": []}
+    else:
+        try:
+            _manifest.check_compatible(man)
+            compatible = None
+        except _manifest.ManifestError as e:
+            compatible = str(e)
+        report["manifest"] = {
+            "source": man.source,
+            "pinned": man.pinned,
+            "release": man.release,
+            "llama_commit": man.llama_commit,
+            "artifacts": len(man.artifacts),
+            "incompatible": compatible,
+            "note": None
+            if man.pinned
+            else "unpinned: digests come from this file, not the package",
+        }
+        choice = _manifest.choose(man, platform, variant)
+        report["choice"] = {
+            "variant_order": list(choice.wanted),
+            "artifact": choice.artifact.to_dict() if choice.artifact else None,
+            "key": choice.artifact.key if choice.artifact else None,
+            "rejected": [
+                {"key": a.key, "name": a.name, "reason": why} for a, why in choice.rejected
+            ],
+            "message": None if choice.artifact else _manifest.no_artifact_message(choice, platform),
+        }
+    report["settings"] = _settings(cache_dir, variant)
+    report["installed"] = _installed(cache_dir)
+    try:
+        report["library"] = {"path": str(library_dir()), "error": None}
+    except NexabindError as e:
+        report["library"] = {"path": None, "error": str(e)}
+    return report
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def render(report: dict[str, Any]) -> str:
+    """Return the human-readable text of a :func:`gather` report."""
+    p = report["platform"]
+    libc = " ".join(filter(None, (p["libc"], p["libc_version"]))) or "-"
+    lines = [
+        f"nexabind {report['nexabind']}: llama.cpp {report['llama_commit']},"
+        f" release {report['release']}",
+        "platform:",
+        f"  os:           {p['os']}",
+        f"  arch:         {p['arch']} (this process)",
+        f"  libc:         {libc}",
+        f"  macOS:        {p['macos_version'] or '-'}",
+        f"  CUDA driver:  {p['cuda_driver'] or 'none found'}",
+        f"  Vulkan:       {_yes(p['vulkan'])}",
+        f"  Metal:        {_yes(p['metal'])}",
+        *(f"  note:         {n}" for n in p["notes"]),
+    ]
+    m, c = report["manifest"], report["choice"]
+    if m["source"] is None:
+        lines.append(f"manifest:       {m['note']}")
+    else:
+        pinned = "packaged, pinned" if m["pinned"] else "unpinned"
+        lines.append(f"manifest:       {m['source']} ({pinned}), {m['artifacts']} artifacts")
+        if m["incompatible"]:
+            lines.append(f"  incompatible: {m['incompatible']}")
+    lines.append(f"variant order:  {', '.join(c['variant_order'])}")
+    if c["artifact"]:
+        a = c["artifact"]
+        lines.append(f"chosen:         {c['key']} ({a['name']}, {a['size'] / 1e6:.1f} MB)")
+    elif m["source"] is not None:
+        lines.append("chosen:         none fits this process")
+    if c["rejected"]:
+        lines.append("not taken:")
+        lines += [f"  {r['key']}: {r['reason']}" for r in c["rejected"]]
+    if c.get("message"):
+        lines.append(c["message"].splitlines()[-1])
+    lines.append("settings (env var, flag: in force):")
+    for name, st in report["settings"].items():
+        origin = "set" if st["value"] is not None else "default"
+        lines.append(f"  {name}, {st['flag']}: {st['in_force']} ({origin})")
+    lines.append("installed:")
+    if not report["installed"]:
+        lines.append("  none")
+    for i in report["installed"]:
+        state = i.get("error") or i.get("artifact") or ""
+        lines.append(f"  {i['release']}  {i['key']}  {i['path']}  {state}".rstrip())
+    lib = report["library"]
+    if lib["path"]:
+        lines.append(f"library:        {lib['path']}")
+    else:
+        lines.append("library:        none yet")
+        lines += [f"  {line}" for line in lib["error"].splitlines()]
+    return "\n".join(lines)
