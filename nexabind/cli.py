@@ -77,6 +77,162 @@ def build_cmd(
     click.echo(str(path))
 
 
+# --- fetch and cache -----------------------------------------------------------------------
+
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=str),
+    envvar="NEXABIND_CACHE_DIR",
+    help="Cache folder [env: NEXABIND_CACHE_DIR; default: the user cache].",
+)
+
+
+@cli.command("fetch")
+@click.option(
+    "--variant",
+    envvar="NEXABIND_VARIANT",
+    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
+)
+@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
+@click.option(
+    "--base-url",
+    envvar="NEXABIND_BASE_URL",
+    help="Release host or mirror laid out as <base>/<release>/<asset>, https:// or file:// "
+    "[env: NEXABIND_BASE_URL].",
+)
+@_cache_dir_option
+@click.option("--offline", is_flag=True, help="Never touch the network [env: NEXABIND_OFFLINE=1].")
+@click.option("--force", is_flag=True, help="Download and reinstall even when installed.")
+@click.option("--no-build", is_flag=True, help="Do not build from source when nothing fits.")
+@click.option(
+    "--allow-http",
+    is_flag=True,
+    help="Allow plain http:// to hosts other than loopback [env: NEXABIND_ALLOW_HTTP=1].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No status lines or progress bar.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"lib": FOLDER} as JSON.')
+def fetch_cmd(
+    variant: str | None,
+    release: str | None,
+    base_url: str | None,
+    cache_dir: str | None,
+    offline: bool,
+    force: bool,
+    no_build: bool,
+    allow_http: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Install the llama.cpp library for this machine into the cache; print its lib folder.
+
+    Installed already: returns at once, offline. Otherwise downloads, verifies and installs the
+    release's artifact for this platform; when none fits or the host is unreachable, builds it
+    from source (about 5 minutes) unless --no-build.
+    """
+    import json
+
+    from nexabind.fetch import fetch
+
+    try:
+        lib = fetch(
+            variant,
+            release=release,
+            base_url=base_url,
+            cache_dir=cache_dir,
+            # An absent flag leaves the environment variable in charge.
+            offline=offline or None,
+            force=force,
+            build=not no_build,
+            quiet=quiet or None,
+            allow_http=allow_http or None,
+        )
+    except (NexabindError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({"lib": str(lib)}) if as_json else str(lib))
+
+
+@cli.command("list")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def list_cmd(cache_dir: str | None, as_json: bool) -> None:
+    """List the llama.cpp libraries installed in the cache."""
+    import json
+
+    from nexabind import cache
+
+    entries = [i.to_dict() for i in cache.installed(cache_dir)]
+    if as_json:
+        click.echo(json.dumps(entries, indent=1))
+        return
+    if not entries:
+        click.echo(f"nothing installed in {cache.cache_root(cache_dir)}", err=True)
+    for e in entries:
+        state = e.get("error") or f"{e['artifact']} ({e['installed']})"
+        click.echo(f"{e['release']}  {e['key']}  {e['path']}  {state}")
+
+
+@cli.command("verify")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
+    """Re-hash installed files against their install records; exit 1 on any change."""
+    import json
+
+    from nexabind import cache
+
+    reports = cache.verify(cache_dir)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=1))
+    for r in reports if not as_json else ():
+        click.echo(f"{'OK     ' if r.ok else 'CHANGED'}  {r.install.release}  {r.install.key}")
+        for what in ("changed", "missing", "added"):
+            for rel in getattr(r, what):
+                click.echo(f"  {what}: {rel}")
+        if r.error:
+            click.echo(f"  {r.error}")
+    if not reports:
+        click.echo(f"nothing installed in {cache.cache_root(cache_dir)}", err=True)
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise click.ClickException(
+            f"{len(bad)} installed entr{'y' if len(bad) == 1 else 'ies'} changed since install; "
+            "reinstall with `nexabind fetch --force`"
+        )
+
+
+@cli.command("which")
+def which_cmd() -> None:
+    """Print the library folder nexabind would load (NEXABIND_LIB_PATH, else the cache)."""
+    from nexabind.loader import library_dir
+
+    try:
+        click.echo(str(library_dir()))
+    except NexabindError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.command("clean")
+@_cache_dir_option
+@click.option("--all", "all_", is_flag=True, help="Also remove every installed library.")
+@click.option("--release", help="Also remove the installs of this release (not the one in use).")
+def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
+    """Remove leftovers of interrupted fetches (never the build cache); see --all, --release."""
+    from nexabind import cache
+    from nexabind.loader import library_dir
+
+    try:
+        keep = library_dir().parent
+    except NexabindError:
+        keep = None  # nothing in use
+    try:
+        removed = cache.clean(cache_dir, all=all_, release=release, keep=keep)
+    except NexabindError as e:
+        raise click.ClickException(str(e)) from e
+    for p in removed:
+        click.echo(f"removed {p}")
+    click.echo(f"nexabind clean: removed {len(removed)} item(s)", err=True)
+
+
 # --- info ----------------------------------------------------------------------------------
 
 

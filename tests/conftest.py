@@ -75,3 +75,30 @@ def embed_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) ->
     vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
     write_random_model(path, ModelSpec(pooling="mean", seed=7), vocab=vocab)
     return path
+
+
+# -- fetch and cache: the real release on a loopback mirror ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def release_mirror(tmp_path_factory: pytest.TempPathFactory, libdir: Path) -> Path:
+    """A mirror folder ``<root>/<release>/`` with the real artifact and its ``manifest.json``.
+
+    Made by ``nexabind build --out`` (a build cache hit after the CI build); its manifest is
+    unpinned, the way ``nexabind fetch`` reads a mirror when the package ships none.
+    """
+    from nexabind import pin
+    from nexabind.build import build
+
+    root = tmp_path_factory.mktemp("mirror")
+    build(out=root / pin.RELEASE)
+    return root
+
+
+@pytest.fixture
+def mirror_server(release_mirror: Path):
+    """A real HTTP server on 127.0.0.1 serving :func:`release_mirror` (see tests/_server.py)."""
+    from _server import Server
+
+    with Server(release_mirror) as server:
+        yield server

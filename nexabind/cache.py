@@ -1,0 +1,465 @@
+"""The user cache of installed llama.cpp libraries: layout, listing, verification, cleaning.
+
+::
+
+    <root>/                                  NEXABIND_CACHE_DIR or user_cache_dir("nexabind")
+      libs/<release>/<os>-<arch>-<variant>/  complete, verified installs (never modified in place)
+        lib/ include/ abi.json build-info.json LICENSE .nexabind-install.json
+      downloads/                             partial downloads: <release>+<key>+<unique>.part
+      tmp/                                   staging folders:   <release>+<key>+<unique>/
+      .locks/                                one file lock per artifact: <release>+<key>.lock
+      CACHEDIR.TAG
+
+An entry in ``libs/`` exists only once it is complete: installs are staged in ``tmp/`` and
+renamed into place. Its install record (``.nexabind-install.json``) holds the sha256 of every
+file, so :func:`verify` can tell whether anything changed since.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nexabind.errors import CacheError
+
+__all__ = [
+    "INSTALL_RECORD",
+    "Install",
+    "VerifyReport",
+    "best_installed",
+    "cache_root",
+    "clean",
+    "entry_dir",
+    "file_lock",
+    "find",
+    "installed",
+    "prepare",
+    "remove_stale",
+    "sha256_file",
+    "verify",
+    "write_record",
+]
+
+#: Name of the install record inside each installed entry.
+INSTALL_RECORD = ".nexabind-install.json"
+
+# https://bford.info/cachedir/ : backup and archiving tools skip folders holding this file.
+_CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by nexabind.\n"
+    "# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
+
+#: Separates release, artifact key and a unique part in download and staging names.
+SEP = "+"
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the cache root, without creating it.
+
+    Args:
+        cache_dir: Explicit folder; else ``NEXABIND_CACHE_DIR``; else
+            ``platformdirs.user_cache_dir("nexabind")``.
+
+    Returns:
+        The absolute cache root.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get("NEXABIND_CACHE_DIR") or None
+    if cache_dir is None:
+        from platformdirs import user_cache_dir
+
+        cache_dir = user_cache_dir("nexabind")
+    return Path(cache_dir).expanduser().absolute()
+
+
+def prepare(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Create the cache layout (``libs``, ``downloads``, ``tmp``, ``.locks``, ``CACHEDIR.TAG``).
+
+    Args:
+        cache_dir: See :func:`cache_root`.
+
+    Returns:
+        The cache root.
+
+    Raises:
+        CacheError: The folders cannot be created.
+    """
+    root = cache_root(cache_dir)
+    try:
+        for sub in ("libs", "downloads", "tmp", ".locks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        tag = root / "CACHEDIR.TAG"
+        if not tag.is_file():
+            tag.write_text(_CACHEDIR_TAG)
+    except OSError as e:
+        msg = f"cannot create the nexabind cache in {root}: {e}; set NEXABIND_CACHE_DIR elsewhere"
+        raise CacheError(msg) from e
+    return root
+
+
+def entry_dir(release: str, key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return ``libs/<release>/<key>`` (``key`` is ``os-arch-variant``) of the cache."""
+    return cache_root(cache_dir) / "libs" / release / key
+
+
+def file_lock(root: Path, release: str, key: str, timeout: float = -1) -> Any:
+    """Return the cross-process lock of one artifact (a ``filelock.FileLock``, not acquired).
+
+    Args:
+        root: The cache root (prepared).
+        release: Release tag.
+        key: ``os-arch-variant``.
+        timeout: Seconds to wait on ``acquire``; -1 waits for ever.
+    """
+    from filelock import FileLock
+
+    return FileLock(str(root / ".locks" / f"{release}{SEP}{key}.lock"), timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Install:
+    """One installed entry ``libs/<release>/<key>/``.
+
+    Attributes:
+        release: Release tag the libraries belong to.
+        key: ``os-arch-variant``.
+        path: The entry folder.
+    """
+
+    release: str
+    key: str
+    path: Path
+
+    @property
+    def lib(self) -> Path:
+        """The ``lib`` folder the loader opens."""
+        return self.path / "lib"
+
+    @property
+    def variant(self) -> str:
+        """The variant (last part of the key)."""
+        return self.key.rsplit("-", 1)[-1]
+
+    def record(self) -> dict[str, Any]:
+        """Return the install record.
+
+        Raises:
+            CacheError: The record is missing or unreadable.
+        """
+        path = self.path / INSTALL_RECORD
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            msg = (
+                f"{path}: unreadable install record ({e}); reinstall with `nexabind fetch --force`"
+            )
+            raise CacheError(msg) from e
+
+    def complete(self) -> bool:
+        """Cheap check (no hashing): the record and the three libraries are there."""
+        from nexabind.loader import _NAMES
+
+        return (self.path / INSTALL_RECORD).is_file() and all(
+            (self.lib / name).exists() for name in _NAMES
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (release, key, paths and what the record says)."""
+        out: dict[str, Any] = {"release": self.release, "key": self.key, "path": str(self.path)}
+        out["lib"] = str(self.lib)
+        try:
+            rec = self.record()
+        except CacheError as e:
+            out["error"] = str(e)
+            return out
+        for name in ("artifact", "sha256", "source", "installed"):
+            out[name] = rec.get(name)
+        out["files"] = len(rec.get("files", {}))
+        return out
+
+
+def find(release: str, key: str, cache_dir: str | os.PathLike[str] | None = None) -> Install | None:
+    """Return the installed entry ``release``/``key`` when it is complete, else None."""
+    inst = Install(release, key, entry_dir(release, key, cache_dir))
+    return inst if inst.complete() else None
+
+
+def installed(
+    cache_dir: str | os.PathLike[str] | None = None, release: str | None = None
+) -> list[Install]:
+    """List the installed entries (complete or not), sorted by release and key.
+
+    Args:
+        cache_dir: See :func:`cache_root`.
+        release: Only this release.
+    """
+    libs = cache_root(cache_dir) / "libs"
+    out = []
+    releases = [libs / release] if release else sorted(libs.iterdir()) if libs.is_dir() else []
+    for rdir in releases:
+        if not rdir.is_dir():
+            continue
+        for edir in sorted(rdir.iterdir()):
+            if edir.is_dir() and not edir.name.startswith("."):
+                out.append(Install(rdir.name, edir.name, edir))
+    return out
+
+
+def best_installed(
+    release: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
+    platform: Any = None,
+) -> Install | None:
+    """The installed entry of ``release`` the loader uses for this process, or None.
+
+    ``variant`` (else ``NEXABIND_VARIANT``) picks that one. Otherwise a single installed variant
+    is used as it is; among several, the best by :func:`nexabind.manifest.variant_order` (which
+    probes the GPU runtimes only then).
+    """
+    from nexabind.platform import target
+
+    os_name, arch = target()
+    variant = variant or os.environ.get("NEXABIND_VARIANT") or None
+    if variant:
+        return find(release, f"{os_name}-{arch}-{variant}", cache_dir)
+    found = {
+        i.variant: i
+        for i in installed(cache_dir, release)
+        if i.key.startswith(f"{os_name}-{arch}-") and i.complete()
+    }
+    if len(found) <= 1:
+        return next(iter(found.values()), None)
+    from nexabind.manifest import variant_order
+    from nexabind.platform import detect
+
+    for v in variant_order(platform or detect()):
+        if v in found:
+            return found[v]
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _walk(tree: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
+            yield Path(dirpath, name)
+
+
+def write_record(tree: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file of a staged tree and write its install record there.
+
+    Args:
+        tree: The staged entry folder.
+        info: What to record besides the files (release, key, artifact, sha256, source).
+
+    Returns:
+        The record written.
+    """
+    files: dict[str, str] = {}
+    links: dict[str, str] = {}
+    for p in _walk(tree):
+        rel = p.relative_to(tree).as_posix()
+        if rel == INSTALL_RECORD:
+            continue
+        if p.is_symlink():
+            links[rel] = os.readlink(p)
+        else:
+            files[rel] = sha256_file(p)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    record = {**info, "installed": now, "files": files, "links": links}
+    (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found in one installed entry.
+
+    Attributes:
+        install: The entry.
+        changed: Files whose sha256 differs from the record (or a link whose target changed).
+        missing: Recorded files that are gone.
+        added: Files that the record does not list.
+        error: Why the entry could not be checked at all (no or bad record), else None.
+    """
+
+    install: Install
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing differs from the install record."""
+        return not (self.changed or self.missing or self.added or self.error)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {
+            "release": self.install.release,
+            "key": self.install.key,
+            "path": str(self.install.path),
+            "ok": self.ok,
+            "changed": self.changed,
+            "missing": self.missing,
+            "added": self.added,
+            "error": self.error,
+        }
+
+
+def verify(
+    cache_dir: str | os.PathLike[str] | None = None, release: str | None = None
+) -> list[VerifyReport]:
+    """Re-hash every installed file and compare it with the install record.
+
+    Args:
+        cache_dir: See :func:`cache_root`.
+        release: Only entries of this release.
+
+    Returns:
+        One report per installed entry (empty when nothing is installed).
+    """
+    reports = []
+    for inst in installed(cache_dir, release):
+        rep = VerifyReport(inst)
+        reports.append(rep)
+        try:
+            rec = inst.record()
+        except CacheError as e:
+            rep.error = str(e)
+            continue
+        files: dict[str, str] = rec.get("files", {})
+        links: dict[str, str] = rec.get("links", {})
+        seen = set()
+        for p in _walk(inst.path):
+            rel = p.relative_to(inst.path).as_posix()
+            if rel == INSTALL_RECORD:
+                continue
+            seen.add(rel)
+            if p.is_symlink():
+                if links.get(rel) != os.readlink(p):
+                    (rep.changed if rel in links else rep.added).append(rel)
+            elif rel not in files:
+                rep.added.append(rel)
+            elif sha256_file(p) != files[rel]:
+                rep.changed.append(rel)
+        rep.missing = sorted((set(files) | set(links)) - seen)
+    return reports
+
+
+def _parse_name(name: str) -> tuple[str, str] | None:
+    parts = name.split(SEP)
+    return (parts[0], parts[1]) if len(parts) == 3 else None
+
+
+def _unlocked(root: Path, release: str, key: str) -> Any:
+    """The lock of an artifact when no other process holds it, acquired; else None."""
+    from filelock import Timeout
+
+    lock = file_lock(root, release, key, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    return lock
+
+
+def remove_stale(root: Path, release: str, key: str, keep: Path | None = None) -> list[Path]:
+    """Remove the staging folders (and partial downloads other than ``keep``) of one artifact.
+
+    The caller must hold that artifact's lock, so nobody else is using them.
+
+    Returns:
+        What was removed.
+    """
+    removed = []
+    prefix = f"{release}{SEP}{key}{SEP}"
+    for p in sorted((root / "tmp").glob(f"{prefix}*")):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    for p in sorted((root / "downloads").glob(f"{prefix}*")):
+        if keep is None or p.name not in (keep.name, keep.name + ".json"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def clean(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    all: bool = False,  # noqa: A002 - mirrors the --all flag
+    release: str | None = None,
+    keep: Path | None = None,
+) -> list[Path]:
+    """Remove leftovers of interrupted fetches and, on request, installed entries.
+
+    Partial downloads and staging folders are removed only when no running fetch holds their
+    artifact's lock. The build cache is never touched.
+
+    Args:
+        cache_dir: See :func:`cache_root`.
+        all: Also remove every installed entry.
+        release: Also remove the installed entries of this release, except ``keep``.
+        keep: An entry folder not to remove with ``release`` (the one in use).
+
+    Returns:
+        The paths removed.
+    """
+    root = cache_root(cache_dir)
+    if not root.is_dir():
+        return []
+    removed: list[Path] = []
+    artifacts = set()
+    for sub in ("downloads", "tmp"):
+        folder = root / sub
+        for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+            parsed = _parse_name(p.name.removesuffix(".json").removesuffix(".part"))
+            if parsed is None:
+                continue
+            artifacts.add(parsed)
+    for rel, key in sorted(artifacts):
+        lock = _unlocked(root, rel, key)
+        if lock is None:
+            continue
+        try:
+            removed += remove_stale(root, rel, key)
+        finally:
+            lock.release()
+    targets = installed(root) if all else installed(root, release) if release else []
+    for inst in targets:
+        if not all and keep is not None and inst.path.resolve() == keep.resolve():
+            continue
+        lock = file_lock(root, inst.release, inst.key)
+        with lock:
+            # Move away first so the entry disappears at once, then delete.
+            trash = root / "tmp" / f"{inst.release}{SEP}{inst.key}{SEP}removed-{os.getpid()}"
+            try:
+                os.replace(inst.path, trash)
+            except OSError as e:
+                msg = f"cannot remove {inst.path}: {e}"
+                raise CacheError(msg) from e
+            shutil.rmtree(trash, ignore_errors=True)
+        removed.append(inst.path)
+    for rdir in (root / "libs").iterdir() if (root / "libs").is_dir() else ():
+        if rdir.is_dir() and not any(rdir.iterdir()):
+            rdir.rmdir()
+    return removed

@@ -1,0 +1,179 @@
+"""A real HTTP server on 127.0.0.1 that serves a folder and misbehaves on request.
+
+It speaks enough HTTP for a download client: ``Range`` (one ``bytes=N-`` or ``bytes=N-M``),
+``If-Range`` against its ``ETag``, ``Content-Length``. Each request is logged with the bytes
+of body it sent. ``plan(path, *actions)`` queues one action per request for that path, used
+in order, then it serves normally again:
+
+- ``"500"`` / ``"404"`` / ``"503"``: answer with that status;
+- ``"truncate:N"``: promise the whole body, send N bytes, drop the connection;
+- ``"ignore-range"``: answer 200 with the full body even when a range was asked;
+- ``"tamper"``: flip one byte in the middle of the body;
+- ``"stall:S"``: send the headers, then nothing for S seconds, then the body;
+- ``"slow:BPS"``: send the body at about BPS bytes per second;
+- ``"redirect:URL"``: answer 302 to URL (URL may hold ``{path}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Request:
+    """One request the server answered."""
+
+    path: str
+    headers: dict[str, str]
+    status: int = 0
+    sent: int = 0
+    action: str | None = None
+
+
+@dataclass
+class _State:
+    root: Path
+    log: list[Request] = field(default_factory=list)
+    plans: dict[str, list[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    default: str | None = None
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    state: _State
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        st = self.state
+        path = self.path.split("?")[0]
+        req = Request(path, dict(self.headers))
+        with st.lock:
+            st.log.append(req)
+            queue = st.plans.get(path)
+            action = queue.pop(0) if queue else st.default
+        req.action = action
+        # The client may hang up first (a timeout, a killed process): not the server's error.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._answer(req, action)
+
+    def _status(self, req: Request, code: int, headers: dict[str, str]) -> None:
+        req.status = code
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _answer(self, req: Request, action: str | None) -> None:
+        kind, _, arg = (action or "").partition(":")
+        if kind in ("500", "503", "404"):
+            body = f"{kind} on purpose\n".encode()
+            self._status(req, int(kind), {"Content-Length": str(len(body))})
+            self.wfile.write(body)
+            return
+        if kind == "redirect":
+            target = arg.replace("{path}", req.path)
+            self._status(req, 302, {"Location": target, "Content-Length": "0"})
+            return
+        file = (self.state.root / req.path.lstrip("/")).resolve()
+        if not file.is_relative_to(self.state.root.resolve()) or not file.is_file():
+            self._status(req, 404, {"Content-Length": "0"})
+            return
+        data = file.read_bytes()
+        if kind == "tamper":
+            mid = len(data) // 2
+            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+        start, end = 0, len(data) - 1
+        rng = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("Range", ""))
+        if_range = req.headers.get("If-Range")
+        partial = rng is not None and kind != "ignore-range" and if_range in (None, etag)
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        if partial:
+            start = int(rng.group(1))
+            end = int(rng.group(2)) if rng.group(2) else len(data) - 1
+            if start >= len(data):
+                headers.update({"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
+                self._status(req, 416, headers)
+                return
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        body = data[start : end + 1]
+        headers["Content-Length"] = str(len(body))
+        self._status(req, 206 if partial else 200, headers)
+        if kind == "stall":
+            self.wfile.flush()
+            time.sleep(float(arg))
+        if kind == "truncate":
+            body = body[: int(arg)]
+        step = 64 << 10
+        bps = float(arg) if kind == "slow" else 0.0
+        for i in range(0, len(body), step):
+            chunk = body[i : i + step]
+            self.wfile.write(chunk)
+            req.sent += len(chunk)
+            if bps:
+                self.wfile.flush()
+                time.sleep(len(chunk) / bps)
+        self.wfile.flush()
+        if kind == "truncate":
+            self.close_connection = True
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1 serving ``root``; use as a context manager."""
+
+    def __init__(self, root: Path) -> None:
+        self.state = _State(root)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
+    def log(self) -> list[Request]:
+        """Every request answered so far."""
+        return self.state.log
+
+    def requests_for(self, suffix: str) -> list[Request]:
+        """The requests whose path ends with ``suffix``."""
+        return [r for r in self.state.log if r.path.endswith(suffix)]
+
+    def plan(self, path: str, *actions: str) -> None:
+        """Queue one misbehaviour per coming request to ``path``."""
+        with self.state.lock:
+            self.state.plans.setdefault(path, []).extend(actions)
+
+    def always(self, action: str | None) -> None:
+        """Answer every request without a plan with ``action`` (None: normally)."""
+        self.state.default = action
+
+    def start(self) -> Server:
+        """Start serving in a daemon thread."""
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (connections are then refused)."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,138 @@
+"""nexabind.cache: layout, install records, verify, clean, and which entry the loader picks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nexabind import cache, pin
+from nexabind.errors import CacheError
+from nexabind.fetch import install_archive
+
+
+@pytest.fixture(autouse=True)
+def _no_lib_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests install into the isolated cache: NEXABIND_LIB_PATH must not short-cut them."""
+    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+
+
+def _install(mirror: Path) -> Path:
+    (entry,) = json.loads((mirror / pin.RELEASE / "manifest.json").read_text())["artifacts"]
+    return install_archive(mirror / pin.RELEASE / entry["url"], entry, pin.RELEASE)
+
+
+def test_root_comes_from_the_argument_then_the_environment(
+    tmp_path: Path, _isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cache.cache_root() == _isolated_cache
+    assert cache.cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("NEXABIND_CACHE_DIR")
+    from platformdirs import user_cache_dir
+
+    assert cache.cache_root() == Path(user_cache_dir("nexabind"))
+
+
+def test_prepare_lays_out_the_cache_and_tags_it(_isolated_cache: Path) -> None:
+    root = cache.prepare()
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".locks", "CACHEDIR.TAG", "downloads", "libs", "tmp"
+    ]  # fmt: skip
+    tag = (root / "CACHEDIR.TAG").read_text()
+    assert tag.splitlines()[0] == "Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def test_unusable_cache_dir_says_what_to_do(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CacheError, match="cannot create the nexabind cache.*NEXABIND_CACHE"):
+        cache.prepare(blocker / "cache")
+
+
+def test_verify_reports_every_kind_of_change(release_mirror: Path) -> None:
+    lib = _install(release_mirror)
+    entry = lib.parent
+    (report,) = cache.verify()
+    assert report.ok and report.to_dict()["ok"] is True
+    with (entry / "abi.json").open("a") as f:
+        f.write(" ")
+    (entry / "include" / "llama.h").unlink()
+    (entry / "lib" / "extra.so").write_bytes(b"x")
+    link = next(p for p in (entry / "lib").iterdir() if p.is_symlink())
+    target = os.readlink(link)
+    link.unlink()
+    link.symlink_to(target + ".other")
+    (report,) = cache.verify()
+    assert not report.ok
+    assert report.changed == sorted(["abi.json", link.relative_to(entry).as_posix()])
+    assert report.missing == ["include/llama.h"]
+    assert report.added == ["lib/extra.so"]
+
+
+def test_verify_without_a_record_is_an_error_not_a_crash(release_mirror: Path) -> None:
+    lib = _install(release_mirror)
+    (lib.parent / cache.INSTALL_RECORD).unlink()
+    (report,) = cache.verify()
+    assert not report.ok and "unreadable install record" in report.error
+    assert "nexabind fetch --force" in report.error
+
+
+def test_clean_removes_leftovers_that_no_fetch_is_using(_isolated_cache: Path) -> None:
+    root = cache.prepare()
+    stale = [
+        root / "downloads" / f"{pin.RELEASE}+linux-x86_64-cpu+abc.part",
+        root / "downloads" / f"{pin.RELEASE}+linux-x86_64-cpu+abc.part.json",
+    ]
+    for p in stale:
+        p.write_text("partial")
+    staging = root / "tmp" / f"{pin.RELEASE}+linux-x86_64-cpu+def"
+    (staging / "entry" / "lib").mkdir(parents=True)
+    busy = root / "downloads" / f"{pin.RELEASE}+linux-x86_64-cuda+ghi.part"
+    busy.write_text("being written")
+    # A running fetch holds the cuda artifact's lock (another process, as in real life).
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
+         "print('locked', flush=True); sys.stdin.read()",
+         str(root / ".locks" / f"{pin.RELEASE}+linux-x86_64-cuda.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        removed = cache.clean()
+    finally:
+        holder.communicate("")
+    assert sorted(removed) == sorted([*stale, staging])
+    assert busy.exists() and not staging.exists()
+
+
+def test_clean_all_removes_installs_but_never_the_build_cache(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    lib = _install(release_mirror)
+    builds = _isolated_cache / "builds" / "some-build"
+    builds.mkdir(parents=True)
+    assert cache.clean() == []  # no flag: installs stay
+    assert lib.is_dir()
+    assert cache.clean(all=True) == [lib.parent]
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+    assert builds.is_dir()
+
+
+def test_clean_release_keeps_the_entry_in_use(release_mirror: Path) -> None:
+    lib = _install(release_mirror)
+    assert cache.clean(release=pin.RELEASE, keep=lib.parent) == []
+    assert lib.is_dir()
+    assert cache.clean(release=pin.RELEASE) == [lib.parent]
+
+
+def test_list_describes_installs(release_mirror: Path) -> None:
+    lib = _install(release_mirror)
+    (inst,) = cache.installed()
+    info = inst.to_dict()
+    assert info["lib"] == str(lib) and info["release"] == pin.RELEASE
+    assert info["artifact"].startswith("nexabind-llama-") and info["files"] > 5

@@ -1,0 +1,333 @@
+"""nexabind.fetch: real downloads from a loopback mirror, safe extraction, atomic installs.
+
+The mirror serves the real artifact and manifest that ``nexabind build --out`` made
+(``release_mirror``); the server (tests/_server.py) drops connections, answers 500, ignores
+ranges, tampers with bytes and stalls on request, and logs every byte it sends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from _server import Server
+
+from nexabind import cache, pin
+from nexabind.errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    LibraryNotFoundError,
+    UnsafeArchiveError,
+)
+from nexabind.fetch import download, install_archive, safe_extract
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_lib_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests install into the isolated cache: NEXABIND_LIB_PATH must not short-cut them."""
+    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+
+
+def _manifest(mirror: Path) -> dict:
+    return json.loads((mirror / pin.RELEASE / "manifest.json").read_text())
+
+
+def _entry(mirror: Path) -> dict:
+    (entry,) = _manifest(mirror)["artifacts"]
+    return entry
+
+
+def _archive(mirror: Path) -> Path:
+    return mirror / pin.RELEASE / _entry(mirror)["url"]
+
+
+def _asset(mirror: Path) -> str:
+    return f"/{pin.RELEASE}/{_entry(mirror)['url']}"
+
+
+def _leftovers(cache_root: Path) -> list[str]:
+    found = []
+    for sub in ("downloads", "tmp"):
+        folder = cache_root / sub
+        found += [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return found
+
+
+def _served(server: Server, path: str) -> int:
+    return sum(r.sent for r in server.requests_for(path))
+
+
+# --- install_archive (the path `nexabind build --install` takes) --------------------------------
+
+
+def test_install_archive_installs_atomically_and_records_hashes(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry = _entry(release_mirror)
+    lib = install_archive(_archive(release_mirror), entry, pin.RELEASE)
+    key = f"{entry['os']}-{entry['arch']}-{entry['variant']}"
+    assert lib == _isolated_cache / "libs" / pin.RELEASE / key / "lib"
+    for name in ("abi.json", "build-info.json", "include/llama.h", cache.INSTALL_RECORD):
+        assert (lib.parent / name).is_file(), name
+    record = json.loads((lib.parent / cache.INSTALL_RECORD).read_text())
+    assert record["sha256"] == entry["sha256"] and record["artifact"] == entry["name"]
+    libllama = next(k for k in record["files"] if k.startswith("lib/libllama"))
+    assert record["files"][libllama] == cache.sha256_file(lib.parent / libllama)
+    assert (
+        (_isolated_cache / "CACHEDIR.TAG")
+        .read_text()
+        .startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    )
+    assert _leftovers(_isolated_cache) == []
+    assert all(r.ok for r in cache.verify())
+    # The same archive again keeps the entry as it is (no second extraction).
+    mtime = (lib.parent / cache.INSTALL_RECORD).stat().st_mtime_ns
+    assert install_archive(_archive(release_mirror), entry, pin.RELEASE) == lib
+    assert (lib.parent / cache.INSTALL_RECORD).stat().st_mtime_ns == mtime
+
+
+def test_installed_library_loads_in_a_new_process(release_mirror: Path) -> None:
+    lib = install_archive(_archive(release_mirror), _entry(release_mirror), pin.RELEASE)
+    env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
+    r = subprocess.run(
+        [sys.executable, "-m", "nexabind", "which"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == lib
+    r = subprocess.run(
+        [sys.executable, "-m", "nexabind.loader"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stdout
+    assert json.loads(r.stdout)["libdir"] == str(lib)
+
+
+def test_install_archive_refuses_a_wrong_digest(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry = {**_entry(release_mirror), "sha256": "0" * 64}
+    with pytest.raises(ChecksumMismatchError, match="expected 0{64}, got [0-9a-f]{64}"):
+        install_archive(_archive(release_mirror), entry, pin.RELEASE)
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+
+
+def test_a_library_that_does_not_load_is_not_installed(
+    release_mirror: Path, tmp_path: Path, _isolated_cache: Path
+) -> None:
+    """The staged tree is loaded in a child process first: a broken libllama is refused."""
+    tree = tmp_path / "tree"
+    safe_extract(_archive(release_mirror), tree)
+    (tree / "lib" / "libllama.so").unlink()
+    (tree / "lib" / "libllama.so").write_bytes(b"\x7fELF garbage, not a library")
+    broken = tmp_path / "broken.tar.gz"
+    with tarfile.open(broken, "w:gz") as tar:
+        for p in sorted(tree.rglob("*")):
+            tar.add(p, p.relative_to(tree).as_posix(), recursive=False)
+    entry = {**_entry(release_mirror), "sha256": cache.sha256_file(broken)}
+    with pytest.raises(LibraryNotFoundError, match="does not load on this machine; not installed"):
+        install_archive(broken, entry, pin.RELEASE)
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+    assert _leftovers(_isolated_cache) == []
+
+
+# --- malicious archives ------------------------------------------------------------------------
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o644
+    return info
+
+
+def _bad_tar(kind: str, tmp: Path, outside: Path) -> Path:
+    ok = (_info("lib/ok.txt"), b"fine")
+    cases = {
+        "traversal": [ok, (_info("lib/../../escaped.txt"), b"x")],
+        "absolute": [ok, (_info(str(outside / "escaped.txt")), b"x")],
+        "symlink-escape": [ok, (_info("lib/out", tarfile.SYMTYPE, "../../.."), None)],
+        "symlink-absolute": [ok, (_info("lib/out", tarfile.SYMTYPE, str(outside)), None)],
+        "through-symlink": [
+            (_info("lib/d", tarfile.SYMTYPE, "."), None),
+            (_info("lib/d/escaped.txt"), b"x"),
+        ],
+        "hardlink": [ok, (_info("lib/hard", tarfile.LNKTYPE, "lib/ok.txt"), None)],
+        "device": [ok, (_info("lib/dev", tarfile.CHRTYPE), None)],
+        "fifo": [ok, (_info("lib/fifo", tarfile.FIFOTYPE), None)],
+    }
+    return _tar(tmp / f"{kind}.tar.gz", cases[kind])
+
+
+def _bad_zip(kind: str, tmp: Path, outside: Path) -> Path:
+    path = tmp / f"{kind}.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("lib/ok.txt", b"fine")
+        if kind == "zip-slip":
+            z.writestr("../../escaped.txt", b"x")
+        elif kind == "zip-absolute":
+            z.writestr(str(outside / "escaped.txt"), b"x")
+        elif kind == "zip-symlink":
+            info = zipfile.ZipInfo("lib/out")
+            info.external_attr = (0o120777) << 16
+            z.writestr(info, str(outside))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["traversal", "absolute", "symlink-escape", "symlink-absolute", "through-symlink",
+     "hardlink", "device", "fifo", "zip-slip", "zip-absolute", "zip-symlink"],
+)  # fmt: skip
+def test_malicious_archive_is_refused_and_nothing_is_written(
+    kind: str, tmp_path: Path, _isolated_cache: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make = _bad_zip if kind.startswith("zip") else _bad_tar
+    archive = make(kind, tmp_path, outside)
+    entry = {"name": archive.name, "os": "linux", "arch": "x86_64", "variant": "cpu",
+             "sha256": cache.sha256_file(archive)}  # fmt: skip
+
+    def outside_cache() -> list[Path]:
+        return sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(_isolated_cache))
+
+    before = outside_cache()
+    with pytest.raises(UnsafeArchiveError, match="not installed"):
+        install_archive(archive, entry, pin.RELEASE)
+    assert outside_cache() == before, "something was written outside the cache"
+    assert not list(outside.iterdir())
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+    assert _leftovers(_isolated_cache) == [], "the staging folder was not removed"
+
+
+def test_oversize_member_is_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "big.tar.gz", [(_info("lib/big.bin"), b"\0" * 5000)])
+    with pytest.raises(UnsafeArchiveError, match="5000 bytes, over the 4096 limit"):
+        safe_extract(archive, tmp_path / "x", max_member=4096)
+    assert not list((tmp_path / "x").iterdir())
+    with pytest.raises(UnsafeArchiveError, match="unpacks to over 4096 bytes"):
+        safe_extract(archive, tmp_path / "y", max_total=4096)
+
+
+def test_zip_member_larger_than_it_says_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lying.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("lib/a.bin", b"\0" * 100_000)
+    # Patch the declared size in the central directory to 10 bytes.
+    raw = bytearray(path.read_bytes())
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 24 : cd + 28] = (10).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises((UnsafeArchiveError, DownloadError)):
+        safe_extract(path, tmp_path / "x")
+    assert not (tmp_path / "x" / "lib" / "a.bin").exists() or (
+        (tmp_path / "x" / "lib" / "a.bin").stat().st_size <= 10
+    )
+
+
+def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
+    archive = _tar(
+        tmp_path / "links.tar.gz",
+        [(_info("lib/libx.so.1"), b"lib"), (_info("lib/libx.so", tarfile.SYMTYPE, "libx.so.1"),
+                                            None)],
+    )  # fmt: skip
+    safe_extract(archive, tmp_path / "x")
+    assert (tmp_path / "x" / "lib" / "libx.so").is_symlink()
+    assert (tmp_path / "x" / "lib" / "libx.so").read_bytes() == b"lib"
+
+
+# --- fetch over loopback HTTP ------------------------------------------------------------------
+
+
+def test_a_stalled_response_times_out_and_resumes(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry, asset = _entry(release_mirror), _asset(release_mirror)
+    mirror_server.plan(asset, "stall:3")
+    t0 = time.monotonic()
+    path = download(mirror_server.url + asset, _isolated_cache / "downloads",
+                    size=entry["size"], sha256=entry["sha256"], timeout=(5, 0.5),
+                    backoff=0.1)  # fmt: skip
+    assert time.monotonic() - t0 < 3  # did not wait for the stalled answer
+    assert cache.sha256_file(path) == entry["sha256"]
+    assert [r.action for r in mirror_server.requests_for(asset)] == ["stall:3", None]
+
+
+def test_every_attempt_timing_out_is_a_download_error(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry, asset = _entry(release_mirror), _asset(release_mirror)
+    mirror_server.always("stall:2")
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts: .*timed out.*resumes it"):
+        download(mirror_server.url + asset, _isolated_cache / "downloads",
+                 size=entry["size"], sha256=entry["sha256"], timeout=(5, 0.3), retries=2,
+                 backoff=0.05, name=entry["name"])  # fmt: skip
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_host(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry = _entry(release_mirror)
+    with Server(release_mirror) as target, Server(release_mirror) as front:
+        asset = _asset(release_mirror)
+        other = target.url.replace("127.0.0.1", "localhost")
+        front.plan(asset, "redirect:" + other + "{path}")
+        url = front.url.replace("://", "://user:secret@") + asset
+        path = download(url, _isolated_cache / "downloads", size=entry["size"],
+                        sha256=entry["sha256"])  # fmt: skip
+        assert cache.sha256_file(path) == entry["sha256"]
+        assert "Authorization" in front.requests_for(asset)[0].headers
+        (hop,) = target.requests_for(asset)
+        assert "Authorization" not in hop.headers and hop.status == 200
+
+
+# --- concurrency and crashes -------------------------------------------------------------------
+
+
+def _wait_for(cond, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.002)
+
+
+def test_killed_mid_install_then_next_fetch_recovers(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    code = (
+        "import json, sys; from nexabind.fetch import install_archive; "
+        "install_archive(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+    )
+    entry = _entry(release_mirror)
+    archive = _archive(release_mirror)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(archive), json.dumps(entry), pin.RELEASE]
+    )
+    tmp = _isolated_cache / "tmp"
+    _wait_for(lambda: tmp.is_dir() and any(tmp.rglob("lib/*")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _leftovers(_isolated_cache), "killed after the install finished"
+    assert cache.installed() == []  # nothing half-done is visible
+    lib = install_archive(archive, entry, pin.RELEASE)
+    assert lib.is_dir() and [r.ok for r in cache.verify()] == [True]
+    assert _leftovers(_isolated_cache) == []
