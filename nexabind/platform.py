@@ -183,6 +183,22 @@ def parse_musl_version(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _musl_libc(executable: str) -> tuple[str | None, str | None]:
+    """``("musl", version)`` when ``executable`` is linked against musl, else ``(None, None)``."""
+    interp = _elf_interpreter(executable)
+    if interp is None:  # unreadable (e.g. a frozen app): go by the loader on the system
+        candidates = sorted(Path("/lib").glob("ld-musl-*.so.1"))
+        interp = str(candidates[0]) if candidates else None
+    if interp is None or "ld-musl" not in interp:
+        return None, None
+    try:
+        # musl's loader prints its banner to stderr and exits 1 when run without a program.
+        out = subprocess.run([interp], capture_output=True, text=True, timeout=5).stderr
+    except (OSError, subprocess.SubprocessError):
+        return "musl", None
+    return "musl", parse_musl_version(out)
+
+
 def _libc() -> tuple[str | None, str | None]:
     try:
         gnu = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
@@ -191,18 +207,7 @@ def _libc() -> tuple[str | None, str | None]:
     if gnu:
         name, _, version = gnu.partition(" ")
         return ("glibc" if name == "glibc" else name), (version or None)
-    interp = _elf_interpreter(sys.executable)
-    if interp is None or "musl" not in interp:
-        candidates = sorted(Path("/lib").glob("ld-musl-*.so.1"))
-        interp = str(candidates[0]) if candidates else None
-    if interp is None:
-        return None, None
-    try:
-        # musl's loader prints its banner to stderr and exits 1 when run without a program.
-        out = subprocess.run([interp], capture_output=True, text=True, timeout=5).stderr
-    except (OSError, subprocess.SubprocessError):
-        return "musl", None
-    return "musl", parse_musl_version(out)
+    return _musl_libc(sys.executable)
 
 
 # --- macOS and Windows emulation ----------------------------------------------------------------
@@ -257,7 +262,8 @@ def _windows_native_arch() -> str | None:
         ctypes.POINTER(wintypes.USHORT),
     ]
     fn.restype = wintypes.BOOL
-    current = ctypes.windll.kernel32.GetCurrentProcess()  # type: ignore[attr-defined]
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    current = kernel32.GetCurrentProcess()
     if not fn(current, ctypes.byref(process_machine), ctypes.byref(native_machine)):
         return None
     # IMAGE_FILE_MACHINE_* values.
@@ -274,7 +280,10 @@ def out(*words):
 if sys.platform == "win32":
     vk, cu, loader = ("vulkan-1.dll",), ("nvcuda.dll",), ctypes.WinDLL
 elif sys.platform == "darwin":
-    vk, cu, loader = ("libvulkan.1.dylib", "libMoltenVK.dylib"), (), ctypes.CDLL
+    # dlopen does not search Homebrew's prefixes; the Vulkan SDK installs into /usr/local/lib.
+    vk = tuple(p + n for p in ("", "/opt/homebrew/lib/", "/usr/local/lib/")
+               for n in ("libvulkan.1.dylib", "libMoltenVK.dylib"))
+    cu, loader = (), ctypes.CDLL
 else:
     vk, cu, loader = ("libvulkan.so.1",), ("libcuda.so.1", "libcuda.so"), ctypes.CDLL
 for name in vk:

@@ -108,6 +108,21 @@ def test_musl_banner_is_parsed() -> None:
     assert parse_musl_version("ldd (GNU libc) 2.39\n") is None
 
 
+@pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="needs musl-gcc (apt musl-tools)")
+def test_a_musl_binary_is_recognised_with_its_version(tmp_path: Path) -> None:
+    (tmp_path / "hello.c").write_text("int main(void) { return 0; }\n")
+    exe = tmp_path / "hello"
+    subprocess.run(["musl-gcc", "-o", str(exe), str(tmp_path / "hello.c")], check=True)
+    interp = nplatform._elf_interpreter(str(exe))
+    assert interp is not None and "ld-musl-" in interp
+    banner = subprocess.run([interp], capture_output=True, text=True).stderr
+    version = re.search(r"Version (\S+)", banner)
+    assert version is not None
+    assert nplatform._musl_libc(str(exe)) == ("musl", version.group(1))
+    if detect(gpu=False).libc == "glibc":
+        assert nplatform._musl_libc(sys.executable) == (None, None)
+
+
 def test_cuda_driver_versions_are_formatted() -> None:
     assert format_cuda_version(12040) == "12.4"
     assert format_cuda_version(11080) == "11.8"
