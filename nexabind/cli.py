@@ -249,12 +249,7 @@ def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
 )
 @click.option("--release", help="Release tag [default: the one this nexabind is built for].")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_CACHE_DIR",
-    help="Cache folder [env: NEXABIND_CACHE_DIR; default: the user cache].",
-)
+@_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info_cmd(
     manifest_path: str | None,

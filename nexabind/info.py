@@ -12,6 +12,7 @@ from typing import Any
 
 from nexabind import manifest as _manifest
 from nexabind import pin
+from nexabind.cache import cache_root, installed
 from nexabind.errors import NexabindError
 from nexabind.platform import detect
 
@@ -34,7 +35,7 @@ def _settings(cache_dir: str | None, variant: str | None) -> dict[str, dict[str,
     for name, (flag, default) in SETTINGS.items():
         value = os.environ.get(name) or None
         out[name] = {"value": value, "flag": flag, "default": default, "in_force": value or default}
-    out["NEXABIND_CACHE_DIR"]["in_force"] = _cache_root(cache_dir)
+    out["NEXABIND_CACHE_DIR"]["in_force"] = str(cache_root(cache_dir))
     offline = os.environ.get("NEXABIND_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     out["NEXABIND_OFFLINE"]["in_force"] = "on" if offline else "off"
     if variant is not None:
@@ -52,24 +53,6 @@ def _load_manifest(path: str | os.PathLike[str] | None, release: str) -> _manife
         msg = f"cannot read the manifest {file}: {e.strerror or e}; pass an existing manifest.json"
         raise _manifest.ManifestError(msg) from e
     return _manifest.Manifest.from_json(data, pinned=False, source=str(file))
-
-
-def _cache_root(cache_dir: str | None) -> str:
-    try:
-        from nexabind.cache import cache_root
-    except ImportError:  # nexabind.cache not there yet: the same rule, read here
-        from platformdirs import user_cache_dir
-
-        return str(cache_dir or os.environ.get("NEXABIND_CACHE_DIR") or user_cache_dir("nexabind"))
-    return str(cache_root(cache_dir))
-
-
-def _installed(cache_dir: str | None) -> list[dict[str, Any]]:
-    try:
-        from nexabind.cache import installed
-    except ImportError:
-        return []
-    return [i.to_dict() for i in installed(cache_dir)]
 
 
 def gather(
@@ -141,11 +124,14 @@ def gather(
             "message": None if choice.artifact else _manifest.no_artifact_message(choice, platform),
         }
     report["settings"] = _settings(cache_dir, variant)
-    report["installed"] = _installed(cache_dir)
     try:
         report["library"] = {"path": str(library_dir()), "error": None}
     except NexabindError as e:
         report["library"] = {"path": None, "error": str(e)}
+    report["installed"] = [
+        dict(i.to_dict(), in_use=str(i.lib.resolve()) == report["library"]["path"])
+        for i in installed(cache_dir)
+    ]
     return report
 
 
@@ -193,12 +179,13 @@ def render(report: dict[str, Any]) -> str:
     for name, st in report["settings"].items():
         origin = "set" if st["value"] is not None else "default"
         lines.append(f"  {name}, {st['flag']}: {st['in_force']} ({origin})")
-    lines.append("installed:")
+    lines.append("installed (* in use):")
     if not report["installed"]:
         lines.append("  none")
     for i in report["installed"]:
         state = i.get("error") or i.get("artifact") or ""
-        lines.append(f"  {i['release']}  {i['key']}  {i['path']}  {state}".rstrip())
+        mark = "*" if i["in_use"] else " "
+        lines.append(f" {mark}{i['release']}  {i['key']}  {i['path']}  {state}".rstrip())
     lib = report["library"]
     if lib["path"]:
         lines.append(f"library:        {lib['path']}")

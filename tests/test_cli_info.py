@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _server import Server
 from click.testing import CliRunner
 from test_manifest import _six_targets
 
@@ -22,16 +23,6 @@ from nexabind.platform import detect, target
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
     return CliRunner()
-
-
-@pytest.fixture(scope="session")
-def built_release(tmp_path_factory: pytest.TempPathFactory, libdir: Path) -> Path:
-    """``manifest.json`` of the real library, written by ``nexabind build --out`` (a cache hit)."""
-    from nexabind.build import build
-
-    out = tmp_path_factory.mktemp("release")
-    build(out=out)
-    return out / "manifest.json"
 
 
 def _info(runner: CliRunner, *args: str) -> dict[str, Any]:
@@ -157,10 +148,11 @@ def test_info_bad_manifest_names_the_field(runner: CliRunner, tmp_path: Path) ->
     assert "artifacts[2] (linux-x86_64-cuda).sha256 must be 64 hex digits" in r.stderr
 
 
-def test_info_on_the_real_release_as_a_process(built_release: Path, _isolated_cache: Path) -> None:
+def test_info_on_the_real_release_as_a_process(release_mirror: Path, _isolated_cache: Path) -> None:
+    manifest = release_mirror / pin.RELEASE / "manifest.json"
     env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
     proc = subprocess.run(
-        [sys.executable, "-m", "nexabind", "info", "--json", "--manifest", str(built_release)],
+        [sys.executable, "-m", "nexabind", "info", "--json", "--manifest", str(manifest)],
         capture_output=True,
         text=True,
         env=env,
@@ -168,9 +160,28 @@ def test_info_on_the_real_release_as_a_process(built_release: Path, _isolated_ca
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    built = json.loads(built_release.read_text())["artifacts"][0]
+    built = json.loads(manifest.read_text())["artifacts"][0]
     # The library built on this machine is the one chosen for this machine.
     assert report["choice"]["artifact"] == built
     assert report["manifest"]["incompatible"] is None
     assert report["settings"]["NEXABIND_CACHE_DIR"]["in_force"] == str(_isolated_cache)
     assert "probing this platform" in proc.stderr
+
+
+def test_info_shows_the_fetched_library_in_use(
+    runner: CliRunner, mirror_server: Server, release_mirror: Path
+) -> None:
+    r = runner.invoke(cli, ["fetch", "--base-url", mirror_server.url, "--quiet"])
+    assert r.exit_code == 0, r.output
+    lib = Path(r.stdout.strip())
+    report = _info(runner, "--manifest", str(release_mirror / pin.RELEASE / "manifest.json"))
+    (entry,) = report["installed"]
+    assert entry["key"] == report["choice"]["key"] and entry["in_use"] is True
+    assert (
+        entry["release"] == pin.RELEASE
+        and entry["artifact"] == report["choice"]["artifact"]["name"]
+    )
+    assert report["library"] == {"path": str(lib.resolve()), "error": None}
+    r = runner.invoke(cli, ["info"])
+    assert f" *{pin.RELEASE}  {entry['key']}  {entry['path']}" in r.stdout
+    assert f"library:        {lib.resolve()}" in r.stdout
