@@ -33,15 +33,17 @@ else:
 
 
 def _cache_entry() -> Path:
-    from platformdirs import user_cache_dir
+    """The ``lib`` folder of the cache entry to load: see :func:`nexabind.cache.best_installed`."""
+    from nexabind import cache, pin
+    from nexabind.platform import target
 
-    from nexabind import pin
-    from nexabind.build import host_target
-
-    root = os.environ.get("NEXABIND_CACHE_DIR") or user_cache_dir("nexabind")
-    os_name, arch = host_target()
+    found = cache.best_installed(pin.RELEASE)
+    if found is not None:
+        return found.lib
+    # Nothing installed: name the folder `nexabind fetch` installs by default, for the message.
+    os_name, arch = target()
     variant = os.environ.get("NEXABIND_VARIANT") or "cpu"
-    return Path(root) / "libs" / pin.RELEASE / f"{os_name}-{arch}-{variant}" / "lib"
+    return cache.entry_dir(pin.RELEASE, f"{os_name}-{arch}-{variant}") / "lib"
 
 
 def _candidates(lib_path: str | os.PathLike[str] | None) -> list[tuple[str, Path]]:

@@ -136,3 +136,14 @@ def test_list_describes_installs(release_mirror: Path) -> None:
     info = inst.to_dict()
     assert info["lib"] == str(lib) and info["release"] == pin.RELEASE
     assert info["artifact"].startswith("nexabind-llama-") and info["files"] > 5
+
+
+def test_best_installed_follows_the_variant_setting(
+    release_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib = _install(release_mirror)
+    assert cache.best_installed(pin.RELEASE).lib == lib
+    monkeypatch.setenv("NEXABIND_VARIANT", "vulkan")
+    assert cache.best_installed(pin.RELEASE) is None
+    monkeypatch.setenv("NEXABIND_VARIANT", lib.parent.name.rsplit("-", 1)[1])
+    assert cache.best_installed(pin.RELEASE).lib == lib

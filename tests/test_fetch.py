@@ -23,12 +23,14 @@ from _server import Server
 
 from nexabind import cache, pin
 from nexabind.errors import (
+    CacheError,
     ChecksumMismatchError,
     DownloadError,
     LibraryNotFoundError,
+    ManifestError,
     UnsafeArchiveError,
 )
-from nexabind.fetch import download, install_archive, safe_extract
+from nexabind.fetch import download, fetch, install_archive, safe_extract
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,6 +259,69 @@ def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
 # --- fetch over loopback HTTP ------------------------------------------------------------------
 
 
+def test_fetch_installs_then_needs_no_network(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path, capfd
+) -> None:
+    lib = fetch(base_url=mirror_server.url)
+    err = capfd.readouterr().err
+    assert "unpinned manifest" in err and "installed" in err
+    entry = _entry(release_mirror)
+    assert lib.parent.name == f"{entry['os']}-{entry['arch']}-{entry['variant']}"
+    assert _served(mirror_server, _asset(release_mirror)) == entry["size"]
+    assert [r.ok for r in cache.verify()] == [True]
+    assert _leftovers(_isolated_cache) == []
+    seen = len(mirror_server.log)
+    assert fetch(base_url=mirror_server.url, offline=True) == lib
+    mirror_server.stop()
+    assert fetch(base_url=mirror_server.url) == lib
+    assert len(mirror_server.log) == seen
+
+
+def test_dropped_connection_resumes_with_the_remaining_bytes(
+    mirror_server: Server, release_mirror: Path
+) -> None:
+    asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
+    half = size // 2
+    mirror_server.plan(asset, f"truncate:{half}")
+    fetch(base_url=mirror_server.url, quiet=True)
+    first, second = mirror_server.requests_for(asset)
+    assert first.sent == half
+    assert second.headers["Range"] == f"bytes={half}-" and "If-Range" in second.headers
+    assert second.status == 206 and second.sent == size - half
+    assert [r.ok for r in cache.verify()] == [True]
+
+
+def test_server_ignoring_the_range_restarts_the_download(
+    mirror_server: Server, release_mirror: Path
+) -> None:
+    asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
+    mirror_server.plan(asset, f"truncate:{size // 3}", "ignore-range")
+    fetch(base_url=mirror_server.url, quiet=True)
+    first, second = mirror_server.requests_for(asset)
+    assert "Range" in second.headers and second.status == 200 and second.sent == size
+    assert [r.ok for r in cache.verify()] == [True]
+
+
+def test_500_twice_then_success(mirror_server: Server, release_mirror: Path) -> None:
+    asset = _asset(release_mirror)
+    mirror_server.plan(asset, "500", "503")
+    fetch(base_url=mirror_server.url, quiet=True)
+    assert [r.status for r in mirror_server.requests_for(asset)] == [500, 503, 200]
+
+
+def test_persistent_404_names_the_url_and_the_artifact(
+    mirror_server: Server, release_mirror: Path
+) -> None:
+    asset, name = _asset(release_mirror), _entry(release_mirror)["name"]
+    mirror_server.plan(asset, *["404"] * 10)
+    with pytest.raises(DownloadError) as e:
+        fetch(base_url=mirror_server.url, build=False, quiet=True)
+    msg = str(e.value)
+    assert f"{mirror_server.url}{asset} answered 404" in msg and name in msg
+    assert "nexabind build --install" in msg and "about 5 minutes" in msg
+    assert len(mirror_server.requests_for(asset)) == 1  # a 404 is not retried
+
+
 def test_a_stalled_response_times_out_and_resumes(
     mirror_server: Server, release_mirror: Path, _isolated_cache: Path
 ) -> None:
@@ -282,6 +347,56 @@ def test_every_attempt_timing_out_is_a_download_error(
                  backoff=0.05, name=entry["name"])  # fmt: skip
 
 
+def test_tampered_artifact_is_rejected_and_nothing_is_installed(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    entry, asset = _entry(release_mirror), _asset(release_mirror)
+    mirror_server.plan(asset, "tamper")
+    with pytest.raises(ChecksumMismatchError) as e:
+        fetch(base_url=mirror_server.url, quiet=True)
+    msg = str(e.value)
+    assert f"expected {entry['sha256']}, got " in msg and "deleted the download" in msg
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+    assert _leftovers(_isolated_cache) == []
+
+
+def test_no_artifact_for_this_platform_lists_what_exists(
+    release_mirror: Path, tmp_path: Path
+) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / pin.RELEASE).mkdir(parents=True)
+    data = _manifest(release_mirror)
+    entry = data["artifacts"][0]
+    data["artifacts"] = [
+        {**entry, "os": "windows", "arch": "arm64", "name": "w.zip", "url": "w.zip"},
+        {**entry, "os": "macos", "arch": "arm64", "variant": "metal", "name": "m.tar.gz",
+         "url": "m.tar.gz", "min_glibc": None},
+    ]  # fmt: skip
+    (mirror / pin.RELEASE / "manifest.json").write_text(json.dumps(data))
+    with Server(mirror) as server, pytest.raises(ManifestError) as e:
+        fetch(base_url=server.url, build=False, quiet=True)
+    msg = str(e.value)
+    assert "windows-arm64-cpu" in msg and "macos-arm64-metal" in msg
+    assert "nexabind build --install" in msg
+    assert [r.path for r in server.log] == [f"/{pin.RELEASE}/manifest.json"]
+
+
+def test_offline_and_not_cached_says_what_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXABIND_OFFLINE", "1")
+    with pytest.raises(CacheError, match="offline.*run `nexabind fetch` with network access"):
+        fetch(base_url="https://mirror.invalid/releases")
+
+
+def test_lib_path_setting_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NEXABIND_LIB_PATH", str(tmp_path))
+    assert fetch(base_url="https://mirror.invalid/releases") == tmp_path
+
+
+def test_plain_http_to_a_remote_host_is_refused() -> None:
+    with pytest.raises(DownloadError, match="refusing plain http:// to mirror.invalid.*allow-http"):
+        fetch(base_url="http://mirror.invalid/releases", build=False, quiet=True)
+
+
 def test_credentials_do_not_follow_a_redirect_to_another_host(
     release_mirror: Path, _isolated_cache: Path
 ) -> None:
@@ -299,7 +414,51 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(
         assert "Authorization" not in hop.headers and hop.status == 200
 
 
+def test_file_url_mirror(release_mirror: Path) -> None:
+    lib = fetch(base_url=release_mirror.as_uri(), quiet=True)
+    assert [r.ok for r in cache.verify()] == [True]
+    assert lib.parent.parent.name == pin.RELEASE
+
+
+def test_unreachable_host_builds_from_source(
+    release_mirror: Path, _isolated_cache: Path, capfd
+) -> None:
+    """Nothing to download: fetch says so and installs `nexabind build` (a build cache hit)."""
+    server = Server(release_mirror).start()
+    url = server.url
+    server.stop()  # the port now refuses connections
+    lib = fetch(base_url=url)
+    err = capfd.readouterr().err
+    assert "nothing could be downloaded" in err and "about 5 minutes" in err
+    assert lib.is_relative_to(_isolated_cache)
+    assert json.loads((lib.parent / cache.INSTALL_RECORD).read_text())["source"] == (
+        "nexabind build"
+    )
+
+
 # --- concurrency and crashes -------------------------------------------------------------------
+
+
+def _fetch_cmd(url: str) -> list[str]:
+    return [sys.executable, "-m", "nexabind", "fetch", "--base-url", url, "--quiet", "--no-build"]
+
+
+def test_two_processes_fetch_once_and_agree(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
+    mirror_server.plan(asset, f"slow:{size * 2}")  # the first download takes ~0.5 s
+    procs = [
+        subprocess.Popen(_fetch_cmd(mirror_server.url), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert outs[0][0] == outs[1][0] and Path(outs[0][0].strip()).is_dir()
+    assert len(mirror_server.requests_for(asset)) == 1
+    assert [r.ok for r in cache.verify()] == [True]
+    assert _leftovers(_isolated_cache) == []
 
 
 def _wait_for(cond, timeout: float = 60.0) -> None:
@@ -308,6 +467,30 @@ def _wait_for(cond, timeout: float = 60.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out waiting")
         time.sleep(0.002)
+
+
+def test_killed_mid_download_then_next_fetch_resumes(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
+    mirror_server.plan(asset, f"slow:{size / 10}")
+    proc = subprocess.Popen(_fetch_cmd(mirror_server.url), stderr=subprocess.DEVNULL)
+    downloads = _isolated_cache / "downloads"
+
+    def partial_size() -> int:
+        parts = list(downloads.glob("*.part")) if downloads.is_dir() else []
+        return parts[0].stat().st_size if parts else 0
+
+    _wait_for(lambda: partial_size() > size // 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = partial_size()
+    assert 0 < kept < size
+    fetch(base_url=mirror_server.url, quiet=True)
+    resumed = mirror_server.requests_for(asset)[-1]
+    assert resumed.headers["Range"] == f"bytes={kept}-" and resumed.sent == size - kept
+    assert [r.ok for r in cache.verify()] == [True]
+    assert _leftovers(_isolated_cache) == []
 
 
 def test_killed_mid_install_then_next_fetch_recovers(
