@@ -450,7 +450,6 @@ def _detect_base() -> Platform:
     )
 
 
-@functools.cache
 def detect(*, gpu: bool = True) -> Platform:
     """Describe this process: os, arch, libc, macOS version, GPU runtimes and warnings.
 
@@ -464,6 +463,11 @@ def detect(*, gpu: bool = True) -> Platform:
     Returns:
         The :class:`Platform`.
     """
+    return _detect(bool(gpu))
+
+
+@functools.cache
+def _detect(gpu: bool) -> Platform:
     base = _detect_base()
     if not gpu or base.os not in ("linux", "windows", "macos"):
         return base

@@ -410,6 +410,28 @@ def test_unknown_requirement_is_refused_not_ignored(manifest: Manifest) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("spec", "have", "ok"),
+    [
+        (">=12.4", "12.4", True),
+        (">=12.4", "12.10", True),  # numbers, not strings
+        (">=12.4", "12.3", False),
+        (">12.4", "12.4", False),
+        ("==12", "12.0", True),
+        ("<13", "12.9", True),
+        ("<=12.4", "13.0", False),
+        ("12.4", "12.6", True),  # a bare version is a minimum
+    ],
+)
+def test_cuda_requirement_specs(spec: str, have: str, ok: bool) -> None:
+    data = _six_targets()
+    data["artifacts"][2]["requires"] = {"cuda_driver": spec}
+    m = Manifest.from_json(data, pinned=False, source="m")
+    p = Platform("linux", "x86_64", "glibc", "2.36", cuda_driver=have)
+    c = choose(m, p, "cuda")
+    assert (c.artifact is not None) is ok, _reasons(c).get("linux-x86_64-cuda")
+
+
 def test_artifact_key_and_dict() -> None:
     a = Artifact("n.tar.gz", "linux", "arm64", "vulkan", "n.tar.gz", 5, "a" * 64)
     assert a.key == "linux-arm64-vulkan"

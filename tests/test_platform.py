@@ -62,7 +62,7 @@ def test_detect_without_gpu_probes_nothing_and_is_cached() -> None:
     assert (p.os, p.arch) == target()
     assert p.cuda_driver is None and p.vulkan is False
     assert detect(gpu=False) is p
-    assert detect() is detect()
+    assert detect() is detect() is detect(gpu=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc/musl are Linux libcs")
