@@ -183,8 +183,8 @@ class Manifest:
         commit = _string(data, "llama_commit", errors)
         if commit is not None and not _COMMIT.fullmatch(commit):
             errors.append(f"llama_commit must be a lowercase hex commit hash, got {commit!r}")
-        build = data.get("llama_build", "missing")
-        if build == "missing":
+        build = data.get("llama_build")
+        if "llama_build" not in data:
             errors.append("llama_build is missing (use null when unknown)")
         elif build is not None and (not isinstance(build, int) or isinstance(build, bool)):
             errors.append(f"llama_build must be an integer or null, got {build!r}")
@@ -216,7 +216,12 @@ class Manifest:
                 names.setdefault(art.name, i)
                 artifacts.append(art)
         if errors:
-            msg = f"manifest {source} is invalid:\n  " + "\n  ".join(errors)
+            msg = (
+                f"manifest {source} is invalid:\n  "
+                + "\n  ".join(errors)
+                + "\nwrite it with `nexabind build --out DIR` (or build_scripts/make_manifest.py),"
+                " or point --base-url / NEXABIND_BASE_URL at a mirror with a valid one"
+            )
             raise ManifestError(msg)
         return cls(
             release=str(release),

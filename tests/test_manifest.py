@@ -201,6 +201,7 @@ def test_every_error_is_reported_at_once() -> None:
     assert "artifacts[0] (linux-x86_64-cpu).size" in text
     assert "artifacts[1] (linux-x86_64-vulkan).sha256" in text
     assert "abi_fingerprint must be a non-empty string" in text
+    assert text.splitlines()[-1].startswith("write it with `nexabind build --out DIR`")
 
 
 def test_duplicates_and_schema_and_json_errors() -> None:
