@@ -8,9 +8,13 @@ decode; reading a stale view through :meth:`Context.logits` raises.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nexabind import loader
 from nexabind._ffi import ffi
@@ -24,7 +28,7 @@ from nexabind.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     import numpy as np
 
@@ -33,9 +37,12 @@ __all__ = [
     "Context",
     "Model",
     "Sampler",
+    "SamplerChain",
+    "TokenSteps",
     "chat_template_apply",
     "devices",
     "lib",
+    "set_verbose",
     "system_info",
     "time_us",
     "version",
@@ -49,6 +56,30 @@ def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
         lib_path: Library folder for the first load; see :func:`nexabind.loader.library_dir`.
     """
     return loader.load(lib_path)
+
+
+_native_log = logging.getLogger("nexabind.llama")
+_verbose_handler: logging.Handler | None = None
+
+
+def set_verbose(verbose: bool = True) -> None:
+    """Let llama.cpp's INFO and DEBUG log lines through (the ``nexabind.llama`` logger).
+
+    llama.cpp logs through one process-wide callback, so this is process-wide: the logger's
+    level goes to DEBUG. When the application has configured no logging at all, the lines go
+    to stderr, as llama.cpp prints them. ``set_verbose(False)`` undoes both.
+    """
+    global _verbose_handler
+    if not verbose:
+        _native_log.setLevel(logging.NOTSET)
+        if _verbose_handler is not None:
+            _native_log.removeHandler(_verbose_handler)
+            _verbose_handler = None
+        return
+    _native_log.setLevel(logging.DEBUG)
+    if _verbose_handler is None and not logging.getLogger().handlers:
+        _verbose_handler = logging.StreamHandler(sys.stderr)
+        _native_log.addHandler(_verbose_handler)
 
 
 def system_info() -> str:
@@ -117,6 +148,24 @@ def devices() -> list[dict[str, str]]:
     return out
 
 
+_FLASH_ATTN = {
+    "auto": ffi.integer_const("LLAMA_FLASH_ATTN_TYPE_AUTO"),
+    "disabled": ffi.integer_const("LLAMA_FLASH_ATTN_TYPE_DISABLED"),
+    "enabled": ffi.integer_const("LLAMA_FLASH_ATTN_TYPE_ENABLED"),
+}
+
+
+def _flash_attn_name(value: bool | str | None) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "enabled" if value else "disabled"
+    if value in _FLASH_ATTN:
+        return value
+    msg = f"flash_attn={value!r} is invalid; use True, False, None or one of {sorted(_FLASH_ATTN)}"
+    raise ValueError(msg)
+
+
 class Model:
     """A loaded GGUF model (weights and vocabulary).
 
@@ -125,6 +174,8 @@ class Model:
         n_gpu_layers: Layers to offload to a GPU device (0: CPU only).
         vocab_only: Load only the vocabulary.
         use_mmap: Map the file instead of reading it.
+        use_mlock: Lock the weights in RAM (no swapping); llama.cpp warns when the system's
+            locked-memory limit is too low.
         progress: Called with the load progress in [0, 1]; return False to abort the load.
 
     Raises:
@@ -138,6 +189,7 @@ class Model:
         n_gpu_layers: int = 0,
         vocab_only: bool = False,
         use_mmap: bool = True,
+        use_mlock: bool = False,
         progress: Callable[[float], bool | None] | None = None,
     ) -> None:
         self._lib = L = lib()
@@ -148,7 +200,9 @@ class Model:
         params = L.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
-        if not use_mmap:
+        if use_mlock:
+            params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else L.LLAMA_LOAD_MODE_MLOCK
+        elif not use_mmap:
             params.load_mode = L.LLAMA_LOAD_MODE_NONE
         cb = None
         if progress is not None:
@@ -208,6 +262,10 @@ class Model:
             msg = f"model {self.path} is closed; load it again"
             raise ModelLoadError(msg)
         return self._ptr
+
+    def _checked_vocab(self) -> Any:
+        self._check()
+        return self._vocab
 
     @property
     def description(self) -> str:
@@ -455,6 +513,19 @@ class Batch:
         b.n_tokens = 1
 
 
+class TokenSteps(NamedTuple):
+    """The per-token calls of a generation loop, from :meth:`Context.token_steps`."""
+
+    sample: Callable[[], int]
+    """Sample (and accept) the next token from the last decode."""
+    is_eog: Callable[[int], bool]
+    """Whether a token ends generation."""
+    piece: Callable[[int], bytes]
+    """The bytes of a token."""
+    feed: Callable[[int, int], None]
+    """Decode one token at a position (same errors as :meth:`Context.decode`)."""
+
+
 class CancelFlag:
     """A thread-safe enough boolean (one attribute store) that a decode polls."""
 
@@ -489,12 +560,21 @@ class Context:
         model: The model; the context keeps it alive.
         n_ctx: Context length in tokens (0: the model's training length).
         n_batch: Maximum tokens per decode call.
-        n_threads: CPU threads (None: llama.cpp's default).
+        n_ubatch: Tokens per compute step inside a decode (None: ``n_batch``, at most 512);
+            llama.cpp caps it at ``n_batch``.
+        n_threads: CPU threads for one-token decodes (None: llama.cpp's default).
+        n_threads_batch: CPU threads for multi-token batches (None: as ``n_threads``).
         embeddings: Compute embeddings instead of (only) logits.
         pooling: llama.cpp pooling type value for embeddings (None: the model's).
         n_seq_max: Sequences the context (and its :attr:`batch`) can hold at once.
+        flash_attn: Use flash attention: True, False, or None to let llama.cpp decide per
+            device (``"enabled"``, ``"disabled"`` and ``"auto"`` are accepted too).
+        kv_unified: One KV buffer shared by all sequences, so any sequence may use the whole
+            context (None: llama.cpp's default); without it each of the ``n_seq_max``
+            sequences gets ``n_ctx / n_seq_max`` cells (see :attr:`n_ctx_seq`).
 
     Raises:
+        ValueError: ``n_ubatch``, a thread count or ``flash_attn`` is invalid.
         ContextError: The model is closed or llama.cpp could not create the context.
     """
 
@@ -504,10 +584,14 @@ class Context:
         *,
         n_ctx: int = 512,
         n_batch: int = 512,
+        n_ubatch: int | None = None,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         embeddings: bool = False,
         pooling: int | None = None,
         n_seq_max: int = 1,
+        flash_attn: bool | str | None = None,
+        kv_unified: bool | None = None,
     ) -> None:
         self._lib = L = lib()
         if model.closed:
@@ -517,10 +601,25 @@ class Context:
         p = L.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = n_batch
-        p.n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
+        if n_ubatch is None:
+            p.n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
+        elif n_ubatch < 1:
+            msg = f"n_ubatch={n_ubatch} is invalid; use a positive number (at most n_batch)"
+            raise ValueError(msg)
+        else:
+            p.n_ubatch = n_ubatch
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and value < 1:
+                msg = f"{name}={value} is invalid; use a positive number of threads or None"
+                raise ValueError(msg)
         if n_threads is not None:
             p.n_threads = n_threads
-            p.n_threads_batch = n_threads
+        if n_threads_batch is not None or n_threads is not None:
+            p.n_threads_batch = n_threads_batch or n_threads
+        self.flash_attn = _flash_attn_name(flash_attn)
+        p.flash_attn_type = _FLASH_ATTN[self.flash_attn]
+        if kv_unified is not None:
+            p.kv_unified = kv_unified
         p.embeddings = embeddings
         p.n_seq_max = n_seq_max
         if pooling is not None:
@@ -549,6 +648,10 @@ class Context:
         model._users += 1
         self.n_ctx = L.llama_n_ctx(ptr)
         self.n_batch = L.llama_n_batch(ptr)
+        self.n_ubatch = L.llama_n_ubatch(ptr)
+        """Tokens per compute step, as llama.cpp settled it."""
+        self.n_ctx_seq = L.llama_n_ctx_seq(ptr)
+        """KV cells one sequence can use (``n_ctx`` with a unified KV cache)."""
         self.n_vocab = model.n_vocab
         self.batch = Batch(self.n_batch, n_seq_max)
         self.generation = 0
@@ -580,6 +683,30 @@ class Context:
             raise ContextError(msg)
         return self._ptr
 
+    @property
+    def n_threads(self) -> int:
+        """Threads llama.cpp uses for one-token decodes."""
+        return self._lib.llama_n_threads(self._check())
+
+    @property
+    def n_threads_batch(self) -> int:
+        """Threads llama.cpp uses for multi-token batches."""
+        return self._lib.llama_n_threads_batch(self._check())
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Change the thread counts (``n_threads_batch`` None: as ``n_threads``).
+
+        Raises:
+            ValueError: A count is below 1.
+        """
+        n_batch = n_threads if n_threads_batch is None else n_threads_batch
+        if n_threads < 1 or n_batch < 1:
+            msg = (
+                f"thread counts must be >= 1, got n_threads={n_threads}, n_threads_batch={n_batch}"
+            )
+            raise ValueError(msg)
+        self._lib.llama_set_n_threads(self._check(), n_threads, n_batch)
+
     def cancel(self) -> None:
         """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
         self._cancel.on = True
@@ -602,6 +729,68 @@ class Context:
         ptr = self._check()
         if self._abort_on:
             self._set_abort(ptr, False)
+
+    def token_steps(self, sampler: SamplerChain) -> TokenSteps:
+        """Bind the calls of a one-token-at-a-time generation loop once, for the hot path.
+
+        The returned callables look nothing up per token: ``sample()`` samples (and accepts)
+        the next token from the last decode's logits with ``sampler``; ``is_eog(token)`` says
+        whether it ends generation; ``piece(token)`` returns its bytes (possibly a partial
+        UTF-8 character); ``feed(token, pos)`` decodes it at ``pos`` of sequence 0 through
+        :attr:`batch`, whose header this call sets to one token (call again after using the
+        batch for anything else). The abort callback is turned off as for
+        :meth:`prepare_single_token`: ``feed`` checks for :meth:`cancel` before each decode.
+
+        Args:
+            sampler: The chain ``sample`` uses; keep it open while the steps are used.
+
+        Returns:
+            A :class:`TokenSteps` of the four callables.
+
+        Raises:
+            ContextError: The context or the sampler is closed (also from ``sample`` and
+                ``feed`` when that happens later).
+        """
+        ptr = self._check()
+        chain = sampler._check()
+        model = self.model
+        vocab = model._checked_vocab()
+        L = self._lib
+        self.prepare_single_token()
+        b = self.batch.b
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = 0
+        b.logits[0] = True
+        b.n_tokens = 1
+        btok, bpos = b.token, b.pos
+        sample_c, decode, to_piece = L.llama_sampler_sample, L.llama_decode, L.llama_token_to_piece
+        unpack = ffi.unpack
+        buf = ffi.new("char[]", 256)
+        flag = self._cancel
+
+        def sample() -> int:
+            if self._ptr is None or sampler._ptr is None:
+                self._check()
+                sampler._check()
+            return sample_c(chain, ptr, -1)
+
+        def piece(token: int) -> bytes:
+            n = to_piece(vocab, token, buf, 256, 0, False)
+            return unpack(buf, n) if n >= 0 else model.token_to_piece(token)
+
+        def feed(token: int, pos: int) -> None:
+            if self._ptr is None:
+                self._check()
+            if flag.on:
+                self._raise_decode(2)
+            btok[0] = token
+            bpos[0] = pos
+            self.generation += 1
+            rc = decode(ptr, b)
+            if rc:
+                self._raise_decode(rc)
+
+        return TokenSteps(sample, functools.partial(L.llama_vocab_is_eog, vocab), piece, feed)
 
     def decode(self, batch: Batch | None = None) -> None:
         """Run the model on a batch (default: this context's own :attr:`batch`).
@@ -671,6 +860,11 @@ class Context:
         """Copy positions ``[p0, p1)`` of sequence ``src`` to ``dst``."""
         L = self._lib
         L.llama_memory_seq_cp(L.llama_get_memory(self._check()), src, dst, p0, p1)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        """Shift positions ``[p0, p1)`` of a sequence by ``delta`` (-1 ends: open)."""
+        L = self._lib
+        L.llama_memory_seq_add(L.llama_get_memory(self._check()), seq_id, p0, p1, delta)
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but ``seq_id``."""
@@ -769,8 +963,151 @@ class LogitsView:
         return self._arr
 
 
-class Sampler:
-    """A llama.cpp sampler chain.
+class SamplerChain:
+    """A llama.cpp sampler chain, built step by step in the order the samplers are added.
+
+    Each ``add_*`` method appends one llama.cpp sampler (the chain owns it) and returns the
+    chain, so calls can be chained. A chain is not thread-safe; use one per generation.
+
+    Example:
+        >>> chain = SamplerChain().add_top_k(40).add_temp(0.8).add_dist(1234)
+        >>> token = chain.sample(ctx)  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._lib = L = lib()
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._ptr = ffi.gc(chain, L.llama_sampler_free)
+        self._add = L.llama_sampler_chain_add
+        self._sample = L.llama_sampler_sample
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the chain and its samplers; safe to call more than once."""
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> SamplerChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> Any:
+        if self._ptr is None:
+            msg = "the sampler chain is closed; build a new one"
+            raise ContextError(msg)
+        return self._ptr
+
+    def _append(self, sampler: Any) -> SamplerChain:
+        self._add(self._check(), sampler)
+        return self
+
+    def add_logit_bias(self, n_vocab: int, bias: dict[int, float]) -> SamplerChain:
+        """Add ``bias[token]`` to the logit of each token.
+
+        Raises:
+            ValueError: A token is outside ``0..n_vocab-1``.
+        """
+        items = list(bias.items())
+        arr = ffi.new("llama_logit_bias[]", max(1, len(items)))
+        for i, (tok, value) in enumerate(items):
+            tok = int(tok)
+            if not 0 <= tok < n_vocab:
+                msg = f"logit_bias token {tok} is outside the vocabulary (0..{n_vocab - 1})"
+                raise ValueError(msg)
+            arr[i].token = tok
+            arr[i].bias = float(value)
+        return self._append(self._lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
+
+    def add_penalties(
+        self, n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float
+    ) -> SamplerChain:
+        """Penalize tokens seen in the last ``last_n`` accepted tokens.
+
+        Args:
+            n_vocab: Vocabulary size of the model.
+            last_n: Window of accepted tokens the penalties look at (0: off).
+            repeat: Divide positive logits (multiply negative ones) by this (1.0: off).
+            frequency: Subtract this times the token's count in the window (0.0: off).
+            presence: Subtract this once if the token is in the window (0.0: off).
+        """
+        return self._append(
+            self._lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence)
+        )
+
+    def add_grammar(self, model: Model, grammar: str, root: str = "root") -> SamplerChain:
+        """Constrain the output to a GBNF grammar.
+
+        Raises:
+            ValueError: The grammar does not parse or has no ``root`` rule (llama.cpp's log
+                says where).
+        """
+        g = self._lib.llama_sampler_init_grammar(
+            model._checked_vocab(), grammar.encode(), root.encode()
+        )
+        if g == ffi.NULL:
+            msg = (
+                f"the GBNF grammar does not parse (it needs a {root!r} rule); check its syntax "
+                "(enable logging.getLogger('nexabind.llama') for the parser's message)"
+            )
+            raise ValueError(msg)
+        return self._append(g)
+
+    def add_top_k(self, k: int) -> SamplerChain:
+        """Keep the ``k`` most likely tokens."""
+        return self._append(self._lib.llama_sampler_init_top_k(k))
+
+    def add_top_p(self, p: float, min_keep: int = 1) -> SamplerChain:
+        """Keep the most likely tokens whose probabilities add up to ``p`` (nucleus)."""
+        return self._append(self._lib.llama_sampler_init_top_p(p, min_keep))
+
+    def add_min_p(self, p: float, min_keep: int = 1) -> SamplerChain:
+        """Drop tokens less likely than ``p`` times the most likely one."""
+        return self._append(self._lib.llama_sampler_init_min_p(p, min_keep))
+
+    def add_typical(self, p: float, min_keep: int = 1) -> SamplerChain:
+        """Locally typical sampling with mass ``p``."""
+        return self._append(self._lib.llama_sampler_init_typical(p, min_keep))
+
+    def add_temp(self, t: float) -> SamplerChain:
+        """Divide the logits by the temperature ``t``."""
+        return self._append(self._lib.llama_sampler_init_temp(t))
+
+    def add_dist(self, seed: int = 0xFFFFFFFF) -> SamplerChain:
+        """Draw the token at random from what is left (the default seed is random)."""
+        return self._append(self._lib.llama_sampler_init_dist(seed))
+
+    def add_greedy(self) -> SamplerChain:
+        """Pick the most likely token."""
+        return self._append(self._lib.llama_sampler_init_greedy())
+
+    def __len__(self) -> int:
+        return self._lib.llama_sampler_chain_n(self._check())
+
+    def reset(self) -> None:
+        """Reset the chain's state (penalty window, grammar position, RNG)."""
+        self._lib.llama_sampler_reset(self._check())
+
+    def accept(self, token: int) -> None:
+        """Tell the chain that ``token`` was emitted without :meth:`sample` (e.g. a prompt).
+
+        Penalties and grammars advance on accepted tokens.
+        """
+        self._lib.llama_sampler_accept(self._check(), token)
+
+    def sample(self, ctx: Context, i: int = -1) -> int:
+        """Sample (and accept) the next token from output ``i`` of the last decode."""
+        return self._sample(self._check(), ctx._check(), i)
+
+
+class Sampler(SamplerChain):
+    """A sampler chain from the usual settings.
 
     Args:
         greedy: Pick the most likely token (ignores the other settings).
@@ -788,36 +1125,15 @@ class Sampler:
         min_p: float = 0.05,
         seed: int = 0xFFFFFFFF,
     ) -> None:
-        self._lib = L = lib()
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        self._ptr = ffi.gc(chain, L.llama_sampler_free)
-        add = L.llama_sampler_chain_add
+        super().__init__()
         if greedy:
-            add(chain, L.llama_sampler_init_greedy())
-        else:
-            if top_k > 0:
-                add(chain, L.llama_sampler_init_top_k(top_k))
-            if top_p < 1.0:
-                add(chain, L.llama_sampler_init_top_p(top_p, 1))
-            if min_p > 0.0:
-                add(chain, L.llama_sampler_init_min_p(min_p, 1))
-            add(chain, L.llama_sampler_init_temp(temperature))
-            add(chain, L.llama_sampler_init_dist(seed))
-        self._sample = L.llama_sampler_sample
-
-    def sample(self, ctx: Context, i: int = -1) -> int:
-        """Sample (and accept) the next token from output ``i`` of the last decode."""
-        if self._ptr is None:
-            msg = "sampler is closed"
-            raise ContextError(msg)
-        return self._sample(self._ptr, ctx._check(), i)
-
-    def reset(self) -> None:
-        """Reset the chain's state (penalties, grammar, RNG history)."""
-        self._lib.llama_sampler_reset(self._ptr)
-
-    def close(self) -> None:
-        """Free the chain; safe to call more than once."""
-        if self._ptr is not None:
-            ffi.release(self._ptr)
-            self._ptr = None
+            self.add_greedy()
+            return
+        if top_k > 0:
+            self.add_top_k(top_k)
+        if top_p < 1.0:
+            self.add_top_p(top_p)
+        if min_p > 0.0:
+            self.add_min_p(min_p)
+        self.add_temp(temperature)
+        self.add_dist(seed)

@@ -315,3 +315,171 @@ def test_cancel_flag_is_public(ll, model) -> None:
         with pytest.raises(DecodeCancelled):
             ctx.decode()
         assert not ctx.cancelled  # consumed by the decode that reported it
+
+
+# -- sampler chain, context parameters, per-token steps ---------------------------------------
+
+
+@pytest.fixture
+def native_log(caplog: pytest.LogCaptureFixture):
+    """llama.cpp's INFO lines captured; the logger's level is put back afterwards."""
+    import logging
+
+    logger = logging.getLogger("nexabind.llama")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield caplog
+    logger.setLevel(old)
+
+
+def native_lines(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "nexabind.llama")
+
+
+def test_sampler_chain_builder(ll, model) -> None:
+    with ll.Context(model, n_ctx=128, n_threads=1) as ctx:
+        ctx.batch.set(model.tokenize("Hello"), 0)
+        ctx.decode()
+        logits = ctx.logits().copy()
+        greedy = ll.SamplerChain().add_greedy()
+        assert len(greedy) == 1
+        assert greedy.sample(ctx) == int(np.argmax(logits))
+        # A bias on the least likely token makes it the greedy pick.
+        low = int(np.argmin(logits))
+        with ll.SamplerChain().add_logit_bias(model.n_vocab, {low: 1e6}).add_greedy() as ch:
+            assert len(ch) == 2
+            assert ch.sample(ctx) == low
+        # top_k=1 leaves only the most likely token, whatever the seed.
+        chain = (
+            ll.SamplerChain()
+            .add_penalties(model.n_vocab, 64, 1.0, 0.0, 0.0)
+            .add_top_k(1)
+            .add_typical(1.0)
+            .add_top_p(0.9)
+            .add_min_p(0.05)
+            .add_temp(0.7)
+            .add_dist(7)
+        )
+        assert len(chain) == 7
+        assert chain.sample(ctx) == int(np.argmax(logits))
+        chain.accept(3)
+        chain.reset()
+        chain.close()
+        chain.close()
+        assert chain.closed
+        with pytest.raises(ContextError, match="sampler chain is closed"):
+            chain.sample(ctx)
+        with pytest.raises(ContextError, match="closed"):
+            chain.add_greedy()
+        greedy.close()
+
+
+def test_sampler_chain_errors(ll, model) -> None:
+    chain = ll.SamplerChain()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        chain.add_logit_bias(model.n_vocab, {model.n_vocab: 1.0})
+    with pytest.raises(ValueError, match="GBNF grammar does not parse.*'root' rule"):
+        chain.add_grammar(model, "root ::= (")
+    with pytest.raises(ValueError, match="'start' rule"):
+        chain.add_grammar(model, 'root ::= "a"', root="start")
+    assert len(chain) == 0
+    chain.add_grammar(model, 'root ::= "a"')
+    assert len(chain) == 1
+    chain.close()
+
+
+def test_context_parameters_reach_llama_cpp(ll, model) -> None:
+    with ll.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, n_threads=1, n_threads_batch=2) as c:
+        assert c.n_ubatch == 16
+        assert (c.n_threads, c.n_threads_batch) == (1, 2)
+        c.set_threads(2, 1)
+        assert (c.n_threads, c.n_threads_batch) == (2, 1)
+        c.set_threads(1)
+        assert (c.n_threads, c.n_threads_batch) == (1, 1)
+        with pytest.raises(ValueError, match="thread counts must be >= 1"):
+            c.set_threads(0)
+    with ll.Context(model, n_ctx=256, n_batch=64, n_threads=3) as c:
+        assert c.n_ubatch == 64
+        assert (c.n_threads, c.n_threads_batch) == (3, 3)
+    for kwargs, fragment in [
+        ({"n_ubatch": 0}, "n_ubatch=0"),
+        ({"n_threads": 0}, "n_threads=0"),
+        ({"n_threads_batch": -2}, "n_threads_batch=-2"),
+        ({"flash_attn": "sometimes"}, "flash_attn='sometimes' is invalid"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            ll.Context(model, n_ctx=64, **kwargs)
+
+
+def test_kv_unified_gives_each_sequence_the_whole_context(ll, model) -> None:
+    # (llama.cpp pads a sequence's share to a multiple of 256 cells.)
+    with ll.Context(model, n_ctx=1024, n_seq_max=4, kv_unified=False) as c:
+        assert c.n_ctx_seq == 256
+    with ll.Context(model, n_ctx=1024, n_seq_max=4, kv_unified=True) as c:
+        assert c.n_ctx_seq == 1024
+
+
+@pytest.mark.parametrize(
+    ("value", "name"), [(True, "enabled"), (False, "disabled"), (None, "auto")]
+)
+def test_flash_attn_setting_reaches_llama_cpp(ll, model, native_log, value, name) -> None:
+    with ll.Context(model, n_ctx=64, flash_attn=value) as c:
+        assert c.flash_attn == name
+    assert f"flash_attn            = {name}" in native_lines(native_log)
+
+
+def test_flash_attn_changes_the_computation(ll, model) -> None:
+    def logits(flash: bool) -> np.ndarray:
+        with ll.Context(model, n_ctx=128, n_threads=1, flash_attn=flash) as c:
+            c.batch.set(model.tokenize("Hello world, hello world"), 0)
+            c.decode()
+            return c.logits().copy()
+
+    on, off = logits(True), logits(False)
+    # Same math, another kernel: close, but not bit for bit.
+    np.testing.assert_allclose(on, off, rtol=1e-3, atol=1e-3)
+    assert not np.array_equal(on, off)
+
+
+def test_use_mlock_reaches_llama_cpp(ll, tiny: Path, native_log) -> None:
+    with ll.Model(tiny, use_mlock=True):
+        pass
+    with ll.Model(tiny, use_mlock=True, use_mmap=False):
+        pass
+    with ll.Model(tiny, use_mmap=False):
+        pass
+    lines = native_lines(native_log)
+    assert "load_mode = mmap+mlock" in lines
+    assert "load_mode = mlock" in lines
+    assert "load_mode = none" in lines
+
+
+def test_token_steps_match_the_decode_loop(ll, model) -> None:
+    with ll.Context(model, n_ctx=256, n_threads=1) as ctx:
+        expected = _generate(ll, ctx, 30)
+        ctx.clear()
+        prompt = model.tokenize("Hello")
+        ctx.batch.set(prompt, 0)
+        ctx.decode()
+        sampler = ll.Sampler(greedy=True)
+        sample, is_eog, piece, feed = ctx.token_steps(sampler)
+        got, pos, gen = [], len(prompt), ctx.generation
+        for _ in range(30):
+            tok = sample()
+            got.append(tok)
+            assert piece(tok) == model.token_to_piece(tok)
+            assert is_eog(tok) == model.is_eog(tok)
+            feed(tok, pos)
+            pos += 1
+        assert got == expected
+        assert ctx.generation == gen + 30  # stale logits views stay detectable
+        assert is_eog(model.eos)
+        ctx.cancel()
+        with pytest.raises(DecodeCancelled):
+            feed(got[-1], pos)
+        assert not ctx.cancelled
+        sampler.close()
+        with pytest.raises(ContextError, match="closed"):
+            sample()
+    with pytest.raises(ContextError, match="closed"):
+        feed(got[-1], pos)
