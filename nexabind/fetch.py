@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
@@ -126,24 +127,37 @@ def _check_common(
     return rel
 
 
-def _check_tar(tar: tarfile.TarFile, archive: Path, max_member: int, max_total: int) -> None:
+def _check_tar_member(
+    m: tarfile.TarInfo, seen: _Checked, archive: Path, max_member: int, max_total: int
+) -> None:
+    rel = _check_common(m.name, seen, archive, m.size, max_member, max_total)
+    if m.issym():
+        if not _inside(rel, m.linkname):
+            msg = (
+                f"{archive}: symbolic link {m.name!r} -> {m.linkname!r} points outside the "
+                "folder; not installed"
+            )
+            raise UnsafeArchiveError(msg)
+        seen.links.add(rel)
+    elif m.islnk():
+        msg = f"{archive}: member {m.name!r} is a hard link; not installed"
+        raise UnsafeArchiveError(msg)
+    elif not (m.isfile() or m.isdir()):
+        msg = f"{archive}: member {m.name!r} is a device or special file; not installed"
+        raise UnsafeArchiveError(msg)
+
+
+def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> None:
+    """One streaming pass (the archive is decompressed once): check each member, then write it."""
     seen = _Checked(set(), set())
-    for m in tar.getmembers():
-        rel = _check_common(m.name, seen, archive, m.size, max_member, max_total)
-        if m.issym():
-            if not _inside(rel, m.linkname):
-                msg = (
-                    f"{archive}: symbolic link {m.name!r} -> {m.linkname!r} points outside the "
-                    "folder; not installed"
-                )
-                raise UnsafeArchiveError(msg)
-            seen.links.add(rel)
-        elif m.islnk():
-            msg = f"{archive}: member {m.name!r} is a hard link; not installed"
-            raise UnsafeArchiveError(msg)
-        elif not (m.isfile() or m.isdir()):
-            msg = f"{archive}: member {m.name!r} is a device or special file; not installed"
-            raise UnsafeArchiveError(msg)
+    with tarfile.open(archive, mode="r|*") as tar:
+        tar.copybufsize = 1 << 20
+        for m in tar:
+            _check_tar_member(m, seen, archive, max_member, max_total)
+            if hasattr(tarfile, "data_filter"):
+                tar.extract(m, dest, filter="data")
+            else:  # Python without the filter backport: the checks above are the guard
+                tar.extract(m, dest)  # noqa: S202
 
 
 def _check_zip(z: zipfile.ZipFile, archive: Path, max_member: int, max_total: int) -> None:
@@ -201,10 +215,12 @@ def safe_extract(
 ) -> None:
     """Extract a ``.tar.gz`` or ``.zip`` into ``dest``, refusing anything that could escape it.
 
-    Every member is checked before anything is written: absolute paths, ``..``, symbolic links
-    leaving the folder (or members beneath a link), hard links, devices and FIFOs, duplicate
-    names and oversize members are refused. Tar archives are then extracted with the ``data``
-    filter as a second layer; zip members are written one by one, capped at their stated size.
+    Each member is checked before it is written, so nothing lands outside ``dest``: absolute
+    paths, ``..``, symbolic links leaving the folder (or members beneath a link), hard links,
+    devices and FIFOs, duplicate names and oversize members are refused. Tar archives are read
+    in one streaming pass and written with the ``data`` filter as a second layer; zip members
+    are written one by one, capped at their stated size. On refusal, a ``dest`` created here is
+    removed again.
 
     Args:
         archive: The archive file.
@@ -213,30 +229,31 @@ def safe_extract(
         max_total: Largest total unpacked size in bytes.
 
     Raises:
-        UnsafeArchiveError: A member is unsafe; nothing was extracted.
+        UnsafeArchiveError: A member is unsafe.
         DownloadError: The file is not a readable archive.
     """
     archive, dest = Path(archive), Path(dest)
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as z:
-                _check_zip(z, archive, max_member, max_total)
-                _extract_zip(z, dest, archive)
-        else:
-            with tarfile.open(archive) as tar:
-                _check_tar(tar, archive, max_member, max_total)
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(dest, filter="data")
-                else:  # Python without the filter backport: the checks above are the guard
-                    tar.extractall(dest)  # noqa: S202
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        if isinstance(e, tarfile.FilterError):
-            msg = f"{archive}: {e}; not installed"
-            raise UnsafeArchiveError(msg) from e
-        msg = f"{archive} is not a readable artifact archive ({e}); fetch it again"
-        raise DownloadError(msg) from e
-    _check_extracted(dest, archive)
+        try:
+            if zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as z:
+                    _check_zip(z, archive, max_member, max_total)
+                    _extract_zip(z, dest, archive)
+            else:
+                _extract_tar(archive, dest, max_member, max_total)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+            if isinstance(e, tarfile.FilterError):
+                msg = f"{archive}: {e}; not installed"
+                raise UnsafeArchiveError(msg) from e
+            msg = f"{archive} is not a readable artifact archive ({e}); fetch it again"
+            raise DownloadError(msg) from e
+        _check_extracted(dest, archive)
+    except DownloadError:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 # --- install -------------------------------------------------------------------------------------
@@ -260,22 +277,52 @@ def _check_tree(tree: Path, name: str) -> None:
         raise DownloadError(msg + "; nothing installed")
 
 
-def _smoke_test(lib: Path, name: str) -> None:
-    """Load the staged libraries in a child process: a broken build crashes the child only."""
+# The child imports the binding first and then waits for the folder on stdin, so its start-up
+# overlaps the extraction; then it does what ``python -m nexabind.loader FOLDER`` does.
+_SMOKE = (
+    "import sys\n"
+    "from nexabind import _ffi, loader\n"
+    "folder = sys.stdin.readline().rstrip('\\n')\n"
+    "sys.exit(loader._main([folder]) if folder else 2)\n"
+)
+
+
+def _smoke_start() -> subprocess.Popen[str]:
+    """Start the child that will load the staged libraries (see :func:`_smoke_load`)."""
     env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
-    cmd = [sys.executable, "-m", "nexabind.loader", str(lib)]
+    return subprocess.Popen(
+        [sys.executable, "-c", _SMOKE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def _smoke_load(proc: subprocess.Popen[str], lib: Path) -> None:
+    """Hand the staged ``lib`` folder to the child: a broken build crashes the child only."""
+    assert proc.stdin is not None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        proc.stdin.write(f"{lib}\n")
+        proc.stdin.flush()  # not closed: communicate() in _smoke_finish closes it
+    except OSError:
+        pass  # the child died already; _smoke_finish reports how
+
+
+def _smoke_finish(proc: subprocess.Popen[str], name: str) -> None:
+    """Wait for :func:`_smoke_start`'s child; raise saying why it failed."""
+    try:
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
         msg = f"loading artifact {name} in a test process did not finish in 300 s; not installed"
         raise LibraryNotFoundError(msg) from e
-    if r.returncode == 0:
+    if proc.returncode == 0:
         return
     try:
-        error = json.loads(r.stdout.strip().splitlines()[-1])["error"]
+        error = json.loads(out.strip().splitlines()[-1])["error"]
     except (ValueError, IndexError, KeyError, TypeError):
-        how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
-        error = f"the test process ended with {how}: {r.stderr.strip()[-500:]}"
+        code = proc.returncode
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        error = f"the test process ended with {how}: {err.strip()[-500:]}"
     msg = f"artifact {name} does not load on this machine; not installed: {error}"
     raise (AbiMismatchError if error.startswith("ABI mismatch") else LibraryNotFoundError)(msg)
 
@@ -303,18 +350,23 @@ def _install_locked(
     cache.remove_stale(root, release, key, keep=archive)
     staging = root / "tmp" / f"{release}{cache.SEP}{key}{cache.SEP}{uuid.uuid4().hex[:12]}"
     tree = staging / "entry"
+    smoke = _smoke_start()
     try:
         safe_extract(archive, tree)
         _check_tree(tree, name)
-        _smoke_test(tree / "lib", name)
+        _smoke_load(smoke, tree / "lib")
         info = {"release": release, "key": key, "artifact": name, "sha256": digest}
         cache.write_record(tree, {**info, "source": source})
+        _smoke_finish(smoke, name)
         dest = cache.entry_dir(release, key, root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             os.replace(dest, staging / "previous")
         os.replace(tree, dest)
     finally:
+        if smoke.poll() is None:
+            smoke.kill()
+            smoke.communicate()
         shutil.rmtree(staging, ignore_errors=True)
     return dest / "lib"
 
@@ -489,6 +541,26 @@ def _copy_local(src: Path, part: _Partial, hasher: Any, bar: Any) -> None:
         raise DownloadError(msg) from e
 
 
+class _NoBar:
+    """Stands in for a tqdm bar when none is shown (tqdm is then not even imported)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def reset(self, total: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(size: int, initial: int, name: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=size, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=name, leave=False)  # fmt: skip
+
+
 def download(
     url: str,
     dest_dir: str | os.PathLike[str],
@@ -537,8 +609,6 @@ def download(
     """
     import hashlib
 
-    from tqdm import tqdm
-
     name = name or posixpath.basename(urlsplit(url).path)
     folder = Path(dest_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -549,8 +619,7 @@ def download(
         with part.path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 hasher.update(chunk)
-    bar = tqdm(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=name, disable=not progress, leave=False)  # fmt: skip
+    bar = _bar(size, have, name) if progress else _NoBar()
 
     def mismatch(what: str) -> ChecksumMismatchError:
         part.delete()
@@ -630,6 +699,7 @@ def download(
                             bar.update(len(chunk))
                 if have < size:
                     raise _Retryable(f"the connection closed after {have} of {size} bytes")
+                return finish()
             except _Retryable as e:
                 last = str(e)
             except DownloadError:
@@ -848,6 +918,9 @@ def _fetch_online(
     from nexabind.platform import detect
 
     timeout = (10.0, 30.0)
+    # The GPU probe (a child process) runs while requests is imported and the manifest read.
+    probe = threading.Thread(target=detect, daemon=True)
+    probe.start()
     manifest = mf.packaged(release)
     if manifest is None:
         url = f"{base}/{release}/manifest.json"
@@ -857,6 +930,7 @@ def _fetch_online(
         _say(f"nexabind: using the unpinned manifest {url} (digests not shipped with nexabind)",
              quiet)  # fmt: skip
     mf.check_compatible(manifest)
+    probe.join()
     plat = detect()
     choice = mf.choose(manifest, plat, variant)
     art = choice.artifact

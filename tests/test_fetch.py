@@ -224,7 +224,7 @@ def test_oversize_member_is_refused(tmp_path: Path) -> None:
     archive = _tar(tmp_path / "big.tar.gz", [(_info("lib/big.bin"), b"\0" * 5000)])
     with pytest.raises(UnsafeArchiveError, match="5000 bytes, over the 4096 limit"):
         safe_extract(archive, tmp_path / "x", max_member=4096)
-    assert not list((tmp_path / "x").iterdir())
+    assert not (tmp_path / "x").exists()
     with pytest.raises(UnsafeArchiveError, match="unpacks to over 4096 bytes"):
         safe_extract(archive, tmp_path / "y", max_total=4096)
 
@@ -264,7 +264,7 @@ def test_fetch_installs_then_needs_no_network(
 ) -> None:
     lib = fetch(base_url=mirror_server.url)
     err = capfd.readouterr().err
-    assert "unpinned manifest" in err and "installed" in err
+    assert "unpinned manifest" in err and "installed" in err and "retrying" not in err
     entry = _entry(release_mirror)
     assert lib.parent.name == f"{entry['os']}-{entry['arch']}-{entry['variant']}"
     assert _served(mirror_server, _asset(release_mirror)) == entry["size"]
