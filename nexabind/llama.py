@@ -22,8 +22,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nexabind import lowlevel
-from nexabind._ffi import ffi
-from nexabind.errors import ContextError, ContextOverflowError, StateError
+from nexabind.errors import (
+    ContextError,
+    ContextOverflowError,
+    DecodeCancelled,
+    NexabindError,
+    StateError,
+)
 from nexabind.sampling import SamplingOptions, build_sampler
 
 __all__ = ["Llama", "Token"]
@@ -41,11 +46,14 @@ class Token(NamedTuple):
         text: Text this token completes (may be empty while a UTF-8 character or a possible
             stop string is pending; the held text comes with a later token).
         logprob: Log-probability of the token, when asked for (else None).
+        top_logprobs: The most likely tokens at this position as ``{id: logprob}``, most
+            likely first, when asked for with ``logprobs=N`` (else None).
     """
 
     id: int
     text: str
     logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
 
 
 class _StopMatcher:
@@ -88,22 +96,29 @@ class Llama:
         model_path: The ``.gguf`` file.
         n_ctx: Context length (None or 0: the model's training length, capped at 4096).
         n_batch: Most prompt tokens per decode.
-        n_ubatch: Physical batch size (accepted for compatibility).
+        n_ubatch: Tokens per compute step inside a decode (None: ``n_batch``, at most 512).
         n_threads: Threads for generation (None: llama.cpp's default).
         n_threads_batch: Threads for prompt processing (None: as ``n_threads``).
         n_gpu_layers: Layers on the GPU (None: all, when a GPU backend is present).
         seed: Default sampling seed.
         embedding: Create an embedding context (pooled as the model says).
-        flash_attn: Accepted for compatibility; llama.cpp decides.
+        flash_attn: Flash attention on (True) or off (False); None lets llama.cpp decide per
+            device.
         use_mmap: Map the model file.
-        use_mlock: Accepted for compatibility.
+        use_mlock: Lock the weights in RAM so they are never swapped out.
         chat_template: A jinja template, or a llama.cpp built-in template name.
-        verbose: Accepted for compatibility; llama.cpp logs go to ``logging``.
+        verbose: Let llama.cpp's INFO and DEBUG lines through the ``nexabind.llama`` logger
+            (to stderr when the application configured no logging); see
+            :func:`nexabind.lowlevel.set_verbose`. Off, only warnings and errors reach
+            ``logging``.
+        kv_unified: One KV buffer for all sequences (None: llama.cpp's default); lets an
+            embedding context give every packed text the whole context.
         lib_path: Folder of the llama.cpp libraries (see :func:`nexabind.loader.library_dir`).
 
     Raises:
         ModelLoadError: The model file is missing or invalid.
         ContextError: The context could not be created.
+        ValueError: ``n_ubatch`` or a thread count is below 1.
     """
 
     def __init__(
@@ -123,44 +138,51 @@ class Llama:
         use_mlock: bool = False,
         chat_template: str | None = None,
         verbose: bool = False,
+        kv_unified: bool | None = None,
         lib_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self._ctx: lowlevel.Context | None = None
         self._model: lowlevel.Model | None = None
+        self._epoch = 0
         lowlevel.lib(lib_path)
+        if verbose:
+            lowlevel.set_verbose(True)
         if n_gpu_layers is None:
             n_gpu_layers = 999
         self.model_path = str(model_path)
-        self._model = lowlevel.Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+        self._model = lowlevel.Model(
+            model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock
+        )
         if not n_ctx:
             n_ctx = min(self._model.n_ctx_train or 4096, 4096)
         # Without a unified KV cache each sequence gets n_ctx / n_seq_max cells: pack only as
-        # many sequences as leave every one a full batch of room.
-        self._n_seqs = max(1, min(_EMBED_SEQS, n_ctx // n_batch)) if embedding else 1
+        # many sequences as leave every one a full ubatch of room (a non-causal model needs a
+        # whole sequence in one ubatch).
+        ubatch = min(n_batch, n_ubatch or 512)
+        self._n_seqs = max(1, min(_EMBED_SEQS, n_ctx // ubatch)) if embedding else 1
         try:
             self._ctx = lowlevel.Context(
                 self._model,
                 n_ctx=n_ctx,
                 n_batch=n_batch,
+                n_ubatch=n_ubatch,
                 n_threads=n_threads,
+                n_threads_batch=n_threads_batch,
                 embeddings=embedding,
                 n_seq_max=self._n_seqs,
+                flash_attn=flash_attn,
+                kv_unified=kv_unified,
             )
         except BaseException:
             self._model.close()
             self._model = None
             raise
-        if n_threads_batch is not None or n_threads is not None:
-            lowlevel.lib().llama_set_n_threads(
-                self._ctx._ptr, n_threads or n_threads_batch, n_threads_batch or n_threads
-            )
         self.embedding = embedding
         self.seed = seed
         self.chat_template = chat_template
         self.verbose = verbose
         self._tokens: list[int] = []
         self._cancel = threading.Event()
-        self._piece_buf = ffi.new("char[]", 256)
         self.n_decoded_tokens = 0
         """Tokens decoded by this object so far (prompt and generated)."""
         self.n_prompt_tokens_decoded = 0
@@ -170,7 +192,6 @@ class Llama:
         self.last_finish_reason: str | None = None
         """Why the last generation ended: ``stop``, ``length`` or ``cancelled``."""
         self._metadata: dict[str, str] | None = None
-        self._epoch = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -183,6 +204,7 @@ class Llama:
         """Free the context and the model; safe to call more than once."""
         ctx, model = self._ctx, self._model
         self._ctx = self._model = None
+        self._epoch += 1  # a generator still open notices at its next step
         if ctx is not None:
             ctx.close()
         if model is not None:
@@ -301,7 +323,7 @@ class Llama:
         *,
         max_tokens: int | None = 16,
         stop: str | Sequence[str] | None = None,
-        logprobs: bool = False,
+        logprobs: bool | int = False,
         context_shift: bool = False,
         special: bool = False,
         **options: Any,
@@ -315,7 +337,9 @@ class Llama:
             prompt: Text or token ids.
             max_tokens: Most tokens to generate (None or <= 0: until the context is full).
             stop: Stop strings; matched across tokens and never emitted.
-            logprobs: Fill ``Token.logprob``.
+            logprobs: True fills ``Token.logprob``; a number N also fills
+                ``Token.top_logprobs`` with the N most likely tokens at each position (their
+                log-probabilities before sampling settings).
             context_shift: When the context is full, drop the oldest half (after the first
                 token) instead of raising.
             special: Parse special-token text in a text prompt.
@@ -324,18 +348,26 @@ class Llama:
         Raises:
             ContextOverflowError: The prompt does not fit, or the context fills up with
                 ``max_tokens`` asking for more and no ``context_shift``.
-            ValueError: An unknown or out-of-range option.
+            ValueError: An unknown or out-of-range option, or a negative ``logprobs``.
         """
         unknown = set(options) - _SAMPLING_KEYS
         if unknown:
             msg = f"unknown sampling options {sorted(unknown)}; known: {sorted(_SAMPLING_KEYS)}"
             raise TypeError(msg)
+        if isinstance(logprobs, bool):
+            n_top = None
+        elif logprobs is None or logprobs < 0:
+            msg = f"logprobs={logprobs!r} is invalid; use True/False or a number of top tokens >= 0"
+            raise ValueError(msg)
+        else:
+            n_top = int(logprobs)
         if options.get("seed") is None and self.seed is not None:
             options["seed"] = self.seed
         opts = SamplingOptions(**options)
         tokens = self._as_tokens(prompt, special)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return self._generate(tokens, opts, max_tokens, stops, logprobs, context_shift)
+        want = n_top is not None or bool(logprobs)
+        return self._generate(tokens, opts, max_tokens, stops, want, n_top, context_shift)
 
     def _generate(
         self,
@@ -344,11 +376,11 @@ class Llama:
         max_tokens: int | None,
         stops: list[str],
         want_logprobs: bool,
+        n_top: int | None,
         context_shift: bool,
     ) -> Iterator[Token]:
         ctx = self._check()
-        model = ctx.model
-        sampler = build_sampler(model, opts)
+        sampler = build_sampler(ctx.model, opts, ctx.n_ctx)
         self._cancel.clear()
         ctx.clear_cancel()
         self.last_finish_reason = None
@@ -357,7 +389,7 @@ class Llama:
         try:
             self._ingest(tokens)
             yield from self._loop(
-                ctx, model, sampler, max_tokens, stops, want_logprobs, context_shift
+                ctx, sampler, max_tokens, stops, want_logprobs, n_top, context_shift
             )
         finally:
             sampler.close()
@@ -365,68 +397,51 @@ class Llama:
     def _loop(
         self,
         ctx: lowlevel.Context,
-        model: lowlevel.Model,
-        sampler: Any,
+        sampler: lowlevel.SamplerChain,
         max_tokens: int | None,
         stops: list[str],
         want_logprobs: bool,
+        n_top: int | None,
         context_shift: bool,
     ) -> Iterator[Token]:
-        L = lowlevel.lib()
         n_ctx = ctx.n_ctx
-        # One-token decodes are short; the abort callback would cost a Python call per node.
-        ctx.prepare_single_token()
         limit = max_tokens if max_tokens and max_tokens > 0 else None
         if limit is None and not context_shift:
             limit = n_ctx - len(self._tokens)
-        # Hot-loop locals: every name below is a local lookup, nothing is allocated per token.
-        sample = L.llama_sampler_sample
-        decode = L.llama_decode
-        to_piece = L.llama_token_to_piece
-        is_eog = L.llama_vocab_is_eog
-        vocab = model._vocab
-        chain = sampler.ptr
-        cptr = ctx._ptr
-        buf = self._piece_buf
-        unpack = ffi.unpack
+        # Hot-loop locals: the C calls are bound once by token_steps; nothing is allocated or
+        # looked up by name per token.
+        sample, is_eog, piece, feed = ctx.token_steps(sampler)
+        logprobs_of = self._logprobs
         new = tuple.__new__  # Token(...) through its Python-level __new__ costs more
-        b = ctx.batch.b
-        btok, bpos = b.token, b.pos
-        b.n_seq_id[0] = 1
-        b.seq_id[0][0] = 0
-        b.logits[0] = 1
-        b.n_tokens = 1
         dec = codecs.getincrementaldecoder("utf-8")("replace").decode
         matcher = _StopMatcher(stops) if stops else None
-        cancel = self._cancel
         toks = self._tokens
         n_past = len(toks)
         n_gen = 0
         n_fed = 0
         epoch = self._epoch
-        lp = None
+        lp = top = None
         if limit is None:
             limit = 1 << 62
         try:
             while True:
-                tok = sample(chain, cptr, -1)
+                tok = sample()
                 if want_logprobs:
-                    lp = self._logprob(ctx, tok)
-                if is_eog(vocab, tok):
+                    lp, top = logprobs_of(ctx, tok, n_top)
+                if is_eog(tok):
                     self.last_finish_reason = "stop"
                     tail = dec(b"", True) + (matcher.flush() if matcher else "")
                     if tail:
-                        yield new(Token, (tok, tail, lp))
+                        yield new(Token, (tok, tail, lp, top))
                     return
-                n = to_piece(vocab, tok, buf, 256, 0, False)
-                text = dec(unpack(buf, n)) if n > 0 else ""
+                text = dec(piece(tok))
                 n_gen += 1
                 last = n_gen >= limit
                 if matcher is not None:
                     text, hit = matcher.feed(text)
                     if hit:
                         self.last_finish_reason = "stop"
-                        yield new(Token, (tok, text, lp))
+                        yield new(Token, (tok, text, lp, top))
                         return
                     if last:
                         text += dec(b"", True) + matcher.flush()
@@ -434,20 +449,16 @@ class Llama:
                     text += dec(b"", True)
                 if last:
                     self.last_finish_reason = "length"
-                    yield new(Token, (tok, text, lp))
+                    yield new(Token, (tok, text, lp, top))
                     return
-                yield new(Token, (tok, text, lp))
+                yield new(Token, (tok, text, lp, top))
                 if self._epoch != epoch:
+                    self._check()
                     msg = (
                         "this generator was superseded by a later call on the same Llama (the "
                         "context now holds other tokens); finish one generation before the next"
                     )
                     raise ContextError(msg)
-                if cancel.is_set():
-                    cancel.clear()
-                    ctx.clear_cancel()
-                    self.last_finish_reason = "cancelled"
-                    return
                 if n_past >= n_ctx:
                     if not context_shift:
                         self.last_finish_reason = "length"
@@ -459,18 +470,15 @@ class Llama:
                         raise ContextOverflowError(msg)
                     n_past = self._shift(ctx)
                     toks = self._tokens
-                btok[0] = tok
-                bpos[0] = n_past
-                rc = decode(cptr, b)
-                if rc != 0:
-                    if cancel.is_set():
-                        cancel.clear()
-                        ctx.clear_cancel()
-                        self.reset()
-                        self.last_finish_reason = "cancelled"
-                        return
+                try:
+                    feed(tok, n_past)
+                except DecodeCancelled:
+                    self._cancel.clear()
+                    self.last_finish_reason = "cancelled"
+                    return
+                except NexabindError:
                     self.reset()
-                    ctx._raise_decode(rc)
+                    raise
                 toks.append(tok)
                 n_past += 1
                 n_fed += 1
@@ -481,22 +489,33 @@ class Llama:
 
     def _shift(self, ctx: lowlevel.Context) -> int:
         """Drop the older half of the context after the first token; return the new length."""
-        L = lowlevel.lib()
-        mem = L.llama_get_memory(ctx._ptr)
         n = len(self._tokens)
         n_keep = 1
         n_discard = (n - n_keep) // 2
-        L.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
-        L.llama_memory_seq_add(mem, 0, n_keep + n_discard, n, -n_discard)
+        ctx.seq_rm(0, n_keep, n_keep + n_discard)
+        ctx.seq_add(0, n_keep + n_discard, n, -n_discard)
         del self._tokens[n_keep : n_keep + n_discard]
         return len(self._tokens)
 
-    def _logprob(self, ctx: lowlevel.Context, tok: int) -> float:
+    @staticmethod
+    def _logprobs(
+        ctx: lowlevel.Context, tok: int, n_top: int | None
+    ) -> tuple[float, dict[int, float] | None]:
+        """Log-probability of ``tok`` and the ``n_top`` most likely tokens, from the logits."""
         import numpy as np
 
-        logits = ctx.logits(-1)
-        m = float(logits.max())
-        return float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+        x = ctx.logits(-1)
+        z = x - x.max()  # one float32 copy; the zero-copy view stays untouched
+        lse = float(np.log(np.exp(z).sum(dtype=np.float64)))
+        lp = float(z[tok]) - lse
+        if n_top is None:
+            return lp, None
+        k = min(n_top, z.shape[0])
+        if k == 0:
+            return lp, {}
+        idx = np.argpartition(z, -k)[-k:]
+        idx = idx[np.argsort(-z[idx], kind="stable")]
+        return lp, {int(i): float(z[i]) - lse for i in idx}
 
     # -- llama-cpp-python compatible completion ----------------------------------------------
 
@@ -530,13 +549,18 @@ class Llama:
         """Complete ``prompt``; returns a ``text_completion`` dict or an iterator of chunks.
 
         Args mirror llama-cpp-python's ``Llama.create_completion``; ``grammar`` is GBNF text.
+        ``suffix`` is appended to the generated text (streamed as the last text chunk).
+        ``logprobs=N`` gives, per generated token, its log-probability and the N most likely
+        tokens' (``top_logprobs``: ``{text: logprob}``, most likely first, plus the chosen
+        token), computed from the raw logits.
 
         Raises:
             ContextOverflowError: The prompt does not fit the context.
+            ValueError: ``logprobs`` is negative, or a sampling option is out of range.
         """
         self._check()
-        if suffix:
-            msg = "suffix (fill-in-the-middle) is not supported; leave it None"
+        if logprobs is not None and (isinstance(logprobs, bool) or logprobs < 0):
+            msg = f"logprobs={logprobs!r} is invalid; use None or a number of top tokens >= 0"
             raise ValueError(msg)
         tokens = self._as_tokens(prompt)
         sampling = {
@@ -553,20 +577,26 @@ class Llama:
             "grammar": grammar,
         }
         it = self.generate(
-            tokens, max_tokens=max_tokens, stop=stop, logprobs=logprobs is not None, **sampling
+            tokens,
+            max_tokens=max_tokens,
+            stop=stop,
+            logprobs=False if logprobs is None else logprobs,
+            **sampling,
         )
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         name = model or self.model_path
         prefix = self._check().model.detokenize(tokens, remove_special=True) if echo else ""
         if stream:
-            return self._stream_completion(it, cid, created, name, prefix, logprobs)
+            return self._stream_completion(it, cid, created, name, prefix, logprobs, suffix)
         parts = [prefix]
         lps: list[Token] = []
         for t in it:
             parts.append(t.text)
             if logprobs is not None:
                 lps.append(t)
+        if suffix is not None:
+            parts.append(suffix)
         text = "".join(parts)
         return {
             "id": cid,
@@ -593,18 +623,29 @@ class Llama:
     def _finish(self) -> str:
         return "length" if self.last_finish_reason == "length" else "stop"
 
-    @staticmethod
-    def _logprobs_dict(toks: list[Token], offset: int = 0) -> dict[str, Any]:
+    def _logprobs_dict(self, toks: list[Token], offset: int = 0) -> dict[str, Any]:
+        model = self._check().model
+        texts: dict[int, str] = {}
+
+        def text_of(tok: int) -> str:
+            if tok not in texts:
+                texts[tok] = model.token_to_piece(tok).decode("utf-8", "replace")
+            return texts[tok]
+
         offsets = []
+        tops = []
         pos = offset
         for t in toks:
             offsets.append(pos)
             pos += len(t.text)
+            top = {text_of(i): lp for i, lp in (t.top_logprobs or {}).items()}
+            top[t.text] = t.logprob
+            tops.append(top)
         return {
             "tokens": [t.text for t in toks],
             "text_offset": offsets,
             "token_logprobs": [t.logprob for t in toks],
-            "top_logprobs": [{t.text: t.logprob} for t in toks],
+            "top_logprobs": tops,
         }
 
     def _stream_completion(
@@ -615,6 +656,7 @@ class Llama:
         name: str,
         prefix: str,
         logprobs: int | None,
+        suffix: str | None,
     ) -> Iterator[dict[str, Any]]:
         def chunk(text: str, lp: Any, finish: str | None) -> dict[str, Any]:
             return {
@@ -627,10 +669,15 @@ class Llama:
 
         if prefix:
             yield chunk(prefix, None, None)
+        offset = len(prefix)
         for t in it:
-            if t.text:
-                lp = self._logprobs_dict([t]) if logprobs is not None else None
-                yield chunk(t.text, lp, None)
+            if logprobs is not None:
+                yield chunk(t.text, self._logprobs_dict([t], offset), None)
+            elif t.text:
+                yield chunk(t.text, None, None)
+            offset += len(t.text)
+        if suffix:
+            yield chunk(suffix, None, None)
         yield chunk("", None, self._finish())
 
     # -- chat ----------------------------------------------------------------------------
@@ -784,14 +831,15 @@ class Llama:
         Args:
             input: A text or a list of texts.
             normalize: Scale each vector to unit L2 norm.
-            truncate: Cut texts longer than the batch instead of raising.
+            truncate: Cut texts longer than a ubatch (or a sequence's share of the context)
+                instead of raising.
 
         Returns:
             A float32 numpy array of shape ``(n_texts, n_embd)``.
 
         Raises:
             ContextError: The Llama was not created with ``embedding=True``.
-            ContextOverflowError: A text is longer than the batch and ``truncate`` is False.
+            ContextOverflowError: A text is longer than that and ``truncate`` is False.
         """
         import numpy as np
 
@@ -801,7 +849,7 @@ class Llama:
             raise ContextError(msg)
         texts = [input] if isinstance(input, str) else list(input)
         out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
-        max_len = min(ctx.n_batch, ctx.n_ctx // self._n_seqs)
+        max_len = min(ctx.n_ubatch, ctx.n_ctx_seq)
         seqs = []
         for i, text in enumerate(texts):
             toks = ctx.model.tokenize(text, add_special=True)
@@ -809,7 +857,8 @@ class Llama:
                 if not truncate:
                     msg = (
                         f"text {i} has {len(toks)} tokens, more than the {max_len} an embedding "
-                        "sequence holds; pass truncate=True or a larger n_ctx / n_batch"
+                        "sequence holds; pass truncate=True, or a larger n_batch / n_ubatch "
+                        "(and n_ctx)"
                     )
                     raise ContextOverflowError(msg)
                 toks = toks[:max_len]
@@ -830,7 +879,7 @@ class Llama:
                 i < len(order)
                 and len(group) < self._n_seqs
                 and len(seqs[order[i]]) == n
-                and (len(group) + 1) * n <= ctx.n_batch
+                and (len(group) + 1) * n <= ctx.n_ubatch
             ):
                 k = order[i]
                 for pos, tok in enumerate(seqs[k]):

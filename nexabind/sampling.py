@@ -7,11 +7,8 @@ truncation samplers, temperature and the final random draw (or greedy when tempe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from nexabind import lowlevel
-from nexabind._ffi import ffi
-from nexabind.errors import ContextError
 
 __all__ = ["SamplingOptions", "build_sampler"]
 
@@ -65,76 +62,48 @@ class SamplingOptions:
         return self.temperature <= 0.0
 
 
-class _Chain:
-    """A native sampler chain; freed by :meth:`close` (a finalizer is the backstop)."""
-
-    def __init__(self, ptr: Any) -> None:
-        self.ptr = ptr
-
-    def reset(self) -> None:
-        lowlevel.lib().llama_sampler_reset(self.ptr)
-
-    def close(self) -> None:
-        if self.ptr is not None:
-            ffi.release(self.ptr)
-            self.ptr = None
-
-
-def build_sampler(model: lowlevel.Model, opts: SamplingOptions) -> _Chain:
+def build_sampler(
+    model: lowlevel.Model, opts: SamplingOptions, n_ctx: int | None = None
+) -> lowlevel.SamplerChain:
     """Return a sampler chain for ``model`` built from ``opts``.
+
+    Args:
+        model: The model whose vocabulary the chain samples from.
+        opts: The settings.
+        n_ctx: Context length, the penalty window for ``penalty_last_n=-1`` (None: the
+            model's training length).
 
     Raises:
         ValueError: The grammar does not parse, or a logit-bias token is out of the vocabulary.
+        ModelLoadError: The model is closed.
     """
-    L = lowlevel.lib()
-    vocab = model._vocab
-    if vocab is None:
-        msg = "the model is closed"
-        raise ContextError(msg)
-    chain = ffi.gc(
-        L.llama_sampler_chain_init(L.llama_sampler_chain_default_params()), L.llama_sampler_free
-    )
-    add = L.llama_sampler_chain_add
-    if opts.logit_bias:
-        items = list(opts.logit_bias.items())
-        arr = ffi.new("llama_logit_bias[]", len(items))
-        for i, (tok, bias) in enumerate(items):
-            tok = int(tok)
-            if not 0 <= tok < model.n_vocab:
-                msg = f"logit_bias token {tok} is outside the vocabulary (0..{model.n_vocab - 1})"
-                raise ValueError(msg)
-            arr[i].token = tok
-            arr[i].bias = float(bias)
-        add(chain, L.llama_sampler_init_logit_bias(model.n_vocab, len(items), arr))
-    if opts.repeat_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty:
-        add(
-            chain,
-            L.llama_sampler_init_penalties(
-                model.n_vocab,
-                opts.penalty_last_n,
+    n_vocab = model.n_vocab
+    chain = lowlevel.SamplerChain()
+    try:
+        if opts.logit_bias:
+            chain.add_logit_bias(n_vocab, opts.logit_bias)
+        if opts.repeat_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty:
+            chain.add_penalties(
+                n_vocab,
+                (n_ctx or model.n_ctx_train) if opts.penalty_last_n < 0 else opts.penalty_last_n,
                 opts.repeat_penalty,
                 opts.frequency_penalty,
                 opts.presence_penalty,
-            ),
-        )
-    if opts.grammar:
-        g = L.llama_sampler_init_grammar(vocab, opts.grammar.encode(), b"root")
-        if g == ffi.NULL:
-            msg = "the GBNF grammar does not parse (it needs a `root` rule); check its syntax"
-            raise ValueError(msg)
-        add(chain, g)
-    if opts.greedy:
-        add(chain, L.llama_sampler_init_greedy())
-    else:
+            )
+        if opts.grammar:
+            chain.add_grammar(model, opts.grammar)
+        if opts.greedy:
+            return chain.add_greedy()
         if opts.top_k > 0:
-            add(chain, L.llama_sampler_init_top_k(opts.top_k))
+            chain.add_top_k(opts.top_k)
         if opts.typical_p < 1.0:
-            add(chain, L.llama_sampler_init_typical(opts.typical_p, 1))
+            chain.add_typical(opts.typical_p)
         if opts.top_p < 1.0:
-            add(chain, L.llama_sampler_init_top_p(opts.top_p, 1))
+            chain.add_top_p(opts.top_p)
         if opts.min_p > 0.0:
-            add(chain, L.llama_sampler_init_min_p(opts.min_p, 1))
-        add(chain, L.llama_sampler_init_temp(opts.temperature))
-        seed = DEFAULT_SEED if opts.seed is None else opts.seed
-        add(chain, L.llama_sampler_init_dist(seed))
-    return _Chain(chain)
+            chain.add_min_p(opts.min_p)
+        chain.add_temp(opts.temperature)
+        return chain.add_dist(DEFAULT_SEED if opts.seed is None else opts.seed)
+    except BaseException:
+        chain.close()
+        raise

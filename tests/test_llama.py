@@ -279,3 +279,135 @@ def test_chat_iterator_matches_chat_completion(llm: Llama) -> None:
     assert streamed == res["choices"][0]["message"]["content"]
     # The whole conversation was already in the cache: one token decoded for the logits.
     assert llm.n_prompt_tokens_decoded == 1
+
+
+def test_context_options_reach_llama_cpp(libdir: Path, tiny_model: Path) -> None:
+    with Llama(
+        tiny_model,
+        n_ctx=256,
+        n_batch=64,
+        n_ubatch=16,
+        n_threads=1,
+        n_threads_batch=2,
+        flash_attn=False,
+        lib_path=libdir,
+    ) as m:
+        ctx = m._ctx  # noqa: SLF001 - read back through the low-level context
+        assert ctx.n_ubatch == 16
+        assert (ctx.n_threads, ctx.n_threads_batch) == (1, 2)
+        assert ctx.flash_attn == "disabled"
+        # A prompt longer than a ubatch still decodes, in ubatch-sized steps.
+        assert len(list(m.generate("Hello world " * 10, max_tokens=3, **GREEDY))) == 3
+    with Llama(tiny_model, n_ctx=256, n_threads_batch=2, flash_attn=True, lib_path=libdir) as m:
+        assert m._ctx.n_threads_batch == 2  # noqa: SLF001
+        assert m._ctx.flash_attn == "enabled"  # noqa: SLF001
+
+
+@pytest.fixture
+def quiet_native_log():
+    """Put the ``nexabind.llama`` logger back as it was after a verbose Llama."""
+    from nexabind import lowlevel
+
+    yield
+    lowlevel.set_verbose(False)
+
+
+def test_verbose_routes_llama_cpp_log_to_logging(
+    libdir: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture, quiet_native_log
+) -> None:
+    def native() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "nexabind.llama"]
+
+    with Llama(tiny_model, n_ctx=64, lib_path=libdir):
+        pass
+    assert not [line for line in native() if "flash_attn" in line]  # quiet by default
+    with Llama(tiny_model, n_ctx=64, use_mlock=True, verbose=True, lib_path=libdir):
+        pass
+    lines = native()
+    assert any("flash_attn            = auto" in line for line in lines)
+    assert any("load_mode = mmap+mlock" in line for line in lines)
+    levels = {r.levelname for r in caplog.records if r.name == "nexabind.llama"}
+    assert "INFO" in levels
+
+
+def test_use_after_close_inside_a_generation(libdir: Path, tiny_model: Path) -> None:
+    m = Llama(tiny_model, n_ctx=128, n_threads=1, lib_path=libdir)
+    it = m.generate("Hello", max_tokens=10, **GREEDY)
+    next(it)
+    m.close()
+    with pytest.raises(ContextError, match="closed"):
+        next(it)
+
+
+def _numpy_top(logits: np.ndarray, n: int) -> tuple[np.ndarray, dict[int, float]]:
+    x = logits.astype(np.float64)
+    logp = x - x.max()
+    logp -= np.log(np.exp(logp).sum())
+    order = np.argsort(-logp, kind="stable")[:n]
+    return logp, {int(i): float(logp[i]) for i in order}
+
+
+def test_top_logprobs_match_numpy_over_the_same_logits(llm: Llama, libdir: Path) -> None:
+    from nexabind import lowlevel
+
+    toks = list(llm.generate("Hello world", max_tokens=6, logprobs=4, **GREEDY))
+    assert all(len(t.top_logprobs) == 4 for t in toks)
+
+    model = lowlevel.Model(llm.model_path)
+    with lowlevel.Context(model, n_ctx=512, n_threads=1) as ctx:
+        prompt = model.tokenize("Hello world")
+        ctx.batch.set(prompt, 0)
+        ctx.decode()
+        pos = len(prompt)
+        for t in toks:
+            logp, top = _numpy_top(ctx.logits(), 4)
+            assert int(np.argmax(logp)) == t.id  # greedy: the same token
+            assert list(t.top_logprobs) == list(top)  # same tokens, most likely first
+            np.testing.assert_allclose(list(t.top_logprobs.values()), list(top.values()), atol=1e-4)
+            assert t.logprob == pytest.approx(logp[t.id], abs=1e-4)
+            ctx.batch.set_one(t.id, pos)
+            ctx.decode()
+            pos += 1
+    model.close()
+
+    # The compatible dict: N alternatives by text plus the chosen token, per position.
+    res = llm("Hello world", max_tokens=6, logprobs=4, temperature=0)
+    lp = res["choices"][0]["logprobs"]
+    # (This call decodes only the last prompt token: the logits may differ in the last bits.)
+    assert lp["token_logprobs"] == pytest.approx([t.logprob for t in toks], abs=1e-4)
+    rows = zip(toks, lp["top_logprobs"], lp["tokens"], lp["token_logprobs"], strict=True)
+    for t, top, text, chosen in rows:
+        assert text == t.text
+        assert top[text] == chosen
+        expected = {llm.detokenize([i]).decode("utf-8", "replace") for i in t.top_logprobs}
+        assert expected <= set(top) <= expected | {t.text}
+    # logprobs=0: only the chosen token.
+    res0 = llm("Hello world", max_tokens=3, logprobs=0, temperature=0)
+    assert all(len(d) == 1 for d in res0["choices"][0]["logprobs"]["top_logprobs"])
+    with pytest.raises(ValueError, match="logprobs=-1 is invalid"):
+        llm("Hello world", max_tokens=3, logprobs=-1)
+    # Streamed chunks carry the same numbers, one token each.
+    chunks = list(llm("Hello world", max_tokens=6, logprobs=4, temperature=0, stream=True))
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [d["token_logprobs"][0] for d in streamed] == lp["token_logprobs"]
+    assert [d["text_offset"][0] for d in streamed] == lp["text_offset"]
+
+
+def test_suffix_is_appended(llm: Llama) -> None:
+    plain = llm("Hello", max_tokens=5, **GREEDY)["choices"][0]["text"]
+    res = llm("Hello", max_tokens=5, suffix=" [end]", **GREEDY)
+    assert res["choices"][0]["text"] == plain + " [end]"
+    chunks = list(llm("Hello", max_tokens=5, suffix=" [end]", stream=True, **GREEDY))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain + " [end]"
+    assert chunks[-2]["choices"][0]["text"] == " [end]"
+
+
+def test_embeddings_with_a_unified_kv_cache(libdir: Path, embed_model: Path) -> None:
+    texts = ["Hello world", "the cat", "a b c d", "b c"]
+    common = {"embedding": True, "n_ctx": 1024, "n_batch": 64, "n_threads": 1, "lib_path": libdir}
+    with Llama(embed_model, **common) as m:
+        split = m.embed(texts)
+        assert m._ctx.n_ctx_seq < m.n_ctx()  # noqa: SLF001 - each sequence has its share
+    with Llama(embed_model, kv_unified=True, **common) as m:
+        assert m._ctx.n_ctx_seq == m.n_ctx()  # noqa: SLF001
+        np.testing.assert_allclose(m.embed(texts), split, rtol=1e-4, atol=1e-5)

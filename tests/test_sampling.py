@@ -78,3 +78,13 @@ def test_grammar_constrains_output(llm: Llama) -> None:
 def test_bad_grammar(llm: Llama) -> None:
     with pytest.raises(ValueError, match="grammar does not parse"):
         ids(llm, grammar="root ::= (")
+
+
+def test_penalty_window_of_the_whole_context(llm: Llama) -> None:
+    # llama.cpp reads a negative window as 0 (off): -1 must become the context length.
+    tok = llm.tokenize("the", add_bos=False)[0]
+    bias = {tok: 50.0}
+    out = ids(llm, temperature=0, logit_bias=bias, presence_penalty=100.0, penalty_last_n=-1)
+    assert out.count(tok) == 1
+    off = ids(llm, temperature=0, logit_bias=bias, presence_penalty=100.0, penalty_last_n=0)
+    assert off.count(tok) == 20
