@@ -1,0 +1,53 @@
+"""Per-token cost in Python: bytes allocated and kept per token, and where the time goes.
+
+The time outside llama_decode is in the decode table (us/token against the C loop); this suite
+measures memory with tracemalloc and writes a cProfile of ``Llama.generate`` to
+benchmarks/results/profile-<model>.txt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import harness
+import pytest
+from conftest import RESULTS
+
+N_WARM = 100  # tokens generated before measuring: caches, free lists and the decoder settle
+
+
+@pytest.mark.parametrize("model_name", ["tiny"])
+def test_bytes_per_token(benchmark: Any, rows: Any, bench: Any, model_name: str) -> None:
+    prompt = bench.tokenize(harness.DECODE_PROMPT, model_name)
+    cfg = bench.cfg(model_name, prompt=prompt, n_gen=harness.N_GEN, warm=N_WARM)
+    out: dict[str, Any] = {}
+
+    def measure() -> None:
+        out.update(bench.one_shot(bench.worker("pertoken", cfg)))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    assert out["n_measured"] == harness.N_GEN - N_WARM
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"profile-{model_name}.txt").write_text(out["profile"])
+    benchmark.extra_info["top_growth"] = out["top_growth"]
+    where = "; ".join(
+        f"{g['where'].split('/')[-1]} {g['size_diff']:+d} B" for g in out["top_growth"][:3]
+    )
+    kept = out["kept_bytes_per_token"]
+    case = f"Llama.generate, tokens {N_WARM}-{harness.N_GEN}, {model_name} model"
+    rows(
+        "per-token cost in Python",
+        case,
+        "bytes kept per token (tracemalloc)",
+        kept,
+        "B/token",
+        note=f"goal 0: {'met' if kept <= 0 else 'missed'}" + (f"; {where}" if where else ""),
+    )
+    rows(
+        "per-token cost in Python",
+        case,
+        "peak growth over the loop (tracemalloc)",
+        out["peak_growth_bytes"],
+        "B",
+        note="temporaries of one token, and list growth",
+    )
