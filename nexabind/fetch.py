@@ -150,7 +150,7 @@ def _check_tar_member(
 def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> None:
     """One streaming pass (the archive is decompressed once): check each member, then write it."""
     seen = _Checked(set(), set())
-    with tarfile.open(archive, mode="r|*") as tar:
+    with tarfile.open(archive, mode="r|*", bufsize=1 << 16) as tar:
         tar.copybufsize = 1 << 20
         for m in tar:
             _check_tar_member(m, seen, archive, max_member, max_total)
@@ -711,14 +711,15 @@ def download(
                 last = f"{type(e).__name__} from {url}: {e}"
         if have == size:
             return finish()
+        msg = f"downloading {name} from {url} failed after {retries + 1} attempts: {last}"
+        if have:
+            msg += f"; the {have} bytes received are kept and the next `nexabind fetch` resumes"
+        raise DownloadError(msg)
     finally:
         session.close()
         bar.close()
-    msg = (
-        f"downloading {name} from {url} failed after {retries + 1} attempts: {last}; "
-        "the partial download is kept and the next `nexabind fetch` resumes it"
-    )
-    raise DownloadError(msg)
+        if part.path.is_file() and part.path.stat().st_size == 0:
+            part.delete()  # nothing to resume
 
 
 def _network_error(e: Exception) -> bool:
