@@ -144,3 +144,19 @@ def test_embedding_shape(libdir: Path, embed_model: Path) -> None:
         assert [d["index"] for d in res["data"]] == [0, 1]
         assert len(res["data"][0]["embedding"]) == m.n_embd()
         assert all(isinstance(x, float) for x in res["data"][0]["embedding"])
+
+
+def test_completion_top_logprobs_shape(llm: Llama) -> None:
+    # OpenAI's documented `logprobs`: the N most likely tokens per position, plus the chosen
+    # token, so up to N + 1 entries of text -> log-probability.
+    res = llm("Hello", max_tokens=4, temperature=0, logprobs=2, suffix="!")
+    lp = res["choices"][0]["logprobs"]
+    assert set(lp) == LOGPROBS_KEYS
+    assert len(lp["top_logprobs"]) == 4
+    for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True):
+        assert 1 <= len(top) <= 3
+        assert all(isinstance(k, str) and isinstance(v, float) and v <= 0 for k, v in top.items())
+        assert max(top.values()) >= chosen
+    assert res["choices"][0]["text"].endswith("!")
+    for c in llm("Hello", max_tokens=4, temperature=0, logprobs=2, stream=True):
+        check(c, COMPLETION_CHUNK)
