@@ -483,3 +483,33 @@ def test_token_steps_match_the_decode_loop(ll, model) -> None:
             sample()
     with pytest.raises(ContextError, match="closed"):
         feed(got[-1], pos)
+
+
+def test_token_steps_allocate_nothing_per_token(ll, model) -> None:
+    with ll.Context(model, n_ctx=1200, n_threads=1) as ctx, ll.Sampler(greedy=True) as sampler:
+
+        def run(n: int) -> None:
+            ctx.clear()
+            ctx.batch.set(model.tokenize("Hello"), 0)
+            ctx.decode()
+            sample, is_eog, piece, feed = ctx.token_steps(sampler)
+            pos = ctx.seq_pos_max(0) + 1
+            for _ in range(n):
+                tok = sample()
+                is_eog(tok)
+                piece(tok)
+                feed(tok, pos)
+                pos += 1
+
+        run(50)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            run(1000)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        stats = after.compare_to(before, "filename")
+        growth = sum(s.size_diff for s in stats if "lowlevel" in s.traceback[0].filename)
+        assert growth < 2048, stats[:5]
