@@ -12,6 +12,7 @@ allocated once, an incremental UTF-8 decoder, and stop strings checked only on t
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import struct
 import threading
@@ -623,14 +624,15 @@ class Llama:
     def _finish(self) -> str:
         return "length" if self.last_finish_reason == "length" else "stop"
 
+    def _piece_cache(self) -> Any:
+        """Return ``piece(token) -> bytes``, remembering each token's bytes."""
+        return functools.lru_cache(maxsize=None)(self._check().model.token_to_piece)
+
     def _logprobs_dict(self, toks: list[Token], offset: int = 0) -> dict[str, Any]:
-        model = self._check().model
-        texts: dict[int, str] = {}
+        piece = self._piece_cache()
 
         def text_of(tok: int) -> str:
-            if tok not in texts:
-                texts[tok] = model.token_to_piece(tok).decode("utf-8", "replace")
-            return texts[tok]
+            return piece(tok).decode("utf-8", "replace")
 
         offsets = []
         tops = []
@@ -752,17 +754,32 @@ class Llama:
         repeat_penalty: float = 1.0,
         logit_bias: dict[int, float] | None = None,
         grammar: str | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         model: str | None = None,
     ) -> Any:
         """Answer a conversation; returns a ``chat.completion`` dict or an iterator of chunks.
 
-        Args mirror llama-cpp-python's ``Llama.create_chat_completion``.
+        Args mirror llama-cpp-python's ``Llama.create_chat_completion``. ``logprobs=True``
+        fills each choice's (or chunk's) ``logprobs`` as OpenAI's chat API does: ``content``,
+        one ``{token, logprob, bytes, top_logprobs}`` per generated token, with the
+        ``top_logprobs`` most likely tokens at that position.
+
+        Raises:
+            ValueError: ``top_logprobs`` without ``logprobs=True``, or out of range.
         """
+        if top_logprobs is not None and not logprobs:
+            msg = "top_logprobs needs logprobs=True"
+            raise ValueError(msg)
+        if top_logprobs is not None and top_logprobs < 0:
+            msg = f"top_logprobs={top_logprobs} is invalid; use a number of tokens >= 0"
+            raise ValueError(msg)
         tokens = self._chat_tokens(messages)
         it = self.generate(
             tokens,
             max_tokens=max_tokens,
             stop=stop,
+            logprobs=(top_logprobs or 0) if logprobs else False,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -779,8 +796,9 @@ class Llama:
         created = int(time.time())
         name = model or self.model_path
         if stream:
-            return self._stream_chat(it, cid, created, name)
-        text = "".join(t.text for t in it)
+            return self._stream_chat(it, cid, created, name, bool(logprobs))
+        toks = list(it)
+        text = "".join(t.text for t in toks)
         return {
             "id": cid,
             "object": "chat.completion",
@@ -790,7 +808,7 @@ class Llama:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "logprobs": self._chat_logprobs(toks) if logprobs else None,
                     "finish_reason": self._finish(),
                 }
             ],
@@ -801,23 +819,37 @@ class Llama:
             },
         }
 
+    def _chat_logprobs(self, toks: list[Token]) -> dict[str, Any]:
+        piece = self._piece_cache()
+
+        def entry(token: str, tok: int, lp: float | None) -> dict[str, Any]:
+            return {"token": token, "logprob": lp, "bytes": list(piece(tok))}
+
+        content = []
+        for t in toks:
+            e = entry(t.text, t.id, t.logprob)
+            tops = (t.top_logprobs or {}).items()
+            e["top_logprobs"] = [entry(piece(i).decode("utf-8", "replace"), i, v) for i, v in tops]
+            content.append(e)
+        return {"content": content, "refusal": None}
+
     def _stream_chat(
-        self, it: Iterator[Token], cid: str, created: int, name: str
+        self, it: Iterator[Token], cid: str, created: int, name: str, logprobs: bool
     ) -> Iterator[dict[str, Any]]:
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None, lp: Any = None) -> dict[str, Any]:
             return {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": name,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
+                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
             }
 
         yield chunk({"role": "assistant"}, None)
         for t in it:
-            if t.text:
+            if logprobs:
+                yield chunk({"content": t.text}, None, self._chat_logprobs([t]))
+            elif t.text:
                 yield chunk({"content": t.text}, None)
         yield chunk({}, self._finish())
 

@@ -160,3 +160,35 @@ def test_completion_top_logprobs_shape(llm: Llama) -> None:
     assert res["choices"][0]["text"].endswith("!")
     for c in llm("Hello", max_tokens=4, temperature=0, logprobs=2, stream=True):
         check(c, COMPLETION_CHUNK)
+
+
+CHAT_LOGPROB = {"token": str, "logprob": float, "bytes": list}
+
+
+def test_chat_logprobs_shape(llm: Llama) -> None:
+    # OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}.
+    msgs = [{"role": "user", "content": "Hi"}]
+    res = llm.create_chat_completion(
+        msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    check(res, CHAT)
+    lp = res["choices"][0]["logprobs"]
+    assert set(lp) == {"content", "refusal"}
+    assert len(lp["content"]) == 4
+    for e in lp["content"]:
+        check({k: v for k, v in e.items() if k != "top_logprobs"}, CHAT_LOGPROB)
+        assert len(e["top_logprobs"]) == 2
+        for alt in e["top_logprobs"]:
+            check(alt, CHAT_LOGPROB)
+        assert all(isinstance(b, int) and 0 <= b < 256 for b in e["bytes"])
+    assert "".join(e["token"] for e in lp["content"]) == res["choices"][0]["message"]["content"]
+    plain = llm.create_chat_completion(msgs, max_tokens=4, temperature=0)
+    assert plain["choices"][0]["logprobs"] is None
+    chunks = list(
+        llm.create_chat_completion(msgs, max_tokens=4, temperature=0, logprobs=True, stream=True)
+    )
+    with_lp = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert len(with_lp) == 4
+    assert all(e["content"][0]["top_logprobs"] == [] for e in with_lp)
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        llm.create_chat_completion(msgs, max_tokens=2, top_logprobs=2)

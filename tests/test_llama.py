@@ -411,3 +411,20 @@ def test_embeddings_with_a_unified_kv_cache(libdir: Path, embed_model: Path) -> 
     with Llama(embed_model, kv_unified=True, **common) as m:
         assert m._ctx.n_ctx_seq == m.n_ctx()  # noqa: SLF001
         np.testing.assert_allclose(m.embed(texts), split, rtol=1e-4, atol=1e-5)
+
+
+def test_chat_logprobs_are_the_generation_logprobs(llm: Llama) -> None:
+    msgs = [{"role": "user", "content": "Hello"}]
+    toks = list(llm.chat(msgs, max_tokens=5, logprobs=3, temperature=0))
+    llm.reset()  # decode the whole prompt again, as for `toks`: the same logits
+    res = llm.create_chat_completion(
+        msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = res["choices"][0]["logprobs"]["content"]
+    assert [e["logprob"] for e in content] == [t.logprob for t in toks]
+    for e, t in zip(content, toks, strict=True):
+        assert bytes(e["bytes"]) == llm.detokenize([t.id])
+        assert [a["logprob"] for a in e["top_logprobs"]] == list(t.top_logprobs.values())
+        assert [bytes(a["bytes"]) for a in e["top_logprobs"]] == [
+            llm.detokenize([i]) for i in t.top_logprobs
+        ]
