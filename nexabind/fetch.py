@@ -151,7 +151,6 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> 
     """One streaming pass (the archive is decompressed once): check each member, then write it."""
     seen = _Checked(set(), set())
     with tarfile.open(archive, mode="r|*", bufsize=1 << 16) as tar:
-        tar.copybufsize = 1 << 20
         for m in tar:
             _check_tar_member(m, seen, archive, max_member, max_total)
             if hasattr(tarfile, "data_filter"):
@@ -811,11 +810,11 @@ def _build_instead(
     )
     import tempfile
 
-    from nexabind import build as build_mod
+    from nexabind.build import build as build_from_source
 
     with tempfile.TemporaryDirectory(dir=root / "tmp", prefix="build-") as out:
         progress = (not quiet) and sys.stderr.isatty()
-        build_mod.build(variant, out=out, progress=progress)
+        build_from_source(variant, out=out, progress=progress)
         data = json.loads((Path(out) / "manifest.json").read_text())
         entry = next(a for a in data["artifacts"] if a["variant"] == variant)
         archive = Path(out) / entry["name"]
