@@ -142,6 +142,25 @@ def test_a_library_that_does_not_load_is_not_installed(
     assert _leftovers(_isolated_cache) == []
 
 
+def test_a_zip_artifact_installs_too(
+    release_mirror: Path, tmp_path: Path, _isolated_cache: Path
+) -> None:
+    """Windows artifacts are zips (no links): the same checks, extraction and smoke load."""
+    tree = tmp_path / "tree"
+    safe_extract(_archive(release_mirror), tree)
+    archive = tmp_path / "artifact.zip"
+    # The artifact's files carry mtime 0 (reproducible packing); zip starts at 1980.
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as z:
+        for p in sorted(tree.rglob("*")):
+            if p.is_file():  # links are followed: a zip holds copies
+                z.write(p, p.relative_to(tree).as_posix())
+    entry = {**_entry(release_mirror), "name": archive.name,
+             "sha256": cache.sha256_file(archive)}  # fmt: skip
+    lib = install_archive(archive, entry, pin.RELEASE)
+    assert not any(p.is_symlink() for p in lib.iterdir())
+    assert [r.ok for r in cache.verify()] == [True]
+
+
 # --- malicious archives ------------------------------------------------------------------------
 
 
