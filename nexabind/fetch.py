@@ -40,6 +40,7 @@ from nexabind.errors import (
     DownloadError,
     LibraryNotFoundError,
     ManifestError,
+    NexabindError,
     UnsafeArchiveError,
 )
 
@@ -778,9 +779,18 @@ def _base_url(base_url: str | None) -> str:
 
 
 def _build_instead(
-    reason: str, variant: str | None, release: str, root: Path, build: bool, quiet: bool | None
+    failure: NexabindError,
+    variant: str | None,
+    release: str,
+    root: Path,
+    build: bool,
+    quiet: bool | None,
 ) -> Path:
-    """Build from source and install (``nexabind build --install``), or raise saying so."""
+    """Build from source and install (``nexabind build --install``), or raise ``failure``.
+
+    ``failure`` says why nothing can be downloaded; when not building, it is raised with what
+    to run added.
+    """
     from nexabind.build import FLAGS
     from nexabind.platform import detect, target
 
@@ -791,18 +801,18 @@ def _build_instead(
         order = variant_order(detect())
         variant = next((v for v in order if (os_name, arch, v) in FLAGS), "cpu")
     cmd = "nexabind build --install" + (f" --variant {variant}" if variant != "cpu" else "")
+    reason = str(failure)
     if not build or release != pin.RELEASE:
         if release != pin.RELEASE:
-            hint = f"only release {pin.RELEASE} can be built from this nexabind's source pin"
+            hint = f"(only release {pin.RELEASE} can be built from this nexabind's source pin)"
+        elif "nexabind build" in reason:  # the no-artifact message offers the build already
+            hint = f"(a build takes about {_BUILD_MINUTES} minutes; or set NEXABIND_LIB_PATH)"
         else:
             hint = (
-                f"build it from source with `{cmd}` (about {_BUILD_MINUTES} minutes; needs "
+                f"Build it from source with `{cmd}` (about {_BUILD_MINUTES} minutes; needs "
                 "CMake and a C++ compiler), or set NEXABIND_LIB_PATH to a local build"
             )
-        msg = f"{reason}\n{hint}"
-        if "no prebuilt" in reason:
-            raise ManifestError(msg)
-        raise DownloadError(msg)
+        raise type(failure)(f"{reason}\n{hint}") from failure
     _say(
         f"{reason}\nnexabind: building llama.cpp {pin.LLAMA_COMMIT} ({variant}) from source "
         f"instead, as `{cmd}` does; this takes about {_BUILD_MINUTES} minutes",
@@ -895,10 +905,10 @@ def fetch(
     except (ChecksumMismatchError, UnsafeArchiveError, _RefusedURL):
         raise
     except _NothingToDownload as e:
-        return _build_instead(str(e), variant, release, root, build, quiet)
+        return _build_instead(ManifestError(str(e)), variant, release, root, build, quiet)
     except DownloadError as e:
-        reason = f"nothing could be downloaded: {e}"
-        return _build_instead(reason, variant, release, root, build, quiet)
+        failure = DownloadError(f"nothing could be downloaded: {e}")
+        return _build_instead(failure, variant, release, root, build, quiet)
 
 
 class _NothingToDownload(Exception):
