@@ -81,6 +81,7 @@ def test_warm_fetch_as_a_real_process(mirror_server: Server, _isolated_cache: Pa
     cmd = [sys.executable, "-m", "nexabind", "fetch", "--base-url", mirror_server.url]
     cold = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert cold.returncode == 0, cold.stderr
+    assert "downloading" in cold.stderr and "B/s" not in cold.stderr  # no bar off a terminal
     seen = len(mirror_server.log)
     warm = subprocess.run([*cmd, "--offline"], capture_output=True, text=True, env=env)
     assert warm.returncode == 0, warm.stderr
