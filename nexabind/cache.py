@@ -384,9 +384,15 @@ def _unlocked(root: Path, release: str, key: str) -> Any:
 
 
 def remove_stale(root: Path, release: str, key: str, keep: Path | None = None) -> list[Path]:
-    """Remove the staging folders (and partial downloads other than ``keep``) of one artifact.
+    """Remove the staging folders and partial downloads of one artifact, except ``keep``.
 
     The caller must hold that artifact's lock, so nobody else is using them.
+
+    Args:
+        root: The cache root.
+        release: Release tag.
+        key: ``os-arch-variant``.
+        keep: A file (with its ``.json`` sidecar) or a folder in use, kept with its parents.
 
     Returns:
         What was removed.
@@ -394,8 +400,9 @@ def remove_stale(root: Path, release: str, key: str, keep: Path | None = None) -
     removed = []
     prefix = f"{release}{SEP}{key}{SEP}"
     for p in sorted((root / "tmp").glob(f"{prefix}*")):
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if keep is None or not keep.is_relative_to(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     for p in sorted((root / "downloads").glob(f"{prefix}*")):
         if keep is None or p.name not in (keep.name, keep.name + ".json"):
             p.unlink(missing_ok=True)

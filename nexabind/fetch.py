@@ -822,13 +822,23 @@ def _build_instead(
 
     from nexabind.build import build as build_from_source
 
-    with tempfile.TemporaryDirectory(dir=root / "tmp", prefix="build-") as out:
-        progress = (not quiet) and sys.stderr.isatty()
-        build_from_source(variant, out=out, progress=progress)
-        data = json.loads((Path(out) / "manifest.json").read_text())
-        entry = next(a for a in data["artifacts"] if a["variant"] == variant)
-        archive = Path(out) / entry["name"]
-        return install_archive(archive, entry, release, cache_dir=root, source="nexabind build")
+    key = f"{os_name}-{arch}-{variant}"
+    # Under the artifact's lock: a concurrent fetch waits and then finds the install, and
+    # `nexabind clean` leaves the build folder alone (a killed build's folder it removes).
+    with cache.file_lock(root, release, key):
+        hit = cache.find(release, key, root)
+        if hit is not None:
+            return hit.lib
+        prefix = f"{release}{cache.SEP}{key}{cache.SEP}build-"
+        with tempfile.TemporaryDirectory(dir=root / "tmp", prefix=prefix) as out:
+            progress = (not quiet) and sys.stderr.isatty()
+            build_from_source(variant, out=out, progress=progress)
+            data = json.loads((Path(out) / "manifest.json").read_text())
+            entry = next(a for a in data["artifacts"] if a["variant"] == variant)
+            archive = Path(out) / entry["name"]
+            return _install_locked(
+                root, archive, entry, release, source="nexabind build", force=True, checked=False
+            )
 
 
 def fetch(
