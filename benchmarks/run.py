@@ -30,6 +30,16 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 START, END = "<!-- table:start -->", "<!-- table:end -->"
+SECTIONS = [
+    "decode",
+    "decode vs llama-cpp-python",
+    "prefill",
+    "per-token cost in Python",
+    "embeddings",
+    "startup",
+    "memory",
+    "fetch",
+]
 
 
 def machine(libdir: Path | None) -> dict[str, Any]:
@@ -115,6 +125,10 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "smaller) than the baseline, the median of the per-round ratios of interleaved rounds.",
         "",
     ]
+    first = {s: i for i, s in reversed(list(enumerate(r["section"] for r in rows)))}
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    # Known sections in reading order, others after them; stable, so each suite's order stays.
+    rows = sorted(rows, key=lambda r: (order.get(r["section"], len(order)), first[r["section"]]))
     section = None
     for r in rows:
         if r["section"] != section:
@@ -128,7 +142,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
             ]
         goal = ""
         if r.get("goal") is not None:
-            goal = f">= {r['goal']:g}x " + ("met" if r["met"] else "**missed**")
+            goal = f">= {r['goal']:.3g}x " + ("met" if r["met"] else "**missed**")
         lines.append(
             f"| {r['case']} | {r['contender']} | {fmt(r['value'], r['unit'])} | {r['unit']} | "
             f"{r.get('baseline') or ''} | {fmt(r.get('ratio'), 'ratio')} | {goal} | "

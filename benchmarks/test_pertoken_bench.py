@@ -45,6 +45,18 @@ def test_bytes_per_token(benchmark: Any, rows: Any, bench: Any, model_name: str)
     )
     rows(
         "per-token cost in Python",
+        f"Llama.generate, {out['split_n']} tokens, {model_name} model",
+        "time outside llama_decode and sampling",
+        out["us_outside"],
+        "us/token",
+        note=(
+            f"{out['us_outside'] / out['us_per_token']:.2%} of {out['us_per_token']:.0f} "
+            f"us/token; llama_decode {out['us_in_decode']:.0f} us, sampling "
+            f"{out['us_in_sample']:.1f} us (timed around the loop's steps)"
+        ),
+    )
+    rows(
+        "per-token cost in Python",
         case,
         "peak growth over the loop (tracemalloc)",
         out["peak_growth_bytes"],

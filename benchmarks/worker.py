@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,16 @@ def rss_kib() -> int:
 
 
 def peak_rss_kib() -> int:
-    """Peak resident set size of this process, in KiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process, in KiB.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child started by a big
+    parent would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
 
 
 def loaded_llama_paths() -> list[str]:
@@ -286,6 +293,8 @@ def pertoken(cfg: dict[str, Any]) -> dict[str, Any]:
         if s.size_diff
     ]
     llm.reset()
+    split = time_split(llm, prompt, n_gen, greedy)
+    llm.reset()
     prof = cProfile.Profile()
     prof.enable()
     for _ in llm.generate(prompt, max_tokens=n_gen, **greedy):
@@ -301,6 +310,63 @@ def pertoken(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_growth_bytes": peak - cur0,
         "top_growth": top,
         "profile": buf.getvalue(),
+        **split,
+    }
+
+
+def time_split(llm: Any, prompt: list[int], n_gen: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """Per-token time of ``Llama.generate`` inside and outside llama.cpp's decode and sampling.
+
+    The loop's ``sample`` and ``feed`` steps (``Context.token_steps``) are wrapped with a
+    timer, so the rest is the time the loop spends in Python; the timer's own cost is measured
+    and taken out. Every round trip through the iterator is included.
+    """
+    from nexabind import lowlevel
+
+    orig = lowlevel.Context.token_steps
+    acc = [0.0, 0.0]
+
+    def token_steps(self: Any, sampler: Any) -> Any:
+        steps = orig(self, sampler)
+        sample_c, feed_c = steps.sample, steps.feed
+
+        def sample() -> int:
+            t0 = perf()
+            tok = sample_c()
+            acc[0] += perf() - t0
+            return tok
+
+        def feed(tok: int, pos: int) -> None:
+            t0 = perf()
+            feed_c(tok, pos)
+            acc[1] += perf() - t0
+
+        return steps._replace(sample=sample, feed=feed)
+
+    # The timer's cost: two perf_counter calls and a float addition, per wrapped call.
+    t0 = perf()
+    for _ in range(10000):
+        t1 = perf()
+        acc[0] += perf() - t1
+    timer = (perf() - t0) / 10000
+    acc[0] = 0.0
+    lowlevel.Context.token_steps = token_steps
+    try:
+        it = llm.generate(prompt, max_tokens=n_gen, **opts)
+        next(it)  # the prompt's decode and the first token are not per-token work
+        acc[0] = acc[1] = 0.0
+        t0 = perf()
+        n = sum(1 for _ in it)
+        total = perf() - t0
+    finally:
+        lowlevel.Context.token_steps = orig
+    outside = total - acc[0] - acc[1] - 2 * n * timer
+    return {
+        "split_n": n,
+        "us_per_token": total / n * 1e6,
+        "us_in_decode": acc[1] / n * 1e6,
+        "us_in_sample": acc[0] / n * 1e6,
+        "us_outside": outside / n * 1e6,
     }
 
 
