@@ -35,6 +35,7 @@ SECTIONS = [
     "decode vs llama-cpp-python",
     "prefill",
     "per-token cost in Python",
+    "per-token instructions (valgrind)",
     "embeddings",
     "startup",
     "memory",

@@ -54,7 +54,11 @@ def test_prefill(benchmark: Any, rows: Any, bench: Any, model_name: str) -> None
             "tok/s",
             baseline=NAMES["native"],
             ratio=harness.ratio(results["native"], res),
-            note=f"{t * 1e3:.2f} ms; spread {harness.spread(res):.0%}",
+            note=(
+                f"{t * 1e3:.2f} ms; CPU-time ratio "
+                f"{harness.ratio(results['native'], res, 'cpu_s'):.3f}; "
+                f"spread {harness.spread(res):.0%}"
+            ),
         )
     if bench.lcpp_missing is not None:
         rows("prefill", f"{model_name} model", "llama-cpp-python", 0, "-", note=bench.lcpp_missing)

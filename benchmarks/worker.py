@@ -201,9 +201,10 @@ def serve(llm: Any, call: Any) -> None:
         if cmd != "RUN":
             continue
         llm.reset()
-        t0 = perf()
+        c0, t0 = time.process_time(), perf()
         res = call()
         res["seconds"] = perf() - t0
+        res["cpu_s"] = time.process_time() - c0
         emit(res)
     emit({"peak_rss_kib": peak_rss_kib(), "rss_kib": rss_kib()})
     llm.close()

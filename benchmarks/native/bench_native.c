@@ -23,11 +23,13 @@
 #include "ggml-backend.h"
 #include "llama.h"
 
-static double now_s(void) {
+static double clock_s(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
+
+static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
 
 // VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a program started by a big
 // parent would report the parent's peak.
@@ -115,7 +117,7 @@ static int run_generate(struct llama_model *model, int threads, int n_ctx, int n
         if (strncmp(line, "RUN", 3) != 0) continue;
         llama_memory_clear(llama_get_memory(ctx), true);
         llama_sampler_reset(chain);
-        double t_decode = 0.0, t0 = now_s(), t1;
+        double t_decode = 0.0, c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t0 = now_s(), t1;
         int pos = 0, rc = 0;
         for (int i = 0; i < n_prompt && rc == 0; i += n_batch) {
             int n = n_prompt - i < n_batch ? n_prompt - i : n_batch;
@@ -143,15 +145,15 @@ static int run_generate(struct llama_model *model, int threads, int n_ctx, int n
             rc = llama_decode(ctx, one);
             t_decode += now_s() - t1;
         }
-        double t_total = now_s() - t0;
+        double t_total = now_s() - t0, c_total = clock_s(CLOCK_PROCESS_CPUTIME_ID) - c0;
         if (rc != 0) {
             printf("{\"error\": \"llama_decode returned %d\"}\n", rc);
             fflush(stdout);
             continue;
         }
-        printf("{\"n_prompt\": %d, \"n_gen\": %d, \"seconds\": %.9f, \"prefill_s\": %.9f, "
-               "\"decode_s\": %.9f, \"n_bytes\": %ld, \"tokens\": [",
-               n_prompt, n_out, t_total, t_prefill, t_decode, n_bytes);
+        printf("{\"n_prompt\": %d, \"n_gen\": %d, \"seconds\": %.9f, \"cpu_s\": %.9f, "
+               "\"prefill_s\": %.9f, \"decode_s\": %.9f, \"n_bytes\": %ld, \"tokens\": [",
+               n_prompt, n_out, t_total, c_total, t_prefill, t_decode, n_bytes);
         for (int i = 0; i < n_out; i++) printf(i ? ",%d" : "%d", out[i]);
         printf("]}\n");
         fflush(stdout);
