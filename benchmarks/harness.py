@@ -143,6 +143,8 @@ def lcpp_available() -> str | None:
     """None when llama-cpp-python can be imported, else why not (said in the table)."""
     import importlib.util
 
+    if os.environ.get("NEXABIND_BENCH_NO_LCPP"):
+        return "llama-cpp-python left out (NEXABIND_BENCH_NO_LCPP is set): its rows are skipped"
     if importlib.util.find_spec("llama_cpp") is None:
         return (
             "llama-cpp-python is not installed: its rows are skipped. Install it without "

@@ -108,7 +108,7 @@ def rows_from(bench_json: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fmt(v: float | None, unit: str = "") -> str:
-    if v is None:
+    if v is None or unit == "-":
         return ""
     if unit in ("tok/s", "texts/s"):
         return f"{v:,.0f}"
@@ -171,6 +171,11 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # the suites fail with the same message; say it up front
         print(f"run.py: {e}", file=sys.stderr)
         libdir = None
+    from harness import lcpp_available
+
+    missing = lcpp_available()
+    if missing:
+        print(f"run.py: {missing}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     raw = RESULTS / "pytest-benchmark.json"
     raw.unlink(missing_ok=True)
