@@ -733,6 +733,14 @@ def _network_error(e: Exception) -> bool:
     )  # fmt: skip
 
 
+def _unresolvable(e: Exception) -> bool:
+    """Whether a requests error is a failed DNS lookup (no network, or no such host)."""
+    import urllib3
+
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    return isinstance(reason, getattr(urllib3.exceptions, "NameResolutionError", ()))
+
+
 def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float]) -> bytes:
     if urlsplit(url).scheme == "file":
         path = Path(unquote(urlsplit(url).path))
@@ -762,6 +770,8 @@ def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float]) -> 
                 if not _network_error(e):
                     raise
                 last = f"{type(e).__name__}: {e}"
+                if _unresolvable(e):
+                    break  # the name will not resolve a second later either
     finally:
         session.close()
     msg = f"cannot read the release manifest {url}: {last}"

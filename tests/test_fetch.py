@@ -472,6 +472,19 @@ def test_unreachable_host_builds_from_source(
     )
 
 
+def test_a_name_that_does_not_resolve_is_not_retried() -> None:
+    """A failed DNS lookup (RFC 2606 `.invalid`) ends the manifest request at once."""
+    import requests
+
+    from nexabind.fetch import _unresolvable
+
+    with pytest.raises(requests.ConnectionError) as e:
+        requests.get("https://releases.nexabind.invalid/manifest.json", timeout=10)
+    assert _unresolvable(e.value)
+    server_down = requests.ConnectionError(OSError("connection refused"))
+    assert not _unresolvable(server_down)
+
+
 # --- concurrency and crashes -------------------------------------------------------------------
 
 
