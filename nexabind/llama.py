@@ -15,9 +15,11 @@ import codecs
 import functools
 import os
 import struct
+import sys
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,7 +184,10 @@ class Llama:
         self.seed = seed
         self.chat_template = chat_template
         self.verbose = verbose
-        self._tokens: list[int] = []
+        # The tokens in the KV cache, in order: one int32 slot per context cell, allocated once
+        # and written in place, so the decode loop keeps no object per token.
+        self._tokens = array("i", bytes(4 * self._ctx.n_ctx))
+        self._n_tokens = 0
         self._cancel = threading.Event()
         self.n_decoded_tokens = 0
         """Tokens decoded by this object so far (prompt and generated)."""
@@ -265,7 +270,7 @@ class Llama:
     def reset(self) -> None:
         """Forget the KV cache; the next call decodes its whole prompt."""
         self._check().clear()
-        self._tokens = []
+        self._n_tokens = 0
         self._epoch += 1
 
     def cancel(self) -> None:
@@ -293,23 +298,28 @@ class Llama:
                 "shorten the prompt or create the Llama with a larger n_ctx"
             )
             raise ContextOverflowError(msg)
-        old = self._tokens
-        n = 0
-        lim = min(len(old), len(tokens) - 1)  # always decode at least one token for logits
-        while n < lim and old[n] == tokens[n]:
-            n += 1
-        if n < len(old) and not ctx.seq_rm(0, n, -1):
+        import numpy as np
+
+        new = np.asarray(tokens, dtype=np.int32)
+        hist = np.frombuffer(self._tokens, dtype=np.int32)
+        n_old = self._n_tokens
+        lim = min(n_old, len(new) - 1)  # always decode at least one token for logits
+        diff = np.flatnonzero(hist[:lim] != new[:lim])
+        n = int(diff[0]) if diff.size else lim
+        if n < n_old and not ctx.seq_rm(0, n, -1):
             ctx.clear()
             n = 0
-        self._tokens = tokens[:n]
+        m = len(new)
+        self._n_tokens = n
+        hist[n:m] = new[n:]
         step = ctx.n_batch
         self.n_prompt_tokens_decoded = 0
         try:
-            for i in range(n, len(tokens), step):
-                chunk = tokens[i : i + step]
-                ctx.batch.set(chunk, i)
+            for i in range(n, m, step):
+                chunk = hist[i : min(i + step, m)]
+                ctx.batch.set_array(chunk, i)
                 ctx.decode()
-                self._tokens.extend(chunk)
+                self._n_tokens = i + len(chunk)
                 self.n_prompt_tokens_decoded += len(chunk)
                 self.n_decoded_tokens += len(chunk)
         except BaseException:
@@ -408,7 +418,7 @@ class Llama:
         n_ctx = ctx.n_ctx
         limit = max_tokens if max_tokens and max_tokens > 0 else None
         if limit is None and not context_shift:
-            limit = n_ctx - len(self._tokens)
+            limit = n_ctx - self._n_tokens
         # Hot-loop locals: the C calls are bound once by token_steps; nothing is allocated or
         # looked up by name per token.
         sample, is_eog, piece, feed = ctx.token_steps(sampler)
@@ -416,8 +426,8 @@ class Llama:
         new = tuple.__new__  # Token(...) through its Python-level __new__ costs more
         dec = codecs.getincrementaldecoder("utf-8")("replace").decode
         matcher = _StopMatcher(stops) if stops else None
-        toks = self._tokens
-        n_past = len(toks)
+        hist = self._tokens  # n_ctx int32 slots: storing a token allocates nothing
+        n_past = self._n_tokens
         n_gen = 0
         n_fed = 0
         epoch = self._epoch
@@ -470,7 +480,6 @@ class Llama:
                         )
                         raise ContextOverflowError(msg)
                     n_past = self._shift(ctx)
-                    toks = self._tokens
                 try:
                     feed(tok, n_past)
                 except DecodeCancelled:
@@ -480,8 +489,9 @@ class Llama:
                 except NexabindError:
                     self.reset()
                     raise
-                toks.append(tok)
+                hist[n_past] = tok
                 n_past += 1
+                self._n_tokens = n_past  # in step with the cache even if the caller stops here
                 n_fed += 1
         finally:
             # Counters are written once, not per token (also when the caller breaks out).
@@ -490,13 +500,15 @@ class Llama:
 
     def _shift(self, ctx: lowlevel.Context) -> int:
         """Drop the older half of the context after the first token; return the new length."""
-        n = len(self._tokens)
+        n = self._n_tokens
         n_keep = 1
         n_discard = (n - n_keep) // 2
         ctx.seq_rm(0, n_keep, n_keep + n_discard)
         ctx.seq_add(0, n_keep + n_discard, n, -n_discard)
-        del self._tokens[n_keep : n_keep + n_discard]
-        return len(self._tokens)
+        hist = self._tokens
+        hist[n_keep : n - n_discard] = hist[n_keep + n_discard : n]  # the tail moves down
+        self._n_tokens = n - n_discard
+        return self._n_tokens
 
     @staticmethod
     def _logprobs(
@@ -895,7 +907,7 @@ class Llama:
                     raise ContextOverflowError(msg)
                 toks = toks[:max_len]
             seqs.append(toks)
-        self._tokens = []
+        self._n_tokens = 0
         self._epoch += 1
         batch = ctx.batch
         # llama.cpp splits a multi-sequence batch into equal-length slices per sequence and
@@ -959,13 +971,11 @@ class Llama:
         """
         ctx = self._check()
         payload = ctx.state_get()
-        toks = self._tokens
-        blob = (
-            _STATE_MAGIC
-            + struct.pack("<I", len(toks))
-            + struct.pack(f"<{len(toks)}i", *toks)
-            + payload
-        )
+        n = self._n_tokens
+        toks = self._tokens[:n]
+        if sys.byteorder == "big":
+            toks.byteswap()  # the state stores little-endian int32
+        blob = _STATE_MAGIC + struct.pack("<I", n) + toks.tobytes() + payload
         if path is not None:
             Path(path).write_bytes(blob)
         return blob
@@ -982,12 +992,24 @@ class Llama:
             msg = "not a nexabind state (bad header); use bytes from Llama.save_state()"
             raise StateError(msg)
         (n,) = struct.unpack_from("<I", data, 8)
-        toks = list(struct.unpack_from(f"<{n}i", data, 12))
+        if len(data) < 12 + 4 * n:
+            msg = f"the state is cut short ({len(data)} bytes for {n} tokens); save it again"
+            raise StateError(msg)
+        if n > ctx.n_ctx:
+            msg = (
+                f"the state holds {n} tokens but this context holds {ctx.n_ctx}; load it into "
+                "a Llama with the same n_ctx as the one that saved it"
+            )
+            raise StateError(msg)
+        toks = array("i", data[12 : 12 + 4 * n])
+        if sys.byteorder == "big":
+            toks.byteswap()
         payload = data[12 + 4 * n :]
         try:
             ctx.state_set(payload)
         except StateError:
             self.reset()
             raise
-        self._tokens = toks
+        self._tokens[:n] = toks
+        self._n_tokens = n
         self._epoch += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def test_state_round_trip_continues_identically(llm: Llama, tmp_path: Path) -> N
     prompt = llm.tokenize("Hello world")
     list(llm.generate(prompt, max_tokens=1, **GREEDY))
     state = llm.save_state(tmp_path / "state.bin")
-    cont = llm._tokens + [1]  # noqa: SLF001 - the exact tokens in the cache
+    cont = llm._tokens[: llm._n_tokens].tolist() + [1]  # noqa: SLF001 - the tokens in the cache
     expected = [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)]
     llm.reset()
     llm.load_state(state)
@@ -129,9 +130,74 @@ def test_state_round_trip_continues_identically(llm: Llama, tmp_path: Path) -> N
     assert [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)] == expected
 
 
+def test_decode_loop_keeps_no_memory_per_token(libdir: Path, tiny_model: Path) -> None:
+    # The token history is a fixed int32 buffer: generating keeps no Python object per token
+    # (a list of ints kept about 40 bytes each).
+    n_warm, n_measured = 50, 500
+    n_total = n_warm + n_measured + 10  # both readings are taken in the middle of the loop
+    with Llama(tiny_model, n_ctx=1024, n_threads=1, lib_path=libdir) as llm:
+        opts = {**GREEDY, "logit_bias": {llm.token_eos(): float("-inf")}}
+        for _ in llm.generate("Hello", max_tokens=n_total, **opts):
+            pass  # warm caches and free lists
+        it = llm.generate("Hello", max_tokens=n_total, **opts)
+        tracemalloc.start()
+        try:
+            for _ in range(n_warm):  # also what tracing itself allocates once
+                next(it)
+            before, _ = tracemalloc.get_traced_memory()
+            for _ in range(n_measured):
+                next(it)
+            after, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert sum(1 for _ in it) == n_total - n_warm - n_measured
+        kept = after - before
+        assert kept / n_measured < 1, f"{kept} bytes kept over {n_measured} tokens"
+
+
+def test_context_shift_keeps_the_history_in_step(libdir: Path, tiny_model: Path) -> None:
+    # After shifts the history must still match the cache: a prompt equal to it decodes one
+    # token, and its continuation equals that of a fresh context given the same tokens.
+    with Llama(tiny_model, n_ctx=64, n_threads=1, lib_path=libdir) as llm:
+        n_ctx = llm.n_ctx()  # llama.cpp may round it up
+        n_gen = 2 * n_ctx + 10  # at least two shifts
+        opts = {**GREEDY, "logit_bias": {llm.token_eos(): float("-inf")}}
+        toks = [t.id for t in llm.generate("Hello", max_tokens=n_gen, context_shift=True, **opts)]
+        assert len(toks) == n_gen
+        kept = llm._tokens[: llm._n_tokens].tolist()  # noqa: SLF001 - the tokens in the cache
+        assert len(kept) < n_ctx
+        assert kept[0] == llm.tokenize("Hello")[0]
+        assert kept[-1] == toks[-2]  # the last token is sampled but never fed
+        nxt = [t.id for t in llm.generate(kept + [toks[-1]], max_tokens=5, **GREEDY)]
+        assert llm.n_prompt_tokens_decoded == 1
+    with Llama(tiny_model, n_ctx=n_ctx, n_threads=1, lib_path=libdir) as fresh:
+        assert [t.id for t in fresh.generate(kept + [toks[-1]], max_tokens=5, **GREEDY)] == nxt
+
+
+def test_state_of_another_context_size_is_refused(
+    llm: Llama, libdir: Path, tiny_model: Path
+) -> None:
+    with Llama(tiny_model, n_ctx=16, n_threads=1, lib_path=libdir) as small:
+        n_small = small.n_ctx()  # llama.cpp may round it up
+        assert n_small < llm.n_ctx()
+        opts = {**GREEDY, "logit_bias": {llm.token_eos(): float("-inf")}}
+        list(llm.generate("Hello world", max_tokens=n_small + 10, **opts))
+        state = llm.save_state()
+        with pytest.raises(StateError, match="same n_ctx"):
+            small.load_state(state)
+        list(small.generate("Hello", max_tokens=3, **GREEDY))  # still usable
+
+
 def test_bad_state_is_refused(llm: Llama) -> None:
     with pytest.raises(StateError, match="not a nexabind state"):
         llm.load_state(b"garbage")
+
+
+def test_truncated_state_is_refused(llm: Llama) -> None:
+    list(llm.generate("Hello world", max_tokens=5, **GREEDY))
+    state = llm.save_state()
+    with pytest.raises(StateError, match="cut short"):
+        llm.load_state(state[:20])
 
 
 def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path) -> None:
