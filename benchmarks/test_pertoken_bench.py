@@ -41,7 +41,13 @@ def test_bytes_per_token(benchmark: Any, rows: Any, bench: Any, model_name: str)
         "bytes kept per token (tracemalloc)",
         kept,
         "B/token",
-        note=f"goal 0: {'met' if kept <= 0 else 'missed'}" + (f"; {where}" if where else ""),
+        # Anything kept per token is at least one Python object (>= 16 B) per token; what
+        # is left below 1 B/token is a fixed few hundred bytes over the whole window.
+        note=(
+            f"goal 0 per token: {'met' if kept < 1 else 'missed'} "
+            f"({out['kept_bytes']:+d} B in all over {out['n_window']} tokens)"
+            + (f"; {where}" if where else "")
+        ),
     )
     rows(
         "per-token cost in Python",

@@ -279,13 +279,20 @@ def pertoken(cfg: dict[str, Any]) -> dict[str, Any]:
         next(it)
     tracemalloc.start(8)
     before = tracemalloc.take_snapshot()
-    cur0, _ = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
-    n = 0
+    # Both readings are taken inside the loop, a few tokens apart from tracemalloc's own
+    # snapshot and before the generator ends (its finish reason and counters are set once
+    # per call): the difference is what the loop keeps per token.
+    n, first, last = 0, 10, n_gen - warm - 1
+    cur0 = cur1 = peak = 0
     for _ in it:
         n += 1
-    cur1, peak = tracemalloc.get_traced_memory()
-    after = tracemalloc.take_snapshot()
+        if n == first:
+            cur0, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+        elif n == last:
+            cur1, peak = tracemalloc.get_traced_memory()
+            after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     top = [
         # traceback[-1] is the frame that allocated (frames run from the oldest).
@@ -306,7 +313,8 @@ def pertoken(cfg: dict[str, Any]) -> dict[str, Any]:
     llm.close()
     return {
         "n_measured": n,
-        "kept_bytes_per_token": (cur1 - cur0) / max(n, 1),
+        "n_window": last - first,
+        "kept_bytes_per_token": (cur1 - cur0) / (last - first),
         "kept_bytes": cur1 - cur0,
         "peak_growth_bytes": peak - cur0,
         "top_growth": top,
