@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from nexabind import loader
 from nexabind._ffi import ffi
@@ -59,6 +59,7 @@ def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
 
 
 _native_log = logging.getLogger("nexabind.llama")
+_O = TypeVar("_O", bound="_Owned")
 _verbose_handler: logging.Handler | None = None
 
 
@@ -166,7 +167,35 @@ def _flash_attn_name(value: bool | str | None) -> str:
     raise ValueError(msg)
 
 
-class Model:
+class _Owned:
+    """``closed``, ``with`` and the closed check of an object that owns a llama.cpp pointer."""
+
+    _ptr: Any = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _closed_error(self) -> Exception:
+        raise NotImplementedError
+
+    def __enter__(self: _O) -> _O:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self) -> Any:
+        if self.closed:
+            raise self._closed_error()
+        return self._ptr
+
+
+class Model(_Owned):
     """A loaded GGUF model (weights and vocabulary).
 
     Args:
@@ -251,17 +280,8 @@ class Model:
         if self._closing and self._users == 0:
             self.close()
 
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check(self) -> Any:
-        if self._ptr is None or self._closing:
-            msg = f"model {self.path} is closed; load it again"
-            raise ModelLoadError(msg)
-        return self._ptr
+    def _closed_error(self) -> Exception:
+        return ModelLoadError(f"model {self.path} is closed; load it again")
 
     def _checked_vocab(self) -> Any:
         self._check()
@@ -553,7 +573,7 @@ class CancelFlag:
         self.on = value
 
 
-class Context:
+class Context(_Owned):
     """An inference context (KV cache, threads) over a :class:`Model`.
 
     Args:
@@ -658,11 +678,6 @@ class Context:
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._ptr is None
-
     def close(self) -> None:
         """Free the context now (the model stays open); safe to call more than once."""
         if getattr(self, "_ptr", None) is not None:
@@ -671,17 +686,8 @@ class Context:
             self.batch.close()
             self.model._release_user()
 
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check(self) -> Any:
-        if self._ptr is None:
-            msg = "context is closed; create a new one"
-            raise ContextError(msg)
-        return self._ptr
+    def _closed_error(self) -> Exception:
+        return ContextError("context is closed; create a new one")
 
     @property
     def n_threads(self) -> int:
@@ -963,7 +969,7 @@ class LogitsView:
         return self._arr
 
 
-class SamplerChain:
+class SamplerChain(_Owned):
     """A llama.cpp sampler chain, built step by step in the order the samplers are added.
 
     Each ``add_*`` method appends one llama.cpp sampler (the chain owns it) and returns the
@@ -981,28 +987,14 @@ class SamplerChain:
         self._add = L.llama_sampler_chain_add
         self._sample = L.llama_sampler_sample
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._ptr is None
-
     def close(self) -> None:
         """Free the chain and its samplers; safe to call more than once."""
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> SamplerChain:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check(self) -> Any:
-        if self._ptr is None:
-            msg = "the sampler chain is closed; build a new one"
-            raise ContextError(msg)
-        return self._ptr
+    def _closed_error(self) -> Exception:
+        return ContextError("the sampler chain is closed; build a new one")
 
     def _append(self, sampler: Any) -> SamplerChain:
         self._add(self._check(), sampler)
