@@ -14,12 +14,26 @@ IN_CI = bool(os.environ.get("CI"))
 def libdir() -> Path:
     """The folder of the real llama.cpp build the native tests run against.
 
-    ``.ci/run`` exports ``NEXABIND_LIB_PATH`` (what ``nexabind which`` prints after the build).
+    ``.ci/run`` exports ``NEXABIND_LIB_PATH`` (what ``nexabind which`` prints after the build);
+    without it, the library ``nexabind fetch`` installed in the cache.
     In CI a missing library fails the test; elsewhere it skips with what to run.
     """
     path = os.environ.get("NEXABIND_LIB_PATH")
     if path and Path(path).is_dir():
         return Path(path)
+    if not path:
+        # What `nexabind fetch` installed (the README's first command); child processes of the
+        # tests find it through the same variable as in CI.
+        from nexabind.errors import LibraryNotFoundError
+        from nexabind.loader import library_dir
+
+        try:
+            found = library_dir()
+        except LibraryNotFoundError:
+            pass
+        else:
+            os.environ["NEXABIND_LIB_PATH"] = str(found)
+            return found
     msg = (
         "no llama.cpp library: run `nexabind fetch` and export NEXABIND_LIB_PATH=$(nexabind which)"
     )
