@@ -263,12 +263,16 @@ def _walk(tree: Path) -> Iterator[Path]:
             yield Path(dirpath, name)
 
 
-def write_record(tree: Path, info: dict[str, Any]) -> dict[str, Any]:
+def write_record(
+    tree: Path, info: dict[str, Any], hashes: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Hash every file of a staged tree and write its install record there.
 
     Args:
         tree: The staged entry folder.
         info: What to record besides the files (release, key, artifact, sha256, source).
+        hashes: sha256 already known (taken while extracting), by ``/``-separated path;
+            files not in it are read and hashed.
 
     Returns:
         The record written.
@@ -282,7 +286,7 @@ def write_record(tree: Path, info: dict[str, Any]) -> dict[str, Any]:
         if p.is_symlink():
             links[rel] = os.readlink(p)
         else:
-            files[rel] = sha256_file(p)
+            files[rel] = (hashes or {}).get(rel) or sha256_file(p)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {**info, "installed": now, "files": files, "links": links}
     (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")

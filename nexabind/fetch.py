@@ -14,6 +14,8 @@ installed library returns in the time it takes to start Python.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import json
 import os
@@ -27,9 +29,10 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
 from nexabind import cache, pin
@@ -130,7 +133,7 @@ def _check_common(
 
 def _check_tar_member(
     m: tarfile.TarInfo, seen: _Checked, archive: Path, max_member: int, max_total: int
-) -> None:
+) -> str:
     rel = _check_common(m.name, seen, archive, m.size, max_member, max_total)
     if m.issym():
         if not _inside(rel, m.linkname):
@@ -146,18 +149,98 @@ def _check_tar_member(
     elif not (m.isfile() or m.isdir()):
         msg = f"{archive}: member {m.name!r} is a device or special file; not installed"
         raise UnsafeArchiveError(msg)
+    return rel
 
 
-def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> None:
-    """One streaming pass (the archive is decompressed once): check each member, then write it."""
+# Extraction reads 64 KiB at a time: blocks over glibc's 128 KiB mmap threshold are mapped and
+# unmapped on every read, and a fresh process page-faults its way through each of them (twice
+# the extraction time for the 26 MB CPU artifact).
+_CHUNK = 1 << 16
+
+
+def _write_member(src: IO[bytes], target: Path, mode: int, size: int, what: str) -> str:
+    """Copy one member of ``size`` bytes into a new file; return its sha256, taken on the way.
+
+    One byte more than ``size`` is refused (a zip member may inflate past what it declares).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    left = size + 1
+    with target.open("xb") as out:
+        while chunk := src.read(min(_CHUNK, left)):
+            left -= len(chunk)
+            if left <= 0:
+                raise UnsafeArchiveError(f"{what} is larger than it says; not installed")
+            out.write(chunk)
+            digest.update(chunk)
+    if mode:
+        target.chmod(mode & 0o755 | 0o600)
+    return digest.hexdigest()
+
+
+def _gunzip(archive: Path) -> tuple[io.BufferedIOBase, tuple[type[Exception], ...]]:
+    """The inflated stream of a gzip file, and the errors its decoder raises besides OSError.
+
+    ISA-L's inflate (the ``isal`` package: about 3x zlib's speed) runs in a second thread that
+    releases the GIL, so inflating overlaps writing and hashing; without ``isal``, zlib's.
+    """
+    try:
+        from isal import igzip_threaded, isal_zlib
+    except ImportError:
+        import gzip
+        import zlib
+
+        return gzip.open(archive, "rb"), (zlib.error,)
+    error = cast("type[Exception]", isal_zlib.error)  # a class; its stub says an instance
+    return igzip_threaded.open(archive, "rb", threads=1), (error,)
+
+
+@contextlib.contextmanager
+def _tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
+    """The archive as a streaming tar reader; a gzip stream is read to its end.
+
+    A tar reader stops at the end-of-archive blocks, before the gzip trailer: the stream is
+    drained after the last member so that the trailer's CRC-32 and size are checked too.
+    """
+    with archive.open("rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        with tarfile.open(archive, mode="r|*", bufsize=_CHUNK) as tar:
+            yield tar
+        return
+    raw, errors = _gunzip(archive)
+    try:
+        with raw, tarfile.open(fileobj=raw, mode="r|", bufsize=_CHUNK) as tar:
+            yield tar
+            while raw.read(_CHUNK):
+                pass
+    except errors as e:  # corrupt deflate data
+        raise tarfile.ReadError(str(e)) from e
+
+
+def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> dict[str, str]:
+    """One streaming pass: check each member, then write it; return each file's sha256."""
     seen = _Checked(set(), set())
-    with tarfile.open(archive, mode="r|*", bufsize=1 << 16) as tar:
+    hashes: dict[str, str] = {}
+    with _tar_stream(archive) as tar:
         for m in tar:
-            _check_tar_member(m, seen, archive, max_member, max_total)
-            if hasattr(tarfile, "data_filter"):
-                tar.extract(m, dest, filter="data")
-            else:  # Python without the filter backport: the checks above are the guard
-                tar.extract(m, dest)  # noqa: S202
+            rel = _check_tar_member(m, seen, archive, max_member, max_total)
+            if hasattr(tarfile, "data_filter"):  # tar's own filter, as a second layer
+                m = tarfile.data_filter(m, str(dest))
+            target = dest.joinpath(*rel.split("/")) if rel else dest
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if m.issym():
+                os.symlink(m.linkname, target)
+                continue
+            src = tar.extractfile(m)
+            assert src is not None  # a regular file: the checks refused everything else
+            what = f"{archive}: member {m.name!r}"
+            hashes[rel] = _write_member(src, target, m.mode, m.size, what)
+    return hashes
 
 
 def _check_zip(z: zipfile.ZipFile, archive: Path, max_member: int, max_total: int) -> None:
@@ -173,7 +256,8 @@ def _check_zip(z: zipfile.ZipFile, archive: Path, max_member: int, max_total: in
             raise UnsafeArchiveError(msg)
 
 
-def _extract_zip(z: zipfile.ZipFile, dest: Path, archive: Path) -> None:
+def _extract_zip(z: zipfile.ZipFile, dest: Path, archive: Path) -> dict[str, str]:
+    hashes: dict[str, str] = {}
     for info in z.infolist():
         rel = _check_name(info.filename, archive)
         target = dest.joinpath(*rel.split("/")) if rel else dest
@@ -181,18 +265,11 @@ def _extract_zip(z: zipfile.ZipFile, dest: Path, archive: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        with z.open(info) as src, target.open("xb") as out:
-            # Read one byte more than declared: a member that inflates past its size is refused.
-            left = info.file_size + 1
-            while chunk := src.read(min(1 << 20, left)):
-                left -= len(chunk)
-                if left <= 0:
-                    msg = f"{archive}: member {info.filename!r} is larger than it says"
-                    raise UnsafeArchiveError(msg + "; not installed")
-                out.write(chunk)
-        mode = (info.external_attr >> 16) & 0o777
-        if mode:
-            target.chmod(mode & 0o755 | 0o600)
+        with z.open(info) as src:
+            what = f"{archive}: member {info.filename!r}"
+            mode = (info.external_attr >> 16) & 0o777
+            hashes[rel] = _write_member(src, target, mode, info.file_size, what)
+    return hashes
 
 
 def _check_extracted(dest: Path, archive: Path) -> None:
@@ -212,7 +289,7 @@ def safe_extract(
     *,
     max_member: int = MAX_MEMBER_SIZE,
     max_total: int = MAX_TOTAL_SIZE,
-) -> None:
+) -> dict[str, str]:
     """Extract a ``.tar.gz`` or ``.zip`` into ``dest``, refusing anything that could escape it.
 
     Each member is checked before it is written, so nothing lands outside ``dest``: absolute
@@ -228,6 +305,10 @@ def safe_extract(
         max_member: Largest member in bytes.
         max_total: Largest total unpacked size in bytes.
 
+    Returns:
+        The sha256 of every regular file written, by its ``/``-separated path in ``dest``
+        (hashed as it was written, for the install record).
+
     Raises:
         UnsafeArchiveError: A member is unsafe.
         DownloadError: The file is not a readable archive.
@@ -240,9 +321,9 @@ def safe_extract(
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as z:
                     _check_zip(z, archive, max_member, max_total)
-                    _extract_zip(z, dest, archive)
+                    hashes = _extract_zip(z, dest, archive)
             else:
-                _extract_tar(archive, dest, max_member, max_total)
+                hashes = _extract_tar(archive, dest, max_member, max_total)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             if isinstance(e, tarfile.FilterError):
                 msg = f"{archive}: {e}; not installed"
@@ -254,6 +335,7 @@ def safe_extract(
         if created:
             shutil.rmtree(dest, ignore_errors=True)
         raise
+    return hashes
 
 
 # --- install -------------------------------------------------------------------------------------
@@ -278,12 +360,16 @@ def _check_tree(tree: Path, name: str) -> None:
 
 
 # The child imports the binding first and then waits for the folder on stdin, so its start-up
-# overlaps the extraction; then it does what ``python -m nexabind.loader FOLDER`` does.
+# overlaps the download; then it does what ``python -m nexabind.loader FOLDER`` does, and exits
+# normally (a library that crashes while unloading fails the check), its objects frozen so the
+# interpreter's last collections skip them.
 _SMOKE = (
-    "import sys\n"
+    "import gc, sys\n"
     "from nexabind import _ffi, loader\n"
     "folder = sys.stdin.readline().rstrip('\\n')\n"
-    "sys.exit(loader._main([folder]) if folder else 2)\n"
+    "code = loader._main([folder]) if folder else 2\n"
+    "gc.freeze()\n"
+    "sys.exit(code)\n"
 )
 
 
@@ -306,13 +392,29 @@ def _smoke_load(proc: subprocess.Popen[str], lib: Path) -> None:
         pass  # the child died already; _smoke_finish reports how
 
 
+def _smoke_stop(proc: subprocess.Popen[str]) -> None:
+    """End a child that was not needed (or failed to finish)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+@contextlib.contextmanager
+def _smoke_child() -> Iterator[subprocess.Popen[str]]:
+    """:func:`_smoke_start`, ended on the way out if it was not used."""
+    proc = _smoke_start()
+    try:
+        yield proc
+    finally:
+        _smoke_stop(proc)
+
+
 def _smoke_finish(proc: subprocess.Popen[str], name: str) -> None:
     """Wait for :func:`_smoke_start`'s child; raise saying why it failed."""
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired as e:
-        proc.kill()
-        proc.communicate()
+        _smoke_stop(proc)
         msg = f"loading artifact {name} in a test process did not finish in 300 s; not installed"
         raise LibraryNotFoundError(msg) from e
     if proc.returncode == 0:
@@ -336,6 +438,7 @@ def _install_locked(
     source: str,
     force: bool,
     checked: bool,
+    smoke: subprocess.Popen[str] | None = None,
 ) -> Path:
     key, name = _key(entry), _field(entry, "name") or archive.name
     digest = _field(entry, "sha256")
@@ -350,13 +453,13 @@ def _install_locked(
     cache.remove_stale(root, release, key, keep=archive)
     staging = root / "tmp" / f"{release}{cache.SEP}{key}{cache.SEP}{uuid.uuid4().hex[:12]}"
     tree = staging / "entry"
-    smoke = _smoke_start()
+    smoke = smoke or _smoke_start()
     try:
-        safe_extract(archive, tree)
+        hashes = safe_extract(archive, tree)
         _check_tree(tree, name)
         _smoke_load(smoke, tree / "lib")
         info = {"release": release, "key": key, "artifact": name, "sha256": digest}
-        cache.write_record(tree, {**info, "source": source})
+        cache.write_record(tree, {**info, "source": source}, hashes)
         _smoke_finish(smoke, name)
         dest = cache.entry_dir(release, key, root)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -364,9 +467,7 @@ def _install_locked(
             os.replace(dest, staging / "previous")
         os.replace(tree, dest)
     finally:
-        if smoke.poll() is None:
-            smoke.kill()
-            smoke.communicate()
+        _smoke_stop(smoke)
         shutil.rmtree(staging, ignore_errors=True)
     return dest / "lib"
 
@@ -921,7 +1022,11 @@ def fetch(
         )
         raise CacheError(msg)
     try:
-        return _fetch_online(variant, release, _base_url(base_url), root, force, quiet, allow_http)
+        # The child that smoke-loads the new library starts now: its interpreter's start-up
+        # overlaps importing requests and the download instead of delaying the install.
+        with _smoke_child() as smoke:
+            base = _base_url(base_url)
+            return _fetch_online(variant, release, base, root, force, quiet, allow_http, smoke)
     except (ChecksumMismatchError, UnsafeArchiveError, _RefusedURL):
         raise
     except _NothingToDownload as e:
@@ -943,6 +1048,7 @@ def _fetch_online(
     force: bool,
     quiet: bool | None,
     allow_http: bool,
+    smoke: subprocess.Popen[str],
 ) -> Path:
     from nexabind import manifest as mf
     from nexabind.platform import detect
@@ -992,7 +1098,9 @@ def _fetch_online(
             quiet=quiet,
         )
         try:
-            lib = _install_locked(root, path, art, release, source=url, force=True, checked=True)
+            lib = _install_locked(
+                root, path, art, release, source=url, force=True, checked=True, smoke=smoke
+            )
         finally:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".json").unlink(missing_ok=True)

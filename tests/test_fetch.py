@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,6 +263,55 @@ def test_zip_member_larger_than_it_says_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "x" / "lib" / "a.bin").exists() or (
         (tmp_path / "x" / "lib" / "a.bin").stat().st_size <= 10
     )
+
+
+@pytest.fixture(params=["isal", "zlib"])
+def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """ISA-L's inflate, or zlib's as on a platform without an isal wheel (Windows arm64)."""
+    if request.param == "zlib":
+        monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import ...` fails
+    return request.param
+
+
+def _tree(root: Path) -> list[tuple[str, str, int]]:
+    """Each path under ``root`` with what it holds (a link's target, a file's sha256) and mode."""
+    return [
+        (p.relative_to(root).as_posix(),
+         f"-> {os.readlink(p)}" if p.is_symlink() else "" if p.is_dir() else cache.sha256_file(p),
+         p.lstat().st_mode & (0o777 if not p.is_symlink() else 0))
+        for p in sorted(root.rglob("*"))
+    ]  # fmt: skip
+
+
+def test_extraction_matches_tar_and_hashes_what_it_wrote(
+    inflater: str, release_mirror: Path, tmp_path: Path
+) -> None:
+    """The real artifact, extracted here and by the system's tar: the same tree; and the
+    sha256 taken while writing (the install record's) is that of each file on disk."""
+    if not shutil.which("tar"):
+        pytest.skip("needs tar")
+    ours, theirs = tmp_path / "ours", tmp_path / "tar"
+    hashes = safe_extract(_archive(release_mirror), ours)
+    theirs.mkdir()
+    subprocess.run(["tar", "-xzf", str(_archive(release_mirror)), "-C", str(theirs)], check=True)
+    assert _tree(ours) == _tree(theirs)
+    files = {rel: what for rel, what, _ in _tree(ours) if what and not what.startswith("->")}
+    assert hashes == files
+    assert len(files) > 20 and any(rel.startswith("lib/libllama") for rel in files)
+
+
+def test_corrupt_deflate_data_is_refused(
+    inflater: str, release_mirror: Path, tmp_path: Path
+) -> None:
+    """Bytes flipped inside the compressed stream: an error that says to fetch again, and the
+    half-written folder removed (the sha256 check before it would catch this in a fetch)."""
+    raw = bytearray(_archive(release_mirror).read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DownloadError, match="not a readable artifact archive.*fetch it again"):
+        safe_extract(bad, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
