@@ -677,6 +677,7 @@ def download(
     timeout: tuple[float, float] = (10.0, 30.0),
     progress: bool = False,
     quiet: bool | None = False,
+    session: Any = None,
 ) -> Path:
     """Download ``url`` into ``dest_dir``, resuming a partial of the same file, and verify it.
 
@@ -700,6 +701,8 @@ def download(
         timeout: ``(connect, read)`` timeouts in seconds.
         progress: Show a tqdm bar.
         quiet: No status lines on stderr.
+        session: A ``requests.Session`` to reuse (and its open connections); default: a new
+            one, closed on return.
 
     Returns:
         The verified file (a ``.part`` name; the caller installs and removes it).
@@ -741,7 +744,8 @@ def download(
             raise mismatch(f"size expected {size} bytes, got {got_size}")
         return finish()
 
-    session = _session()
+    own = session is None
+    session = session or _session()
     last = ""
     try:
         for attempt in range(retries + 1):
@@ -817,7 +821,8 @@ def download(
             msg += f"; the {have} bytes received are kept and the next `nexabind fetch` resumes"
         raise DownloadError(msg)
     finally:
-        session.close()
+        if own:
+            session.close()
         bar.close()
         if part.path.is_file() and part.path.stat().st_size == 0:
             part.delete()  # nothing to resume
@@ -842,7 +847,7 @@ def _unresolvable(e: Exception) -> bool:
     return isinstance(reason, getattr(urllib3.exceptions, "NameResolutionError", ()))
 
 
-def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float]) -> bytes:
+def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float], session: Any) -> bytes:
     if urlsplit(url).scheme == "file":
         path = Path(unquote(urlsplit(url).path))
         try:
@@ -850,31 +855,27 @@ def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float]) -> 
         except OSError as e:
             msg = f"cannot read the manifest {path}: {e}"
             raise DownloadError(msg) from e
-    session = _session()
     last = ""
-    try:
-        for attempt in range(3):
-            if attempt:
-                time.sleep(0.5 * 2**attempt)
-            try:
-                with _get(session, url, {}, allow_http, timeout) as r:
-                    if r.status_code >= 500:
-                        last = f"{url} answered {r.status_code} {r.reason}"
-                        continue
-                    if r.status_code != 200:
-                        msg = f"{url} answered {r.status_code} {r.reason} for the release manifest"
-                        raise DownloadError(msg)
-                    return r.content[: 4 << 20]
-            except DownloadError:
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.5 * 2**attempt)
+        try:
+            with _get(session, url, {}, allow_http, timeout) as r:
+                if r.status_code >= 500:
+                    last = f"{url} answered {r.status_code} {r.reason}"
+                    continue
+                if r.status_code != 200:
+                    msg = f"{url} answered {r.status_code} {r.reason} for the release manifest"
+                    raise DownloadError(msg)
+                return r.content[: 4 << 20]
+        except DownloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network errors, see _network_error
+            if not _network_error(e):
                 raise
-            except Exception as e:  # noqa: BLE001 - network errors, see _network_error
-                if not _network_error(e):
-                    raise
-                last = f"{type(e).__name__}: {e}"
-                if _unresolvable(e):
-                    break  # the name will not resolve a second later either
-    finally:
-        session.close()
+            last = f"{type(e).__name__}: {e}"
+            if _unresolvable(e):
+                break  # the name will not resolve a second later either
     msg = f"cannot read the release manifest {url}: {last}"
     raise DownloadError(msg)
 
@@ -1022,11 +1023,9 @@ def fetch(
         )
         raise CacheError(msg)
     try:
-        # The child that smoke-loads the new library starts now: its interpreter's start-up
-        # overlaps importing requests and the download instead of delaying the install.
-        with _smoke_child() as smoke:
+        with contextlib.ExitStack() as stack:  # the children and the HTTP session
             base = _base_url(base_url)
-            return _fetch_online(variant, release, base, root, force, quiet, allow_http, smoke)
+            return _fetch_online(variant, release, base, root, force, quiet, allow_http, stack)
     except (ChecksumMismatchError, UnsafeArchiveError, _RefusedURL):
         raise
     except _NothingToDownload as e:
@@ -1048,20 +1047,24 @@ def _fetch_online(
     force: bool,
     quiet: bool | None,
     allow_http: bool,
-    smoke: subprocess.Popen[str],
+    stack: contextlib.ExitStack,
 ) -> Path:
     from nexabind import manifest as mf
     from nexabind.platform import detect
 
     timeout = (10.0, 30.0)
-    # The GPU probe (a child process) runs while requests is imported and the manifest read.
+    # Two children start first, so that their start-up overlaps importing requests: the one
+    # that will smoke-load the new library, and the GPU probe (which detect() runs).
+    smoke = stack.enter_context(_smoke_child())
     probe = threading.Thread(target=detect, daemon=True)
     probe.start()
+    # One session for the manifest and the artifact: one connection (and TLS handshake) per host.
+    session = None if base.startswith("file:") else stack.enter_context(_session())
     manifest = mf.packaged(release)
     if manifest is None:
         url = f"{base}/{release}/manifest.json"
         manifest = mf.Manifest.from_json(
-            _read_manifest(url, allow_http, timeout), pinned=False, source=url
+            _read_manifest(url, allow_http, timeout, session), pinned=False, source=url
         )
         _say(f"nexabind: using the unpinned manifest {url} (digests not shipped with nexabind)",
              quiet)  # fmt: skip
@@ -1096,6 +1099,7 @@ def _fetch_online(
             timeout=timeout,
             progress=not quiet and sys.stderr.isatty(),
             quiet=quiet,
+            session=session,
         )
         try:
             lib = _install_locked(

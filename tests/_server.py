@@ -33,6 +33,7 @@ class Request:
 
     path: str
     headers: dict[str, str]
+    port: int = 0  # the client's port: one per TCP connection
     status: int = 0
     sent: int = 0
     action: str | None = None
@@ -57,7 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         st = self.state
         path = self.path.split("?")[0]
-        req = Request(path, dict(self.headers))
+        req = Request(path, dict(self.headers), port=self.client_address[1])
         with st.lock:
             st.log.append(req)
             queue = st.plans.get(path)

@@ -337,6 +337,10 @@ def test_fetch_installs_then_needs_no_network(
     entry = _entry(release_mirror)
     assert lib.parent.name == f"{entry['os']}-{entry['arch']}-{entry['variant']}"
     assert _served(mirror_server, _asset(release_mirror)) == entry["size"]
+    # The manifest and the artifact came over one connection (one TLS handshake on https).
+    assert [r.path for r in mirror_server.log] == [f"/{pin.RELEASE}/manifest.json",
+                                                   _asset(release_mirror)]  # fmt: skip
+    assert len({r.port for r in mirror_server.log}) == 1
     assert [r.ok for r in cache.verify()] == [True]
     assert _leftovers(_isolated_cache) == []
     seen = len(mirror_server.log)
