@@ -576,7 +576,7 @@ class Llama:
             msg = f"logprobs={logprobs!r} is invalid; use None or a number of top tokens >= 0"
             raise ValueError(msg)
         tokens = self._as_tokens(prompt)
-        sampling = {
+        sampling: dict[str, Any] = {
             "temperature": temperature,
             "top_k": top_k,
             "top_p": top_p,
@@ -652,7 +652,9 @@ class Llama:
         for t in toks:
             offsets.append(pos)
             pos += len(t.text)
-            top = {text_of(i): lp for i, lp in (t.top_logprobs or {}).items()}
+            top: dict[str, float | None] = {
+                text_of(i): lp for i, lp in (t.top_logprobs or {}).items()
+            }
             top[t.text] = t.logprob
             tops.append(top)
         return {
