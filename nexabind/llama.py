@@ -37,7 +37,7 @@ from nexabind.sampling import SamplingOptions, build_sampler
 __all__ = ["Llama", "Token"]
 
 _STATE_MAGIC = b"NXBSTAT1"
-_EMBED_SEQS = 16  # most sequences packed into one decode by embed()
+_EMBED_SEQS = 64  # most sequences packed into one decode by embed()
 _SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
 
 
@@ -114,8 +114,9 @@ class Llama:
             (to stderr when the application configured no logging); see
             :func:`nexabind.lowlevel.set_verbose`. Off, only warnings and errors reach
             ``logging``.
-        kv_unified: One KV buffer for all sequences (None: llama.cpp's default); lets an
-            embedding context give every packed text the whole context.
+        kv_unified: One KV buffer for all sequences (None: on for an embedding context,
+            llama.cpp's default otherwise). With it, :meth:`embed` packs texts of any lengths
+            into one decode; without it, only texts of one length.
         lib_path: Folder of the llama.cpp libraries (see :func:`nexabind.loader.library_dir`).
 
     Raises:
@@ -158,11 +159,15 @@ class Llama:
         )
         if not n_ctx:
             n_ctx = min(self._model.n_ctx_train or 4096, 4096)
-        # Without a unified KV cache each sequence gets n_ctx / n_seq_max cells: pack only as
-        # many sequences as leave every one a full ubatch of room (a non-causal model needs a
+        # embed() packs texts into one decode as sequences. In one unified KV buffer any
+        # sequence may use the whole context; split, each gets n_ctx / n_seq_max cells: pack
+        # only as many as leave every one a full ubatch of room (a non-causal model needs a
         # whole sequence in one ubatch).
+        if embedding and kv_unified is None:
+            kv_unified = True
         ubatch = min(n_batch, n_ubatch or 512)
-        self._n_seqs = max(1, min(_EMBED_SEQS, n_ctx // ubatch)) if embedding else 1
+        room = _EMBED_SEQS if kv_unified else n_ctx // ubatch
+        self._n_seqs = max(1, min(_EMBED_SEQS, room)) if embedding else 1
         try:
             self._ctx = lowlevel.Context(
                 self._model,
@@ -912,28 +917,29 @@ class Llama:
         self._n_tokens = 0
         self._epoch += 1
         batch = ctx.batch
-        # llama.cpp splits a multi-sequence batch into equal-length slices per sequence and
-        # pools per slice, so only sequences of the same length share a decode.
+        # One decode holds at most a ubatch of tokens (a sequence pooled across two ubatches
+        # would be pooled wrongly). With a unified KV cache llama.cpp takes the sequences as
+        # they come, so texts of any lengths share a decode; with one KV buffer per sequence
+        # it cuts a batch into equal-length slices per sequence, so only texts of one length.
+        mixed = ctx.n_ctx_seq == ctx.n_ctx
         order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
         i = 0
         while i < len(order):
             ctx.clear()
             batch.clear()
             group: list[int] = []
-            n = len(seqs[order[i]])
-            while (
-                i < len(order)
-                and len(group) < self._n_seqs
-                and len(seqs[order[i]]) == n
-                and (len(group) + 1) * n <= ctx.n_ubatch
-            ):
-                k = order[i]
-                for pos, tok in enumerate(seqs[k]):
+            n_tok, first = 0, len(seqs[order[i]])
+            while i < len(order) and len(group) < self._n_seqs:
+                toks = seqs[order[i]]
+                if n_tok + len(toks) > ctx.n_ubatch or not (mixed or len(toks) == first):
+                    break
+                for pos, tok in enumerate(toks):
                     batch.add(tok, pos, len(group), True)
-                group.append(k)
+                group.append(order[i])
+                n_tok += len(toks)
                 i += 1
             ctx.decode()
-            self.n_decoded_tokens += n * len(group)
+            self.n_decoded_tokens += n_tok
             for s_id, k in enumerate(group):
                 out[k] = ctx.embeddings(s_id)
         ctx.clear()

@@ -471,12 +471,18 @@ def test_suffix_is_appended(llm: Llama) -> None:
 def test_embeddings_with_a_unified_kv_cache(libdir: Path, embed_model: Path) -> None:
     texts = ["Hello world", "the cat", "a b c d", "b c"]
     common = {"embedding": True, "n_ctx": 1024, "n_batch": 64, "n_threads": 1, "lib_path": libdir}
-    with Llama(embed_model, **common) as m:
+    with Llama(embed_model, kv_unified=False, **common) as m:
+        lengths = {len(m.tokenize(t)) for t in texts}
+        assert len(lengths) > 1
+        gen = m._ctx.generation  # noqa: SLF001 - decode count
         split = m.embed(texts)
         assert m._ctx.n_ctx_seq < m.n_ctx()  # noqa: SLF001 - each sequence has its share
-    with Llama(embed_model, kv_unified=True, **common) as m:
+        assert m._ctx.generation - gen == len(lengths)  # noqa: SLF001 - a decode per length
+    with Llama(embed_model, **common) as m:  # unified: the default of an embedding context
         assert m._ctx.n_ctx_seq == m.n_ctx()  # noqa: SLF001
+        gen = m._ctx.generation  # noqa: SLF001
         np.testing.assert_allclose(m.embed(texts), split, rtol=1e-4, atol=1e-5)
+        assert m._ctx.generation - gen == 1  # noqa: SLF001 - all four lengths in one decode
 
 
 def test_chat_logprobs_are_the_generation_logprobs(llm: Llama) -> None:
