@@ -273,12 +273,16 @@ def _extract_zip(z: zipfile.ZipFile, dest: Path, archive: Path) -> dict[str, str
 
 
 def _check_extracted(dest: Path, archive: Path) -> None:
-    """Defense in depth: every extracted path resolves inside ``dest``."""
+    """Defense in depth: every extracted link resolves inside ``dest``.
+
+    A path that is not a link leaves the folder only through a link above it, which the walk
+    (it does not follow links) meets and checks first.
+    """
     real = dest.resolve()
     for dirpath, dirnames, filenames in os.walk(dest):
         for name in dirnames + filenames:
             p = Path(dirpath, name)
-            if not p.resolve().is_relative_to(real):
+            if p.is_symlink() and not p.resolve().is_relative_to(real):
                 msg = f"{archive}: {p.relative_to(dest)} resolves outside the folder; not installed"
                 raise UnsafeArchiveError(msg)
 
@@ -439,6 +443,7 @@ def _install_locked(
     force: bool,
     checked: bool,
     smoke: subprocess.Popen[str] | None = None,
+    discard: bool = False,
 ) -> Path:
     key, name = _key(entry), _field(entry, "name") or archive.name
     digest = _field(entry, "sha256")
@@ -458,6 +463,8 @@ def _install_locked(
         hashes = safe_extract(archive, tree)
         _check_tree(tree, name)
         _smoke_load(smoke, tree / "lib")
+        if discard:  # a download, needed no more: deleted while the child loads the library
+            archive.unlink()
         info = {"release": release, "key": key, "artifact": name, "sha256": digest}
         cache.write_record(tree, {**info, "source": source}, hashes)
         _smoke_finish(smoke, name)
@@ -1103,8 +1110,9 @@ def _fetch_online(
         )
         try:
             lib = _install_locked(
-                root, path, art, release, source=url, force=True, checked=True, smoke=smoke
-            )
+                root, path, art, release, source=url, force=True, checked=True, smoke=smoke,
+                discard=True,
+            )  # fmt: skip
         finally:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".json").unlink(missing_ok=True)

@@ -314,6 +314,21 @@ def test_corrupt_deflate_data_is_refused(
     assert not (tmp_path / "x").exists()
 
 
+def test_the_last_check_refuses_a_link_out_of_the_folder(tmp_path: Path) -> None:
+    """The member checks refuse such links before anything is written; the walk over the
+    extracted tree catches one that got there another way (planted while extracting)."""
+    from nexabind.fetch import _check_extracted
+
+    tree = tmp_path / "tree"
+    (tree / "lib").mkdir(parents=True)
+    (tree / "lib" / "libx.so.1").write_bytes(b"lib")
+    (tree / "lib" / "libx.so").symlink_to("libx.so.1")
+    _check_extracted(tree, tmp_path / "a.tar.gz")
+    (tree / "lib" / "up").symlink_to(tmp_path)  # a folder link: what lies under it leaves too
+    with pytest.raises(UnsafeArchiveError, match="lib/up resolves outside the folder"):
+        _check_extracted(tree, tmp_path / "a.tar.gz")
+
+
 def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
     archive = _tar(
         tmp_path / "links.tar.gz",
