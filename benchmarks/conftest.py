@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,21 +70,17 @@ def env(libdir: Path) -> dict[str, str]:
     return harness.worker_env(libdir)
 
 
+@dataclass
 class Bench:
     """What a suite needs to start contenders on one of the benchmark models."""
 
-    def __init__(
-        self,
-        libdir: Path,
-        models: dict[str, Path],
-        native_exe: Path,
-        env: dict[str, str],
-        lcpp_missing: str | None,
-        tmp_path: Path,
-    ) -> None:
-        self.libdir, self.models, self.native_exe = libdir, models, native_exe
-        self.env, self.lcpp_missing, self.tmp_path = env, lcpp_missing, tmp_path
-        self.started: list[harness.Worker] = []
+    libdir: Path
+    models: dict[str, Path]
+    native_exe: Path
+    env: dict[str, str]
+    lcpp_missing: str | None
+    tmp_path: Path
+    started: list[harness.Worker] = field(default_factory=list)
 
     def tokenize(self, text: str, model: str) -> list[int]:
         return harness.tokenize(text, self.models[model], self.libdir)

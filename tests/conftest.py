@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -116,3 +118,23 @@ def mirror_server(release_mirror: Path):
 
     with Server(release_mirror) as server:
         yield server
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A click runner; NEXABIND_LIB_PATH unset, so the commands use the isolated cache."""
+    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+    return CliRunner()
+
+
+@pytest.fixture
+def cli_fetched(runner: CliRunner, mirror_server: Any) -> Path:
+    """`nexabind fetch --quiet` from the loopback mirror: the lib folder it printed."""
+    from nexabind.cli import cli
+
+    r = runner.invoke(cli, ["fetch", "--base-url", mirror_server.url, "--quiet"])
+    assert r.exit_code == 0, r.output
+    return Path(r.stdout.strip())

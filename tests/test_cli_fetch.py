@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from _server import Server
 from click.testing import CliRunner
 
@@ -16,18 +15,10 @@ from nexabind import pin
 from nexabind.cli import cli
 
 
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
-    return CliRunner()
-
-
 def test_fetch_prints_the_lib_folder_then_which_agrees(
-    runner: CliRunner, mirror_server: Server, _isolated_cache: Path
+    runner: CliRunner, cli_fetched: Path, _isolated_cache: Path
 ) -> None:
-    r = runner.invoke(cli, ["fetch", "--base-url", mirror_server.url, "--quiet"])
-    assert r.exit_code == 0, r.output
-    lib = Path(r.stdout.strip())
+    lib = cli_fetched
     assert lib.is_relative_to(_isolated_cache / "libs" / pin.RELEASE) and lib.name == "lib"
     r = runner.invoke(cli, ["fetch", "--offline", "--json"])
     assert r.exit_code == 0, r.output

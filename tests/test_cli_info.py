@@ -10,19 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _server import Server
 from click.testing import CliRunner
 from test_manifest import _six_targets
 
 from nexabind import pin
 from nexabind.cli import cli
 from nexabind.platform import detect, target
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
-    return CliRunner()
 
 
 def _info(runner: CliRunner, *args: str) -> dict[str, Any]:
@@ -169,11 +162,9 @@ def test_info_on_the_real_release_as_a_process(release_mirror: Path, _isolated_c
 
 
 def test_info_shows_the_fetched_library_in_use(
-    runner: CliRunner, mirror_server: Server, release_mirror: Path
+    runner: CliRunner, cli_fetched: Path, release_mirror: Path
 ) -> None:
-    r = runner.invoke(cli, ["fetch", "--base-url", mirror_server.url, "--quiet"])
-    assert r.exit_code == 0, r.output
-    lib = Path(r.stdout.strip())
+    lib = cli_fetched
     report = _info(runner, "--manifest", str(release_mirror / pin.RELEASE / "manifest.json"))
     (entry,) = report["installed"]
     assert entry["key"] == report["choice"]["key"] and entry["in_use"] is True
