@@ -5,8 +5,6 @@ Status goes to stderr, data to stdout; ``--json`` where a script would read the 
 
 from __future__ import annotations
 
-import gc
-
 import click
 
 from nexabind import __version__
@@ -309,13 +307,3 @@ def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
             click.echo(f"device:      {dev['name']} ({dev['description']})")
         click.echo(f"generated:   {report['tokens']} ({report['tok_per_s']} tok/s)")
     click.echo("nexabind doctor: OK", err=True)
-
-
-def main() -> None:
-    """Entry point of the ``nexabind`` console script."""
-    try:
-        cli()
-    finally:
-        # The process ends here: move every object to the permanent generation, so the
-        # interpreter's final collections skip them (~40 ms after a fetch, which imports requests).
-        gc.freeze()
