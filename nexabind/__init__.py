@@ -12,6 +12,7 @@ from nexabind.errors import (
     BuildError,
     CacheError,
     ChecksumMismatchError,
+    ClosedError,
     ContextError,
     ContextOverflowError,
     DecodeCancelled,
@@ -22,6 +23,7 @@ from nexabind.errors import (
     ModelLoadError,
     NexabindError,
     StateError,
+    TemplateError,
     UnsafeArchiveError,
 )
 
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 # Public names that live in modules with heavy imports, resolved on first access (PEP 562).
 _LAZY = {
     "Llama": "nexabind.llama",
-    "Token": "nexabind.llama",
+    "Token": "nexabind.tokens",
     "fetch": "nexabind.fetch",
     "build": "nexabind.build",
 }
@@ -38,13 +40,15 @@ _LAZY = {
 if TYPE_CHECKING:
     from nexabind.build import build
     from nexabind.fetch import fetch
-    from nexabind.llama import Llama, Token
+    from nexabind.llama import Llama
+    from nexabind.tokens import Token
 
 __all__ = [
     "AbiMismatchError",
     "BuildError",
     "CacheError",
     "ChecksumMismatchError",
+    "ClosedError",
     "ContextError",
     "ContextOverflowError",
     "DecodeCancelled",
@@ -56,6 +60,7 @@ __all__ = [
     "ModelLoadError",
     "NexabindError",
     "StateError",
+    "TemplateError",
     "Token",
     "UnsafeArchiveError",
     "__version__",

@@ -12,11 +12,16 @@ import json
 from datetime import datetime
 from typing import Any
 
-__all__ = ["TemplateError", "apply_builtin_template", "render_jinja"]
+from nexabind import lowlevel
+from nexabind.errors import TemplateError
 
-
-class TemplateError(ValueError):
-    """A chat template raised or could not be rendered."""
+__all__ = [
+    "apply_builtin_template",
+    "format_chat",
+    "format_messages",
+    "prompt_tokens",
+    "render_jinja",
+]
 
 
 @functools.lru_cache(maxsize=32)
@@ -91,8 +96,6 @@ def apply_builtin_template(
     Raises:
         TemplateError: llama.cpp does not know the template.
     """
-    from nexabind import lowlevel
-
     pairs = [(str(m["role"]), str(m.get("content") or "")) for m in messages]
     try:
         return lowlevel.chat_template_apply(
@@ -104,3 +107,87 @@ def apply_builtin_template(
             "pass a jinja template with chat_template=..."
         )
         raise TemplateError(msg) from e
+
+
+def format_messages(
+    source: str,
+    messages: list[dict[str, Any]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render ``messages`` with a jinja template, or a llama.cpp built-in one by name.
+
+    Args:
+        source: Jinja template text, or a built-in name (``chatml``, ``llama3``...): text
+            without ``{`` is taken as a name.
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+        bos_token: Text of the BOS token (jinja templates only).
+        eos_token: Text of the EOS token (jinja templates only).
+        add_generation_prompt: End with the assistant's turn header.
+
+    Raises:
+        TemplateError: The template refused the messages, failed, or is unknown.
+    """
+    if "{" not in source:
+        return apply_builtin_template(source, messages, add_generation_prompt=add_generation_prompt)
+    return render_jinja(
+        source,
+        messages,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def _special_text(model: lowlevel.Model, token: int) -> str:
+    return model.token_to_piece(token, special=True).decode() if token >= 0 else ""
+
+
+def format_chat(
+    model: lowlevel.Model,
+    messages: list[dict[str, Any]],
+    *,
+    template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render ``messages`` into a prompt for ``model``.
+
+    Args:
+        model: Gives its own template (when ``template`` is None) and its BOS/EOS text.
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+        template: A jinja template or a llama.cpp built-in name, instead of the model's.
+        add_generation_prompt: End with the assistant's turn header.
+
+    Raises:
+        TemplateError: The model has no chat template and none was given, or the template
+            refused the messages.
+    """
+    src = template or model.chat_template()
+    if src is None:
+        msg = (
+            f"{model.path} has no chat template; pass chat_template= (a jinja template or a "
+            "llama.cpp name such as 'chatml')"
+        )
+        raise TemplateError(msg)
+    return format_messages(
+        src,
+        messages,
+        bos_token=_special_text(model, model.bos),
+        eos_token=_special_text(model, model.eos),
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def prompt_tokens(
+    model: lowlevel.Model, messages: list[dict[str, Any]], *, template: str | None = None
+) -> list[int]:
+    """Render ``messages`` (see :func:`format_chat`) and tokenize the prompt.
+
+    BOS is added unless the template already wrote it; special-token text is parsed.
+    """
+    text = format_chat(model, messages, template=template)
+    bos = _special_text(model, model.bos)
+    add_bos = not (bos and text.startswith(bos))
+    return model.tokenize(text, add_special=add_bos, parse_special=True)

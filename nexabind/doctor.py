@@ -31,7 +31,7 @@ def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
     libdir = loader.loaded_dir()
     report: dict[str, Any] = {
         "libdir": str(libdir),
-        "abi_checked": libdir is not None and loader._abi_file(libdir) is not None,
+        "abi_checked": libdir is not None and loader.abi_file(libdir) is not None,
         "llama_version": lowlevel.version(),
         "system_info": lowlevel.system_info(),
         "devices": lowlevel.devices(),
@@ -40,8 +40,11 @@ def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nexabind-doctor-") as tmp:
         path = Path(tmp) / "tiny.gguf"
         write_random_model(path, ModelSpec())
-        with lowlevel.Model(path) as model, lowlevel.Context(model, n_ctx=128) as ctx:
-            sampler = lowlevel.Sampler(greedy=True)
+        with (
+            lowlevel.Model(path) as model,
+            lowlevel.Context(model, n_ctx=128) as ctx,
+            lowlevel.SamplerChain().add_greedy() as sampler,
+        ):
             prompt = model.tokenize("Hello")
             ctx.batch.set(prompt, 0)
             ctx.decode()
@@ -55,7 +58,6 @@ def diagnose(lib_path: str | None = None, n_tokens: int = 8) -> dict[str, Any]:
                 pos += 1
                 ctx.decode()
             dt = time.perf_counter() - t0
-            sampler.close()
     report["tokens"] = out
     report["tok_per_s"] = round(n_tokens / dt, 1) if dt > 0 else None
     return report

@@ -11,14 +11,18 @@
     │   ├── ChecksumMismatchError   size or sha256 differs from the manifest
     │   └── UnsafeArchiveError      an archive member would land outside its folder
     ├── CacheError                the cache is missing what was asked for, or is damaged
-    ├── ModelLoadError            a model file could not be loaded
-    ├── ContextError              a context could not be created, or is closed
-    ├── DecodeError               llama_decode / llama_encode failed
+    ├── ClosedError               a model, context, sampler or Llama was used after close()
+    ├── ModelLoadError            a model file could not be loaded               (+ ValueError)
+    ├── ContextError              a context could not be created                 (+ ValueError)
+    ├── DecodeError               llama_decode / llama_encode failed           (+ RuntimeError)
     │   └── DecodeCancelled         a decode was aborted through cancel()
-    ├── ContextOverflowError      a prompt or generation does not fit the context
-    └── StateError                saving or restoring context state failed
+    ├── ContextOverflowError      a prompt or generation does not fit the context (+ ValueError)
+    ├── StateError                saving or restoring context state failed
+    └── TemplateError             a chat template refused the messages or failed (+ ValueError)
 
-Bad arguments stay ``ValueError`` / ``TypeError``.
+Bad arguments stay ``ValueError`` / ``TypeError``. Errors that llama-cpp-python raises as a
+builtin exception subclass that builtin too, so ``except ValueError`` keeps working for code
+written against it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "BuildError",
     "CacheError",
     "ChecksumMismatchError",
+    "ClosedError",
     "ContextError",
     "ContextOverflowError",
     "DecodeCancelled",
@@ -38,6 +43,7 @@ __all__ = [
     "ModelLoadError",
     "NexabindError",
     "StateError",
+    "TemplateError",
     "UnsafeArchiveError",
 ]
 
@@ -78,15 +84,19 @@ class CacheError(NexabindError):
     """The cache lacks what was asked for, or an installed entry changed."""
 
 
-class ModelLoadError(NexabindError):
+class ClosedError(NexabindError):
+    """A model, context, sampler chain or ``Llama`` was used after ``close()``."""
+
+
+class ModelLoadError(NexabindError, ValueError):
     """A model file could not be loaded."""
 
 
-class ContextError(NexabindError):
-    """A context could not be created, or was used after close()."""
+class ContextError(NexabindError, ValueError):
+    """A context could not be created (or its logits were read after a later decode)."""
 
 
-class DecodeError(NexabindError):
+class DecodeError(NexabindError, RuntimeError):
     """llama_decode or llama_encode returned an error."""
 
 
@@ -94,9 +104,13 @@ class DecodeCancelled(DecodeError):
     """A running decode was aborted through cancel()."""
 
 
-class ContextOverflowError(NexabindError):
+class ContextOverflowError(NexabindError, ValueError):
     """A prompt or a generation does not fit in the context."""
 
 
 class StateError(NexabindError):
     """Saving or restoring a context's state failed."""
+
+
+class TemplateError(NexabindError, ValueError):
+    """A chat template refused the messages, or could not be rendered."""

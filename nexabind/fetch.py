@@ -365,16 +365,17 @@ def _check_tree(tree: Path, name: str) -> None:
 
 # The child imports everything the load needs (the binding, plus ctypes and _cdef, which the
 # loader imports lazily) and then waits for the folder on stdin, so its start-up overlaps the
-# download; then it does what ``python -m nexabind.loader FOLDER`` does, and exits normally (a
+# download; then it does what ``python -m nexabind.lowlevel FOLDER`` does, and exits normally (a
 # library that crashes while unloading fails the check). It lives briefly: no collections while
 # it imports, and its objects frozen so that the interpreter's last collections skip them.
 _SMOKE = (
     "import gc\n"
     "gc.disable()\n"
     "import ctypes, sys\n"
-    "from nexabind import _cdef, _ffi, loader\n"
+    "from nexabind import _cdef, _ffi\n"
+    "from nexabind.lowlevel import __main__ as smoke\n"
     "folder = sys.stdin.readline().rstrip('\\n')\n"
-    "code = loader._main([folder]) if folder else 2\n"
+    "code = smoke.main([folder]) if folder else 2\n"
     "gc.freeze()\n"
     "sys.exit(code)\n"
 )

@@ -1,7 +1,6 @@
 """Find, load and ABI-check the llama.cpp shared libraries, once per process.
 
-``python -m nexabind.loader [LIBDIR]`` loads and checks a library folder in a fresh process and
-prints JSON; the exit status is 0 on success (installers use it as a smoke test).
+Nothing here calls into the library: :func:`nexabind.lowlevel.lib` sets it up once loaded.
 """
 
 from __future__ import annotations
@@ -12,17 +11,16 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
 
-__all__ = ["check_abi", "library_dir", "load", "loaded_dir"]
+__all__ = ["Handles", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
 
 log = logging.getLogger("nexabind.loader")
 
 _lock = threading.Lock()
-_lib: Any = None
-_libdir: Path | None = None
+_handles: Handles | None = None
 
 if sys.platform == "win32":
     _NAMES = ("ggml-base.dll", "ggml.dll", "llama.dll")
@@ -94,7 +92,8 @@ def library_dir(lib_path: str | os.PathLike[str] | None = None) -> Path:
     raise LibraryNotFoundError(msg)
 
 
-def _abi_file(libdir: Path) -> Path | None:
+def abi_file(libdir: Path) -> Path | None:
+    """Return the ``abi.json`` that describes the libraries in ``libdir``, or None."""
     for cand in (libdir.parent / "abi.json", libdir / "abi.json"):
         if cand.is_file():
             return cand
@@ -150,35 +149,15 @@ def check_abi(abi: dict[str, Any], source: str = "abi.json") -> None:
                 fail(f"enum value {name}", want, enums.get(name))
 
 
-_native_log = logging.getLogger("nexabind.llama")
-# Quiet unless the application configures logging: no "last resort" printing of warnings.
-_native_log.addHandler(logging.NullHandler())
-_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_log_cb: Any = None
-_last_level = logging.DEBUG
+class Handles(NamedTuple):
+    """The loaded libraries: cffi handles of ``libllama`` and ``libggml``, and their folder."""
+
+    lib: Any
+    ggml: Any
+    libdir: Path
 
 
-def _log_callback() -> Any:
-    """Route llama.cpp and ggml logs to the ``nexabind.llama`` logger (quiet by default)."""
-    global _log_cb
-    from nexabind._ffi import ffi
-
-    if _log_cb is None:
-
-        @ffi.callback("void(enum ggml_log_level, const char *, void *)")
-        def cb(level: int, text: Any, _ud: Any) -> None:
-            global _last_level
-            # GGML_LOG_LEVEL_CONT continues the previous message at its level.
-            lvl = _last_level if level == 5 else _LEVELS.get(level, logging.DEBUG)
-            _last_level = lvl
-            if _native_log.isEnabledFor(lvl):
-                _native_log.log(lvl, "%s", ffi.string(text).decode("utf-8", "replace").rstrip())
-
-        _log_cb = cb  # kept alive for the life of the process
-    return _log_cb
-
-
-def _open(libdir: Path) -> Any:
+def _open(libdir: Path) -> Handles:
     import ctypes
 
     from nexabind._ffi import ffi
@@ -192,14 +171,14 @@ def _open(libdir: Path) -> Any:
         ctypes.CDLL(str(libdir / name), mode=mode)
     lib = ffi.dlopen(str(libdir / _NAMES[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
     ggml = ffi.dlopen(str(libdir / _NAMES[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
-    lib.llama_log_set(_log_callback(), ffi.NULL)
-    ggml.ggml_backend_load_all_from_path(str(libdir).encode())
-    lib.llama_backend_init()
-    return lib, ggml
+    return Handles(lib, ggml, libdir)
 
 
-def load(lib_path: str | os.PathLike[str] | None = None) -> Any:
-    """Load llama.cpp once per process and return the cffi ``lib``.
+def load(lib_path: str | os.PathLike[str] | None = None) -> Handles:
+    """Load llama.cpp once per process and return its handles (nothing is called yet).
+
+    :func:`nexabind.lowlevel.lib` is the one caller: it sets the library up (log routing,
+    backend modules, init) before anything uses it.
 
     The ABI is checked against ``abi.json`` (next to ``lib/`` or in the folder itself) before
     the library is first used; a local build without ``abi.json`` loads with a warning.
@@ -209,26 +188,26 @@ def load(lib_path: str | os.PathLike[str] | None = None) -> Any:
             (or None) is accepted.
 
     Returns:
-        The cffi library object of ``libllama``.
+        The cffi handles of ``libllama`` and ``libggml`` and the folder they came from.
 
     Raises:
         LibraryNotFoundError: Nothing to load, or the libraries failed to load.
         AbiMismatchError: The library's ABI differs from the declarations.
     """
-    global _lib, _libdir
-    if _lib is not None:
-        if lib_path is not None and Path(lib_path).expanduser().resolve() != _libdir:
+    global _handles
+    if _handles is not None:
+        if lib_path is not None and Path(lib_path).expanduser().resolve() != _handles.libdir:
             msg = (
-                f"llama.cpp is already loaded from {_libdir} in this process; it cannot also "
-                f"load {lib_path}: use a new process"
+                f"llama.cpp is already loaded from {_handles.libdir} in this process; it "
+                f"cannot also load {lib_path}: use a new process"
             )
             raise LibraryNotFoundError(msg)
-        return _lib
+        return _handles
     with _lock:
-        if _lib is not None:
-            return _lib
+        if _handles is not None:
+            return _handles
         libdir = library_dir(lib_path)
-        abi_path = _abi_file(libdir)
+        abi_path = abi_file(libdir)
         if abi_path is None:
             log.warning("no abi.json next to %s: ABI not checked (local build?)", libdir)
         else:
@@ -239,48 +218,13 @@ def load(lib_path: str | os.PathLike[str] | None = None) -> Any:
                 raise AbiMismatchError(msg) from e
             check_abi(abi, str(abi_path))
         try:
-            lib, ggml = _open(libdir)
+            _handles = _open(libdir)
         except OSError as e:
             msg = f"loading llama.cpp from {libdir} failed: {e}; run `nexabind fetch`"
             raise LibraryNotFoundError(msg) from e
-        global _ggml
-        _ggml = ggml
-        _libdir = libdir
-        _lib = lib
-        return lib
-
-
-_ggml: Any = None
-
-
-def ggml() -> Any:
-    """Return the cffi handle of ``libggml`` (backend registry), loading if needed."""
-    load()
-    return _ggml
+        return _handles
 
 
 def loaded_dir() -> Path | None:
     """Return the folder the library was loaded from, or None before :func:`load`."""
-    return _libdir
-
-
-def _main(argv: list[str]) -> int:
-    try:
-        lib = load(argv[0] if argv else None)
-    except (LibraryNotFoundError, AbiMismatchError) as e:
-        print(json.dumps({"ok": False, "error": str(e)}))
-        return 1
-    from nexabind._ffi import ffi
-
-    info = {
-        "ok": True,
-        "libdir": str(_libdir),
-        "abi_checked": _abi_file(_libdir) is not None,  # type: ignore[arg-type]
-        "system_info": ffi.string(lib.llama_print_system_info()).decode(),
-    }
-    print(json.dumps(info))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    return None if _handles is None else _handles.libdir

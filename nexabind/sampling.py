@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from nexabind import lowlevel
 
-__all__ = ["SamplingOptions", "build_sampler"]
+__all__ = ["SAMPLING_KEYS", "SamplingOptions", "build_sampler"]
 
 DEFAULT_SEED = 0xFFFFFFFF
 
@@ -33,10 +33,12 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict[int, float] | None = field(default_factory=dict)
     grammar: str | None = None
 
     def __post_init__(self) -> None:
+        self.logit_bias = dict(self.logit_bias or {})
+
         def bad(name: str, value: object, what: str) -> None:
             msg = f"{name}={value!r} is out of range: {what}"
             raise ValueError(msg)
@@ -60,6 +62,10 @@ class SamplingOptions:
     def greedy(self) -> bool:
         """Whether the final pick is the most likely token."""
         return self.temperature <= 0.0
+
+
+#: The names :class:`SamplingOptions` takes (the keyword arguments every generating call accepts).
+SAMPLING_KEYS = frozenset(SamplingOptions.__dataclass_fields__)
 
 
 def build_sampler(

@@ -242,7 +242,7 @@ def test_extracted_artifact_loads_with_abi_check(dist: Path, tmp_path: Path) -> 
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path, filter="data")
     r = subprocess.run(
-        [sys.executable, "-m", "nexabind.loader", str(tmp_path / "lib")],
+        [sys.executable, "-m", "nexabind.lowlevel", str(tmp_path / "lib")],
         capture_output=True,
         text=True,
         timeout=120,

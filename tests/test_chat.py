@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from nexabind import Llama
-from nexabind.chat import TemplateError, apply_builtin_template, render_jinja
+from nexabind.chat import apply_builtin_template, render_jinja
+from nexabind.errors import TemplateError
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

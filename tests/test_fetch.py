@@ -109,7 +109,7 @@ def test_installed_library_loads_in_a_new_process(release_mirror: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == lib
     r = subprocess.run(
-        [sys.executable, "-m", "nexabind.loader"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "nexabind.lowlevel"], capture_output=True, text=True, env=env
     )
     assert r.returncode == 0, r.stdout
     assert json.loads(r.stdout)["libdir"] == str(lib)

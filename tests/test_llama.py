@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from nexabind import Llama, Token
-from nexabind.errors import ContextError, ContextOverflowError, ModelLoadError, StateError
+from nexabind.errors import (
+    ClosedError,
+    ContextError,
+    ContextOverflowError,
+    ModelLoadError,
+    StateError,
+)
 
 GREEDY = {"temperature": 0.0}
 
@@ -38,7 +44,7 @@ def test_greedy_is_repeatable_and_matches_a_low_level_loop(llm: Llama, libdir: P
         prompt = model.tokenize("Hello world")
         ctx.batch.set(prompt, 0)
         ctx.decode()
-        sampler = lowlevel.Sampler(greedy=True)
+        sampler = lowlevel.SamplerChain().add_greedy()
         out, pos = [], len(prompt)
         for _ in range(40):
             tok = sampler.sample(ctx)
@@ -119,7 +125,7 @@ def test_state_round_trip_continues_identically(llm: Llama, tmp_path: Path) -> N
     prompt = llm.tokenize("Hello world")
     list(llm.generate(prompt, max_tokens=1, **GREEDY))
     state = llm.save_state(tmp_path / "state.bin")
-    cont = llm._tokens[: llm._n_tokens].tolist() + [1]  # noqa: SLF001 - the tokens in the cache
+    cont = llm._seq.tokens[: llm._seq.n].tolist() + [1]  # noqa: SLF001 - the tokens in the cache
     expected = [t.id for t in llm.generate(cont, max_tokens=15, **GREEDY)]
     llm.reset()
     llm.load_state(state)
@@ -164,7 +170,7 @@ def test_context_shift_keeps_the_history_in_step(libdir: Path, tiny_model: Path)
         opts = {**GREEDY, "logit_bias": {llm.token_eos(): float("-inf")}}
         toks = [t.id for t in llm.generate("Hello", max_tokens=n_gen, context_shift=True, **opts)]
         assert len(toks) == n_gen
-        kept = llm._tokens[: llm._n_tokens].tolist()  # noqa: SLF001 - the tokens in the cache
+        kept = llm._seq.tokens[: llm._seq.n].tolist()  # noqa: SLF001 - the tokens in the cache
         assert len(kept) < n_ctx
         assert kept[0] == llm.tokenize("Hello")[0]
         assert kept[-1] == toks[-2]  # the last token is sampled but never fed
@@ -242,9 +248,9 @@ def test_closed_llama_raises(libdir: Path, tiny_model: Path) -> None:
     m.close()
     m.close()
     assert m.closed
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         m("Hello")
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         m.tokenize("Hello")
 
 
@@ -361,12 +367,12 @@ def test_context_options_reach_llama_cpp(libdir: Path, tiny_model: Path) -> None
         ctx = m._ctx  # noqa: SLF001 - read back through the low-level context
         assert ctx.n_ubatch == 16
         assert (ctx.n_threads, ctx.n_threads_batch) == (1, 2)
-        assert ctx.flash_attn == "disabled"
+        assert ctx.flash_attn.name == "DISABLED"
         # A prompt longer than a ubatch still decodes, in ubatch-sized steps.
         assert len(list(m.generate("Hello world " * 10, max_tokens=3, **GREEDY))) == 3
     with Llama(tiny_model, n_ctx=256, n_threads_batch=2, flash_attn=True, lib_path=libdir) as m:
         assert m._ctx.n_threads_batch == 2  # noqa: SLF001
-        assert m._ctx.flash_attn == "enabled"  # noqa: SLF001
+        assert m._ctx.flash_attn.name == "ENABLED"  # noqa: SLF001
 
 
 @pytest.fixture
@@ -401,7 +407,7 @@ def test_use_after_close_inside_a_generation(libdir: Path, tiny_model: Path) -> 
     it = m.generate("Hello", max_tokens=10, **GREEDY)
     next(it)
     m.close()
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         next(it)
 
 

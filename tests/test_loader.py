@@ -25,7 +25,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 @pytest.fixture
 def abi(libdir: Path) -> dict:
-    path = loader._abi_file(libdir)
+    path = loader.abi_file(libdir)
     if path is None:
         pytest.skip(f"no abi.json next to {libdir}; build it with `nexabind build --install`")
     return json.loads(path.read_text())
@@ -54,7 +54,7 @@ def test_import_loads_no_native_library_nor_numpy() -> None:
 
 
 def test_load_from_env(libdir: Path) -> None:
-    r = _run(["-m", "nexabind.loader"], {"NEXABIND_LIB_PATH": str(libdir)})
+    r = _run(["-m", "nexabind.lowlevel"], {"NEXABIND_LIB_PATH": str(libdir)})
     assert r.returncode == 0, r.stdout + r.stderr
     info = json.loads(r.stdout)
     assert info["ok"] and Path(info["libdir"]) == libdir.resolve()
@@ -67,7 +67,7 @@ def test_load_from_cache(libdir: Path, abi: dict, tmp_path: Path) -> None:
     entry = cache / "libs" / pin.RELEASE / f"{os_name}-{arch}-cpu"
     lib = _mirror(libdir, entry)
     (entry / "abi.json").write_text(json.dumps(abi))
-    r = _run(["-m", "nexabind.loader"], {"NEXABIND_CACHE_DIR": str(cache)})
+    r = _run(["-m", "nexabind.lowlevel"], {"NEXABIND_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stdout + r.stderr
     info = json.loads(r.stdout)
     assert Path(info["libdir"]) == lib.resolve()
@@ -112,7 +112,7 @@ def test_tampered_abi_json_refuses_to_load(libdir: Path, abi: dict, tmp_path: Pa
     bad = json.loads(json.dumps(abi))
     bad["structs"]["llama_batch"]["size"] = 48
     (tmp_path / "artifact" / "abi.json").write_text(json.dumps(bad))
-    r = _run(["-m", "nexabind.loader", str(lib)], {})
+    r = _run(["-m", "nexabind.lowlevel", str(lib)], {})
     assert r.returncode == 1
     out = json.loads(r.stdout)
     assert "sizeof(struct llama_batch)" in out["error"] and "48" in out["error"]
@@ -128,18 +128,3 @@ def test_local_build_without_abi_json_warns(libdir: Path, tmp_path: Path) -> Non
     r = _run(["-c", code, str(lib)], {})
     assert r.returncode == 0, r.stderr
     assert "loaded" in r.stdout and "ABI not checked" in r.stderr
-
-
-def test_llama_log_reaches_logging(libdir: Path) -> None:
-    code = (
-        "import logging; logging.basicConfig(level=logging.DEBUG)\n"
-        "from nexabind import loader; loader.load()\n"
-    )
-    r = _run(["-c", code], {"NEXABIND_LIB_PATH": str(libdir)})
-    assert r.returncode == 0, r.stderr
-    assert "nexabind.llama" in r.stderr and "backend" in r.stderr
-    # quiet by default
-    r = _run(
-        ["-c", "from nexabind import loader; loader.load()"], {"NEXABIND_LIB_PATH": str(libdir)}
-    )
-    assert r.returncode == 0 and r.stderr == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nexabind.errors import ContextError, DecodeCancelled, ModelLoadError, StateError
+from nexabind.errors import ClosedError, ContextError, DecodeCancelled, ModelLoadError, StateError
 from nexabind.tinymodel import ModelSpec, write_random_model
 
 
@@ -39,7 +40,7 @@ def model(ll, tiny: Path):
 
 
 def _generate(ll, ctx, n: int, sampler=None) -> list[int]:
-    sampler = sampler or ll.Sampler(greedy=True)
+    sampler = sampler or ll.SamplerChain().add_greedy()
     prompt = ctx.model.tokenize("Hello")
     ctx.batch.set(prompt, 0)
     ctx.decode()
@@ -98,7 +99,7 @@ def test_stale_logits_are_detected(ll, model) -> None:
 
 
 def _assert_lowlevel_keeps_nothing(fn) -> None:
-    """Run ``fn`` (1,000 tokens) under tracemalloc: lowlevel.py may keep < 2 KiB in all."""
+    """Run ``fn`` (1,000 tokens) under tracemalloc: nexabind.lowlevel may keep < 2 KiB in all."""
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
@@ -113,7 +114,7 @@ def _assert_lowlevel_keeps_nothing(fn) -> None:
 
 def test_no_allocation_growth_per_token(ll, model) -> None:
     with ll.Context(model, n_ctx=1200, n_threads=1) as ctx:
-        sampler = ll.Sampler(greedy=True)
+        sampler = ll.SamplerChain().add_greedy()
         _generate(ll, ctx, 50, sampler)
         ctx.clear()
         gc.collect()
@@ -126,15 +127,15 @@ def test_use_after_close_raises(ll, tiny: Path) -> None:
     ctx.close()
     ctx.close()
     assert ctx.closed
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         ctx.decode()
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         ctx.logits()
     model.close()
     model.close()
-    with pytest.raises(ModelLoadError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         model.tokenize("x")
-    with pytest.raises(ContextError, match="closed model"):
+    with pytest.raises(ClosedError, match="closed"):
         ll.Context(model)
 
 
@@ -151,7 +152,7 @@ def test_closing_a_model_in_use_defers_the_free(ll, tiny: Path) -> None:
     prompt = model.tokenize("Hello")
     model.close()
     assert model.closed
-    with pytest.raises(ModelLoadError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         model.tokenize("x")
     ctx.batch.set(prompt, 0)
     ctx.decode()  # the weights are still there
@@ -371,9 +372,9 @@ def test_sampler_chain_builder(ll, model) -> None:
         chain.close()
         chain.close()
         assert chain.closed
-        with pytest.raises(ContextError, match="sampler chain is closed"):
+        with pytest.raises(ClosedError, match="sampler chain is closed"):
             chain.sample(ctx)
-        with pytest.raises(ContextError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             chain.add_greedy()
         greedy.close()
 
@@ -428,7 +429,7 @@ def test_kv_unified_gives_each_sequence_the_whole_context(ll, model) -> None:
 )
 def test_flash_attn_setting_reaches_llama_cpp(ll, model, native_log, value, name) -> None:
     with ll.Context(model, n_ctx=64, flash_attn=value) as c:
-        assert c.flash_attn == name
+        assert c.flash_attn is ll.FlashAttention[name.upper()]
     assert f"flash_attn            = {name}" in native_lines(native_log)
 
 
@@ -465,7 +466,7 @@ def test_token_steps_match_the_decode_loop(ll, model) -> None:
         prompt = model.tokenize("Hello")
         ctx.batch.set(prompt, 0)
         ctx.decode()
-        sampler = ll.Sampler(greedy=True)
+        sampler = ll.SamplerChain().add_greedy()
         sample, is_eog, piece, feed = ctx.token_steps(sampler)
         got, pos, gen = [], len(prompt), ctx.generation
         for _ in range(30):
@@ -483,14 +484,17 @@ def test_token_steps_match_the_decode_loop(ll, model) -> None:
             feed(got[-1], pos)
         assert not ctx.cancelled
         sampler.close()
-        with pytest.raises(ContextError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             sample()
-    with pytest.raises(ContextError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         feed(got[-1], pos)
 
 
 def test_token_steps_allocate_nothing_per_token(ll, model) -> None:
-    with ll.Context(model, n_ctx=1200, n_threads=1) as ctx, ll.Sampler(greedy=True) as sampler:
+    with (
+        ll.Context(model, n_ctx=1200, n_threads=1) as ctx,
+        ll.SamplerChain().add_greedy() as sampler,
+    ):
 
         def run(n: int) -> None:
             ctx.clear()
@@ -508,3 +512,23 @@ def test_token_steps_allocate_nothing_per_token(ll, model) -> None:
         run(50)
         gc.collect()
         _assert_lowlevel_keeps_nothing(lambda: run(1000))
+
+
+def _run_python(code: str, libdir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NEXABIND_LIB_PATH": str(libdir)}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_llama_log_reaches_logging(libdir: Path) -> None:
+    code = (
+        "import logging; logging.basicConfig(level=logging.DEBUG)\n"
+        "from nexabind import lowlevel; lowlevel.lib()\n"
+    )
+    r = _run_python(code, libdir)
+    assert r.returncode == 0, r.stderr
+    assert "nexabind.llama" in r.stderr and "backend" in r.stderr
+    # quiet by default
+    r = _run_python("from nexabind import lowlevel; lowlevel.lib()", libdir)
+    assert r.returncode == 0 and r.stderr == ""

@@ -1,0 +1,83 @@
+"""Embeddings of many texts from one context: texts packed as sequences into few decodes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nexabind import lowlevel
+from nexabind.errors import ContextOverflowError
+
+__all__ = ["embed"]
+
+
+def _tokens(
+    model: lowlevel.Model, texts: Sequence[str], max_len: int, truncate: bool
+) -> list[list[int]]:
+    seqs = []
+    for i, text in enumerate(texts):
+        toks = model.tokenize(text, add_special=True)
+        if len(toks) > max_len:
+            if not truncate:
+                msg = (
+                    f"text {i} has {len(toks)} tokens, more than the {max_len} an embedding "
+                    "sequence holds; pass truncate=True, or a larger n_batch / n_ubatch "
+                    "(and n_ctx)"
+                )
+                raise ContextOverflowError(msg)
+            toks = toks[:max_len]
+        seqs.append(toks)
+    return seqs
+
+
+def embed(
+    ctx: lowlevel.Context, texts: Sequence[str], *, n_seqs: int, truncate: bool = True
+) -> tuple[Any, int]:
+    """Embed ``texts`` with an embedding context; its KV cache is cleared before and after.
+
+    Args:
+        ctx: A context created with ``embeddings=True``.
+        texts: The texts.
+        n_seqs: Most sequences one decode may hold (the context's ``n_seq_max``).
+        truncate: Cut texts longer than a ubatch (or a sequence's share of the context)
+            instead of raising.
+
+    Returns:
+        A float32 array of shape ``(len(texts), n_embd)`` and the number of tokens decoded.
+
+    Raises:
+        ContextOverflowError: A text is too long and ``truncate`` is False.
+    """
+    import numpy as np
+
+    out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
+    seqs = _tokens(ctx.model, texts, min(ctx.n_ubatch, ctx.n_ctx_seq), truncate)
+    batch = ctx.batch
+    # One decode holds at most a ubatch of tokens (a sequence pooled across two ubatches
+    # would be pooled wrongly). With a unified KV cache llama.cpp takes the sequences as
+    # they come, so texts of any lengths share a decode; with one KV buffer per sequence
+    # it cuts a batch into equal-length slices per sequence, so only texts of one length.
+    mixed = ctx.n_ctx_seq == ctx.n_ctx
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
+    n_decoded = 0
+    i = 0
+    while i < len(order):
+        ctx.clear()
+        batch.clear()
+        group: list[int] = []
+        n_tok, first = 0, len(seqs[order[i]])
+        while i < len(order) and len(group) < n_seqs:
+            toks = seqs[order[i]]
+            if n_tok + len(toks) > ctx.n_ubatch or not (mixed or len(toks) == first):
+                break
+            for pos, tok in enumerate(toks):
+                batch.add(tok, pos, len(group), True)
+            group.append(order[i])
+            n_tok += len(toks)
+            i += 1
+        ctx.decode()
+        n_decoded += n_tok
+        for s_id, k in enumerate(group):
+            out[k] = ctx.embeddings(s_id)
+    ctx.clear()
+    return out, n_decoded

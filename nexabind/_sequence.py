@@ -1,0 +1,251 @@
+"""One sequence of a context: the tokens its KV cache holds, prompt reuse, and the decode loop.
+
+The loop does O(1) work per token: one ``llama_decode`` of one token through a batch allocated
+once, one ``llama_sampler_sample``, one ``llama_token_to_piece`` into a buffer allocated once,
+an incremental UTF-8 decoder, and stop strings checked only on the tail window.
+"""
+
+from __future__ import annotations
+
+import codecs
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from nexabind import lowlevel
+from nexabind.errors import (
+    ClosedError,
+    ContextError,
+    ContextOverflowError,
+    DecodeCancelled,
+    NexabindError,
+)
+from nexabind.sampling import SamplingOptions, build_sampler
+from nexabind.tokens import Outcome, StopMatcher, Token, logprobs_of
+
+__all__ = ["KVSequence", "Request"]
+
+
+@dataclass
+class Request:
+    """A generation's settings, validated.
+
+    Attributes:
+        opts: Sampling settings.
+        max_tokens: Most tokens to generate (None or <= 0: until the context is full).
+        stops: Stop strings.
+        want_logprobs: Fill ``Token.logprob``.
+        n_top: How many top tokens to put in ``Token.top_logprobs`` (None: none).
+        context_shift: Drop the older half of a full context instead of raising.
+    """
+
+    opts: SamplingOptions
+    max_tokens: int | None = 16
+    stops: list[str] = field(default_factory=list)
+    want_logprobs: bool = False
+    n_top: int | None = None
+    context_shift: bool = False
+
+
+class KVSequence:
+    """Sequence 0 of ``ctx``: its tokens, in an int32 array of ``n_ctx`` slots.
+
+    Args:
+        ctx: The context.
+        closed_message: What the error says when the context is closed under a generator.
+    """
+
+    def __init__(self, ctx: lowlevel.Context, closed_message: str) -> None:
+        self.ctx = ctx
+        self.closed_message = closed_message
+        # Allocated once and written in place: the decode loop keeps no object per token.
+        self.tokens = array("i", bytes(4 * ctx.n_ctx))
+        self.n = 0
+        """How many of :attr:`tokens` the KV cache holds."""
+        self.epoch = 0
+        """Bumped by anything that changes the cache under a running generator."""
+        self.n_decoded = 0
+        """Tokens decoded so far (prompt and generated)."""
+        self.n_prompt_decoded = 0
+        """Prompt tokens the last call had to decode (the rest came from the KV cache)."""
+
+    def invalidate(self) -> None:
+        """Tell running generators that the cache changed under them."""
+        self.epoch += 1
+
+    def reset(self) -> None:
+        """Forget the KV cache; the next call decodes its whole prompt."""
+        self.ctx.clear()
+        self.n = 0
+        self.epoch += 1
+
+    def restore(self, tokens: array[int]) -> None:
+        """Record that the cache now holds ``tokens`` (after a state was loaded)."""
+        n = len(tokens)
+        self.tokens[:n] = tokens
+        self.n = n
+        self.epoch += 1
+
+    def ingest(self, tokens: list[int]) -> None:
+        """Make the KV cache hold ``tokens``, decoding only what differs from what it holds.
+
+        Raises:
+            ValueError: No tokens.
+            ContextOverflowError: More tokens than the context holds.
+        """
+        ctx = self.ctx
+        if not tokens:
+            msg = "the prompt is empty; give at least one token"
+            raise ValueError(msg)
+        if len(tokens) > ctx.n_ctx:
+            msg = (
+                f"the prompt has {len(tokens)} tokens but the context holds {ctx.n_ctx}; "
+                "shorten the prompt or create the Llama with a larger n_ctx"
+            )
+            raise ContextOverflowError(msg)
+        import numpy as np
+
+        new = np.asarray(tokens, dtype=np.int32)
+        hist = np.frombuffer(self.tokens, dtype=np.int32)
+        n_old = self.n
+        lim = min(n_old, len(new) - 1)  # always decode at least one token for logits
+        diff = np.flatnonzero(hist[:lim] != new[:lim])
+        n = int(diff[0]) if diff.size else lim
+        if n < n_old and not ctx.seq_rm(0, n, -1):
+            ctx.clear()
+            n = 0
+        m = len(new)
+        self.n = n
+        hist[n:m] = new[n:]
+        step = ctx.n_batch
+        self.n_prompt_decoded = 0
+        try:
+            for i in range(n, m, step):
+                chunk = hist[i : min(i + step, m)]
+                ctx.batch.set_array(chunk, i)
+                ctx.decode()
+                self.n = i + len(chunk)
+                self.n_prompt_decoded += len(chunk)
+                self.n_decoded += len(chunk)
+        except BaseException:
+            self.reset()
+            raise
+
+    def shift(self) -> int:
+        """Drop the older half of the context after the first token; return the new length."""
+        n = self.n
+        n_keep = 1
+        n_discard = (n - n_keep) // 2
+        self.ctx.seq_rm(0, n_keep, n_keep + n_discard)
+        self.ctx.seq_add(0, n_keep + n_discard, n, -n_discard)
+        hist = self.tokens
+        hist[n_keep : n - n_discard] = hist[n_keep + n_discard : n]  # the tail moves down
+        self.n = n - n_discard
+        return self.n
+
+    def generate(self, tokens: list[int], req: Request, outcome: Outcome) -> Iterator[Token]:
+        """Decode ``tokens`` (reusing the cache) and yield the tokens generated after them.
+
+        ``outcome`` is filled in when the generation ends (also when the caller stops early).
+        """
+        ctx = self.ctx
+        sampler = build_sampler(ctx.model, req.opts, ctx.n_ctx)
+        ctx.clear_cancel()
+        self.epoch += 1
+        try:
+            self.ingest(tokens)
+            yield from self._loop(sampler, req, outcome)
+        finally:
+            sampler.close()
+
+    def _superseded(self) -> None:
+        if self.ctx.closed:
+            raise ClosedError(self.closed_message)
+        msg = (
+            "this generator was superseded by a later call on the same Llama (the context now "
+            "holds other tokens); finish one generation before the next"
+        )
+        raise ContextError(msg)
+
+    def _loop(
+        self, sampler: lowlevel.SamplerChain, req: Request, outcome: Outcome
+    ) -> Iterator[Token]:
+        ctx = self.ctx
+        n_ctx = ctx.n_ctx
+        context_shift = req.context_shift
+        limit = req.max_tokens if req.max_tokens and req.max_tokens > 0 else None
+        if limit is None and not context_shift:
+            limit = n_ctx - self.n
+        # Hot-loop locals: the C calls are bound once by token_steps; nothing is allocated or
+        # looked up by name per token.
+        sample, is_eog, piece, feed = ctx.token_steps(sampler)
+        logits = ctx.logits
+        want_logprobs, n_top = req.want_logprobs, req.n_top
+        new = tuple.__new__  # Token(...) through its Python-level __new__ costs more
+        dec = codecs.getincrementaldecoder("utf-8")("replace").decode
+        matcher = StopMatcher(req.stops) if req.stops else None
+        hist = self.tokens  # n_ctx int32 slots: storing a token allocates nothing
+        n_past = self.n
+        n_gen = 0
+        n_fed = 0
+        epoch = self.epoch
+        lp = top = None
+        if limit is None:
+            limit = 1 << 62
+        try:
+            while True:
+                tok = sample()
+                if want_logprobs:
+                    lp, top = logprobs_of(logits(-1), tok, n_top)
+                if is_eog(tok):
+                    outcome.finish_reason = "stop"
+                    tail = dec(b"", True) + (matcher.flush() if matcher else "")
+                    if tail:
+                        yield new(Token, (tok, tail, lp, top))
+                    return
+                text = dec(piece(tok))
+                n_gen += 1
+                last = n_gen >= limit
+                if matcher is not None:
+                    text, hit = matcher.feed(text)
+                    if hit:
+                        outcome.finish_reason = "stop"
+                        yield new(Token, (tok, text, lp, top))
+                        return
+                    if last:
+                        text += dec(b"", True) + matcher.flush()
+                elif last:
+                    text += dec(b"", True)
+                if last:
+                    outcome.finish_reason = "length"
+                    yield new(Token, (tok, text, lp, top))
+                    return
+                yield new(Token, (tok, text, lp, top))
+                if self.epoch != epoch:
+                    self._superseded()
+                if n_past >= n_ctx:
+                    if not context_shift:
+                        outcome.finish_reason = "length"
+                        msg = (
+                            f"the context of {n_ctx} tokens is full after {n_gen} generated "
+                            "tokens; use a larger n_ctx, a smaller max_tokens, or "
+                            "context_shift=True"
+                        )
+                        raise ContextOverflowError(msg)
+                    n_past = self.shift()
+                try:
+                    feed(tok, n_past)
+                except DecodeCancelled:
+                    outcome.finish_reason = "cancelled"
+                    return
+                except NexabindError:
+                    self.reset()
+                    raise
+                hist[n_past] = tok
+                n_past += 1
+                self.n = n_past  # in step with the cache even if the caller stops here
+                n_fed += 1
+        finally:
+            # Counters are written once, not per token (also when the caller breaks out).
+            outcome.completion_tokens = n_gen
+            self.n_decoded += n_fed

@@ -1,0 +1,420 @@
+"""``Context``: the KV cache, decoding, logits and embeddings over a ``Model``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from nexabind._ffi import ffi
+from nexabind.errors import ContextError, DecodeError, StateError
+from nexabind.lowlevel._batch import Batch
+from nexabind.lowlevel._lib import FlashAttention, PoolingType, lib, nonnull, raise_decode
+from nexabind.lowlevel._model import Model
+from nexabind.lowlevel._owned import Owned
+from nexabind.lowlevel._sampler import SamplerChain
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class TokenSteps(NamedTuple):
+    """The per-token calls of a generation loop, from :meth:`Context.token_steps`."""
+
+    sample: Callable[[], int]
+    """Sample (and accept) the next token from the last decode."""
+    is_eog: Callable[[int], bool]
+    """Whether a token ends generation."""
+    piece: Callable[[int], bytes]
+    """The bytes of a token."""
+    feed: Callable[[int, int], None]
+    """Decode one token at a position (same errors as :meth:`Context.decode`)."""
+
+
+class _CancelFlag:
+    """One attribute that another thread sets and a decode polls (a store is atomic)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+class Context(Owned):
+    """An inference context (KV cache, threads) over a :class:`Model`.
+
+    Args:
+        model: The model; the context keeps it alive.
+        n_ctx: Context length in tokens (0: the model's training length).
+        n_batch: Maximum tokens per decode call.
+        n_ubatch: Tokens per compute step inside a decode (None: ``n_batch``, at most 512);
+            llama.cpp caps it at ``n_batch``.
+        n_threads: CPU threads for one-token decodes (None: llama.cpp's default).
+        n_threads_batch: CPU threads for multi-token batches (None: as ``n_threads``).
+        embeddings: Compute embeddings instead of (only) logits.
+        pooling: How embeddings are pooled (None: the model's).
+        n_seq_max: Sequences the context (and its :attr:`batch`) can hold at once.
+        flash_attn: Use flash attention: True, False, or None to let llama.cpp decide per
+            device (a :class:`FlashAttention` or its name is accepted too).
+        kv_unified: One KV buffer shared by all sequences, so any sequence may use the whole
+            context (None: llama.cpp's default); without it each of the ``n_seq_max``
+            sequences gets ``n_ctx / n_seq_max`` cells (see :attr:`n_ctx_seq`).
+
+    Raises:
+        ValueError: ``n_ubatch``, a thread count or ``flash_attn`` is invalid.
+        ClosedError: The model is closed.
+        ContextError: llama.cpp could not create the context.
+    """
+
+    _what = "context"
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        embeddings: bool = False,
+        pooling: PoolingType | int | None = None,
+        n_seq_max: int = 1,
+        flash_attn: FlashAttention | bool | str | None = None,
+        kv_unified: bool | None = None,
+    ) -> None:
+        self._lib = L = lib()
+        model_ptr = model._check()
+        self.model = model
+        p = L.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        if n_ubatch is None:
+            p.n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
+        elif n_ubatch < 1:
+            msg = f"n_ubatch={n_ubatch} is invalid; use a positive number (at most n_batch)"
+            raise ValueError(msg)
+        else:
+            p.n_ubatch = n_ubatch
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and value < 1:
+                msg = f"{name}={value} is invalid; use a positive number of threads or None"
+                raise ValueError(msg)
+        if n_threads is not None:
+            p.n_threads = n_threads
+        if n_threads_batch is not None or n_threads is not None:
+            p.n_threads_batch = n_threads_batch or n_threads
+        self.flash_attn = FlashAttention.of(flash_attn)
+        p.flash_attn_type = self.flash_attn
+        if kv_unified is not None:
+            p.kv_unified = kv_unified
+        p.embeddings = embeddings
+        p.n_seq_max = n_seq_max
+        if pooling is not None:
+            p.pooling_type = PoolingType(pooling)
+        p.no_perf = True
+        # The callback holds the flag, not self: no reference cycle.
+        flag = self._cancel = _CancelFlag()
+
+        @ffi.callback("bool(void *)")
+        def abort_cb(_ud: Any) -> bool:
+            return flag.on
+
+        # ggml calls the abort callback between graph nodes, and a Python callback costs a
+        # GIL round trip each time: it is only installed for multi-token batches (prompt
+        # processing); single-token steps check the flag before the call instead.
+        self._abort_cb = abort_cb  # referenced for as long as the context lives
+        self._abort_on = False
+        ptr = nonnull(
+            L.llama_init_from_model(model_ptr, p),
+            ContextError,
+            f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}); "
+            "try a smaller n_ctx",
+        )
+        self._ptr = ffi.gc(ptr, L.llama_free)
+        model._users += 1
+        self.n_ctx: int = L.llama_n_ctx(ptr)
+        self.n_batch: int = L.llama_n_batch(ptr)
+        self.n_ubatch: int = L.llama_n_ubatch(ptr)
+        """Tokens per compute step, as llama.cpp settled it."""
+        self.n_ctx_seq: int = L.llama_n_ctx_seq(ptr)
+        """KV cells one sequence can use (``n_ctx`` with a unified KV cache)."""
+        self.n_seq_max: int = L.llama_n_seq_max(ptr)
+        self.pooling = PoolingType(L.llama_pooling_type(ptr))
+        """How embeddings are pooled, as llama.cpp settled it."""
+        self.n_vocab = model.n_vocab
+        self.batch = Batch(self.n_batch, n_seq_max)
+        self.generation = 0
+        self._decode = L.llama_decode
+        self._get_logits_ith = L.llama_get_logits_ith
+
+    def close(self) -> None:
+        """Free the context now (the model stays open); safe to call more than once."""
+        if getattr(self, "_ptr", None) is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+            self.batch.close()
+            self.model._release_user()
+
+    @property
+    def n_threads(self) -> int:
+        """Threads llama.cpp uses for one-token decodes."""
+        return self._lib.llama_n_threads(self._check())
+
+    @property
+    def n_threads_batch(self) -> int:
+        """Threads llama.cpp uses for multi-token batches."""
+        return self._lib.llama_n_threads_batch(self._check())
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Change the thread counts (``n_threads_batch`` None: as ``n_threads``).
+
+        Raises:
+            ValueError: A count is below 1.
+        """
+        n_batch = n_threads if n_threads_batch is None else n_threads_batch
+        if n_threads < 1 or n_batch < 1:
+            msg = (
+                f"thread counts must be >= 1, got n_threads={n_threads}, n_threads_batch={n_batch}"
+            )
+            raise ValueError(msg)
+        self._lib.llama_set_n_threads(self._check(), n_threads, n_batch)
+
+    def cancel(self) -> None:
+        """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
+        self._cancel.on = True
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was requested and not yet reported by a decode."""
+        return self._cancel.on
+
+    def clear_cancel(self) -> None:
+        """Forget a :meth:`cancel` request that no decode has consumed yet."""
+        self._cancel.on = False
+
+    def prepare_single_token(self) -> None:
+        """Turn the abort callback off before a caller-driven loop of one-token decodes.
+
+        Such a loop should check :attr:`cancelled` itself between steps; :meth:`decode`
+        turns the callback back on for the next multi-token batch.
+        """
+        ptr = self._check()
+        if self._abort_on:
+            self._set_abort(ptr, False)
+
+    def token_steps(self, sampler: SamplerChain) -> TokenSteps:
+        """Bind the calls of a one-token-at-a-time generation loop once, for the hot path.
+
+        The returned callables look nothing up per token: ``sample()`` samples (and accepts)
+        the next token from the last decode's logits with ``sampler``; ``is_eog(token)`` says
+        whether it ends generation; ``piece(token)`` returns its bytes (possibly a partial
+        UTF-8 character); ``feed(token, pos)`` decodes it at ``pos`` of sequence 0 through
+        :attr:`batch`, whose header this call sets to one token (call again after using the
+        batch for anything else). The abort callback is turned off as for
+        :meth:`prepare_single_token`: ``feed`` checks for :meth:`cancel` before each decode.
+
+        Args:
+            sampler: The chain ``sample`` uses; keep it open while the steps are used.
+
+        Returns:
+            A :class:`TokenSteps` of the four callables.
+
+        Raises:
+            ClosedError: The context or the sampler is closed (also from ``sample`` and
+                ``feed`` when that happens later).
+        """
+        ptr = self._check()
+        chain = sampler._check()
+        model = self.model
+        vocab = model._checked_vocab()
+        L = self._lib
+        self.prepare_single_token()
+        self.batch.set_one(0, 0)
+        b = self.batch.b
+        btok, bpos = b.token, b.pos
+        sample_c, decode, to_piece = L.llama_sampler_sample, L.llama_decode, L.llama_token_to_piece
+        unpack = ffi.unpack
+        buf = ffi.new("char[]", 256)
+        flag = self._cancel
+
+        def sample() -> int:
+            if self._ptr is None or sampler._ptr is None:
+                self._check()
+                sampler._check()
+            return sample_c(chain, ptr, -1)
+
+        def piece(token: int) -> bytes:
+            n = to_piece(vocab, token, buf, 256, 0, False)
+            return unpack(buf, n) if n >= 0 else model.token_to_piece(token)
+
+        def feed(token: int, pos: int) -> None:
+            if self._ptr is None:
+                self._check()
+            if flag.on:
+                self._raise_decode(2)
+            btok[0] = token
+            bpos[0] = pos
+            self.generation += 1
+            rc = decode(ptr, b)
+            if rc:
+                self._raise_decode(rc)
+
+        return TokenSteps(sample, functools.partial(L.llama_vocab_is_eog, vocab), piece, feed)
+
+    def decode(self, batch: Batch | None = None) -> None:
+        """Run the model on a batch (default: this context's own :attr:`batch`).
+
+        A :meth:`cancel` from another thread stops a multi-token decode between graph nodes,
+        and any decode before it starts.
+
+        Raises:
+            ClosedError: The context is closed.
+            DecodeCancelled: :meth:`cancel` was called.
+            ContextOverflowError: No room left in the KV cache.
+            DecodeError: Any other llama.cpp failure.
+        """
+        ptr = self._check()
+        b = (batch or self.batch).b
+        if self._cancel.on:
+            self._raise_decode(2)
+        if (b.n_tokens > 1) is not self._abort_on:
+            self._set_abort(ptr, b.n_tokens > 1)
+        self.generation += 1
+        rc = self._decode(ptr, b)
+        if rc != 0:
+            self._raise_decode(rc)
+
+    def _set_abort(self, ptr: Any, on: bool) -> None:
+        self._abort_on = on
+        self._lib.llama_set_abort_callback(ptr, self._abort_cb if on else ffi.NULL, ffi.NULL)
+
+    def _raise_decode(self, rc: int) -> None:
+        cancelled = self._cancel.on
+        self._cancel.on = False
+        raise_decode(rc, n_ctx=self.n_ctx, cancelled=cancelled)
+
+    def encode(self, batch: Batch | None = None) -> None:
+        """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
+        ptr = self._check()
+        b = (batch or self.batch).b
+        if self._cancel.on:
+            self._raise_decode(2)
+        if not self._abort_on:
+            self._set_abort(ptr, True)
+        self.generation += 1
+        rc = self._lib.llama_encode(ptr, b)
+        if rc != 0:
+            self._raise_decode(rc)
+
+    def _memory(self) -> Any:
+        return self._lib.llama_get_memory(self._check())
+
+    def clear(self) -> None:
+        """Clear the KV cache (all sequences)."""
+        self._lib.llama_memory_clear(self._memory(), True)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions ``[p0, p1)`` of a sequence (-1: open end); False if impossible."""
+        return bool(self._lib.llama_memory_seq_rm(self._memory(), seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Copy positions ``[p0, p1)`` of sequence ``src`` to ``dst``."""
+        self._lib.llama_memory_seq_cp(self._memory(), src, dst, p0, p1)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        """Shift positions ``[p0, p1)`` of a sequence by ``delta`` (-1 ends: open)."""
+        self._lib.llama_memory_seq_add(self._memory(), seq_id, p0, p1, delta)
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Drop every sequence but ``seq_id``."""
+        self._lib.llama_memory_seq_keep(self._memory(), seq_id)
+
+    def seq_pos_max(self, seq_id: int = 0) -> int:
+        """Highest position stored for a sequence (-1 when empty)."""
+        return self._lib.llama_memory_seq_pos_max(self._memory(), seq_id)
+
+    def state_get(self) -> bytes:
+        """Serialize the context state (KV cache, logits, RNG).
+
+        Raises:
+            StateError: llama.cpp wrote fewer bytes than it announced.
+        """
+        L, ptr = self._lib, self._check()
+        size = L.llama_state_get_size(ptr)
+        buf = ffi.new("uint8_t[]", size)
+        n = L.llama_state_get_data(ptr, buf, size)
+        if n == 0 and size:
+            msg = f"saving the context state failed ({size} bytes announced)"
+            raise StateError(msg)
+        return ffi.unpack(ffi.cast("char *", buf), n)
+
+    def state_set(self, data: bytes) -> None:
+        """Restore a state from :meth:`state_get` of a context over the same model.
+
+        Raises:
+            StateError: llama.cpp rejected the data.
+        """
+        ptr = self._check()
+        self.generation += 1
+        n = self._lib.llama_state_set_data(ptr, ffi.from_buffer("uint8_t[]", data), len(data))
+        if n != len(data):
+            msg = (
+                f"restoring the context state failed (read {n} of {len(data)} bytes); "
+                "the state must come from a context over the same model"
+            )
+            raise StateError(msg)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Return a read-only float32 view of the logits of batch token ``i`` (default: last).
+
+        The view aliases llama.cpp memory and is only valid until the next decode; use
+        :class:`LogitsView` through :meth:`logits_view` to detect stale use.
+        """
+        import numpy as np
+
+        ptr = nonnull(
+            self._get_logits_ith(self._check(), i),
+            DecodeError,
+            f"no logits for output {i}; request logits for that token in the batch",
+        )
+        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
+
+    def logits_view(self, i: int = -1) -> LogitsView:
+        """Return logits that raise when read after the next decode."""
+        return LogitsView(self, self.logits(i), self.generation)
+
+    def embeddings(self, seq_id: int = 0) -> np.ndarray:
+        """Return a read-only view of the pooled embedding of sequence ``seq_id``."""
+        import numpy as np
+
+        L = self._lib
+        ptr = L.llama_get_embeddings_seq(self._check(), seq_id)
+        if ptr == ffi.NULL:
+            ptr = L.llama_get_embeddings_ith(self._ptr, -1)
+        ptr = nonnull(ptr, DecodeError, "no embeddings: create the context with embeddings=True")
+        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
+
+
+class LogitsView:
+    """Logits tied to the decode that produced them; :attr:`array` raises once stale."""
+
+    def __init__(self, ctx: Context, arr: np.ndarray, generation: int) -> None:
+        self._ctx = ctx
+        self._arr = arr
+        self._gen = generation
+
+    @property
+    def array(self) -> np.ndarray:
+        """The zero-copy view. Raises ContextError after the next decode or close."""
+        if self._ctx.closed or self._ctx.generation != self._gen:
+            msg = (
+                "these logits are stale (a later decode or close overwrote them); "
+                "copy them with .copy() to keep them"
+            )
+            raise ContextError(msg)
+        return self._arr

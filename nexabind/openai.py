@@ -1,0 +1,274 @@
+"""OpenAI's response shapes, from a stream of :class:`~nexabind.tokens.Token` and its outcome.
+
+Pure functions: no model, no context. :class:`nexabind.Llama`'s llama-cpp-python methods and
+the server call the same ones, so a completion looks the same from Python and over HTTP.
+
+Each takes the tokens as they come (an iterator is consumed once), the
+:class:`~nexabind.tokens.Outcome` the generator fills in when it ends, and ``piece(token) ->
+bytes`` when top log-probabilities must name tokens other than the ones generated.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from nexabind.tokens import Outcome, Token
+
+__all__ = [
+    "CHAT_DEFAULTS",
+    "COMPLETION_DEFAULTS",
+    "chat_chunks",
+    "chat_completion",
+    "completion",
+    "completion_chunks",
+    "embedding_list",
+    "finish_reason",
+]
+
+Piece = Callable[[int], bytes]
+
+#: Sampling defaults of llama-cpp-python's ``create_completion`` (SamplingOptions' own).
+COMPLETION_DEFAULTS: dict[str, Any] = {}
+#: ``create_chat_completion`` samples cooler by default, as llama-cpp-python does.
+CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.2}
+
+
+def finish_reason(outcome: Outcome) -> str:
+    """OpenAI's ``finish_reason`` for an outcome: ``length``, else ``stop``."""
+    return "length" if outcome.finish_reason == "length" else "stop"
+
+
+def _usage(outcome: Outcome) -> dict[str, int]:
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+
+
+def _head(kind: str, prefix: str, model: str, rid: str | None, created: int | None) -> Any:
+    return {
+        "id": rid or f"{prefix}-{uuid.uuid4()}",
+        "object": kind,
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+    }
+
+
+def _cached(piece: Piece | None) -> Piece:
+    if piece is None:
+
+        def missing(_tok: int) -> bytes:
+            msg = "top logprobs need piece(token) to name the tokens"
+            raise ValueError(msg)
+
+        return missing
+    return functools.lru_cache(maxsize=None)(piece)
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+def _completion_logprobs(toks: Sequence[Token], offset: int, piece: Piece) -> dict[str, Any]:
+    offsets = []
+    tops = []
+    pos = offset
+    for t in toks:
+        offsets.append(pos)
+        pos += len(t.text)
+        top: dict[str, float | None] = {
+            piece(i).decode("utf-8", "replace"): lp for i, lp in (t.top_logprobs or {}).items()
+        }
+        top[t.text] = t.logprob
+        tops.append(top)
+    return {
+        "tokens": [t.text for t in toks],
+        "text_offset": offsets,
+        "token_logprobs": [t.logprob for t in toks],
+        "top_logprobs": tops,
+    }
+
+
+def completion(
+    tokens: Iterable[Token],
+    outcome: Outcome,
+    *,
+    model: str,
+    prefix: str = "",
+    suffix: str | None = None,
+    logprobs: int | None = None,
+    piece: Piece | None = None,
+    id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A ``text_completion``: the prompt's echo (``prefix``), the generated text, ``suffix``.
+
+    Args:
+        tokens: The generated tokens.
+        outcome: Filled in when ``tokens`` ends: finish reason and token counts.
+        model: The ``model`` field.
+        prefix: Text before the generated text (the echoed prompt).
+        suffix: Text after it.
+        logprobs: When not None, each token's log-probability and its top alternatives
+            (``{text: logprob}``, the chosen token included).
+        piece: Bytes of a token, to name the top alternatives.
+        id: The response id (default: a new ``cmpl-`` uuid).
+        created: Unix time (default: now).
+    """
+    head = _head("text_completion", "cmpl", model, id, created)
+    parts = [prefix]
+    kept: list[Token] = []
+    for t in tokens:
+        parts.append(t.text)
+        if logprobs is not None:
+            kept.append(t)
+    if suffix is not None:
+        parts.append(suffix)
+    lp = _completion_logprobs(kept, len(prefix), _cached(piece)) if logprobs is not None else None
+    choice = {
+        "text": "".join(parts),
+        "index": 0,
+        "logprobs": lp,
+        "finish_reason": finish_reason(outcome),
+    }
+    return {**head, "choices": [choice], "usage": _usage(outcome)}
+
+
+def completion_chunks(
+    tokens: Iterable[Token],
+    outcome: Outcome,
+    *,
+    model: str,
+    prefix: str = "",
+    suffix: str | None = None,
+    logprobs: int | None = None,
+    piece: Piece | None = None,
+    id: str | None = None,
+    created: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The chunks of a streamed ``text_completion`` (arguments as :func:`completion`)."""
+    head = _head("text_completion", "cmpl", model, id, created)
+    named = _cached(piece)
+
+    def chunk(text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+        choice = {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
+        return {**head, "choices": [choice]}
+
+    if prefix:
+        yield chunk(prefix, None, None)
+    offset = len(prefix)
+    for t in tokens:
+        if logprobs is not None:
+            yield chunk(t.text, _completion_logprobs([t], offset, named), None)
+        elif t.text:
+            yield chunk(t.text, None, None)
+        offset += len(t.text)
+    if suffix:
+        yield chunk(suffix, None, None)
+    yield chunk("", None, finish_reason(outcome))
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def _chat_logprobs(toks: Sequence[Token], piece: Piece) -> dict[str, Any]:
+    def entry(token: str, tok: int, lp: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(piece(tok))}
+
+    content = []
+    for t in toks:
+        e = entry(t.text, t.id, t.logprob)
+        tops = (t.top_logprobs or {}).items()
+        e["top_logprobs"] = [entry(piece(i).decode("utf-8", "replace"), i, v) for i, v in tops]
+        content.append(e)
+    return {"content": content, "refusal": None}
+
+
+def chat_completion(
+    tokens: Iterable[Token],
+    outcome: Outcome,
+    *,
+    model: str,
+    logprobs: bool = False,
+    piece: Piece | None = None,
+    id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` with the assistant's message.
+
+    Args:
+        tokens: The generated tokens.
+        outcome: Filled in when ``tokens`` ends.
+        model: The ``model`` field.
+        logprobs: Fill ``logprobs.content``: one ``{token, logprob, bytes, top_logprobs}``
+            per generated token, as OpenAI's chat API does.
+        piece: Bytes of a token (needed with ``logprobs``).
+        id: The response id (default: a new ``chatcmpl-`` uuid).
+        created: Unix time (default: now).
+    """
+    head = _head("chat.completion", "chatcmpl", model, id, created)
+    toks = list(tokens)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "".join(t.text for t in toks)},
+        "logprobs": _chat_logprobs(toks, _cached(piece)) if logprobs else None,
+        "finish_reason": finish_reason(outcome),
+    }
+    return {**head, "choices": [choice], "usage": _usage(outcome)}
+
+
+def chat_chunks(
+    tokens: Iterable[Token],
+    outcome: Outcome,
+    *,
+    model: str,
+    logprobs: bool = False,
+    piece: Piece | None = None,
+    id: str | None = None,
+    created: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The chunks of a streamed ``chat.completion`` (arguments as :func:`chat_completion`).
+
+    The first delta carries the role, the last one is empty with the finish reason.
+    """
+    head = _head("chat.completion.chunk", "chatcmpl", model, id, created)
+    named = _cached(piece)
+
+    def chunk(delta: dict[str, Any], finish: str | None, lp: Any = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {**head, "choices": [choice]}
+
+    yield chunk({"role": "assistant"}, None)
+    for t in tokens:
+        if logprobs:
+            yield chunk({"content": t.text}, None, _chat_logprobs([t], named))
+        elif t.text:
+            yield chunk({"content": t.text}, None)
+    yield chunk({}, finish_reason(outcome))
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+
+
+def _floats(v: Sequence[float]) -> list[float]:
+    tolist = getattr(v, "tolist", None)  # a numpy row converts in C
+    return tolist() if tolist is not None else [float(x) for x in v]
+
+
+def embedding_list(
+    vectors: Iterable[Sequence[float]], *, model: str, prompt_tokens: int
+) -> dict[str, Any]:
+    """The ``list`` of ``embedding`` objects, one per input, in input order."""
+    data = [
+        {"object": "embedding", "embedding": _floats(v), "index": i} for i, v in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
