@@ -33,11 +33,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "Llama": "nexabind.llama",
     "Token": "nexabind.tokens",
+    "check_model": "nexabind._probe",
     "fetch": "nexabind.fetch",
     "build": "nexabind.build",
 }
 
 if TYPE_CHECKING:
+    from nexabind._probe import check_model
     from nexabind.build import build
     from nexabind.fetch import fetch
     from nexabind.llama import Llama
@@ -65,6 +67,7 @@ __all__ = [
     "UnsafeArchiveError",
     "__version__",
     "build",
+    "check_model",
     "fetch",
 ]
 

@@ -90,7 +90,7 @@ class KVSequence:
         """Make the KV cache hold ``tokens``, decoding only what differs from what it holds.
 
         Raises:
-            ValueError: No tokens.
+            ValueError: No tokens, or a token outside the vocabulary.
             ContextOverflowError: More tokens than the context holds.
         """
         ctx = self.ctx
@@ -103,6 +103,7 @@ class KVSequence:
                 "shorten the prompt or create the Llama with a larger n_ctx"
             )
             raise ContextOverflowError(msg)
+        ctx.model.check_tokens(tokens, "prompt token")
         import numpy as np
 
         new = np.asarray(tokens, dtype=np.int32)
@@ -147,16 +148,29 @@ class KVSequence:
         """Decode ``tokens`` (reusing the cache) and yield the tokens generated after them.
 
         ``outcome`` is filled in when the generation ends (also when the caller stops early).
+        A cancel requested before the first step applies to this generation; one left over
+        when it ends is dropped.
         """
         ctx = self.ctx
-        sampler = build_sampler(ctx.model, req.opts, ctx.n_ctx)
-        ctx.clear_cancel()
-        self.epoch += 1
+        sampler = None
         try:
-            self.ingest(tokens)
-            yield from self._loop(sampler, req, outcome)
+            with ctx.lock:
+                self.epoch += 1
+                sampler = build_sampler(ctx.model, req.opts, ctx.n_ctx)
+                try:
+                    self.ingest(tokens)
+                except DecodeCancelled:
+                    outcome.finish_reason = "cancelled"
+                    return
+                # Bound under the lock, with the epoch this generation owns: another
+                # thread's call that changes the cache from here on is noticed at the next step.
+                steps = ctx.token_steps(sampler)
+                epoch = self.epoch
+            yield from self._loop(steps, epoch, req, outcome)
         finally:
-            sampler.close()
+            if sampler is not None:
+                sampler.close()
+            ctx.clear_cancel()
 
     def _superseded(self) -> None:
         if self.ctx.closed:
@@ -168,7 +182,7 @@ class KVSequence:
         raise ContextError(msg)
 
     def _loop(
-        self, sampler: lowlevel.SamplerChain, req: Request, outcome: Outcome
+        self, steps: lowlevel.TokenSteps, epoch: int, req: Request, outcome: Outcome
     ) -> Iterator[Token]:
         ctx = self.ctx
         n_ctx = ctx.n_ctx
@@ -177,8 +191,10 @@ class KVSequence:
         if limit is None and not context_shift:
             limit = n_ctx - self.n
         # Hot-loop locals: the C calls are bound once by token_steps; nothing is allocated or
-        # looked up by name per token.
-        sample, is_eog, piece, feed = ctx.token_steps(sampler)
+        # looked up by name per token. Each step's C calls run under the context's lock, so
+        # another thread's call or close() waits for the step (and cannot free under it).
+        sample, is_eog, piece, feed = steps
+        lock = ctx.lock
         logits = ctx.logits
         want_logprobs, n_top = req.want_logprobs, req.n_top
         new = tuple.__new__  # Token(...) through its Python-level __new__ costs more
@@ -188,22 +204,50 @@ class KVSequence:
         n_past = self.n
         n_gen = 0
         n_fed = 0
-        epoch = self.epoch
+        tok = -1
         lp = top = None
         if limit is None:
             limit = 1 << 62
         try:
             while True:
-                tok = sample()
-                if want_logprobs:
-                    lp, top = logprobs_of(logits(-1), tok, n_top)
-                if is_eog(tok):
+                with lock:
+                    if self.epoch != epoch:
+                        self._superseded()
+                    if n_gen:  # decode the token emitted last round
+                        if n_past >= n_ctx:
+                            if not context_shift:
+                                outcome.finish_reason = "length"
+                                msg = (
+                                    f"the context of {n_ctx} tokens is full after {n_gen} "
+                                    "generated tokens; use a larger n_ctx, a smaller "
+                                    "max_tokens, or context_shift=True"
+                                )
+                                raise ContextOverflowError(msg)
+                            n_past = self.shift()
+                        try:
+                            feed(tok, n_past)
+                        except DecodeCancelled:
+                            outcome.finish_reason = "cancelled"
+                            return
+                        except NexabindError:
+                            self.reset()
+                            raise
+                        hist[n_past] = tok
+                        n_past += 1
+                        self.n = n_past  # in step with the cache even if the caller stops
+                        n_fed += 1
+                    tok = sample()
+                    if want_logprobs:
+                        lp, top = logprobs_of(logits(-1), tok, n_top)
+                    eog = is_eog(tok)
+                    raw = b"" if eog else piece(tok)
+                if eog:
                     outcome.finish_reason = "stop"
                     tail = dec(b"", True) + (matcher.flush() if matcher else "")
                     if tail:
                         yield new(Token, (tok, tail, lp, top))
                     return
-                text = dec(piece(tok))
+                text = dec(raw)
                 n_gen += 1
                 last = n_gen >= limit
                 if matcher is not None:
@@ -221,30 +265,6 @@ class KVSequence:
                     yield new(Token, (tok, text, lp, top))
                     return
                 yield new(Token, (tok, text, lp, top))
-                if self.epoch != epoch:
-                    self._superseded()
-                if n_past >= n_ctx:
-                    if not context_shift:
-                        outcome.finish_reason = "length"
-                        msg = (
-                            f"the context of {n_ctx} tokens is full after {n_gen} generated "
-                            "tokens; use a larger n_ctx, a smaller max_tokens, or "
-                            "context_shift=True"
-                        )
-                        raise ContextOverflowError(msg)
-                    n_past = self.shift()
-                try:
-                    feed(tok, n_past)
-                except DecodeCancelled:
-                    outcome.finish_reason = "cancelled"
-                    return
-                except NexabindError:
-                    self.reset()
-                    raise
-                hist[n_past] = tok
-                n_past += 1
-                self.n = n_past  # in step with the cache even if the caller stops here
-                n_fed += 1
         finally:
             # Counters are written once, not per token (also when the caller breaks out).
             outcome.completion_tokens = n_gen

@@ -2,43 +2,119 @@
 
 Jinja templates render in a sandboxed environment set up the way Hugging Face transformers does
 (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``, ``strftime_now``, ``tojson``), with
-``messages``, ``bos_token``, ``eos_token`` and ``add_generation_prompt`` in scope.
+``messages``, ``bos_token``, ``eos_token`` and ``add_generation_prompt`` in scope, and bounded
+in time and size (:mod:`nexabind._sandbox`): a template comes with the model file, so a
+hostile file brings a hostile template.
+
+Messages are checked first (:func:`check_messages`), so a malformed one is a ``ValueError``
+naming its index and field instead of ``None`` or a Python repr in the prompt.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from nexabind import lowlevel
+from nexabind import _sandbox, lowlevel
 from nexabind.errors import TemplateError
 
 __all__ = [
+    "RENDER_TIMEOUT",
     "apply_builtin_template",
+    "check_messages",
     "format_chat",
     "format_messages",
     "prompt_tokens",
     "render_jinja",
 ]
 
+#: Seconds a template may take to render.
+RENDER_TIMEOUT = 5.0
+#: Characters a rendered prompt (and any value a template builds) may have, at least; more
+#: when the messages themselves are longer.
+MIN_RENDER_SIZE = 1 << 22
+
+
+def _text_of(content: list[Any], i: int) -> str:
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"type {kind!r}" if kind else f"a {type(part).__name__}"
+            msg = (
+                f"messages[{i}].content[{j}] is {what}; this model takes text only: give "
+                '{"type": "text", "text": "..."} parts or a string'
+            )
+            raise ValueError(msg)
+        texts.append(part["text"])
+    return "\n".join(texts)  # as llama.cpp's server joins text parts
+
+
+def check_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """Check a conversation and return it with each content as one string.
+
+    ``content`` may be a string, a list of ``{"type": "text", "text": ...}`` parts (joined
+    with newlines, as llama.cpp's server does), or None on an assistant message that carries
+    ``tool_calls`` or ``function_call``.
+
+    Raises:
+        ValueError: Naming the message index and field that is missing or malformed.
+    """
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        msg = f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}"
+        raise ValueError(msg)
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            msg = f"messages[{i}] is a {type(m).__name__}; give a {{role, content}} dict"
+            raise ValueError(msg)
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            what = "is missing" if role is None else f"is {role!r}"
+            msg = f"messages[{i}].role {what}; give a role such as 'user' or 'assistant'"
+            raise ValueError(msg)
+        content = m.get("content")
+        if isinstance(content, list):
+            content = _text_of(content, i)
+        elif content is None:
+            if not (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+                msg = f"messages[{i}].content is missing; give a string"
+                raise ValueError(msg)
+        elif not isinstance(content, str):
+            msg = (
+                f"messages[{i}].content is a {type(content).__name__}; give a string or a "
+                "list of text parts"
+            )
+            raise ValueError(msg)
+        if content is not None:
+            try:
+                content.encode()
+            except UnicodeEncodeError as e:
+                msg = f"messages[{i}].content is not valid text: {e.reason} at position {e.start}"
+                raise ValueError(msg) from None
+        out.append({**m, "content": content})
+    return out
+
 
 @functools.lru_cache(maxsize=32)
 def _compile(source: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    import jinja2
 
-    def raise_exception(message: str) -> None:
-        raise TemplateError(f"the chat template refused the messages: {message}")
+    try:
+        return _sandbox.compile_template(source)
+    except jinja2.TemplateError as e:
+        msg = f"the chat template could not be rendered: {e}"
+        raise TemplateError(msg) from e
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, **_: Any) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+def _raise_exception(message: str) -> None:
+    raise TemplateError(f"the chat template refused the messages: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
 
 def render_jinja(
@@ -48,38 +124,40 @@ def render_jinja(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    timeout: float = RENDER_TIMEOUT,
     **extra: Any,
 ) -> str:
     """Render a jinja chat template.
 
     Args:
         source: The template text (e.g. GGUF ``tokenizer.chat_template``).
-        messages: ``[{"role": ..., "content": ...}, ...]``.
+        messages: ``[{"role": ..., "content": ...}, ...]`` (see :func:`check_messages`).
         bos_token: Text of the BOS token.
         eos_token: Text of the EOS token.
         add_generation_prompt: End with the assistant's turn header.
+        timeout: Seconds the rendering may take.
         **extra: More template variables (``tools``, ...).
 
     Returns:
         The prompt text.
 
     Raises:
-        TemplateError: The template called ``raise_exception`` or is malformed.
+        ValueError: A message is malformed.
+        TemplateError: The template called ``raise_exception``, is malformed, or ran over its
+            time or size limit.
     """
-    import jinja2
-
-    try:
-        tmpl = _compile(source)
-        return tmpl.render(
-            messages=messages,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
-            **extra,
-        )
-    except jinja2.TemplateError as e:
-        msg = f"the chat template could not be rendered: {e}"
-        raise TemplateError(msg) from e
+    checked = check_messages(messages)
+    size = max(MIN_RENDER_SIZE, 8 * sum(len(m["content"] or "") for m in checked))
+    variables = {
+        "messages": checked,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "add_generation_prompt": add_generation_prompt,
+        "raise_exception": _raise_exception,
+        "strftime_now": _strftime_now,
+        **extra,
+    }
+    return _sandbox.render(_compile(source), variables, size=size, timeout=timeout)
 
 
 def apply_builtin_template(
@@ -90,13 +168,21 @@ def apply_builtin_template(
     Args:
         name_or_source: A built-in template name (``chatml``, ``llama3``, ...) or a template
             text llama.cpp recognizes by its markers.
-        messages: ``[{"role": ..., "content": ...}, ...]`` with string contents.
+        messages: ``[{"role": ..., "content": ...}, ...]`` (see :func:`check_messages`).
         add_generation_prompt: End with the assistant's turn header.
 
     Raises:
+        ValueError: A message is malformed, or holds a NUL character (C strings end there).
         TemplateError: llama.cpp does not know the template.
     """
-    pairs = [(str(m["role"]), str(m.get("content") or "")) for m in messages]
+    pairs = []
+    for i, m in enumerate(check_messages(messages)):
+        content = m["content"] or ""
+        for field, text in (("role", m["role"]), ("content", content)):
+            if "\x00" in text:
+                msg = f"messages[{i}].{field} holds a NUL character; remove it"
+                raise ValueError(msg)
+        pairs.append((m["role"], content))
     try:
         return lowlevel.chat_template_apply(
             name_or_source, pairs, add_assistant=add_generation_prompt
@@ -128,6 +214,7 @@ def format_messages(
         add_generation_prompt: End with the assistant's turn header.
 
     Raises:
+        ValueError: A message is malformed.
         TemplateError: The template refused the messages, failed, or is unknown.
     """
     if "{" not in source:
@@ -161,6 +248,7 @@ def format_chat(
         add_generation_prompt: End with the assistant's turn header.
 
     Raises:
+        ValueError: A message is malformed.
         TemplateError: The model has no chat template and none was given, or the template
             refused the messages.
     """

@@ -50,12 +50,22 @@ class Llama:
         kv_unified: One KV buffer for all sequences (None: on for an embedding context,
             llama.cpp's default otherwise). With it, :meth:`embed` packs texts of any lengths
             into one decode; without it, only texts of one length.
+        check_tensors: Validate every tensor's data while loading (for files of unknown
+            origin; see also :func:`nexabind.check_model`, which loads in a child process).
         lib_path: Folder of the llama.cpp libraries (see :func:`nexabind.loader.library_dir`).
+
+    A ``Llama`` is safe to share between threads: every call into llama.cpp holds the
+    context's lock, so calls from two threads run one after the other. A generation holds it
+    for one token at a time, so another call may run between two tokens; if that call changes
+    the KV cache (another generation, :meth:`reset`, :meth:`load_state`), the first generator
+    raises ``ContextError`` at its next step instead of continuing on the wrong tokens.
+    :meth:`close` from another thread cancels a running prompt decode, waits for the current
+    step, then frees; the generator then raises ``ClosedError``.
 
     Raises:
         ModelLoadError: The model file is missing or invalid.
-        ContextError: The context could not be created.
-        ValueError: ``n_ubatch`` or a thread count is below 1.
+        ContextError: The context could not be created (or would not fit in memory).
+        ValueError: A size or thread count is out of range (the message names it).
     """
 
     def __init__(
@@ -76,6 +86,7 @@ class Llama:
         chat_template: str | None = None,
         verbose: bool = False,
         kv_unified: bool | None = None,
+        check_tensors: bool = False,
         lib_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self._ctx: lowlevel.Context | None = None
@@ -86,8 +97,15 @@ class Llama:
         if n_gpu_layers is None:
             n_gpu_layers = 999
         self.model_path = str(model_path)
+        if n_ctx is not None and n_ctx < 0:
+            msg = f"n_ctx={n_ctx} is invalid; use 0 or None (the model's length, at most 4096)"
+            raise ValueError(msg)
         self._model = lowlevel.Model(
-            model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock
+            model_path,
+            n_gpu_layers=n_gpu_layers,
+            use_mmap=use_mmap,
+            use_mlock=use_mlock,
+            check_tensors=check_tensors,
         )
         if not n_ctx:
             n_ctx = min(self._model.n_ctx_train or 4096, 4096)
@@ -97,9 +115,10 @@ class Llama:
         # whole sequence in one ubatch).
         if embedding and kv_unified is None:
             kv_unified = True
-        ubatch = min(n_batch, n_ubatch or 512)
+        # A sequence takes an output row of a ubatch: never more sequences than it has rows.
+        ubatch = max(1, min(n_batch, n_ubatch or 512, n_ctx))
         room = _EMBED_SEQS if kv_unified else n_ctx // ubatch
-        self._n_seqs = max(1, min(_EMBED_SEQS, room)) if embedding else 1
+        self._n_seqs = max(1, min(_EMBED_SEQS, room, ubatch)) if embedding else 1
         try:
             self._ctx = lowlevel.Context(
                 self._model,
@@ -153,13 +172,18 @@ class Llama:
         return self._ctx is None
 
     def close(self) -> None:
-        """Free the context and the model; safe to call more than once."""
+        """Free the context and the model; safe to call more than once, from any thread.
+
+        A prompt decode running in another thread is cancelled; a generation step is waited
+        for. A generator still open raises ``ClosedError`` at its next step.
+        """
         ctx, model = self._ctx, self._model
-        self._ctx = self._model = None
         if ctx is not None:
-            self._seq.invalidate()  # a generator still open notices at its next step
-        if ctx is not None:
-            ctx.close()
+            ctx.cancel()
+            with ctx.lock:
+                self._ctx = self._model = None
+                self._seq.invalidate()  # a generator still open notices at its next step
+                ctx.close()
         if model is not None:
             model.close()
 
@@ -218,11 +242,17 @@ class Llama:
 
     def reset(self) -> None:
         """Forget the KV cache; the next call decodes its whole prompt."""
-        self._check()
-        self._seq.reset()
+        with self._check().lock:
+            self._check()
+            self._seq.reset()
 
     def cancel(self) -> None:
-        """Stop a generation running in another thread (it ends with ``cancelled``)."""
+        """Stop the running generation, or the next one if none runs yet.
+
+        Callable from any thread. The generation ends with ``finish_reason`` "cancelled" at
+        its next step (a prompt being decoded stops within a few graph nodes); a cancel that
+        arrives before a call starts applies to that call.
+        """
         if self._ctx is not None:
             self._ctx.cancel()
 
@@ -231,7 +261,9 @@ class Llama:
     def _as_tokens(self, prompt: str | bytes | Sequence[int], special: bool = False) -> list[int]:
         if isinstance(prompt, (str, bytes)):
             return self._check().model.tokenize(prompt, add_special=True, parse_special=special)
-        return [int(t) for t in prompt]
+        tokens = [int(t) for t in prompt]
+        self._check().model.check_tokens(tokens, "prompt token")
+        return tokens
 
     # -- generation ----------------------------------------------------------------------
 
@@ -461,9 +493,11 @@ class Llama:
             msg = "create the Llama with embedding=True to compute embeddings"
             raise ContextError(msg)
         texts = [input] if isinstance(input, str) else list(input)
-        self._seq.reset()
-        out, n_decoded = _embed.embed(ctx, texts, n_seqs=self._n_seqs, truncate=truncate)
-        self._seq.n_decoded += n_decoded
+        with ctx.lock:
+            self._check()
+            self._seq.reset()
+            out, n_decoded = _embed.embed(ctx, texts, n_seqs=self._n_seqs, truncate=truncate)
+            self._seq.n_decoded += n_decoded
         if normalize:
             import numpy as np
 
@@ -493,7 +527,8 @@ class Llama:
             The state as bytes (give it to :meth:`load_state`).
         """
         ctx = self._check()
-        blob = _state.pack(self._seq.tokens[: self._seq.n], ctx.state_get())
+        with ctx.lock:
+            blob = _state.pack(self._seq.tokens[: self._seq.n], ctx.state_get())
         if path is not None:
             Path(path).write_bytes(blob)
         return blob
@@ -507,9 +542,17 @@ class Llama:
         ctx = self._check()
         data = state if isinstance(state, (bytes, bytearray)) else Path(state).read_bytes()
         toks, payload = _state.unpack(data, ctx.n_ctx)
-        try:
-            ctx.state_set(payload)
-        except StateError:
-            self.reset()
-            raise
-        self._seq.restore(toks)
+        with ctx.lock:
+            try:
+                ctx.state_set(payload)
+                held = ctx.seq_pos_max(0) + 1
+                if held != len(toks):
+                    msg = (
+                        f"the state names {len(toks)} tokens but its KV cache holds {held}; "
+                        "it was not saved by Llama.save_state() over this model"
+                    )
+                    raise StateError(msg)
+            except StateError:
+                self.reset()
+                raise
+            self._seq.restore(toks)

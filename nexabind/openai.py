@@ -38,8 +38,12 @@ CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.2}
 
 
 def finish_reason(outcome: Outcome) -> str:
-    """OpenAI's ``finish_reason`` for an outcome: ``length``, else ``stop``."""
-    return "length" if outcome.finish_reason == "length" else "stop"
+    """The ``finish_reason`` of an outcome: ``stop``, ``length`` or ``cancelled``.
+
+    OpenAI has no word for a cancelled generation (its server just stops sending); a local
+    caller who cancels needs to tell it apart from a natural stop.
+    """
+    return outcome.finish_reason or "stop"
 
 
 def _usage(outcome: Outcome) -> dict[str, int]:

@@ -6,6 +6,7 @@ of tokens and its outcome into OpenAI's shapes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -50,37 +51,91 @@ class Outcome:
     completion_tokens: int = 0
 
 
+def _failure(stop: str) -> list[int]:
+    """KMP failure function: for each prefix, the length of its longest proper border."""
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopMatcher:
-    """Hold back text that could start a stop string; find stops across token boundaries."""
+    """Find stop strings across token boundaries; hold back text that could start one.
+
+    Each stop string has a Knuth-Morris-Pratt automaton, so time and memory are linear in the
+    stop strings' lengths and in the text: every generated character advances each automaton
+    once, and only the text that could still become a stop string is held back.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.held = ""
-        # Every proper prefix of every stop string: the longest one that ends the text is held.
-        self.prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
-        self.max_prefix = max((len(p) for p in self.prefixes), default=0)
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # chars of each stop matched at the text's end
+        self._first = {s[0] for s in self.stops}
+        self._held: deque[str] = deque()  # text not emitted yet, in pieces
+        self._n_held = 0
+
+    @property
+    def held(self) -> str:
+        """The text held back (it could be the start of a stop string)."""
+        return "".join(self._held)
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        s = self.held + text
-        best = -1
-        for stop in self.stops:
-            i = s.find(stop)
-            if i >= 0 and (best < 0 or i < best):
-                best = i
-        if best >= 0:
-            self.held = ""
-            return s[:best], True
-        for k in range(min(self.max_prefix, len(s)), 0, -1):
-            if s[-k:] in self.prefixes:
-                self.held = s[-k:]
-                return s[:-k], False
-        self.held = ""
-        return s, False
+        """Return (text safe to emit, whether a stop string was hit).
+
+        On a hit, the text before the earliest-starting stop string that completed within
+        ``text`` is returned and nothing is held.
+        """
+        state = self._state
+        if not self._n_held and self._first.isdisjoint(text):
+            return text, False  # no stop string can start or continue here
+        stops, fail = self.stops, self._fail
+        base = self._n_held  # offset of text in held + text
+        hit = -1
+        for i, c in enumerate(text):
+            for j, stop in enumerate(stops):
+                q = state[j]
+                while q and stop[q] != c:
+                    q = fail[j][q - 1]
+                if stop[q] == c:
+                    q += 1
+                if q == len(stop):
+                    start = base + i + 1 - q
+                    if hit < 0 or start < hit:
+                        hit = start
+                    q = fail[j][q - 1]
+                state[j] = q
+        self._held.append(text)
+        self._n_held += len(text)
+        if hit >= 0:
+            out = self._take(hit)
+            self.flush()
+            return out, True
+        return self._take(self._n_held - max(state)), False
+
+    def _take(self, n: int) -> str:
+        """Remove and return the first ``n`` held characters."""
+        parts = []
+        held = self._held
+        while n > 0:
+            piece = held.popleft()
+            if len(piece) > n:
+                held.appendleft(piece[n:])
+                piece = piece[:n]
+            parts.append(piece)
+            n -= len(piece)
+            self._n_held -= len(piece)
+        return "".join(parts)
 
     def flush(self) -> str:
         """Return and forget the held text (the generation ended without a stop)."""
-        out, self.held = self.held, ""
+        out = self._take(self._n_held)
+        self._state = [0] * len(self.stops)
         return out
 
 

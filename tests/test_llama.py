@@ -199,11 +199,35 @@ def test_bad_state_is_refused(llm: Llama) -> None:
         llm.load_state(b"garbage")
 
 
-def test_truncated_state_is_refused(llm: Llama) -> None:
+def test_damaged_states_are_refused_and_lose_nothing(llm: Llama, tmp_path: Path) -> None:
     list(llm.generate("Hello world", max_tokens=5, **GREEDY))
     state = llm.save_state()
-    with pytest.raises(StateError, match="cut short"):
-        llm.load_state(state[:20])
+    n_state = len(llm._seq.tokens[: llm._seq.n])  # noqa: SLF001 - the tokens in the cache
+    for cut in (4, 20, 24, 40, len(state) // 2, len(state) - 1):
+        with pytest.raises(StateError, match="cut short"):
+            llm.load_state(state[:cut])
+    with pytest.raises(StateError, match="longer than it says"):
+        llm.load_state(state + b"\0")
+    for at in (30, len(state) // 2, len(state) - 1):
+        altered = bytearray(state)
+        altered[at] ^= 0x40
+        with pytest.raises(StateError, match="checksum"):
+            llm.load_state(bytes(altered))
+    with pytest.raises(StateError, match="bad header"):
+        llm.load_state(b"NXBSTAT1" + state[8:])
+    # A well-formed blob whose token list does not match its KV cache: the token history of
+    # this state with the (empty) KV payload of a fresh context.
+    from nexabind import _state
+
+    llm.reset()
+    empty = llm.save_state()
+    toks, _ = _state.unpack(state, llm.n_ctx())
+    _, payload = _state.unpack(empty, llm.n_ctx())
+    with pytest.raises(StateError, match=f"names {n_state} tokens but its KV cache holds 0"):
+        llm.load_state(_state.pack(toks, payload))
+    # nothing is lost: the good state still loads and continues as before
+    llm.load_state(state)
+    assert llm._seq.n == n_state  # noqa: SLF001
 
 
 def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path) -> None:

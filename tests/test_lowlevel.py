@@ -401,7 +401,7 @@ def test_context_parameters_reach_llama_cpp(ll, model) -> None:
         assert (c.n_threads, c.n_threads_batch) == (2, 1)
         c.set_threads(1)
         assert (c.n_threads, c.n_threads_batch) == (1, 1)
-        with pytest.raises(ValueError, match="thread counts must be >= 1"):
+        with pytest.raises(ValueError, match="n_threads=0 is invalid; use 1..512"):
             c.set_threads(0)
     with ll.Context(model, n_ctx=256, n_batch=64, n_threads=3) as c:
         assert c.n_ubatch == 64

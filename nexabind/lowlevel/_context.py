@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -16,6 +18,35 @@ from nexabind.lowlevel._sampler import SamplerChain
 
 if TYPE_CHECKING:
     import numpy as np
+
+#: ggml's limit on threads (GGML_MAX_N_THREADS); more aborts inside llama.cpp.
+MAX_THREADS = 512
+#: llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ).
+MAX_SEQUENCES = 256
+_UINT32_MAX = 0xFFFFFFFF
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None when the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _device_memory() -> int:
+    """Bytes of memory on the GPU devices ggml registered (0 on a CPU-only build)."""
+    from nexabind.lowlevel._lib import ggml
+
+    g = ggml()
+    total = 0
+    props = ffi.new("struct ggml_backend_dev_props *")
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) != g.GGML_BACKEND_DEVICE_TYPE_CPU:
+            g.ggml_backend_dev_get_props(dev, props)
+            total += props.memory_total
+    return total
 
 
 class TokenSteps(NamedTuple):
@@ -60,10 +91,16 @@ class Context(Owned):
             context (None: llama.cpp's default); without it each of the ``n_seq_max``
             sequences gets ``n_ctx / n_seq_max`` cells (see :attr:`n_ctx_seq`).
 
+    Every call that reaches llama.cpp holds :attr:`lock`, so a context may be shared between
+    threads and closed from any of them; :meth:`cancel` needs no lock. The callables of
+    :meth:`token_steps` are the exception: the caller holds :attr:`lock` around them.
+
     Raises:
-        ValueError: ``n_ubatch``, a thread count or ``flash_attn`` is invalid.
+        ValueError: A size, a thread count or ``flash_attn`` is invalid (the message names
+            it and its range); checked here, since llama.cpp aborts the process on them.
         ClosedError: The model is closed.
-        ContextError: llama.cpp could not create the context.
+        ContextError: The KV cache would not fit in this machine's memory, or llama.cpp could
+            not create the context.
     """
 
     _what = "context"
@@ -83,23 +120,19 @@ class Context(Owned):
         flash_attn: FlashAttention | bool | str | None = None,
         kv_unified: bool | None = None,
     ) -> None:
+        self.lock = threading.RLock()
+        """Held by every call into llama.cpp on this context (reentrant)."""
         self._lib = L = lib()
-        model_ptr = model._check()
-        self.model = model
+        model._check()
         p = L.llama_context_default_params()
+        if n_ubatch is None:
+            n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
+        _validate(model, n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, n_seq_max,
+                  embeddings, kv_unified)  # fmt: skip
+        self.model = model
         p.n_ctx = n_ctx
         p.n_batch = n_batch
-        if n_ubatch is None:
-            p.n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
-        elif n_ubatch < 1:
-            msg = f"n_ubatch={n_ubatch} is invalid; use a positive number (at most n_batch)"
-            raise ValueError(msg)
-        else:
-            p.n_ubatch = n_ubatch
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value is not None and value < 1:
-                msg = f"{name}={value} is invalid; use a positive number of threads or None"
-                raise ValueError(msg)
+        p.n_ubatch = n_ubatch
         if n_threads is not None:
             p.n_threads = n_threads
         if n_threads_batch is not None or n_threads is not None:
@@ -125,14 +158,18 @@ class Context(Owned):
         # processing); single-token steps check the flag before the call instead.
         self._abort_cb = abort_cb  # referenced for as long as the context lives
         self._abort_on = False
-        ptr = nonnull(
-            L.llama_init_from_model(model_ptr, p),
-            ContextError,
-            f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}); "
-            "try a smaller n_ctx",
-        )
+        model_ptr = model._add_user()
+        try:
+            ptr = nonnull(
+                L.llama_init_from_model(model_ptr, p),
+                ContextError,
+                f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}); "
+                "try a smaller n_ctx",
+            )
+        except BaseException:
+            model._release_user()
+            raise
         self._ptr = ffi.gc(ptr, L.llama_free)
-        model._users += 1
         self.n_ctx: int = L.llama_n_ctx(ptr)
         self.n_batch: int = L.llama_n_batch(ptr)
         self.n_ubatch: int = L.llama_n_ubatch(ptr)
@@ -145,12 +182,21 @@ class Context(Owned):
         self.n_vocab = model.n_vocab
         self.batch = Batch(self.n_batch, n_seq_max)
         self.generation = 0
+        self._has_logits = False  # whether output -1 of the last decode has logits to sample
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith
 
     def close(self) -> None:
-        """Free the context now (the model stays open); safe to call more than once."""
-        if getattr(self, "_ptr", None) is not None:
+        """Free the context now (the model stays open); safe to call more than once.
+
+        A decode running in another thread is finished first (call :meth:`cancel` before to
+        stop a long one sooner).
+        """
+        if getattr(self, "_ptr", None) is None:
+            return
+        with self.lock:
+            if self._ptr is None:
+                return
             ffi.release(self._ptr)
             self._ptr = None
             self.batch.close()
@@ -159,12 +205,14 @@ class Context(Owned):
     @property
     def n_threads(self) -> int:
         """Threads llama.cpp uses for one-token decodes."""
-        return self._lib.llama_n_threads(self._check())
+        with self.lock:
+            return self._lib.llama_n_threads(self._check())
 
     @property
     def n_threads_batch(self) -> int:
         """Threads llama.cpp uses for multi-token batches."""
-        return self._lib.llama_n_threads_batch(self._check())
+        with self.lock:
+            return self._lib.llama_n_threads_batch(self._check())
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         """Change the thread counts (``n_threads_batch`` None: as ``n_threads``).
@@ -173,12 +221,10 @@ class Context(Owned):
             ValueError: A count is below 1.
         """
         n_batch = n_threads if n_threads_batch is None else n_threads_batch
-        if n_threads < 1 or n_batch < 1:
-            msg = (
-                f"thread counts must be >= 1, got n_threads={n_threads}, n_threads_batch={n_batch}"
-            )
-            raise ValueError(msg)
-        self._lib.llama_set_n_threads(self._check(), n_threads, n_batch)
+        _check_threads("n_threads", n_threads)
+        _check_threads("n_threads_batch", n_batch)
+        with self.lock:
+            self._lib.llama_set_n_threads(self._check(), n_threads, n_batch)
 
     def cancel(self) -> None:
         """Ask a decode running in another thread to stop (it raises DecodeCancelled)."""
@@ -199,9 +245,10 @@ class Context(Owned):
         Such a loop should check :attr:`cancelled` itself between steps; :meth:`decode`
         turns the callback back on for the next multi-token batch.
         """
-        ptr = self._check()
-        if self._abort_on:
-            self._set_abort(ptr, False)
+        with self.lock:
+            ptr = self._check()
+            if self._abort_on:
+                self._set_abort(ptr, False)
 
     def token_steps(self, sampler: SamplerChain) -> TokenSteps:
         """Bind the calls of a one-token-at-a-time generation loop once, for the hot path.
@@ -213,6 +260,8 @@ class Context(Owned):
         :attr:`batch`, whose header this call sets to one token (call again after using the
         batch for anything else). The abort callback is turned off as for
         :meth:`prepare_single_token`: ``feed`` checks for :meth:`cancel` before each decode.
+        The callables take no lock: hold :attr:`lock` around them when other threads may use
+        or close this context.
 
         Args:
             sampler: The chain ``sample`` uses; keep it open while the steps are used.
@@ -239,9 +288,10 @@ class Context(Owned):
         flag = self._cancel
 
         def sample() -> int:
-            if self._ptr is None or sampler._ptr is None:
+            if self._ptr is None or sampler._ptr is None or not self._has_logits:
                 self._check()
                 sampler._check()
+                self._no_logits()
             return sample_c(chain, ptr, -1)
 
         def piece(token: int) -> bytes:
@@ -256,9 +306,11 @@ class Context(Owned):
             btok[0] = token
             bpos[0] = pos
             self.generation += 1
+            self._has_logits = False
             rc = decode(ptr, b)
             if rc:
                 self._raise_decode(rc)
+            self._has_logits = True
 
         return TokenSteps(sample, functools.partial(L.llama_vocab_is_eog, vocab), piece, feed)
 
@@ -274,16 +326,25 @@ class Context(Owned):
             ContextOverflowError: No room left in the KV cache.
             DecodeError: Any other llama.cpp failure.
         """
-        ptr = self._check()
-        b = (batch or self.batch).b
-        if self._cancel.on:
-            self._raise_decode(2)
-        if (b.n_tokens > 1) is not self._abort_on:
-            self._set_abort(ptr, b.n_tokens > 1)
-        self.generation += 1
-        rc = self._decode(ptr, b)
-        if rc != 0:
-            self._raise_decode(rc)
+        with self.lock:
+            ptr = self._check()
+            b = (batch or self.batch).b
+            if self._cancel.on:
+                self._raise_decode(2)
+            n = b.n_tokens
+            if (n > 1) is not self._abort_on:
+                self._set_abort(ptr, n > 1)
+            self.generation += 1
+            self._has_logits = False
+            rc = self._decode(ptr, b)
+            if rc != 0:
+                self._raise_decode(rc)
+            self._has_logits = n > 0 and ffi.buffer(b.logits, n)[:].count(0) < n
+
+    def _no_logits(self) -> None:
+        if not self._has_logits:
+            msg = "no logits to sample from: decode a batch that asks for them first"
+            raise DecodeError(msg)
 
     def _set_abort(self, ptr: Any, on: bool) -> None:
         self._abort_on = on
@@ -296,43 +357,58 @@ class Context(Owned):
 
     def encode(self, batch: Batch | None = None) -> None:
         """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
-        ptr = self._check()
-        b = (batch or self.batch).b
-        if self._cancel.on:
-            self._raise_decode(2)
-        if not self._abort_on:
-            self._set_abort(ptr, True)
-        self.generation += 1
-        rc = self._lib.llama_encode(ptr, b)
-        if rc != 0:
-            self._raise_decode(rc)
+        with self.lock:
+            ptr = self._check()
+            b = (batch or self.batch).b
+            if self._cancel.on:
+                self._raise_decode(2)
+            if not self._abort_on:
+                self._set_abort(ptr, True)
+            self.generation += 1
+            self._has_logits = False
+            rc = self._lib.llama_encode(ptr, b)
+            if rc != 0:
+                self._raise_decode(rc)
 
     def _memory(self) -> Any:
         return self._lib.llama_get_memory(self._check())
 
+    def _seq(self, seq_id: int) -> int:
+        if not 0 <= seq_id < self.n_seq_max:
+            msg = f"sequence {seq_id} does not exist; this context has 0..{self.n_seq_max - 1}"
+            raise ValueError(msg)
+        return seq_id
+
     def clear(self) -> None:
         """Clear the KV cache (all sequences)."""
-        self._lib.llama_memory_clear(self._memory(), True)
+        with self.lock:
+            self._lib.llama_memory_clear(self._memory(), True)
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions ``[p0, p1)`` of a sequence (-1: open end); False if impossible."""
-        return bool(self._lib.llama_memory_seq_rm(self._memory(), seq_id, p0, p1))
+        with self.lock:
+            return bool(self._lib.llama_memory_seq_rm(self._memory(), self._seq(seq_id), p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Copy positions ``[p0, p1)`` of sequence ``src`` to ``dst``."""
-        self._lib.llama_memory_seq_cp(self._memory(), src, dst, p0, p1)
+        with self.lock:
+            mem = self._memory()
+            self._lib.llama_memory_seq_cp(mem, self._seq(src), self._seq(dst), p0, p1)
 
     def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions ``[p0, p1)`` of a sequence by ``delta`` (-1 ends: open)."""
-        self._lib.llama_memory_seq_add(self._memory(), seq_id, p0, p1, delta)
+        with self.lock:
+            self._lib.llama_memory_seq_add(self._memory(), self._seq(seq_id), p0, p1, delta)
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but ``seq_id``."""
-        self._lib.llama_memory_seq_keep(self._memory(), seq_id)
+        with self.lock:
+            self._lib.llama_memory_seq_keep(self._memory(), self._seq(seq_id))
 
     def seq_pos_max(self, seq_id: int = 0) -> int:
         """Highest position stored for a sequence (-1 when empty)."""
-        return self._lib.llama_memory_seq_pos_max(self._memory(), seq_id)
+        with self.lock:
+            return self._lib.llama_memory_seq_pos_max(self._memory(), self._seq(seq_id))
 
     def state_get(self) -> bytes:
         """Serialize the context state (KV cache, logits, RNG).
@@ -340,10 +416,12 @@ class Context(Owned):
         Raises:
             StateError: llama.cpp wrote fewer bytes than it announced.
         """
-        L, ptr = self._lib, self._check()
-        size = L.llama_state_get_size(ptr)
-        buf = ffi.new("uint8_t[]", size)
-        n = L.llama_state_get_data(ptr, buf, size)
+        L = self._lib
+        with self.lock:
+            ptr = self._check()
+            size = L.llama_state_get_size(ptr)
+            buf = ffi.new("uint8_t[]", size)
+            n = L.llama_state_get_data(ptr, buf, size)
         if n == 0 and size:
             msg = f"saving the context state failed ({size} bytes announced)"
             raise StateError(msg)
@@ -355,9 +433,12 @@ class Context(Owned):
         Raises:
             StateError: llama.cpp rejected the data.
         """
-        ptr = self._check()
-        self.generation += 1
-        n = self._lib.llama_state_set_data(ptr, ffi.from_buffer("uint8_t[]", data), len(data))
+        src = ffi.from_buffer("uint8_t[]", data)
+        with self.lock:
+            ptr = self._check()
+            self.generation += 1
+            self._has_logits = False
+            n = self._lib.llama_state_set_data(ptr, src, len(data))
         if n != len(data):
             msg = (
                 f"restoring the context state failed (read {n} of {len(data)} bytes); "
@@ -373,11 +454,12 @@ class Context(Owned):
         """
         import numpy as np
 
-        ptr = nonnull(
-            self._get_logits_ith(self._check(), i),
-            DecodeError,
-            f"no logits for output {i}; request logits for that token in the batch",
-        )
+        with self.lock:
+            ptr = nonnull(
+                self._get_logits_ith(self._check(), i),
+                DecodeError,
+                f"no logits for output {i}; request logits for that token in the batch",
+            )
         arr = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
         arr.flags.writeable = False
         return arr
@@ -391,9 +473,10 @@ class Context(Owned):
         import numpy as np
 
         L = self._lib
-        ptr = L.llama_get_embeddings_seq(self._check(), seq_id)
-        if ptr == ffi.NULL:
-            ptr = L.llama_get_embeddings_ith(self._ptr, -1)
+        with self.lock:
+            ptr = L.llama_get_embeddings_seq(self._check(), self._seq(seq_id))
+            if ptr == ffi.NULL:
+                ptr = L.llama_get_embeddings_ith(self._ptr, -1)
         ptr = nonnull(ptr, DecodeError, "no embeddings: create the context with embeddings=True")
         arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
         arr.flags.writeable = False
@@ -418,3 +501,60 @@ class LogitsView:
             )
             raise ContextError(msg)
         return self._arr
+
+
+def _check_threads(name: str, value: int | None) -> None:
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        msg = f"{name}={value} is invalid; use 1..{MAX_THREADS} threads, or None"
+        raise ValueError(msg)
+
+
+def _validate(
+    model: Model,
+    n_ctx: int,
+    n_batch: int,
+    n_ubatch: int,
+    n_threads: int | None,
+    n_threads_batch: int | None,
+    n_seq_max: int,
+    embeddings: bool,
+    kv_unified: bool | None,
+) -> None:
+    """Refuse what llama.cpp would abort on, or spend minutes allocating, before the call."""
+
+    def bad(name: str, value: object, what: str) -> ValueError:
+        return ValueError(f"{name}={value!r} is invalid; {what}")
+
+    if not 0 <= n_ctx <= _UINT32_MAX:
+        raise bad("n_ctx", n_ctx, "use 0 (the model's training length) or a positive length")
+    if not 1 <= n_batch <= _UINT32_MAX:
+        raise bad("n_batch", n_batch, "use a positive number of tokens per decode")
+    if not 1 <= n_ubatch <= _UINT32_MAX:
+        raise bad("n_ubatch", n_ubatch, "use a positive number (at most n_batch)")
+    _check_threads("n_threads", n_threads)
+    _check_threads("n_threads_batch", n_threads_batch)
+    cells = n_ctx or model.n_ctx_train or 4096
+    if not 1 <= n_seq_max <= MAX_SEQUENCES:
+        raise bad("n_seq_max", n_seq_max, f"use 1..{MAX_SEQUENCES} sequences")
+    # Each sequence takes at least one output row of a decode: more sequences than a batch
+    # holds (llama.cpp caps n_batch at n_ctx) fail an assertion in llama.cpp.
+    room = min(n_batch, cells)
+    if n_seq_max > room:
+        msg = f"use n_seq_max <= {room} (n_batch and n_ctx), or a larger n_batch / n_ctx"
+        raise bad("n_seq_max", n_seq_max, msg)
+    # Pooling reads one row per sequence from one ubatch.
+    if embeddings and n_seq_max > min(n_ubatch, n_batch):
+        msg = f"an embedding context needs n_ubatch >= n_seq_max ({n_seq_max})"
+        raise bad("n_ubatch", n_ubatch, msg)
+    # The KV cache is allocated at once: estimate it (f16 keys and values) before asking.
+    if not kv_unified:
+        cells = max(cells, 256 * n_seq_max)  # each sequence's share is padded to 256 cells
+    need = cells * model.kv_bytes_per_cell()
+    ram = _physical_memory()
+    if ram is not None and need > ram + _device_memory():
+        gib = 1 << 30
+        msg = (
+            f"n_ctx={n_ctx or cells} needs about {need / gib:.1f} GiB of KV cache, more than "
+            f"this machine's {ram / gib:.1f} GiB of memory; use a smaller n_ctx"
+        )
+        raise ContextError(msg)

@@ -155,6 +155,9 @@ def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
     if _state.lib is not None and lib_path is None:
         return _state.lib
     with _lock:
+        # ggml's assertion handler attaches gdb to print a backtrace when gdb is installed,
+        # which can hang for minutes before the abort; a value the user set is kept.
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
         handles = loader.load(lib_path)  # checks that lib_path matches what is loaded
         if _state.lib is None:
             L, ggml = handles.lib, handles.ggml

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from nexabind._ffi import ffi
+from nexabind.errors import DecodeError
 from nexabind.lowlevel._lib import lib, nonnull
 from nexabind.lowlevel._owned import Owned
 
@@ -17,7 +19,9 @@ class SamplerChain(Owned):
     """A llama.cpp sampler chain, built step by step in the order the samplers are added.
 
     Each ``add_*`` method appends one llama.cpp sampler (the chain owns it) and returns the
-    chain, so calls can be chained. A chain is not thread-safe; use one per generation.
+    chain, so calls can be chained. Its calls hold the chain's lock, so sharing one between
+    threads cannot crash, but a chain carries one generation's state (penalty window, grammar
+    position, RNG): use one per generation.
 
     Example:
         >>> chain = SamplerChain().add_top_k(40).add_temp(0.8).add_dist(1234)
@@ -30,6 +34,8 @@ class SamplerChain(Owned):
     _what = "sampler chain"
 
     def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._n_vocab: int | None = None  # known once a vocabulary-bound sampler is added
         self._lib = L = lib()
         chain = nonnull(
             L.llama_sampler_chain_init(L.llama_sampler_chain_default_params()),
@@ -42,13 +48,22 @@ class SamplerChain(Owned):
 
     def close(self) -> None:
         """Free the chain and its samplers; safe to call more than once."""
-        if self._ptr is not None:
-            ffi.release(self._ptr)
-            self._ptr = None
+        with self._lock:
+            if self._ptr is not None:
+                ffi.release(self._ptr)
+                self._ptr = None
 
-    def _append(self, sampler: Any, what: str) -> SamplerChain:
-        chain = self._check()
-        self._add(chain, nonnull(sampler, MemoryError, f"llama.cpp could not create the {what}"))
+    def _append(self, sampler: Any, what: str, n_vocab: int | None = None) -> SamplerChain:
+        sampler = nonnull(sampler, MemoryError, f"llama.cpp could not create the {what}")
+        with self._lock:
+            try:
+                chain = self._check()
+            except BaseException:
+                self._lib.llama_sampler_free(sampler)
+                raise
+            self._add(chain, sampler)  # the chain owns it from here
+            if n_vocab is not None:
+                self._n_vocab = n_vocab
         return self
 
     def add_logit_bias(self, n_vocab: int, bias: dict[int, float]) -> SamplerChain:
@@ -67,7 +82,7 @@ class SamplerChain(Owned):
             arr[i].token = tok
             arr[i].bias = float(value)
         sampler = self._lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr)
-        return self._append(sampler, "logit-bias sampler")
+        return self._append(sampler, "logit-bias sampler", n_vocab)
 
     def add_penalties(
         self, n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float
@@ -84,7 +99,7 @@ class SamplerChain(Owned):
         sampler = self._lib.llama_sampler_init_penalties(
             n_vocab, last_n, repeat, frequency, presence
         )
-        return self._append(sampler, "penalties sampler")
+        return self._append(sampler, "penalties sampler", n_vocab)
 
     def add_grammar(self, model: Model, grammar: str, root: str = "root") -> SamplerChain:
         """Constrain the output to a GBNF grammar.
@@ -93,14 +108,15 @@ class SamplerChain(Owned):
             ValueError: The grammar does not parse or has no ``root`` rule (llama.cpp's log
                 says where).
         """
-        g = self._lib.llama_sampler_init_grammar(
-            model._checked_vocab(), grammar.encode(), root.encode()
-        )
+        with model._lock:
+            g = self._lib.llama_sampler_init_grammar(
+                model._checked_vocab(), grammar.encode(), root.encode()
+            )
         msg = (
             f"the GBNF grammar does not parse (it needs a {root!r} rule); check its syntax "
             "(enable logging.getLogger('nexabind.llama') for the parser's message)"
         )
-        return self._append(nonnull(g, ValueError, msg), "grammar sampler")
+        return self._append(nonnull(g, ValueError, msg), "grammar sampler", model.n_vocab)
 
     def add_top_k(self, k: int) -> SamplerChain:
         """Keep the ``k`` most likely tokens."""
@@ -132,19 +148,39 @@ class SamplerChain(Owned):
         return self._append(self._lib.llama_sampler_init_greedy(), "greedy sampler")
 
     def __len__(self) -> int:
-        return self._lib.llama_sampler_chain_n(self._check())
+        with self._lock:
+            return self._lib.llama_sampler_chain_n(self._check())
 
     def reset(self) -> None:
         """Reset the chain's state (penalty window, grammar position, RNG)."""
-        self._lib.llama_sampler_reset(self._check())
+        with self._lock:
+            self._lib.llama_sampler_reset(self._check())
 
     def accept(self, token: int) -> None:
         """Tell the chain that ``token`` was emitted without :meth:`sample` (e.g. a prompt).
 
         Penalties and grammars advance on accepted tokens.
+
+        Raises:
+            ValueError: ``token`` is negative, or outside the vocabulary of a sampler that
+                knows one (a grammar, penalties, a logit bias).
         """
-        self._lib.llama_sampler_accept(self._check(), token)
+        if token < 0 or (self._n_vocab is not None and token >= self._n_vocab):
+            limit = "" if self._n_vocab is None else f" of {self._n_vocab} tokens"
+            msg = f"token {token} is outside the vocabulary{limit}"
+            raise ValueError(msg)
+        with self._lock:
+            self._lib.llama_sampler_accept(self._check(), token)
 
     def sample(self, ctx: Context, i: int = -1) -> int:
-        """Sample (and accept) the next token from output ``i`` of the last decode."""
-        return self._sample(self._check(), ctx._check(), i)
+        """Sample (and accept) the next token from output ``i`` of the last decode.
+
+        Raises:
+            DecodeError: The last decode computed no logits for output ``i``.
+        """
+        with ctx.lock, self._lock:
+            ctx_ptr = ctx._check()
+            if self._lib.llama_get_logits_ith(ctx_ptr, i) == ffi.NULL:
+                msg = f"no logits for output {i}: decode a batch that asks for them first"
+                raise DecodeError(msg)
+            return self._sample(self._check(), ctx_ptr, i)
