@@ -313,8 +313,8 @@ def _all_of_refs(node: Any) -> Iterator[str]:
             yield from _all_of_refs(value)
 
 
-def _prepare(schema: Any, default_additional_properties: bool) -> tuple[Any, list[str]]:
-    """Return a checked copy of ``schema`` ready for llguidance, and where its oneOfs are.
+def _prepare(schema: Any, default_additional_properties: bool) -> tuple[Any, _Checker]:
+    """Return a checked copy of ``schema`` ready for llguidance, and what the check found.
 
     Raises:
         ValueError: The schema is not valid JSON Schema, or uses what a grammar cannot
@@ -329,14 +329,13 @@ def _prepare(schema: Any, default_additional_properties: bool) -> tuple[Any, lis
     checker = _Checker(root, lenient=bool(options.get("lenient")))
     checker.walk(root, "#")
     checker.check_refs()
-    checker.check_patterns()
     if not isinstance(root, dict):
         root = {}
     if not default_additional_properties:
         open_refs = {"#" + r[1:] for r in _all_of_refs(root) if r.startswith("#")}
         _close_objects(root, "#", open_refs, in_all_of=False)
     root["x-guidance"] = {"whitespace_flexible": True, "whitespace_pattern": WHITESPACE, **options}
-    return root, checker.one_of
+    return root, checker
 
 
 def to_grammar(schema: Any, *, default_additional_properties: bool = False) -> str:
@@ -355,11 +354,12 @@ def to_grammar(schema: Any, *, default_additional_properties: bool = False) -> s
     """
     from llguidance import LLMatcher
 
-    root, one_of = _prepare(schema, default_additional_properties)
+    root, checker = _prepare(schema, default_additional_properties)
     grammar = f"{LLGUIDANCE_PREFIX}\nstart: %json {json.dumps(root, ensure_ascii=False)}"
     err = LLMatcher.validate_grammar(grammar)
     if err:
-        raise ValueError(_explain(err, one_of))
+        checker.check_patterns()  # a pattern that does not compile, said with its place
+        raise ValueError(_explain(err, checker.one_of))
     return grammar
 
 
