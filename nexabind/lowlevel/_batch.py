@@ -1,4 +1,4 @@
-"""``Batch``: a reusable ``llama_batch``, allocated once and freed by ``close()`` or the GC."""
+"""``Batch``: a reusable ``llama_batch`` whose arrays are ours, filled in bulk through numpy."""
 
 from __future__ import annotations
 
@@ -12,52 +12,112 @@ from nexabind.lowlevel._lib import lib
 class Batch:
     """A reusable ``llama_batch`` of up to ``capacity`` tokens, allocated once.
 
+    The token, position, sequence and logits arrays are allocated here (cffi owns and frees
+    them), and numpy views over them fill a chunk of a prompt in a few vectorized copies. Each
+    token belongs to one sequence.
+
     Args:
         capacity: Maximum number of tokens.
-        n_seq_max: Maximum sequences a token may belong to.
+        n_seq_max: Kept for the signature of llama.cpp's ``llama_batch_init``; one sequence
+            per token is what this batch fills.
 
     Raises:
         ValueError: ``capacity`` is below 1.
-        MemoryError: llama.cpp could not allocate the batch.
     """
 
     def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
-        L = lib()
+        import numpy as np
+
+        lib()  # the struct's layout was checked against the library when it loaded
         if capacity < 1:
             msg = f"batch capacity must be >= 1, got {capacity}"
             raise ValueError(msg)
+        del n_seq_max
         self.capacity = capacity
-        raw = L.llama_batch_init(capacity, 0, n_seq_max)
-        if raw.token == ffi.NULL:
-            msg = f"llama.cpp could not allocate a batch of {capacity} tokens"
-            raise MemoryError(msg)
-        # The struct lives in memory of ours; llama_batch_free frees the arrays it points to,
-        # when close() releases the holder or, as a backstop, when the holder is collected.
-        self._struct = ffi.new("struct llama_batch *", raw)
-        free = L.llama_batch_free
-        self._holder: Any = ffi.gc(self._struct, lambda h: free(h[0]))
-        self.b = self._struct[0]
+        n = capacity
+        self._arrays: Any = (
+            ffi.new("llama_token[]", n),
+            ffi.new("llama_pos[]", n),
+            ffi.new("int32_t[]", n),
+            ffi.new("llama_seq_id[]", n),
+            ffi.new("llama_seq_id *[]", n),
+            ffi.new("int8_t[]", n),
+        )
+        token, pos, n_seq, seq, seq_ptr, logits = self._arrays
+        for i in range(n):
+            seq_ptr[i] = seq + i
+        self._struct = ffi.new("struct llama_batch *")
+        self.b = b = self._struct[0]
+        b.token, b.pos, b.n_seq_id, b.seq_id, b.logits = token, pos, n_seq, seq_ptr, logits
+        b.embd = ffi.NULL
+
+        def view(arr: Any, dtype: Any) -> Any:
+            return np.frombuffer(ffi.buffer(arr), dtype=dtype)
+
+        self.tokens = view(token, np.int32)
+        """int32 view of the token ids (the first ``n_tokens`` are in the batch)."""
+        self.positions = view(pos, np.int32)
+        """int32 view of the positions."""
+        self.seq_ids = view(seq, np.int32)
+        """int32 view of each token's sequence."""
+        self.logits = view(logits, np.int8)
+        """int8 view: 1 where llama.cpp computes logits for the token."""
+        view(n_seq, np.int32)[:] = 1
+        self._open = True
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._holder is None
+        return not self._open
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the batch."""
+        return int(self.b.n_tokens)
 
     def close(self) -> None:
-        """Free the batch; safe to call more than once."""
-        if self._holder is not None:
-            ffi.release(self._holder)
-            self._holder = None
-            self.b.n_tokens = 0
+        """Empty the batch for good; its memory goes with the object. Safe to call twice."""
+        self._open = False
+        self.b.n_tokens = 0
 
-    def _room(self, n: int) -> None:
-        if self._holder is None:
+    def _room(self, at: int, n: int) -> None:
+        if not self._open:
             msg = "the batch is closed"
             raise ValueError(msg)
-        if not 0 < n <= self.capacity:
-            what = "no tokens" if n == 0 else f"{n} tokens"
-            msg = f"a batch of {self.capacity} tokens cannot take {what}; give 1..{self.capacity}"
+        if n < 1 or at + n > self.capacity:
+            what = "no tokens" if n < 1 else f"{n} tokens after {at}"
+            msg = f"a batch of {self.capacity} tokens cannot take {what}"
             raise ValueError(msg)
+
+    def append(self, tokens: Any, pos0: int, seq_id: int = 0, *, logits_last: bool = True) -> int:
+        """Append ``tokens`` (a sequence or an int32 buffer) at positions ``pos0..``.
+
+        Args:
+            tokens: Token ids.
+            pos0: Position of the first one.
+            seq_id: Their sequence.
+            logits_last: Ask for logits of the last one (none of the others).
+
+        Returns:
+            The batch index of the last token appended (where its logits will be).
+
+        Raises:
+            ValueError: No tokens, more than the batch has room for, or the batch is closed.
+        """
+        import numpy as np
+
+        at = self.b.n_tokens
+        n = len(tokens)
+        self._room(at, n)
+        end = at + n
+        self.tokens[at:end] = tokens
+        self.positions[at:end] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self.seq_ids[at:end] = seq_id
+        self.logits[at:end] = 0
+        if logits_last:
+            self.logits[end - 1] = 1
+        self.b.n_tokens = end
+        return end - 1
 
     def set(
         self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0, logits_last: bool = True
@@ -73,70 +133,53 @@ class Batch:
         Raises:
             ValueError: No tokens, or more than ``capacity``.
         """
-        n = len(tokens)
-        self._room(n)
-        b = self.b
-        tok, pos, nseq, sid, lg = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
-        for i in range(n):
-            tok[i] = tokens[i]
-            pos[i] = pos0 + i
-            nseq[i] = 1
-            sid[i][0] = seq_id
-            lg[i] = not logits_last
-        lg[n - 1] = True
-        b.n_tokens = n
+        self.b.n_tokens = 0
+        self.append(tokens, pos0, seq_id)
+        if not logits_last:
+            self.logits[: self.b.n_tokens] = 1
 
     def set_array(self, tokens: Any, pos0: int, *, seq_id: int = 0) -> None:
-        """Fill the batch from an int32 buffer (numpy int32, ``array('i')``) in one copy.
-
-        Only the last token requests logits.
+        """Fill the batch from an int32 buffer (numpy int32, ``array('i')``); only the last
+        token requests logits.
 
         Raises:
             ValueError: No tokens, or more than ``capacity``.
         """
-        src = ffi.from_buffer("llama_token[]", tokens)
-        n = len(src)
-        self._room(n)
-        b = self.b
-        ffi.memmove(b.token, src, 4 * n)
-        pos, nseq, sid, lg = b.pos, b.n_seq_id, b.seq_id, b.logits
-        for i in range(n):
-            pos[i] = pos0 + i
-            nseq[i] = 1
-            sid[i][0] = seq_id
-            lg[i] = False
-        lg[n - 1] = True
-        b.n_tokens = n
+        self.b.n_tokens = 0
+        self.append(tokens, pos0, seq_id)
 
     def clear(self) -> None:
-        """Empty the batch before :meth:`add`."""
+        """Empty the batch before :meth:`add` / :meth:`append`."""
         self.b.n_tokens = 0
 
-    def add(self, token: int, pos: int, seq_id: int = 0, logits: bool = False) -> None:
-        """Append one token (e.g. several sequences in one decode for embeddings).
+    def add(self, token: int, pos: int, seq_id: int = 0, logits: bool = False) -> int:
+        """Append one token; return its batch index.
 
         Raises:
-            ValueError: The batch is full.
+            ValueError: The batch is full or closed.
         """
         b = self.b
         i = b.n_tokens
-        if i >= self.capacity or self._holder is None:
-            msg = f"the batch is full ({self.capacity} tokens)" if i else "the batch is closed"
+        if i >= self.capacity or not self._open:
+            msg = (
+                f"the batch is full ({self.capacity} tokens)"
+                if self._open
+                else "the batch is closed"
+            )
             raise ValueError(msg)
         b.token[i] = token
         b.pos[i] = pos
-        b.n_seq_id[i] = 1
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
         b.n_tokens = i + 1
+        return i
 
     def set_one(self, token: int, pos: int, seq_id: int = 0) -> None:
         """Fill the batch with a single token that requests logits (the generation step)."""
-        self._room(1)
+        self._room(0, 1)
         b = self.b
         b.token[0] = token
         b.pos[0] = pos
-        b.n_seq_id[0] = 1
         b.seq_id[0][0] = seq_id
         b.logits[0] = True
         b.n_tokens = 1
