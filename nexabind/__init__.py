@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from nexabind.errors import (
     AbiMismatchError,
     BuildError,
+    BusyError,
     CacheError,
     ChecksumMismatchError,
     ClosedError,
@@ -22,7 +23,9 @@ from nexabind.errors import (
     ManifestError,
     ModelLoadError,
     NexabindError,
+    SessionNotFoundError,
     StateError,
+    TaskTimeoutError,
     TemplateError,
     UnsafeArchiveError,
 )
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 
 # Public names that live in modules with heavy imports, resolved on first access (PEP 562).
 _LAZY = {
+    "Engine": "nexabind.engine",
     "Llama": "nexabind.llama",
     "Token": "nexabind.tokens",
     "check_model": "nexabind._probe",
@@ -41,6 +45,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from nexabind._probe import check_model
     from nexabind.build import build
+    from nexabind.engine import Engine
     from nexabind.fetch import fetch
     from nexabind.llama import Llama
     from nexabind.tokens import Token
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AbiMismatchError",
     "BuildError",
+    "BusyError",
     "CacheError",
     "ChecksumMismatchError",
     "ClosedError",
@@ -56,12 +62,15 @@ __all__ = [
     "DecodeCancelled",
     "DecodeError",
     "DownloadError",
+    "Engine",
     "LibraryNotFoundError",
     "Llama",
     "ManifestError",
     "ModelLoadError",
     "NexabindError",
+    "SessionNotFoundError",
     "StateError",
+    "TaskTimeoutError",
     "TemplateError",
     "Token",
     "UnsafeArchiveError",

@@ -48,10 +48,32 @@ def embed(
     Raises:
         ContextOverflowError: A text is too long and ``truncate`` is False.
     """
+    seqs = _tokens(ctx.model, texts, max_tokens(ctx), truncate)
+    return embed_tokens(ctx, seqs, n_seqs=n_seqs)
+
+
+def max_tokens(ctx: lowlevel.Context) -> int:
+    """The longest sequence one embedding decode takes (a ubatch, or a sequence's share)."""
+    return min(ctx.n_ubatch, ctx.n_ctx_seq)
+
+
+def embed_tokens(
+    ctx: lowlevel.Context, seqs: Sequence[Sequence[int]], *, n_seqs: int
+) -> tuple[Any, int]:
+    """Embed token sequences (each at most :func:`max_tokens` long); see :func:`embed`.
+
+    Raises:
+        ValueError: A sequence is empty, too long, or holds a token outside the vocabulary.
+    """
     import numpy as np
 
-    out = np.empty((len(texts), ctx.model.n_embd), dtype=np.float32)
-    seqs = _tokens(ctx.model, texts, min(ctx.n_ubatch, ctx.n_ctx_seq), truncate)
+    limit = max_tokens(ctx)
+    for i, toks in enumerate(seqs):
+        if not 0 < len(toks) <= limit:
+            msg = f"sequence {i} has {len(toks)} tokens; an embedding takes 1..{limit}"
+            raise ValueError(msg)
+        ctx.model.check_tokens(toks)
+    out = np.empty((len(seqs), ctx.model.n_embd), dtype=np.float32)
     batch = ctx.batch
     # One decode holds at most a ubatch of tokens (a sequence pooled across two ubatches
     # would be pooled wrongly). With a unified KV cache llama.cpp takes the sequences as
@@ -61,23 +83,24 @@ def embed(
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
     n_decoded = 0
     i = 0
-    while i < len(order):
+    with ctx.lock:
+        while i < len(order):
+            ctx.clear()
+            batch.clear()
+            group: list[int] = []
+            n_tok, first = 0, len(seqs[order[i]])
+            while i < len(order) and len(group) < n_seqs:
+                toks = seqs[order[i]]
+                if n_tok + len(toks) > ctx.n_ubatch or not (mixed or len(toks) == first):
+                    break
+                batch.append(toks, 0, len(group), logits_last=False)
+                batch.logits[batch.n_tokens - len(toks) : batch.n_tokens] = 1
+                group.append(order[i])
+                n_tok += len(toks)
+                i += 1
+            ctx.decode()
+            n_decoded += n_tok
+            for s_id, k in enumerate(group):
+                out[k] = ctx.embeddings(s_id)
         ctx.clear()
-        batch.clear()
-        group: list[int] = []
-        n_tok, first = 0, len(seqs[order[i]])
-        while i < len(order) and len(group) < n_seqs:
-            toks = seqs[order[i]]
-            if n_tok + len(toks) > ctx.n_ubatch or not (mixed or len(toks) == first):
-                break
-            for pos, tok in enumerate(toks):
-                batch.add(tok, pos, len(group), True)
-            group.append(order[i])
-            n_tok += len(toks)
-            i += 1
-        ctx.decode()
-        n_decoded += n_tok
-        for s_id, k in enumerate(group):
-            out[k] = ctx.embeddings(s_id)
-    ctx.clear()
     return out, n_decoded

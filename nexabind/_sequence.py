@@ -68,6 +68,8 @@ class KVSequence:
         """Tokens decoded so far (prompt and generated)."""
         self.n_prompt_decoded = 0
         """Prompt tokens the last call had to decode (the rest came from the KV cache)."""
+        self.err: BaseException | None = None
+        """The error that ended the last generation, if one did."""
 
     def invalidate(self) -> None:
         """Tell running generators that the cache changed under them."""
@@ -153,6 +155,7 @@ class KVSequence:
         """
         ctx = self.ctx
         sampler = None
+        self.err = None
         try:
             with ctx.lock:
                 self.epoch += 1
@@ -167,6 +170,9 @@ class KVSequence:
                 steps = ctx.token_steps(sampler)
                 epoch = self.epoch
             yield from self._loop(steps, epoch, req, outcome)
+        except Exception as e:
+            self.err = e
+            raise
         finally:
             if sampler is not None:
                 sampler.close()

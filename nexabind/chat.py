@@ -28,6 +28,7 @@ __all__ = [
     "format_messages",
     "prompt_tokens",
     "render_jinja",
+    "tokenize_prompt",
 ]
 
 #: Seconds a template may take to render.
@@ -271,11 +272,12 @@ def format_chat(
 def prompt_tokens(
     model: lowlevel.Model, messages: list[dict[str, Any]], *, template: str | None = None
 ) -> list[int]:
-    """Render ``messages`` (see :func:`format_chat`) and tokenize the prompt.
+    """Render ``messages`` (see :func:`format_chat`) and tokenize the prompt."""
+    return tokenize_prompt(model, format_chat(model, messages, template=template))
 
-    BOS is added unless the template already wrote it; special-token text is parsed.
-    """
-    text = format_chat(model, messages, template=template)
+
+def tokenize_prompt(model: lowlevel.Model, text: str) -> list[int]:
+    """Tokenize a rendered chat prompt: BOS unless the template wrote it, specials parsed."""
     bos = _special_text(model, model.bos)
     add_bos = not (bos and text.startswith(bos))
     return model.tokenize(text, add_special=add_bos, parse_special=True)

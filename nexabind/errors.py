@@ -18,7 +18,10 @@
     │   └── DecodeCancelled         a decode was aborted through cancel()
     ├── ContextOverflowError      a prompt or generation does not fit the context (+ ValueError)
     ├── StateError                saving or restoring context state failed
-    └── TemplateError             a chat template refused the messages or failed (+ ValueError)
+    ├── TemplateError             a chat template refused the messages or failed (+ ValueError)
+    ├── SessionNotFoundError      an Engine has no session of that id                (+ KeyError)
+    ├── BusyError                 an Engine's queue is full, or a task waited too long in it
+    └── TaskTimeoutError          a task's result did not come within the timeout (+ TimeoutError)
 
 Bad arguments stay ``ValueError`` / ``TypeError``. Errors that llama-cpp-python raises as a
 builtin exception subclass that builtin too, so ``except ValueError`` keeps working for code
@@ -30,6 +33,7 @@ from __future__ import annotations
 __all__ = [
     "AbiMismatchError",
     "BuildError",
+    "BusyError",
     "CacheError",
     "ChecksumMismatchError",
     "ClosedError",
@@ -42,7 +46,9 @@ __all__ = [
     "ManifestError",
     "ModelLoadError",
     "NexabindError",
+    "SessionNotFoundError",
     "StateError",
+    "TaskTimeoutError",
     "TemplateError",
     "UnsafeArchiveError",
 ]
@@ -114,3 +120,18 @@ class StateError(NexabindError):
 
 class TemplateError(NexabindError, ValueError):
     """A chat template refused the messages, or could not be rendered."""
+
+
+class SessionNotFoundError(NexabindError, KeyError):
+    """An Engine has no session of that id (never created, or closed)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BusyError(NexabindError):
+    """An Engine's task queue is full, or a task waited in it longer than allowed."""
+
+
+class TaskTimeoutError(NexabindError, TimeoutError):
+    """A task's result did not come within the time the caller gave."""

@@ -160,6 +160,16 @@ class Llama:
         return self._outcome.finish_reason
 
     @property
+    def model_type(self) -> str:
+        """The model's architecture (``general.architecture``), as ``TextModel`` names it."""
+        return self.metadata.get("general.architecture", "unknown")
+
+    @property
+    def err(self) -> BaseException | None:
+        """The error that ended the last generation, if one did (``TextModel``'s ``err``)."""
+        return self._seq.err
+
+    @property
     def n_completion_tokens(self) -> int:
         """Tokens the last generation produced."""
         return self._outcome.completion_tokens

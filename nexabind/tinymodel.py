@@ -31,11 +31,11 @@ class ModelSpec:
     n_ctx_train: int = 2048
     seed: int = 42
     dtype: str = "f32"  # "f32" or "f16"
-    pooling: str | None = None  # None, "mean", "cls" or "last": makes an embedding model
+    pooling: str | None = None  # None, "mean", "cls", "last" or "rank": an embedding model
     chat_template: str | None = None
 
 
-_POOLING = {"mean": 1, "cls": 2, "last": 3}
+_POOLING = {"mean": 1, "cls": 2, "last": 3, "rank": 4}
 
 
 def _byte_vocab() -> dict[str, tuple[Any, Any, Any]]:

@@ -446,6 +446,43 @@ class Context(Owned):
             )
             raise StateError(msg)
 
+    def state_seq_get(self, seq_id: int) -> bytes:
+        """Serialize one sequence's KV cells (to move it out of the cache and back later).
+
+        Raises:
+            StateError: llama.cpp wrote fewer bytes than it announced.
+        """
+        L = self._lib
+        with self.lock:
+            ptr = self._check()
+            seq = self._seq(seq_id)
+            size = L.llama_state_seq_get_size(ptr, seq)
+            buf = ffi.new("uint8_t[]", size)
+            n = L.llama_state_seq_get_data(ptr, buf, size, seq)
+        if n != size:
+            msg = f"saving sequence {seq_id} failed ({n} of {size} bytes written)"
+            raise StateError(msg)
+        return ffi.unpack(ffi.cast("char *", buf), n)
+
+    def state_seq_set(self, data: bytes, seq_id: int) -> None:
+        """Restore :meth:`state_seq_get` data into sequence ``seq_id`` (emptied first).
+
+        Raises:
+            StateError: llama.cpp refused the data (another model, or no room in the cache).
+        """
+        src = ffi.from_buffer("uint8_t[]", data)
+        with self.lock:
+            ptr = self._check()
+            seq = self._seq(seq_id)
+            self._lib.llama_memory_seq_rm(self._memory(), seq, -1, -1)
+            n = self._lib.llama_state_seq_set_data(ptr, src, len(data), seq)
+        if n != len(data):
+            msg = (
+                f"restoring sequence {seq_id} failed (read {n} of {len(data)} bytes); the "
+                "data must come from a context over the same model, with room in its cache"
+            )
+            raise StateError(msg)
+
     def logits(self, i: int = -1) -> np.ndarray:
         """Return a read-only float32 view of the logits of batch token ``i`` (default: last).
 

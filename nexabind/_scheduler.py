@@ -1,0 +1,590 @@
+"""The scheduler of an :class:`~nexabind.engine.Engine`: one thread, one context, many sequences.
+
+Each step puts the next token of every generating slot and chunks of the prompts waiting to be
+read into ONE batch, runs ONE ``llama_decode``, then samples every slot that has logits with its
+own sampler chain (continuous batching: a task joins at the next step, a finished one leaves
+without stalling the others). Only this thread touches the context; callers talk to it through
+the task queue and each task's output queue, so a cancel lands at the next step and no lock is
+held across a decode by anyone else.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import queue
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nexabind import _embed, lowlevel
+from nexabind._sequence import Request
+from nexabind.errors import (
+    BusyError,
+    ClosedError,
+    ContextOverflowError,
+    NexabindError,
+    StateError,
+)
+from nexabind.sampling import build_sampler
+from nexabind.tokens import Outcome, StopMatcher, Token, logprobs_of
+
+__all__ = ["END", "Scheduler", "Session", "Task"]
+
+log = logging.getLogger(__name__)
+
+#: What a task's output queue holds last.
+END = object()
+
+_IDLE, _PROMPT, _GEN = "idle", "prompt", "generating"
+
+
+@dataclass(eq=False)
+class Session:
+    """A conversation that keeps its KV cells between tasks (see ``Engine.create_session``)."""
+
+    id: str
+    n_keep: int = 0
+    cache_prompt: bool = True
+    sampling: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    slot: Slot | None = None
+    saved: tuple[bytes, array[int]] | None = None  # its KV cells, while it has no slot
+    # The last chat turn as the model saw it: its prompt text, the prompt's tokens and the
+    # ids it generated, and the reply's text. The next turn's prompt reuses these tokens and
+    # only tokenizes what the template adds after the reply.
+    turn: tuple[str, list[int], str] | None = None
+    busy: bool = False
+    closed: bool = False
+    n_tasks: int = 0
+    used: float = 0.0
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work and the channel its results come back on."""
+
+    id: int
+    kind: str  # completion | chat | embedding | rerank
+    tokens: list[int] = field(default_factory=list)
+    req: Request | None = None
+    inputs: list[list[int]] = field(default_factory=list)  # embedding / rerank sequences
+    session: Session | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # a session's new turn
+    outcome: Outcome = field(default_factory=Outcome)
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    vectors: Any = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    prompt_text: str = ""
+
+
+class Slot:
+    """One sequence of the context and what it is doing."""
+
+    def __init__(self, seq_id: int, n_ctx: int) -> None:
+        self.id = seq_id
+        self.tokens = array("i", bytes(4 * n_ctx))  # what its KV cells hold, in order
+        self.n = 0
+        self.task: Task | None = None
+        self.session: Session | None = None
+        self.state = _IDLE
+        self.used = 0.0
+        self.prompt: Any = None  # int32 numpy array of the task's prompt
+        self.i_prompt = 0
+        self.i_batch = -1
+        self.pending = 0  # prompt tokens in the batch being decoded
+        self.last = -1  # the token to feed at the next step
+        self.sampler: lowlevel.SamplerChain | None = None
+        self.dec: Callable[..., str] | None = None
+        self.matcher: StopMatcher | None = None
+        self.n_gen = 0
+        self.limit = 0
+
+
+class Scheduler:
+    """Owns the context and the thread that drives it.
+
+    Args:
+        ctx: The context, with ``n_seq_max`` sequences and a unified KV cache.
+        n_ctx_slot: KV cells one sequence may use.
+        max_queue: Tasks that may wait for a slot before :meth:`submit` refuses more.
+    """
+
+    def __init__(self, ctx: lowlevel.Context, n_ctx_slot: int, max_queue: int) -> None:
+        self.ctx = ctx
+        self.model = ctx.model
+        self.n_ctx_slot = n_ctx_slot
+        self.max_queue = max_queue
+        self.slots = [Slot(i, n_ctx_slot) for i in range(ctx.n_seq_max)]
+        self.batch = lowlevel.Batch(ctx.n_batch)
+        self.pending: deque[Task] = deque()
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.ids = itertools.count(1)
+        self.n_generated = 0
+        self.n_prompt = 0
+        self.n_steps = 0
+        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self.thread = threading.Thread(target=self._run, name="nexabind-engine", daemon=True)
+        self.thread.start()
+
+    # -- what callers use (any thread) ------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task`` for the next step.
+
+        Raises:
+            BusyError: The queue holds ``max_queue`` tasks already.
+            ClosedError: The engine is closed.
+        """
+        with self.cv:
+            if self.stopping:
+                msg = "the engine is closed; create a new one"
+                raise ClosedError(msg)
+            if len(self.pending) >= self.max_queue:
+                msg = (
+                    f"the engine's queue is full ({self.max_queue} tasks wait for a slot); "
+                    "retry later, or create the Engine with a larger max_queue"
+                )
+                raise BusyError(msg)
+            self.pending.append(task)
+            self.cv.notify()
+
+    def cancel(self, task: Task) -> None:
+        """Ask for ``task`` to end; it does at the next step (a finished one: no-op)."""
+        task.cancelled = True
+        with self.cv:
+            self.cv.notify()
+
+    def stop(self) -> None:
+        """End every task as cancelled, stop the thread and wait for it."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def status(self) -> dict[str, Any]:
+        """Slots, queue, throughput and KV use, as one consistent-enough snapshot."""
+        slots = [
+            {
+                "id": s.id,
+                "state": s.state,
+                "task": s.task.id if s.task else None,
+                "session": s.session.id if s.session else None,
+                "n_tokens": s.n,
+            }
+            for s in self.slots
+        ]
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if now - t < 10]
+        rate = 0.0
+        if len(recent) > 1 and recent[-1][0] > recent[0][0]:
+            rate = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+        return {
+            "slots": slots,
+            "slots_busy": sum(s.task is not None for s in self.slots),
+            "slots_idle": sum(s.task is None for s in self.slots),
+            "queue": len(self.pending),
+            "tokens_per_second": round(rate, 2),
+            "kv_cells_used": sum(s.n for s in self.slots),
+            "kv_cells": self.ctx.n_ctx,
+            "n_ctx_slot": self.n_ctx_slot,
+            "generated_tokens": self.n_generated,
+            "prompt_tokens": self.n_prompt,
+            "steps": self.n_steps,
+        }
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cv:
+                    while not (self.stopping or self.pending or self._running()):
+                        self.cv.wait()
+                    if self.stopping:
+                        break
+                    arrivals = list(self.pending)
+                    self.pending.clear()
+                with self.ctx.lock:
+                    left = self._admit(arrivals)
+                    self._step()
+                if left:
+                    with self.cv:
+                        self.pending.extendleft(reversed(left))
+                    if not self._running():
+                        time.sleep(0.001)  # nothing could start: let a cancel or close in
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            log.exception("the engine's scheduler stopped")
+            self._fail_all(e)
+            raise
+        finally:
+            self._fail_all(None)
+
+    def _running(self) -> bool:
+        return any(s.task is not None for s in self.slots)
+
+    def _fail_all(self, error: BaseException | None) -> None:
+        with self.cv:
+            self.stopping = True
+            waiting = list(self.pending)
+            self.pending.clear()
+        for task in waiting:
+            self._finish(task, "cancelled", error)
+        for slot in self.slots:
+            if slot.task is not None:
+                self._end(slot, "cancelled", error)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self, arrivals: list[Task]) -> list[Task]:
+        """Start what can start; return what must wait (in order)."""
+        left: list[Task] = []
+        for task in arrivals:
+            if task.cancelled:
+                self._finish(task, "cancelled")
+            elif task.kind in ("embedding", "rerank"):
+                self._embed(task)
+            elif left:  # first come, first served: nothing overtakes a waiting task
+                left.append(task)
+            else:
+                slot = self._slot_for(task)
+                if slot is None:
+                    left.append(task)
+                else:
+                    self._start(slot, task)
+        return left
+
+    def _slot_for(self, task: Task) -> Slot | None:
+        free = [s for s in self.slots if s.task is None]
+        if not free:
+            return None
+        session = task.session
+        if session is not None and session.slot is not None:
+            return session.slot if session.slot.task is None else None
+        unowned = [s for s in free if s.session is None]
+        if session is None and unowned:
+            # The slot whose cache shares the longest prefix with the prompt (llama-server's
+            # prompt similarity), the least recently used among equals.
+            return max(unowned, key=lambda s: (self._common(s, task.tokens), -s.used))
+        if unowned:
+            return min(unowned, key=lambda s: s.used)
+        idle = [s for s in free if s.session is not None and not s.session.busy]
+        if not idle:
+            return None
+        slot = min(idle, key=lambda s: s.used)
+        self._evict(slot)
+        return slot
+
+    def _common(self, slot: Slot, tokens: list[int]) -> int:
+        import numpy as np
+
+        n = min(slot.n, len(tokens))
+        if not n:
+            return 0
+        held = np.frombuffer(slot.tokens, dtype=np.int32, count=n)
+        diff = np.flatnonzero(held != np.asarray(tokens[:n], dtype=np.int32))
+        return int(diff[0]) if diff.size else n
+
+    def _evict(self, slot: Slot) -> None:
+        """Move a session's KV cells to host memory, freeing its slot."""
+        session = slot.session
+        assert session is not None
+        if slot.n:
+            session.saved = (self.ctx.state_seq_get(slot.id), slot.tokens[: slot.n])
+        self.ctx.seq_rm(slot.id, -1, -1)
+        slot.n = 0
+        slot.session = None
+        session.slot = None
+
+    def _restore(self, slot: Slot, session: Session) -> None:
+        saved, session.saved = session.saved, None
+        session.slot, slot.session = slot, session
+        self.ctx.seq_rm(slot.id, -1, -1)
+        slot.n = 0
+        if saved is None:
+            return
+        data, tokens = saved
+        try:
+            self.ctx.state_seq_set(data, slot.id)
+        except StateError:
+            log.warning(
+                "session %s: its saved cache did not restore; decoding it again", session.id
+            )
+            self.ctx.seq_rm(slot.id, -1, -1)
+            return
+        slot.tokens[: len(tokens)] = tokens
+        slot.n = len(tokens)
+
+    def _start(self, slot: Slot, task: Task) -> None:
+        import numpy as np
+
+        session = task.session
+        if session is not None and session.slot is not slot:
+            if slot.session is not None:
+                self._evict(slot)
+            self._restore(slot, session)
+        elif session is None and slot.session is not None:
+            self._evict(slot)
+        if session is not None:
+            session.busy = True
+            if not session.cache_prompt:
+                self.ctx.seq_rm(slot.id, -1, -1)
+                slot.n = 0
+        tokens = task.tokens
+        n = self._common(slot, tokens)
+        n = min(n, len(tokens) - 1)  # decode at least one token, for its logits
+        if n < slot.n:
+            if not self.ctx.seq_rm(slot.id, n, -1):
+                self.ctx.seq_rm(slot.id, -1, -1)
+                n = 0
+            slot.n = n
+        req = task.req
+        assert req is not None
+        slot.task = task
+        slot.state = _PROMPT
+        slot.prompt = np.asarray(tokens, dtype=np.int32)
+        slot.i_prompt = n
+        slot.sampler = build_sampler(self.model, req.opts, self.n_ctx_slot)
+        slot.dec = codecs.getincrementaldecoder("utf-8")("replace").decode
+        slot.matcher = StopMatcher(req.stops) if req.stops else None
+        slot.n_gen = 0
+        room = self.n_ctx_slot - len(tokens)
+        slot.limit = min(req.max_tokens, room) if req.max_tokens and req.max_tokens > 0 else room
+        task.started = time.monotonic()
+        task.outcome.prompt_tokens = len(tokens)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        batch = self.batch
+        batch.clear()
+        active = []
+        for s in self.slots:
+            task = s.task
+            if task is None:
+                continue
+            if task.cancelled:
+                self._end(s, "cancelled")
+                continue
+            active.append(s)
+            if s.state == _GEN:
+                s.i_batch = batch.add(s.last, s.n, s.id, True)
+        budget = batch.capacity - batch.n_tokens
+        prompts = sorted(
+            (s for s in active if s.state == _PROMPT),
+            key=lambda s: s.task.created if s.task else 0.0,
+        )
+        for s in prompts:
+            s.i_batch = -1
+            s.pending = 0
+            if budget <= 0:
+                continue
+            k = min(budget, len(s.prompt) - s.i_prompt)
+            done = s.i_prompt + k == len(s.prompt)
+            chunk = s.prompt[s.i_prompt : s.i_prompt + k]
+            idx = batch.append(chunk, s.i_prompt, s.id, logits_last=done)
+            s.pending = k
+            s.i_batch = idx if done else -1
+            budget -= k
+        if not batch.n_tokens:
+            return
+        if not self._decode(active):
+            return
+        self.n_steps += 1
+        generated = 0
+        for s in active:
+            if s.task is None:
+                continue
+            if s.state == _GEN:
+                s.tokens[s.n] = s.last
+                s.n += 1
+                generated += 1
+            elif s.pending:
+                k = s.pending
+                s.tokens[s.n : s.n + k] = array(
+                    "i", s.prompt[s.i_prompt : s.i_prompt + k].tobytes()
+                )
+                s.n += k
+                s.i_prompt += k
+                self.n_prompt += k
+                if s.i_prompt == len(s.prompt):
+                    s.state = _GEN
+            if s.i_batch >= 0:
+                self._sample(s)
+        self.n_generated += generated
+        self._rate.append((time.monotonic(), generated))
+
+    def _decode(self, active: list[Slot]) -> bool:
+        """Decode the batch; on a full KV cache, free cells and retry, failing tasks last."""
+        while True:
+            try:
+                self.ctx.decode(self.batch)
+                return True
+            except ContextOverflowError as e:
+                if self._free_cells():
+                    continue
+                victim = next((s for s in reversed(active) if s.task and s.pending), None)
+                victim = victim or next((s for s in reversed(active) if s.task), None)
+                if victim is None:
+                    return False
+                self._end(victim, "length", e)
+                self._rebuild(active)
+                if not self.batch.n_tokens:
+                    return False
+            except NexabindError as e:
+                for s in active:
+                    if s.task is not None:
+                        self._end(s, "stop", e)
+                return False
+
+    def _free_cells(self) -> bool:
+        """Drop the cache of slots that run nothing (saving sessions' to host memory)."""
+        freed = False
+        for s in self.slots:
+            if s.task is None and s.n:
+                if s.session is not None:
+                    self._evict(s)
+                else:
+                    self.ctx.seq_rm(s.id, -1, -1)
+                    s.n = 0
+                freed = True
+        return freed
+
+    def _rebuild(self, active: list[Slot]) -> None:
+        """Refill the batch without the slots that just ended."""
+        self.batch.clear()
+        for s in active:
+            if s.task is None:
+                continue
+            if s.state == _GEN:
+                s.i_batch = self.batch.add(s.last, s.n, s.id, True)
+            elif s.pending:
+                done = s.i_prompt + s.pending == len(s.prompt)
+                chunk = s.prompt[s.i_prompt : s.i_prompt + s.pending]
+                idx = self.batch.append(chunk, s.i_prompt, s.id, logits_last=done)
+                s.i_batch = idx if done else -1
+
+    def _sample(self, s: Slot) -> None:
+        task, req, sampler = s.task, s.task.req if s.task else None, s.sampler
+        assert task is not None and req is not None and sampler is not None
+        assert s.dec is not None
+        tok = sampler.sample(self.ctx, s.i_batch)
+        lp = top = None
+        if req.want_logprobs:
+            lp, top = logprobs_of(self.ctx.logits(s.i_batch), tok, req.n_top)
+        if task.first_token is None:
+            task.first_token = time.monotonic()
+        model = self.model
+        if model.is_eog(tok):
+            tail = s.dec(b"", True) + (s.matcher.flush() if s.matcher else "")
+            if tail:
+                self._emit(task, Token(tok, tail, lp, top))
+            self._end(s, "stop")
+            return
+        text = s.dec(model.token_to_piece(tok))
+        s.n_gen += 1
+        last = s.n_gen >= s.limit
+        if s.matcher is not None:
+            text, hit = s.matcher.feed(text)
+            if hit:
+                self._emit(task, Token(tok, text, lp, top))
+                self._end(s, "stop", by_stop=True)
+                return
+            if last:
+                text += s.dec(b"", True) + s.matcher.flush()
+        elif last:
+            text += s.dec(b"", True)
+        self._emit(task, Token(tok, text, lp, top))
+        if last:
+            self._end(s, "length")
+        else:
+            s.last = tok
+
+    def _emit(self, task: Task, token: Token) -> None:
+        task.outcome.completion_tokens += 1
+        task.text.append(token.text)
+        task.ids.append(token.id)
+        task.out.put(token)
+
+    def _end(
+        self, s: Slot, reason: str, error: BaseException | None = None, *, by_stop: bool = False
+    ) -> None:
+        task = s.task
+        assert task is not None
+        if s.sampler is not None:
+            s.sampler.close()
+            s.sampler = None
+        s.task = None
+        s.state = _IDLE
+        s.used = time.monotonic()
+        s.prompt = None
+        session = task.session
+        if session is not None:
+            session.busy = False
+            session.used = s.used
+            session.n_tasks += 1
+            if error is None and reason != "cancelled":
+                session.tokens = s.tokens[: s.n].tolist()
+                if task.kind == "chat":
+                    reply = "".join(task.text)
+                    session.messages += [*task.messages, {"role": "assistant", "content": reply}]
+                    # A stop string was cut from the reply but the model saw its tokens: the
+                    # next turn then renders the conversation again instead.
+                    session.turn = (
+                        None if by_stop else (task.prompt_text, task.tokens + task.ids, reply)
+                    )
+            if session.closed:
+                self._drop_session(session)
+        self._finish(task, reason, error)
+
+    def _drop_session(self, session: Session) -> None:
+        slot = session.slot
+        if slot is not None and slot.task is None:
+            self.ctx.seq_rm(slot.id, -1, -1)
+            slot.n = 0
+            slot.session = None
+        session.slot = None
+        session.saved = None
+
+    def close_session(self, session: Session) -> None:
+        """Forget a session's cells (now if it is idle, else when its task ends)."""
+        session.closed = True
+        if not session.busy:
+            with self.ctx.lock:
+                self._drop_session(session)
+
+    def _finish(self, task: Task, reason: str, error: BaseException | None = None) -> None:
+        task.outcome.finish_reason = reason
+        task.error = error
+        task.out.put(END)
+        task.done.set()
+
+    # -- embeddings and reranking -------------------------------------------------------------
+
+    def _embed(self, task: Task) -> None:
+        """Embed a task's sequences now (an embedding engine runs nothing else)."""
+        try:
+            vectors, n = _embed.embed_tokens(self.ctx, task.inputs, n_seqs=len(self.slots))
+        except (NexabindError, ValueError) as e:
+            self._finish(task, "stop", e)
+            return
+        self.n_prompt += n
+        task.outcome.prompt_tokens = n
+        task.vectors = vectors
+        self._finish(task, "stop")

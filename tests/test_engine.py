@@ -1,0 +1,356 @@
+"""Engine: many tasks and sessions on one model, against the real library and tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _child import ok, run_child
+
+from nexabind import Llama
+from nexabind.backends import TextModel, available, load_model
+from nexabind.engine import Engine
+from nexabind.errors import (
+    BusyError,
+    ClosedError,
+    ContextOverflowError,
+    SessionNotFoundError,
+    TaskTimeoutError,
+)
+
+GREEDY = {"temperature": 0.0}
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "dogs",
+    "ran",
+    "fast",
+    "and",
+    "birds",
+    "sang",
+    "loud",
+    "songs",
+    "over",
+    "hills",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(libdir: Path, tiny_model: Path):
+    with Engine(tiny_model, n_parallel=4, n_ctx=4 * 512, n_threads=1, lib_path=libdir) as e:
+        yield e
+
+
+def _alone(model: Path, prompt: str | list[int], n: int) -> list[int]:
+    with Llama(model, n_ctx=512, n_threads=1) as llm:
+        return [t.id for t in llm.generate(prompt, max_tokens=n, **GREEDY)]
+
+
+def _ids(tokens) -> list[int]:
+    return [t.id for t in tokens]
+
+
+def test_32_threads_over_4_slots_each_get_their_own_tokens(
+    engine: Engine, tiny_model: Path
+) -> None:
+    rng = random.Random(0)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) for _ in range(96)]
+    want = {}
+    with Llama(tiny_model, n_ctx=512, n_threads=1) as llm:
+        for p in set(prompts):
+            llm.reset()
+            want[p] = _ids(llm.generate(p, max_tokens=32, **GREEDY))
+    wrong: list[str] = []
+
+    def client(k: int) -> None:
+        for j in range(3):
+            p = prompts[3 * k + j]
+            if j % 2:  # streamed and waited-for tasks mixed
+                got = _ids(engine.generate(p, max_tokens=32, **GREEDY))
+            else:
+                tid = engine.create_task(prompt=p, max_tokens=32, **GREEDY)
+                got = _ids(engine.result(tid, timeout=120)["tokens"])
+            if got != want[p]:
+                wrong.append(p)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 96 results differ from the prompt run alone"
+    status = engine.status()
+    assert status["slots_busy"] == 0 and status["queue"] == 0
+    # continuous batching: far fewer decode steps than tokens
+    assert status["steps"] < status["generated_tokens"]
+
+
+def test_a_result_has_the_completion_shape(engine: Engine) -> None:
+    tid = engine.create_task(prompt="Hello world", max_tokens=5, stop=["zzz"], **GREEDY)
+    r = engine.result(tid, timeout=60)
+    assert r["kind"] == "completion" and r["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] == 5 == len(r["tokens"])
+    assert r["text"] == "".join(t.text for t in r["tokens"])
+    with pytest.raises(KeyError, match=f"no task {tid}"):
+        engine.result(tid)  # a result is collected once
+
+
+def test_a_task_reuses_the_slot_with_the_longest_common_prefix(engine: Engine) -> None:
+    base = " ".join(WORDS * 3)
+    engine.result(engine.create_task(prompt=base, max_tokens=2, **GREEDY))
+    engine.result(engine.create_task(prompt="something else entirely", max_tokens=2, **GREEDY))
+    before = engine.status()["prompt_tokens"]
+    engine.result(engine.create_task(prompt=base + " and then more", max_tokens=2, **GREEDY))
+    decoded = engine.status()["prompt_tokens"] - before
+    assert 0 < decoded <= 6  # only the new words, not the ~50 shared ones
+
+
+def test_sessions_keep_their_conversation_and_survive_eviction(
+    libdir: Path, tiny_model: Path
+) -> None:
+    turns = ["Hello there", "tell me more", "and after that", "thanks"]
+    n_sessions = 5
+    with Engine(tiny_model, n_parallel=2, n_ctx=2 * 512, n_threads=1, lib_path=libdir) as eng:
+        sids = [eng.create_session() for _ in range(n_sessions)]
+        replies: dict[str, list[str]] = {s: [] for s in sids}
+        swapped = False
+        for turn in turns:  # round-robin: 5 sessions on 2 slots swap out and back in
+            for k, sid in enumerate(sids):
+                tid = eng.create_task(
+                    "chat",
+                    messages=[{"role": "user", "content": f"{turn} {k}"}],
+                    session=sid,
+                    max_tokens=6,
+                    **GREEDY,
+                )
+                replies[sid].append(eng.result(tid, timeout=60)["text"])
+                swapped |= any(eng.session_info(s)["swapped_out"] for s in sids)
+        assert swapped
+        info = eng.session_info(sids[0])
+        assert info["messages"] == 2 * len(turns) and info["tasks"] == len(turns)
+    # Each conversation, replayed turn by turn with its whole history in a fresh Llama.
+    with Llama(tiny_model, n_ctx=512, n_threads=1, lib_path=libdir) as llm:
+        for k, sid in enumerate(sids):
+            history: list[dict[str, str]] = []
+            for turn, reply in zip(turns, replies[sid], strict=True):
+                history.append({"role": "user", "content": f"{turn} {k}"})
+                want = "".join(t.text for t in llm.chat(history, max_tokens=6, **GREEDY))
+                assert reply == want
+                history.append({"role": "assistant", "content": want})
+
+
+def test_a_follow_up_turn_decodes_only_its_new_tokens(engine: Engine) -> None:
+    sid = engine.create_session(system_prompt="Be brief.")
+    first = [{"role": "user", "content": " ".join(WORDS)}]
+    engine.result(engine.create_task("chat", messages=first, session=sid, max_tokens=4, **GREEDY))
+    held = engine.session_info(sid)["n_tokens"]  # the first prompt and 3 of its 4 tokens
+    before = engine.status()["prompt_tokens"]
+    follow = [{"role": "user", "content": "go on"}]
+    tid = engine.create_task("chat", messages=follow, session=sid, max_tokens=4, **GREEDY)
+    prompt = engine.result(tid)["usage"]["prompt_tokens"]  # the whole conversation
+    decoded = engine.status()["prompt_tokens"] - before
+    # The last reply token, the end of that turn and the new turn: nothing before them.
+    assert held > 20 and decoded == prompt - held
+    engine.close_session(sid)
+    with pytest.raises(SessionNotFoundError, match="no session"):
+        engine.session_info(sid)
+
+
+def test_cancel_stops_within_a_step_and_frees_the_slot(engine: Engine) -> None:
+    tid = engine.create_task(prompt="Once upon a time", max_tokens=400, **GREEDY)
+    outcome = engine.outcome(tid)
+    got = []
+    for tok in engine.stream(tid):
+        got.append(tok)
+        if len(got) == 3:
+            engine.cancel(tid)
+    assert 3 <= len(got) <= 5  # the step in flight may still deliver one token
+    assert outcome.finish_reason == "cancelled"
+    deadline = time.monotonic() + 10
+    while engine.status()["slots_busy"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.status()["slots_busy"] == 0
+
+
+def test_a_callback_that_returns_true_stops_the_task(engine: Engine) -> None:
+    tid = engine.create_task(prompt="Once upon a time", max_tokens=400, **GREEDY)
+    seen: list[str] = []
+    toks = list(engine.stream(tid, callback=lambda t: seen.append(t.text) or len(seen) >= 4))
+    assert 4 <= len(toks) < 20
+    engine.cancel(tid)  # cancelling a finished task is a no-op
+
+
+def test_close_with_tasks_running_ends_them_as_cancelled(libdir: Path, tiny_model: Path) -> None:
+    out = ok(
+        run_child(
+            """
+            import json, sys, threading
+            from nexabind.engine import Engine
+            eng = Engine(sys.argv[1], n_parallel=2, n_ctx=2048, n_threads=1)
+            ids = [eng.create_task(prompt=f"Hello {i}", max_tokens=900) for i in range(6)]
+            first = next(eng.stream(ids[0]))
+            eng.close()
+            out = []
+            for i in ids[1:]:
+                try:
+                    out.append(eng.result(i, timeout=30)["finish_reason"])
+                except Exception as e:
+                    out.append(type(e).__name__)
+            try:
+                eng.create_task(prompt="x")
+            except Exception as e:
+                out.append(type(e).__name__)
+            eng.close()
+            print(json.dumps(out))
+            """,
+            tiny_model,
+            timeout=120,
+        )
+    )
+    assert json.loads(out) == ["cancelled"] * 5 + ["ClosedError"]
+
+
+def test_bad_input_fails_that_task_only(engine: Engine, libdir: Path, tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match="n_parallel=0 is invalid"):
+        Engine(tiny_model, n_parallel=0, lib_path=libdir)
+    good = engine.create_task(prompt="Hello", max_tokens=3, **GREEDY)
+    with pytest.raises(ContextOverflowError, match="but a slot holds 512"):
+        engine.create_task(prompt=[1] + [450] * 600, max_tokens=3)
+    with pytest.raises(ValueError, match="kind='translate' is invalid"):
+        engine.create_task("translate", prompt="x")
+    with pytest.raises(ValueError, match="cannot run on a generation engine"):
+        engine.create_task("embedding", input="x")
+    with pytest.raises(ValueError, match="prompt token 99999 is outside the vocabulary"):
+        engine.create_task(prompt=[1, 99999])
+    with pytest.raises(ValueError, match=r"messages\[0\].role is missing"):
+        engine.create_task("chat", messages=[{"content": "x"}])
+    with pytest.raises(TypeError, match="unknown sampling options"):
+        engine.create_task(prompt="x", temprature=0.5)
+    with pytest.raises(ValueError, match="top_p=2"):
+        engine.create_task(prompt="x", top_p=2)
+    with pytest.raises(SessionNotFoundError, match="no session 'nope'"):
+        engine.create_task(prompt="x", session="nope")
+    with pytest.raises(KeyError, match="no task 123456"):
+        engine.result(123456)
+    assert engine.result(good, timeout=60)["usage"]["completion_tokens"] == 3
+
+
+def test_queue_full_and_timeouts(libdir: Path, tiny_model: Path) -> None:
+    with Engine(
+        tiny_model, n_parallel=1, n_ctx=1024, n_threads=1, max_queue=1, lib_path=libdir
+    ) as eng:
+        running = eng.create_task(prompt="Hello", max_tokens=800)
+        deadline = time.monotonic() + 10
+        while not eng.status()["slots_busy"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waiting = eng.create_task(prompt="Hello again", max_tokens=2)
+        with pytest.raises(BusyError, match="queue is full"):
+            eng.create_task(prompt="one too many")
+        with pytest.raises(TaskTimeoutError, match=f"task {waiting} did not finish within"):
+            eng.result(waiting, timeout=0.01)
+        eng.cancel(running)
+        assert eng.result(waiting, timeout=60)["finish_reason"] == "length"
+    with pytest.raises(ClosedError, match="is closed"):
+        eng.create_task(prompt="x")
+    eng.close()  # idempotent
+
+
+def test_embedding_and_rerank_tasks(
+    libdir: Path, embed_model: Path, tmp_path: Path, llama_source: Path
+) -> None:
+    texts = ["Hello world", "the cat", "a much longer text about birds and dogs", "x"]
+    with Llama(embed_model, embedding=True, n_ctx=1024, n_threads=1, lib_path=libdir) as llm:
+        want = llm.embed(texts)
+    with Engine(
+        embed_model, embedding=True, n_parallel=4, n_ctx=1024, n_threads=1, lib_path=libdir
+    ) as eng:
+        with pytest.raises(ValueError, match="cannot run on an embedding engine"):
+            eng.create_task(prompt="x")
+        ids = [eng.create_task("embedding", input=texts) for _ in range(3)]
+        for tid in ids:
+            got = np.array(eng.result(tid, timeout=60)["embeddings"], dtype=np.float32)
+            assert np.allclose(got, want, atol=1e-4)
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    ranker = write_random_model(
+        tmp_path / "rank.gguf",
+        ModelSpec(pooling="rank", seed=5),
+        vocab=llama_source / "models" / "ggml-vocab-llama-spm.gguf",
+    )
+    docs = ["birds sing", "cats sit", "dogs run fast"]
+    # One sequence per decode: a real reranker has a classifier head that gives one score per
+    # sequence, and llama.cpp reads the scores of a batch that way; this random model has no
+    # head (its pooled output is n_embd wide), so only a batch of one reads right.
+    with Engine(ranker, embedding=True, n_parallel=1, n_threads=1, lib_path=libdir) as eng:
+        scores = eng.result(eng.create_task("rerank", query="who sings?", documents=docs))["scores"]
+        again = eng.result(eng.create_task("rerank", query="who sings?", documents=docs[::-1]))
+    assert len(scores) == 3 and all(np.isfinite(scores))
+    assert np.allclose(scores, again["scores"][::-1], atol=1e-4)
+
+
+def test_status_reports_slots_queue_throughput_and_cells(engine: Engine) -> None:
+    engine.result(engine.create_task(prompt="Hello", max_tokens=20, **GREEDY))
+    s = engine.status()
+    assert len(s["slots"]) == 4 and s["slots_idle"] == 4 and s["kv_cells"] == 2048
+    assert s["n_ctx_slot"] == 512 and s["kv_cells_used"] > 0
+    assert s["tokens_per_second"] >= 0 and s["generated_tokens"] > 0
+    assert {"id", "state", "task", "session", "n_tokens"} <= set(s["slots"][0])
+
+
+def test_llama_and_engine_are_text_models(engine: Engine, libdir: Path, tiny_model: Path) -> None:
+    assert isinstance(engine, TextModel) and engine.model_type == "llama"
+    with Llama(tiny_model, n_ctx=128, lib_path=libdir) as llm:
+        assert isinstance(llm, TextModel) and llm.err is None
+        with pytest.raises(ValueError):
+            list(llm.generate([1, 10**6]))
+    assert "llama.cpp" in available()
+    model = load_model(tiny_model, n_parallel=1, n_ctx=256, n_threads=1)
+    try:
+        assert isinstance(model, Engine)
+        assert len(list(model.chat([{"role": "user", "content": "hi"}], max_tokens=3))) == 3
+    finally:
+        model.close()
+    with pytest.raises(ValueError, match="no backend named 'nope'"):
+        load_model(tiny_model, backend="nope")
+
+
+def test_memory_stays_flat_over_10000_tasks(libdir: Path, tiny_model: Path) -> None:
+    out = ok(
+        run_child(
+            """
+            import json, sys
+            from nexabind.engine import Engine
+            def rss():
+                for line in open("/proc/self/status"):
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+            eng = Engine(sys.argv[1], n_parallel=4, n_ctx=1024, n_threads=1)
+            def run(n):
+                ids = []
+                for i in range(n):
+                    ids.append(eng.create_task(prompt=f"Hi {i % 7}", max_tokens=2))
+                    if len(ids) == 64:
+                        [eng.result(t) for t in ids]; ids.clear()
+                [eng.result(t) for t in ids]
+            run(1000)
+            before = rss()
+            run(9000)
+            print(json.dumps({"before": before, "after": rss()}))
+            eng.close()
+            """,
+            tiny_model,
+            timeout=600,
+        )
+    )
+    r = json.loads(out)
+    assert r["after"] - r["before"] < 8 << 20, r  # no growth per task (9,000 more tasks)
