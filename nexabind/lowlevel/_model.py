@@ -83,8 +83,8 @@ class Model(Owned):
         self.n_embd: int = L.llama_model_n_embd(ptr)
         self.n_ctx_train: int = L.llama_model_n_ctx_train(ptr)
         self.n_layer: int = L.llama_model_n_layer(ptr)
-        self.n_head: int = L.llama_model_n_head(ptr)
-        self.n_head_kv: int = L.llama_model_n_head_kv(ptr)
+        self.n_head: int = L.llama_model_n_head(ptr) if self.n_layer else 0
+        self.n_head_kv: int = L.llama_model_n_head_kv(ptr) if self.n_layer else 0
         self._piece = ffi.new("char[]", 256)
         self._users = 0
         self._closing = False
