@@ -170,11 +170,14 @@ def test_cancel_stops_within_a_step_and_frees_the_slot(engine: Engine) -> None:
     tid = engine.create_task(prompt="Once upon a time", max_tokens=400, **GREEDY)
     outcome = engine.outcome(tid)
     got = []
+    produced = 0
     for tok in engine.stream(tid):
         got.append(tok)
         if len(got) == 3:
+            produced = outcome.completion_tokens  # the consumer may lag the scheduler
             engine.cancel(tid)
-    assert 3 <= len(got) <= 5  # the step in flight may still deliver one token
+    # Every token produced was streamed; after the cancel, at most the step in flight added one.
+    assert outcome.completion_tokens == len(got) <= produced + 1
     assert outcome.finish_reason == "cancelled"
     deadline = time.monotonic() + 10
     while engine.status()["slots_busy"] and time.monotonic() < deadline:
