@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from nexabind import __version__
+from nexabind._version import __version__
 from nexabind.errors import NexabindError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -12,6 +12,7 @@ from typing import Any
 
 from nexabind import manifest as _manifest
 from nexabind import pin
+from nexabind._version import __version__
 from nexabind.cache import cache_root, installed
 from nexabind.errors import NexabindError
 from nexabind.platform import detect
@@ -78,7 +79,6 @@ def gather(
         ManifestError: The manifest cannot be read or is invalid.
         ValueError: ``variant`` or ``release`` is malformed.
     """
-    from nexabind import __version__
     from nexabind.loader import library_dir
 
     release = release or pin.RELEASE
