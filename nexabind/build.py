@@ -26,81 +26,22 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from nexabind import pin
+from nexabind import pin, targets
 from nexabind.errors import BuildError
+from nexabind.platform import target
 
 __all__ = [
-    "FLAGS",
     "build",
     "build_cache_dir",
     "ensure_source",
-    "host_target",
     "probe_source",
 ]
 
 _SOURCE_MARKER = ".nexabind-source.json"
 _BUILD_MARKER = "nexabind-build.json"
 
-#: CMake flags every build gets.
-COMMON_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=ON",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_COMMON=OFF",
-    "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_CURL=OFF",
-    f"-DLLAMA_BUILD_COMMIT={pin.LLAMA_COMMIT}",
-)
-
-_CPU_ALL = ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF")
-_CUDA = ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF",
-         "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=61;70;75;80;86;89;90")  # fmt: skip
-_VULKAN = (*_CPU_ALL, "-DGGML_VULKAN=ON")
-
-#: Extra CMake flags per (os, arch, variant); a missing key is an unsupported combination.
-FLAGS: dict[tuple[str, str, str], tuple[str, ...]] = {
-    ("linux", "x86_64", "cpu"): _CPU_ALL,
-    ("linux", "x86_64", "vulkan"): _VULKAN,
-    ("linux", "x86_64", "cuda"): _CUDA,
-    ("linux", "arm64", "cpu"): _CPU_ALL,
-    ("linux", "arm64", "vulkan"): _VULKAN,
-    ("windows", "x86_64", "cpu"): _CPU_ALL,
-    ("windows", "x86_64", "vulkan"): _VULKAN,
-    ("windows", "x86_64", "cuda"): _CUDA,
-    # llama.cpp has no runtime-dispatch CPU variants for Windows on arm64 yet.
-    ("windows", "arm64", "cpu"): ("-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF"),
-    ("macos", "x86_64", "cpu"): ("-DGGML_METAL=OFF", *_CPU_ALL),
-    ("macos", "arm64", "metal"): (
-        "-DGGML_METAL=ON",
-        "-DGGML_METAL_EMBED_LIBRARY=ON",
-        "-DGGML_BACKEND_DL=ON",
-        "-DGGML_NATIVE=OFF",
-    ),  # fmt: skip
-}
-
-#: Rpath flags so the libraries in ``lib/`` find each other wherever the folder lands.
-_RPATH = {
-    "linux": ("-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"),
-    "macos": ("-DCMAKE_INSTALL_RPATH=@loader_path", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"),
-    "windows": (),
-}
-
 _LIB_SUFFIXES = (".so", ".dylib", ".dll")
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
-
-
-def host_target() -> tuple[str, str]:
-    """Return this process's ``(os, arch)`` in the names artifacts use (:func:`platform.target`).
-
-    Returns:
-        ``os`` in {linux, macos, windows} and ``arch`` in {x86_64, arm64}.
-    """
-    from nexabind.platform import target
-
-    return target()
 
 
 def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
@@ -453,11 +394,6 @@ def _stage(src: Path, bdir: Path, stage: Path) -> None:
         shutil.copy2(src / "LICENSE", stage / "LICENSE")
 
 
-def _artifact_name(os_name: str, arch: str, variant: str) -> str:
-    ext = "zip" if os_name == "windows" else "tar.gz"
-    return f"nexabind-llama-{pin.ARTIFACT_VERSION}-{os_name}-{arch}-{variant}.{ext}"
-
-
 def _pack(stage: Path, archive: Path) -> None:
     """Pack ``stage`` deterministically: sorted members, fixed mtime/owner/mode."""
     members = sorted(p for p in stage.rglob("*") if p.name != _BUILD_MARKER)
@@ -546,7 +482,7 @@ def build(
     """Build llama.cpp for this host (or reuse the cached build) and stage an artifact.
 
     Args:
-        variant: ``cpu``, ``cuda``, ``vulkan`` or ``metal`` (see :data:`FLAGS`).
+        variant: ``cpu``, ``cuda``, ``vulkan`` or ``metal`` (see :data:`nexabind.targets.FLAGS`).
         source: llama.cpp source tree; default: the pinned source (:func:`ensure_source`).
         out: Folder to write the artifact archive and ``manifest.json`` into (added to an
             existing manifest).
@@ -563,15 +499,10 @@ def build(
     Raises:
         BuildError: Missing tools, unsupported variant, bad source or a failed build.
     """
-    os_name, arch = host_target()
-    key_flags = FLAGS.get((os_name, arch, variant))
-    if key_flags is None:
-        known = sorted(v for (o, a, v) in FLAGS if (o, a) == (os_name, arch))
-        msg = f"variant {variant!r} is not built for {os_name}-{arch}; choose one of {known}"
-        raise BuildError(msg)
+    os_name, arch = target()
+    flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args]
     src = ensure_source(source, build_cache=build_cache)
     cmake, cc, ninja = _require_tools()
-    flags = [*COMMON_FLAGS, *key_flags, *_RPATH.get(os_name, ()), *cmake_args]
     compiler = _compiler_version(cc)
     source_id = pin.LLAMA_COMMIT if (src / _SOURCE_MARKER).is_file() or source is None else str(src)
     key_text = json.dumps([source_id, os_name, arch, variant, flags, compiler])
@@ -602,10 +533,10 @@ def build(
                 label="cmake configure",
                 progress=False,
             )
-            targets = _targets(cmake, cdir, bool(ninja))
+            ninja_targets = _targets(cmake, cdir, bool(ninja))
             cmd = [cmake, "--build", str(cdir), "--config", "Release"]
-            if targets:
-                cmd += ["--target", *targets]
+            if ninja_targets:
+                cmd += ["--target", *ninja_targets]
             if jobs:
                 cmd += ["--parallel", str(jobs)]
             _run_logged(cmd, log, label="cmake build", progress=progress)
@@ -639,7 +570,7 @@ def build(
     if out is not None or install:
         dist = Path(out) if out is not None else bdir / "dist"
         dist.mkdir(parents=True, exist_ok=True)
-        archive = dist / _artifact_name(os_name, arch, variant)
+        archive = dist / targets.artifact_name(os_name, arch, variant)
         _pack(stage, archive)
         entry = _artifact_entry(archive, info)
         if out is not None:

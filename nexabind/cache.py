@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nexabind import targets
 from nexabind.errors import CacheError
 
 __all__ = [
@@ -165,10 +166,8 @@ class Install:
 
     def complete(self) -> bool:
         """Cheap check (no hashing): the record and the three libraries are there."""
-        from nexabind.loader import _NAMES
-
         return (self.path / INSTALL_RECORD).is_file() and all(
-            (self.lib / name).exists() for name in _NAMES
+            (self.lib / name).exists() for name in targets.library_names()
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,7 +221,7 @@ def best_installed(
     """The installed entry of ``release`` the loader uses for this process, or None.
 
     ``variant`` (else ``NEXABIND_VARIANT``) picks that one. Otherwise a single installed variant
-    is used as it is; among several, the best by :func:`nexabind.manifest.variant_order` (which
+    is used as it is; among several, the best by :func:`nexabind.targets.variant_order` (which
     probes the GPU runtimes only then).
     """
     from nexabind.platform import target
@@ -238,10 +237,9 @@ def best_installed(
     }
     if len(found) <= 1:
         return next(iter(found.values()), None)
-    from nexabind.manifest import variant_order
     from nexabind.platform import detect
 
-    for v in variant_order(platform or detect()):
+    for v in targets.variant_order(platform or detect()):
         if v in found:
             return found[v]
     return None

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
-from nexabind import cache, pin
+from nexabind import cache, pin, targets
 from nexabind.errors import (
     AbiMismatchError,
     CacheError,
@@ -350,13 +350,11 @@ def _field(entry: Any, name: str) -> Any:
 
 
 def _key(entry: Any) -> str:
-    return f"{_field(entry, 'os')}-{_field(entry, 'arch')}-{_field(entry, 'variant')}"
+    return targets.key(_field(entry, "os"), _field(entry, "arch"), _field(entry, "variant"))
 
 
 def _check_tree(tree: Path, name: str) -> None:
-    from nexabind.loader import _NAMES
-
-    missing = [f"lib/{n}" for n in _NAMES if not (tree / "lib" / n).exists()]
+    missing = [f"lib/{n}" for n in targets.library_names() if not (tree / "lib" / n).exists()]
     missing += [n for n in ("abi.json", "build-info.json") if not (tree / n).is_file()]
     if missing:
         msg = f"artifact {name} lacks {', '.join(missing)}; it is not a nexabind artifact"
@@ -914,15 +912,12 @@ def _build_instead(
     ``failure`` says why nothing can be downloaded; when not building, it is raised with what
     to run added.
     """
-    from nexabind.build import FLAGS
     from nexabind.platform import detect, target
 
     os_name, arch = target()
     if variant is None:
-        from nexabind.manifest import variant_order
-
-        order = variant_order(detect())
-        variant = next((v for v in order if (os_name, arch, v) in FLAGS), "cpu")
+        built = targets.variants_for(os_name, arch)
+        variant = next((v for v in targets.variant_order(detect()) if v in built), "cpu")
     cmd = "nexabind build --install" + (f" --variant {variant}" if variant != "cpu" else "")
     reason = str(failure)
     if not build or release != pin.RELEASE:
@@ -945,7 +940,7 @@ def _build_instead(
 
     from nexabind.build import build as build_from_source
 
-    key = f"{os_name}-{arch}-{variant}"
+    key = targets.key(os_name, arch, variant)
     # Under the artifact's lock: a concurrent fetch waits and then finds the install, and
     # `nexabind clean` leaves the build folder alone (a killed build's folder it removes).
     with cache.file_lock(root, release, key):

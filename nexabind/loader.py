@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
+from nexabind.targets import library_names
 
 __all__ = ["Handles", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
 
@@ -22,12 +23,7 @@ log = logging.getLogger("nexabind.loader")
 _lock = threading.Lock()
 _handles: Handles | None = None
 
-if sys.platform == "win32":
-    _NAMES = ("ggml-base.dll", "ggml.dll", "llama.dll")
-elif sys.platform == "darwin":
-    _NAMES = ("libggml-base.dylib", "libggml.dylib", "libllama.dylib")
-else:
-    _NAMES = ("libggml-base.so", "libggml.so", "libllama.so")
+_NAMES = library_names()
 
 
 def _cache_entry() -> Path:

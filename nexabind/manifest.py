@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nexabind import _cdef, pin, targets
+from nexabind._version import __version__
 from nexabind.errors import ManifestError
 from nexabind.platform import Platform
+from nexabind.targets import OSES, VARIANTS, variant_order
 
 __all__ = [
-    "OSES",
     "SCHEMA",
-    "VARIANTS",
     "Artifact",
     "Choice",
     "Manifest",
@@ -38,15 +39,10 @@ __all__ = [
     "describe",
     "no_artifact_message",
     "packaged",
-    "variant_order",
 ]
 
 #: The manifest schema this module reads and writes.
 SCHEMA = 1
-#: Every variant, in the order they are preferred when usable.
-VARIANTS = ("cuda", "vulkan", "metal", "cpu")
-#: Operating systems artifacts are built for.
-OSES = ("linux", "macos", "windows")
 #: Requirements an artifact may list in ``requires`` and the Platform field each is checked on.
 REQUIREMENTS = {"cuda_driver": "CUDA driver"}
 
@@ -68,7 +64,7 @@ class Artifact:
         name: File name of the archive.
         os: ``linux``, ``macos`` or ``windows``.
         arch: ``x86_64`` or ``arm64``.
-        variant: One of :data:`VARIANTS`.
+        variant: One of :data:`nexabind.targets.VARIANTS`.
         url: Location relative to ``<base>/<release>/``.
         size: Size in bytes.
         sha256: Lowercase hex digest of the archive.
@@ -93,7 +89,7 @@ class Artifact:
     @property
     def key(self) -> str:
         """``<os>-<arch>-<variant>``: the cache folder name of this artifact."""
-        return f"{self.os}-{self.arch}-{self.variant}"
+        return targets.key(self.os, self.arch, self.variant)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest entry of this artifact."""
@@ -355,8 +351,6 @@ def packaged(release: str | None = None) -> Manifest | None:
         ValueError: ``release`` is not a plain tag.
         ManifestError: The shipped file is invalid or is for another release.
     """
-    from nexabind import pin
-
     release = release or pin.RELEASE
     if not re.fullmatch(r"[A-Za-z0-9._-]+", release) or release.startswith("."):
         msg = f"release must be a tag like {pin.RELEASE!r}, got {release!r}"
@@ -384,8 +378,6 @@ def check_compatible(manifest: Manifest) -> None:
         ManifestError: Its llama.cpp commit or ABI fingerprint differs from the ones this
             nexabind was generated from; says which release to use instead.
     """
-    from nexabind import __version__, _cdef, pin
-
     ours, theirs = pin.LLAMA_COMMIT, manifest.llama_commit
     same_commit = ours.startswith(theirs) or theirs.startswith(ours)
     if not same_commit or manifest.abi_fingerprint != _cdef.CDEF_SHA256:
@@ -441,34 +433,6 @@ def _satisfies(have: str, spec: str) -> bool:
     return {">=": a >= b, ">": a > b, "==": a == b, "<=": a <= b, "<": a < b}[op]
 
 
-def variant_order(platform: Platform, variant: str | None = None) -> tuple[str, ...]:
-    """Return the variants to try, best first.
-
-    Args:
-        platform: The platform (its GPU fields decide).
-        variant: An explicit variant; then only it is tried.
-
-    Returns:
-        ``(variant,)`` when given; else cuda (a CUDA driver was found), vulkan (a Vulkan loader
-        was found), metal (macOS on arm64), then cpu.
-
-    Raises:
-        ValueError: ``variant`` is not one of :data:`VARIANTS`.
-    """
-    if variant is not None:
-        if variant not in VARIANTS:
-            msg = f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}"
-            raise ValueError(msg)
-        return (variant,)
-    usable = {
-        "cuda": platform.cuda_driver is not None,
-        "vulkan": platform.vulkan,
-        "metal": platform.metal,
-        "cpu": True,
-    }
-    return tuple(v for v in VARIANTS if usable[v])
-
-
 def _unusable(a: Artifact, p: Platform) -> str | None:
     """Why ``a`` cannot run in a process like ``p`` at all (variant preference aside)."""
     if a.os != p.os:
@@ -507,7 +471,7 @@ def choose(manifest: Manifest, platform: Platform, variant: str | None = None) -
     """Choose the best artifact of ``manifest`` for ``platform``.
 
     Filters by os, arch, libc, minimum glibc and macOS versions and ``requires``, then takes the
-    first variant of :func:`variant_order` that remains.
+    first variant of :func:`nexabind.targets.variant_order` that remains.
 
     Args:
         manifest: The release manifest.
@@ -519,7 +483,7 @@ def choose(manifest: Manifest, platform: Platform, variant: str | None = None) -
         :func:`no_artifact_message`).
 
     Raises:
-        ValueError: ``variant`` is not one of :data:`VARIANTS`.
+        ValueError: ``variant`` is not one of :data:`nexabind.targets.VARIANTS`.
     """
     wanted = variant_order(platform, variant)
     rejected: list[tuple[Artifact, str]] = []

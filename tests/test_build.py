@@ -19,9 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from nexabind import _cdef, pin
-from nexabind.build import _pack, build, build_cache_dir, host_target, probe_source
+from nexabind.build import _pack, build, build_cache_dir, probe_source
 from nexabind.cli import cli
 from nexabind.errors import BuildError
+from nexabind.platform import target
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_tools = pytest.mark.skipif(
@@ -62,7 +63,7 @@ def test_manifest_schema_and_digests(dist: Path) -> None:
     assert manifest["llama_commit"] == pin.LLAMA_COMMIT
     assert manifest["llama_build"] == pin.LLAMA_BUILD
     assert manifest["abi_fingerprint"] == _cdef.CDEF_SHA256
-    os_name, arch = host_target()
+    os_name, arch = target()
     (art,) = [a for a in manifest["artifacts"] if (a["os"], a["arch"]) == (os_name, arch)]
     keys = {"name", "os", "arch", "variant", "min_glibc", "min_macos", "requires", "url"}
     assert keys | {"size", "sha256"} <= set(art)
@@ -86,7 +87,7 @@ def test_artifact_contents(dist: Path) -> None:
     for stem in ("libllama", "libggml", "libggml-base"):
         assert f"{stem}{ext}" in libs
     assert any(n.startswith("libggml-cpu") for n in libs), libs
-    if host_target() == ("linux", "x86_64"):
+    if target() == ("linux", "x86_64"):
         assert {"libggml-cpu-x64.so", "libggml-cpu-haswell.so"} <= libs
     assert {"include/llama.h", "include/ggml.h", "LICENSE"} <= set(names)
     assert info["llama_commit"] == pin.LLAMA_COMMIT

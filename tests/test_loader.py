@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nexabind import loader, pin
-from nexabind.build import host_target
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
+from nexabind.platform import target
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,7 @@ def test_load_from_env(libdir: Path) -> None:
 
 def test_load_from_cache(libdir: Path, abi: dict, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    os_name, arch = host_target()
+    os_name, arch = target()
     entry = cache / "libs" / pin.RELEASE / f"{os_name}-{arch}-cpu"
     lib = _mirror(libdir, entry)
     (entry / "abi.json").write_text(json.dumps(abi))

@@ -17,14 +17,12 @@ from nexabind import _cdef, pin
 from nexabind.build import _artifact_entry, _update_manifest
 from nexabind.errors import ManifestError
 from nexabind.manifest import (
-    VARIANTS,
     Artifact,
     Manifest,
     check_compatible,
     choose,
     no_artifact_message,
     packaged,
-    variant_order,
 )
 from nexabind.platform import Platform
 
@@ -283,20 +281,6 @@ def test_packaged_manifest_is_pinned(shipped: Any) -> None:
 
 
 # --- choosing ----------------------------------------------------------------------------------
-
-
-def test_variant_order() -> None:
-    assert variant_order(LINUX) == ("cpu",)
-    gpu = Platform("linux", "x86_64", "glibc", "2.36", cuda_driver="12.4", vulkan=True)
-    assert variant_order(gpu) == ("cuda", "vulkan", "cpu")
-    assert variant_order(Platform("macos", "arm64", macos_version="14.5", metal=True)) == (
-        "metal",
-        "cpu",
-    )
-    assert variant_order(gpu, "cpu") == ("cpu",)
-    with pytest.raises(ValueError, match="unknown variant 'rocm'; choose one of cuda, vulkan"):
-        variant_order(LINUX, "rocm")
-    assert VARIANTS == ("cuda", "vulkan", "metal", "cpu")
 
 
 def test_cpu_only_linux_explains_every_other_artifact(manifest: Manifest) -> None:
