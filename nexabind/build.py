@@ -23,10 +23,11 @@ import tarfile
 import tempfile
 import zipfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nexabind import pin, targets
+from nexabind import pin, settings, targets
 from nexabind.errors import BuildError
 from nexabind.platform import target
 
@@ -54,11 +55,9 @@ def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
     Returns:
         The folder (not created).
     """
+    build_cache = settings.BUILD_CACHE.get(build_cache)
     if build_cache is not None:
         return Path(build_cache)
-    env = os.environ.get("NEXABIND_BUILD_CACHE")
-    if env:
-        return Path(env)
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("nexabind")) / "builds"
@@ -117,10 +116,9 @@ def _from_archive(dest: Path, timeout: float) -> None:
         _extract_tar(archive, dest, None)
 
 
-def _from_sdist(dest: Path, timeout: float) -> None:
+def _from_sdist(dest: Path, timeout: float, local: str | os.PathLike[str] | None) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        local = os.environ.get("NEXABIND_LLAMA_SDIST")
-        if local:
+        if local is not None:
             sdist = Path(local)
         else:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -140,17 +138,19 @@ def ensure_source(
     *,
     build_cache: str | os.PathLike[str] | None = None,
     timeout: float = 10.0,
+    sdist: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Return the pinned llama.cpp source tree, fetching it into the build cache once.
 
     Tried in order, each failing fast: git (GitHub), the GitHub archive of the commit, the
-    llama-cpp-python sdist (``pip download``, or the file named by ``NEXABIND_LLAMA_SDIST``),
+    llama-cpp-python sdist (``sdist``, else ``NEXABIND_LLAMA_SDIST``, else ``pip download``),
     whose sha256 is pinned. The tree is cached under ``<build cache>/src/``.
 
     Args:
         source: An existing source tree to use instead (or ``NEXABIND_LLAMA_SOURCE``).
         build_cache: Root of the build cache (see :func:`build_cache_dir`).
         timeout: Connect timeout in seconds for each network source.
+        sdist: A local llama-cpp-python sdist file (its sha256 is checked).
 
     Returns:
         The folder holding llama.cpp's ``CMakeLists.txt``.
@@ -158,7 +158,7 @@ def ensure_source(
     Raises:
         BuildError: ``source`` is not a CMake project, or no source location worked.
     """
-    source = source if source is not None else os.environ.get("NEXABIND_LLAMA_SOURCE") or None
+    source = settings.LLAMA_SOURCE.get(source)
     if source is not None:
         path = Path(source).expanduser().resolve()
         if not (path / "CMakeLists.txt").is_file():
@@ -181,8 +181,13 @@ def ensure_source(
             return dest
         shutil.rmtree(dest, ignore_errors=True)
         failures = []
-        for name, fetch in (("git", _from_git), ("archive", _from_archive),
-                            ("sdist", _from_sdist)):  # fmt: skip
+        sdist = settings.LLAMA_SDIST.get(sdist)
+        sources: tuple[tuple[str, Callable[[Path, float], None]], ...] = (
+            ("git", _from_git),
+            ("archive", _from_archive),
+            ("sdist", lambda dest, timeout: _from_sdist(dest, timeout, sdist)),
+        )
+        for name, fetch in sources:
             try:
                 _log(f"nexabind: fetching llama.cpp {pin.LLAMA_COMMIT} source ({name})")
                 fetch(dest, timeout)
@@ -475,6 +480,7 @@ def build(
     out: str | os.PathLike[str] | None = None,
     install: bool = False,
     build_cache: str | os.PathLike[str] | None = None,
+    sdist: str | os.PathLike[str] | None = None,
     cmake_args: tuple[str, ...] = (),
     jobs: int | None = None,
     progress: bool | None = None,
@@ -483,11 +489,14 @@ def build(
 
     Args:
         variant: ``cpu``, ``cuda``, ``vulkan`` or ``metal`` (see :data:`nexabind.targets.FLAGS`).
-        source: llama.cpp source tree; default: the pinned source (:func:`ensure_source`).
+        source: llama.cpp source tree; default ``NEXABIND_LLAMA_SOURCE``, else the pinned source
+            (:func:`ensure_source`).
         out: Folder to write the artifact archive and ``manifest.json`` into (added to an
             existing manifest).
         install: Install the artifact into the cache exactly as ``nexabind fetch`` does.
         build_cache: Root of the build cache (``NEXABIND_BUILD_CACHE``).
+        sdist: A local llama-cpp-python sdist to take the pinned source from
+            (``NEXABIND_LLAMA_SDIST``; see :func:`ensure_source`).
         cmake_args: Extra CMake arguments (part of the cache key).
         jobs: Parallel build jobs (default: CMake's choice).
         progress: Show a progress bar; default: only on a terminal.
@@ -501,7 +510,8 @@ def build(
     """
     os_name, arch = target()
     flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args]
-    src = ensure_source(source, build_cache=build_cache)
+    source = settings.LLAMA_SOURCE.get(source)
+    src = ensure_source(source, build_cache=build_cache, sdist=sdist)
     cmake, cc, ninja = _require_tools()
     compiler = _compiler_version(cc)
     source_id = pin.LLAMA_COMMIT if (src / _SOURCE_MARKER).is_file() or source is None else str(src)

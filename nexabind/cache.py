@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexabind import targets
+from nexabind import settings, targets
 from nexabind.errors import CacheError
 
 __all__ = [
@@ -72,8 +72,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Returns:
         The absolute cache root.
     """
-    if cache_dir is None:
-        cache_dir = os.environ.get("NEXABIND_CACHE_DIR") or None
+    cache_dir = settings.CACHE_DIR.get(cache_dir)
     if cache_dir is None:
         from platformdirs import user_cache_dir
 
@@ -227,7 +226,7 @@ def best_installed(
     from nexabind.platform import target
 
     os_name, arch = target()
-    variant = variant or os.environ.get("NEXABIND_VARIANT") or None
+    variant = settings.VARIANT.get(variant)
     if variant:
         return find(release, f"{os_name}-{arch}-{variant}", cache_dir)
     found = {

@@ -5,12 +5,32 @@ Status goes to stderr, data to stdout; ``--json`` where a script would read the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
+from nexabind import settings
 from nexabind._version import __version__
 from nexabind.errors import NexabindError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _setting_option(setting: settings.Setting, **kw: Any) -> Callable[[_F], _F]:
+    """The flag of a setting; its help names the variable and the default.
+
+    The command passes None for an absent flag, so that the library reads the variable
+    (:mod:`nexabind.settings`) and the two cannot disagree.
+    """
+    env = f"{setting.env}=1" if setting.switch else setting.env
+    help = f"{setting.help} [env: {env}; default: {setting.default}]."
+    return click.option(setting.flag, is_flag=setting.switch, help=help, **kw)
+
+
+_folder = click.Path(file_okay=False, path_type=str)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -27,24 +47,13 @@ def cli() -> None:
 
 @cli.command("build")
 @click.option("--variant", default="cpu", show_default=True, help="cpu, cuda, vulkan or metal.")
+@_setting_option(settings.LLAMA_SOURCE, type=_folder)
 @click.option(
-    "--source",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_LLAMA_SOURCE",
-    help="llama.cpp source tree to build instead of the pinned one [env: NEXABIND_LLAMA_SOURCE].",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=str),
-    help="Write the artifact archive and add it to OUT/manifest.json.",
+    "--out", type=_folder, help="Write the artifact archive and add it to OUT/manifest.json."
 )
 @click.option("--install", is_flag=True, help="Install the build into the cache, as fetch does.")
-@click.option(
-    "--build-cache",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_BUILD_CACHE",
-    help="Build cache folder [env: NEXABIND_BUILD_CACHE].",
-)
+@_setting_option(settings.BUILD_CACHE, type=_folder)
+@_setting_option(settings.LLAMA_SDIST, type=click.Path(dir_okay=False, path_type=str))
 @click.option("-j", "--jobs", type=int, help="Parallel build jobs.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, help="Extra CMake argument (repeat).")
 def build_cmd(
@@ -53,6 +62,7 @@ def build_cmd(
     out: str | None,
     install: bool,
     build_cache: str | None,
+    sdist: str | None,
     jobs: int | None,
     cmake_args: tuple[str, ...],
 ) -> None:
@@ -69,6 +79,7 @@ def build_cmd(
             out=out,
             install=install,
             build_cache=build_cache,
+            sdist=sdist,
             cmake_args=cmake_args,
             jobs=jobs,
         )
@@ -79,36 +90,22 @@ def build_cmd(
 
 # --- fetch and cache -----------------------------------------------------------------------
 
-_cache_dir_option = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_CACHE_DIR",
-    help="Cache folder [env: NEXABIND_CACHE_DIR; default: the user cache].",
+_cache_dir_option = _setting_option(settings.CACHE_DIR, type=_folder)
+_variant_option = _setting_option(settings.VARIANT)
+_release_option = click.option(
+    "--release", help="Release tag [default: the one this nexabind is built for]."
 )
 
 
 @cli.command("fetch")
-@click.option(
-    "--variant",
-    envvar="NEXABIND_VARIANT",
-    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
-)
-@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
-@click.option(
-    "--base-url",
-    envvar="NEXABIND_BASE_URL",
-    help="Release host or mirror laid out as <base>/<release>/<asset>, https:// or file:// "
-    "[env: NEXABIND_BASE_URL].",
-)
+@_variant_option
+@_release_option
+@_setting_option(settings.BASE_URL)
 @_cache_dir_option
-@click.option("--offline", is_flag=True, help="Never touch the network [env: NEXABIND_OFFLINE=1].")
+@_setting_option(settings.OFFLINE)
 @click.option("--force", is_flag=True, help="Download and reinstall even when installed.")
 @click.option("--no-build", is_flag=True, help="Do not build from source when nothing fits.")
-@click.option(
-    "--allow-http",
-    is_flag=True,
-    help="Allow plain http:// to hosts other than loopback [env: NEXABIND_ALLOW_HTTP=1].",
-)
+@_setting_option(settings.ALLOW_HTTP)
 @click.option("-q", "--quiet", is_flag=True, help="No status lines or progress bar.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"lib": FOLDER} as JSON.')
 def fetch_cmd(
@@ -243,12 +240,8 @@ def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     type=click.Path(dir_okay=False, path_type=str),
     help="Inspect this manifest.json instead of the packaged one (shown as unpinned).",
 )
-@click.option(
-    "--variant",
-    envvar="NEXABIND_VARIANT",
-    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
-)
-@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
+@_variant_option
+@_release_option
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info_cmd(
@@ -278,11 +271,7 @@ def info_cmd(
 
 
 @cli.command("doctor")
-@click.option(
-    "--lib-path",
-    type=click.Path(file_okay=False, path_type=str),
-    help="Library folder to check instead of NEXABIND_LIB_PATH or the cache.",
-)
+@_setting_option(settings.LIB_PATH, type=_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
     """Load llama.cpp, show what it found, and generate a few tokens with a tiny random model."""

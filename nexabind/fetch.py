@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
-from nexabind import cache, pin, targets
+from nexabind import cache, pin, settings, targets
 from nexabind.errors import (
     AbiMismatchError,
     CacheError,
@@ -67,10 +67,6 @@ _BUILD_MINUTES = 5
 def _say(msg: str, quiet: bool | None) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --- safe extraction -----------------------------------------------------------------------------
@@ -381,7 +377,7 @@ _SMOKE = (
 
 def _smoke_start() -> subprocess.Popen[str]:
     """Start the child that will load the staged libraries (see :func:`_smoke_load`)."""
-    env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
+    env = {k: v for k, v in os.environ.items() if k != settings.LIB_PATH.env}
     return subprocess.Popen(
         [sys.executable, "-c", _SMOKE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env,
@@ -893,7 +889,7 @@ def _read_manifest(url: str, allow_http: bool, timeout: tuple[float, float], ses
 
 
 def _base_url(base_url: str | None) -> str:
-    base = base_url or os.environ.get("NEXABIND_BASE_URL") or pin.DEFAULT_BASE_URL
+    base = settings.BASE_URL.get(base_url) or pin.DEFAULT_BASE_URL
     if "://" not in base:  # a plain folder is a file:// mirror
         base = Path(base).expanduser().absolute().as_uri()
     return base.rstrip("/")
@@ -1003,14 +999,14 @@ def fetch(
             (``ChecksumMismatchError``) or an unsafe archive (``UnsafeArchiveError``).
         BuildError: The fallback build failed.
     """
-    local = os.environ.get("NEXABIND_LIB_PATH")
+    local = settings.LIB_PATH.get()
     if local:
         _say(f"nexabind: NEXABIND_LIB_PATH is set; using {local}, nothing fetched", quiet)
         return Path(local)
     release = release or pin.RELEASE
-    variant = variant or os.environ.get("NEXABIND_VARIANT") or None
-    offline = _env_flag("NEXABIND_OFFLINE") if offline is None else offline
-    allow_http = _env_flag("NEXABIND_ALLOW_HTTP") if allow_http is None else allow_http
+    variant = settings.VARIANT.get(variant)
+    offline = settings.OFFLINE.on(offline)
+    allow_http = settings.ALLOW_HTTP.on(allow_http)
     root = cache.prepare(cache_dir)
     if not force:
         hit = cache.best_installed(release, root, variant)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nexabind import settings
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
 from nexabind.targets import library_names
 
@@ -36,7 +37,7 @@ def _cache_entry() -> Path:
         return found.lib
     # Nothing installed: name the folder `nexabind fetch` installs by default, for the message.
     os_name, arch = target()
-    variant = os.environ.get("NEXABIND_VARIANT") or "cpu"
+    variant = settings.VARIANT.get() or "cpu"
     return cache.entry_dir(pin.RELEASE, f"{os_name}-{arch}-{variant}") / "lib"
 
 
@@ -44,9 +45,9 @@ def _candidates(lib_path: str | os.PathLike[str] | None) -> list[tuple[str, Path
     if lib_path is not None:
         return [("explicit lib_path", Path(lib_path))]
     out = []
-    env = os.environ.get("NEXABIND_LIB_PATH")
+    env = settings.LIB_PATH.get()
     if env:
-        out.append(("NEXABIND_LIB_PATH", Path(env)))
+        out.append((settings.LIB_PATH.env, Path(env)))
     out.append(("cache entry for this release and platform", _cache_entry()))
     return out
 
