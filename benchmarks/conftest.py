@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @pytest.fixture(scope="session")
 def libdir() -> Path:
     """The llama.cpp library folder every contender runs on (NEXABIND_LIB_PATH, else the cache)."""
+    from nexabind.cache import library_dir
     from nexabind.errors import NexabindError
-    from nexabind.loader import library_dir
 
     try:
         path = library_dir()

@@ -200,7 +200,7 @@ def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
 @cli.command("which")
 def which_cmd() -> None:
     """Print the library folder nexabind would load (NEXABIND_LIB_PATH, else the cache)."""
-    from nexabind.loader import library_dir
+    from nexabind.cache import library_dir
 
     try:
         click.echo(str(library_dir()))
@@ -215,10 +215,9 @@ def which_cmd() -> None:
 def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     """Remove leftovers of interrupted fetches (never the build cache); see --all, --release."""
     from nexabind import cache
-    from nexabind.loader import library_dir
 
     try:
-        keep = library_dir().parent
+        keep = cache.library_dir().parent
     except NexabindError:
         keep = None  # nothing in use
     try:

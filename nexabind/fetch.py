@@ -908,12 +908,12 @@ def _build_instead(
     ``failure`` says why nothing can be downloaded; when not building, it is raised with what
     to run added.
     """
-    from nexabind.platform import detect, target
+    from nexabind.platform import target
 
     os_name, arch = target()
     if variant is None:
         built = targets.variants_for(os_name, arch)
-        variant = next((v for v in targets.variant_order(detect()) if v in built), "cpu")
+        variant = next((v for v in targets.variant_order_here() if v in built), "cpu")
     cmd = "nexabind build --install" + (f" --variant {variant}" if variant != "cpu" else "")
     reason = str(failure)
     if not build or release != pin.RELEASE:
@@ -1009,7 +1009,7 @@ def fetch(
     allow_http = settings.ALLOW_HTTP.on(allow_http)
     root = cache.prepare(cache_dir)
     if not force:
-        hit = cache.best_installed(release, root, variant)
+        hit = cache.best_installed(release, root, variant=variant, order=targets.variant_order_here)
         if hit is not None:
             _say(f"nexabind: {hit.key} of release {release} is installed in {hit.path}", quiet)
             return hit.lib

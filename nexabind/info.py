@@ -14,7 +14,7 @@ from nexabind import manifest as _manifest
 from nexabind import pin, settings, targets
 from nexabind._version import __version__
 from nexabind.build import build_cache_dir
-from nexabind.cache import cache_root, installed
+from nexabind.cache import cache_root, installed, library_dir
 from nexabind.errors import NexabindError
 from nexabind.platform import detect
 
@@ -77,8 +77,6 @@ def gather(
         ManifestError: The manifest cannot be read or is invalid.
         ValueError: ``variant`` or ``release`` is malformed.
     """
-    from nexabind.loader import library_dir
-
     release = release or pin.RELEASE
     variant = settings.VARIANT.get(variant)
     platform = detect()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nexabind import pin
 from nexabind.errors import BuildError
-from nexabind.platform import Platform, target
+from nexabind.platform import Platform, detect, target
 
 __all__ = [
     "COMMON_FLAGS",
@@ -23,6 +23,7 @@ __all__ = [
     "key",
     "library_names",
     "variant_order",
+    "variant_order_here",
     "variants_for",
 ]
 
@@ -152,3 +153,8 @@ def variant_order(platform: Platform, variant: str | None = None) -> tuple[str, 
         "cpu": True,
     }
     return tuple(v for v in VARIANTS if usable[v])
+
+
+def variant_order_here() -> tuple[str, ...]:
+    """:func:`variant_order` for this process (probes its GPU runtimes once, in a child)."""
+    return variant_order(detect())

@@ -26,8 +26,8 @@ def libdir() -> Path:
     if not path:
         # What `nexabind fetch` installed (the README's first command); child processes of the
         # tests find it through the same variable as in CI.
+        from nexabind.cache import library_dir
         from nexabind.errors import LibraryNotFoundError
-        from nexabind.loader import library_dir
 
         try:
             found = library_dir()
