@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform as _platform
 import re
@@ -38,6 +39,8 @@ __all__ = [
     "probe_source",
 ]
 
+log = logging.getLogger(__name__)
+
 _SOURCE_MARKER = ".nexabind-source.json"
 _BUILD_MARKER = "nexabind-build.json"
 
@@ -61,10 +64,6 @@ def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("nexabind")) / "builds"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- source
@@ -189,7 +188,7 @@ def ensure_source(
         )
         for name, fetch in sources:
             try:
-                _log(f"nexabind: fetching llama.cpp {pin.LLAMA_COMMIT} source ({name})")
+                log.info("fetching llama.cpp %s source (%s)", pin.LLAMA_COMMIT, name)
                 fetch(dest, timeout)
             except Exception as e:  # noqa: BLE001 - every failure is reported below
                 shutil.rmtree(dest, ignore_errors=True)
@@ -204,7 +203,7 @@ def ensure_source(
                 continue
             marker = {"commit": pin.LLAMA_COMMIT, "from": name}
             (dest / _SOURCE_MARKER).write_text(json.dumps(marker) + "\n")
-            _log(f"nexabind: llama.cpp source from {name} in {dest}")
+            log.info("llama.cpp source from %s in %s", name, dest)
             return dest
     msg = (
         f"could not get llama.cpp {pin.LLAMA_COMMIT} source; tried:\n  "
@@ -529,17 +528,17 @@ def build(
 
     with FileLock(str(bdir / ".lock")):
         if marker.is_file():
-            _log(f"nexabind: cache hit, build in {stage}")
+            log.info("cache hit, build in %s", stage)
         else:
-            _log(f"nexabind: building llama.cpp {pin.LLAMA_COMMIT} ({variant}) in {bdir}")
+            log.info("building llama.cpp %s (%s) in %s", pin.LLAMA_COMMIT, variant, bdir)
             cdir = bdir / "cmake"
-            log = bdir / "build.log"
-            log.write_text("")
+            log_path = bdir / "build.log"
+            log_path.write_text("")
             shutil.rmtree(stage, ignore_errors=True)
             gen = ["-G", "Ninja"] if ninja else []
             _run_logged(
                 [cmake, "-S", str(src), "-B", str(cdir), *gen, *flags],
-                log,
+                log_path,
                 label="cmake configure",
                 progress=False,
             )
@@ -549,7 +548,7 @@ def build(
                 cmd += ["--target", *ninja_targets]
             if jobs:
                 cmd += ["--parallel", str(jobs)]
-            _run_logged(cmd, log, label="cmake build", progress=progress)
+            _run_logged(cmd, log_path, label="cmake build", progress=progress)
             _stage(src, cdir, stage)
             _write_abi_json(src, bdir, stage / "abi.json", cc)
             info = {
@@ -573,7 +572,7 @@ def build(
             }
             (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
             marker.write_text(json.dumps({"key": key}) + "\n")
-            _log(f"nexabind: build finished; log in {log}")
+            log.info("build finished; log in %s", log_path)
     info = json.loads((stage / "build-info.json").read_text())
 
     archive = None
@@ -585,7 +584,7 @@ def build(
         entry = _artifact_entry(archive, info)
         if out is not None:
             path = _update_manifest(dist, entry)
-            _log(f"nexabind: wrote {archive} and {path}")
+            log.info("wrote %s and %s", archive, path)
         if install:
             # The module, not nexabind.fetch (the package attribute is the fetch() function).
             from nexabind.fetch import install_archive

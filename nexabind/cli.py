@@ -1,11 +1,15 @@
 """The ``nexabind`` command: thin click commands over the library.
 
-Status goes to stderr, data to stdout; ``--json`` where a script would read the output.
+Status goes to stderr, data to stdout; ``--json`` where a script would read the output. The
+library reports through :mod:`logging`; the commands that fetch or build show its status lines
+(the ``nexabind`` logger, INFO and up) on stderr while they run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -31,6 +35,33 @@ def _setting_option(setting: settings.Setting, **kw: Any) -> Callable[[_F], _F]:
 
 
 _folder = click.Path(file_okay=False, path_type=str)
+
+
+class _StatusLines(logging.Handler):
+    """Each record of the library as one ``nexabind: <message>`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"nexabind: {record.getMessage()}", err=True)
+        except Exception:  # noqa: BLE001 - logging's contract: a handler never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _status_lines(quiet: bool = False) -> Iterator[None]:
+    """Show the library's status lines on stderr while a command runs; none when ``quiet``."""
+    logger = logging.getLogger("nexabind")
+    # With --quiet a handler that drops everything, so that warnings do not reach logging's
+    # last-resort handler either.
+    handler = logging.NullHandler() if quiet else _StatusLines(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -73,16 +104,17 @@ def build_cmd(
     from nexabind.build import build
 
     try:
-        path = build(
-            variant,
-            source=source,
-            out=out,
-            install=install,
-            build_cache=build_cache,
-            sdist=sdist,
-            cmake_args=cmake_args,
-            jobs=jobs,
-        )
+        with _status_lines():
+            path = build(
+                variant,
+                source=source,
+                out=out,
+                install=install,
+                build_cache=build_cache,
+                sdist=sdist,
+                cmake_args=cmake_args,
+                jobs=jobs,
+            )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))
@@ -131,18 +163,19 @@ def fetch_cmd(
     from nexabind.fetch import fetch
 
     try:
-        lib = fetch(
-            variant,
-            release=release,
-            base_url=base_url,
-            cache_dir=cache_dir,
-            # An absent flag leaves the environment variable in charge.
-            offline=offline or None,
-            force=force,
-            build=not no_build,
-            quiet=quiet or None,
-            allow_http=allow_http or None,
-        )
+        with _status_lines(quiet):
+            lib = fetch(
+                variant,
+                release=release,
+                base_url=base_url,
+                cache_dir=cache_dir,
+                # An absent flag leaves the environment variable in charge.
+                offline=offline or None,
+                force=force,
+                build=not no_build,
+                progress=False if quiet else None,
+                allow_http=allow_http or None,
+            )
     except (NexabindError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"lib": str(lib)}) if as_json else str(lib))

@@ -18,6 +18,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -64,9 +65,7 @@ MAX_TOTAL_SIZE = 8 << 30
 _BUILD_MINUTES = 5
 
 
-def _say(msg: str, quiet: bool | None) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # --- safe extraction -----------------------------------------------------------------------------
@@ -681,7 +680,6 @@ def download(
     max_backoff: float = 8.0,
     timeout: tuple[float, float] = (10.0, 30.0),
     progress: bool = False,
-    quiet: bool | None = False,
     session: Any = None,
 ) -> Path:
     """Download ``url`` into ``dest_dir``, resuming a partial of the same file, and verify it.
@@ -705,7 +703,6 @@ def download(
         max_backoff: Longest wait in seconds.
         timeout: ``(connect, read)`` timeouts in seconds.
         progress: Show a tqdm bar.
-        quiet: No status lines on stderr.
         session: A ``requests.Session`` to reuse (and its open connections); default: a new
             one, closed on return.
 
@@ -756,7 +753,7 @@ def download(
         for attempt in range(retries + 1):
             if attempt:
                 wait = min(max_backoff, backoff * 2 ** (attempt - 1))
-                _say(f"nexabind: {last}; retrying in {wait:g} s", quiet)
+                log.warning("%s; retrying in %g s", last, wait)
                 time.sleep(wait)
             if have == size:
                 return finish()
@@ -789,7 +786,7 @@ def download(
                         mode = "ab"
                     else:
                         if have:
-                            _say(f"nexabind: {url} ignored the resume range; restarting", quiet)
+                            log.warning("%s ignored the resume range; restarting", url)
                         have, hasher = 0, hashlib.sha256()
                         mode = "wb"
                         bar.reset(total=size)
@@ -901,7 +898,7 @@ def _build_instead(
     release: str,
     root: Path,
     build: bool,
-    quiet: bool | None,
+    progress: bool,
 ) -> Path:
     """Build from source and install (``nexabind build --install``), or raise ``failure``.
 
@@ -927,11 +924,11 @@ def _build_instead(
                 "CMake and a C++ compiler), or set NEXABIND_LIB_PATH to a local build"
             )
         raise type(failure)(f"{reason}\n{hint}") from failure
-    _say(
-        f"{reason}\nnexabind: building llama.cpp {pin.LLAMA_COMMIT} ({variant}) from source "
-        f"instead, as `{cmd}` does; this takes about {_BUILD_MINUTES} minutes",
-        quiet,
-    )
+    log.warning("%s", reason)
+    log.info(
+        "building llama.cpp %s (%s) from source instead, as `%s` does; this takes about %d minutes",
+        pin.LLAMA_COMMIT, variant, cmd, _BUILD_MINUTES,
+    )  # fmt: skip
     import tempfile
 
     from nexabind.build import build as build_from_source
@@ -945,7 +942,6 @@ def _build_instead(
             return hit.lib
         prefix = f"{release}{cache.SEP}{key}{cache.SEP}build-"
         with tempfile.TemporaryDirectory(dir=root / "tmp", prefix=prefix) as out:
-            progress = (not quiet) and sys.stderr.isatty()
             build_from_source(variant, out=out, progress=progress)
             data = json.loads((Path(out) / "manifest.json").read_text())
             entry = next(a for a in data["artifacts"] if a["variant"] == variant)
@@ -964,7 +960,7 @@ def fetch(
     offline: bool | None = None,
     force: bool = False,
     build: bool = True,
-    quiet: bool | None = None,
+    progress: bool | None = None,
     allow_http: bool | None = None,
 ) -> Path:
     """Make sure the llama.cpp library for this process is installed, and return its folder.
@@ -985,7 +981,8 @@ def fetch(
         offline: Never touch the network; default ``NEXABIND_OFFLINE``.
         force: Download and reinstall even when installed.
         build: Build from source when nothing can be downloaded.
-        quiet: No status lines or progress bar; default: status lines, and a bar on a terminal.
+        progress: Show a progress bar on stderr; default: when stderr is a terminal. Status
+            lines go to the ``nexabind`` logger (``nexabind fetch`` prints them).
         allow_http: Allow plain ``http://`` to hosts other than loopback; default
             ``NEXABIND_ALLOW_HTTP``.
 
@@ -1001,9 +998,10 @@ def fetch(
     """
     local = settings.LIB_PATH.get()
     if local:
-        _say(f"nexabind: NEXABIND_LIB_PATH is set; using {local}, nothing fetched", quiet)
+        log.info("%s is set; using %s, nothing fetched", settings.LIB_PATH.env, local)
         return Path(local)
     release = release or pin.RELEASE
+    progress = sys.stderr.isatty() if progress is None else progress
     variant = settings.VARIANT.get(variant)
     offline = settings.OFFLINE.on(offline)
     allow_http = settings.ALLOW_HTTP.on(allow_http)
@@ -1011,7 +1009,7 @@ def fetch(
     if not force:
         hit = cache.best_installed(release, root, variant=variant, order=targets.variant_order_here)
         if hit is not None:
-            _say(f"nexabind: {hit.key} of release {release} is installed in {hit.path}", quiet)
+            log.info("%s of release %s is installed in %s", hit.key, release, hit.path)
             return hit.lib
     from nexabind.platform import target
 
@@ -1027,14 +1025,14 @@ def fetch(
     try:
         with contextlib.ExitStack() as stack:  # the children and the HTTP session
             base = _base_url(base_url)
-            return _fetch_online(variant, release, base, root, force, quiet, allow_http, stack)
+            return _fetch_online(variant, release, base, root, force, progress, allow_http, stack)
     except (ChecksumMismatchError, UnsafeArchiveError, _RefusedURL):
         raise
     except _NothingToDownload as e:
-        return _build_instead(ManifestError(str(e)), variant, release, root, build, quiet)
+        return _build_instead(ManifestError(str(e)), variant, release, root, build, progress)
     except DownloadError as e:
         failure = DownloadError(f"nothing could be downloaded: {e}")
-        return _build_instead(failure, variant, release, root, build, quiet)
+        return _build_instead(failure, variant, release, root, build, progress)
 
 
 class _NothingToDownload(Exception):
@@ -1047,7 +1045,7 @@ def _fetch_online(
     base: str,
     root: Path,
     force: bool,
-    quiet: bool | None,
+    progress: bool,
     allow_http: bool,
     stack: contextlib.ExitStack,
 ) -> Path:
@@ -1068,8 +1066,7 @@ def _fetch_online(
         manifest = mf.Manifest.from_json(
             _read_manifest(url, allow_http, timeout, session), pinned=False, source=url
         )
-        _say(f"nexabind: using the unpinned manifest {url} (digests not shipped with nexabind)",
-             quiet)  # fmt: skip
+        log.info("using the unpinned manifest %s (digests not shipped with nexabind)", url)
     mf.check_compatible(manifest)
     probe.join()
     plat = detect()
@@ -1080,16 +1077,16 @@ def _fetch_online(
     if not force:
         hit = cache.find(release, art.key, root)
         if hit is not None:
-            _say(f"nexabind: {art.key} of release {release} is installed in {hit.path}", quiet)
+            log.info("%s of release %s is installed in %s", art.key, release, hit.path)
             return hit.lib
     url = f"{base}/{release}/{art.url}"
     with cache.file_lock(root, release, art.key):
         if not force:
             hit = cache.find(release, art.key, root)
             if hit is not None:  # another process installed it while we waited
-                _say(f"nexabind: {art.key} was installed meanwhile in {hit.path}", quiet)
+                log.info("%s was installed meanwhile in %s", art.key, hit.path)
                 return hit.lib
-        _say(f"nexabind: downloading {art.name} ({art.size / 2**20:.1f} MiB) from {url}", quiet)
+        log.info("downloading %s (%.1f MiB) from %s", art.name, art.size / 2**20, url)
         path = download(
             url,
             root / "downloads",
@@ -1099,8 +1096,7 @@ def _fetch_online(
             name=art.name,
             allow_http=allow_http,
             timeout=timeout,
-            progress=not quiet and sys.stderr.isatty(),
-            quiet=quiet,
+            progress=progress,
             session=session,
         )
         try:
@@ -1111,5 +1107,5 @@ def _fetch_online(
         finally:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".json").unlink(missing_ok=True)
-    _say(f"nexabind: installed {art.key} of release {release} in {lib.parent}", quiet)
+    log.info("installed %s of release %s in %s", art.key, release, lib.parent)
     return lib

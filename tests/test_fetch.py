@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -344,11 +345,12 @@ def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
 
 
 def test_fetch_installs_then_needs_no_network(
-    mirror_server: Server, release_mirror: Path, _isolated_cache: Path, capfd
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="nexabind")
     lib = fetch(base_url=mirror_server.url)
-    err = capfd.readouterr().err
-    assert "unpinned manifest" in err and "installed" in err and "retrying" not in err
+    assert "unpinned manifest" in caplog.text and "installed" in caplog.text
+    assert "retrying" not in caplog.text
     entry = _entry(release_mirror)
     assert lib.parent.name == f"{entry['os']}-{entry['arch']}-{entry['variant']}"
     assert _served(mirror_server, _asset(release_mirror)) == entry["size"]
@@ -371,7 +373,7 @@ def test_dropped_connection_resumes_with_the_remaining_bytes(
     asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
     half = size // 2
     mirror_server.plan(asset, f"truncate:{half}")
-    fetch(base_url=mirror_server.url, quiet=True)
+    fetch(base_url=mirror_server.url, progress=False)
     first, second = mirror_server.requests_for(asset)
     assert first.sent == half
     assert second.headers["Range"] == f"bytes={half}-" and "If-Range" in second.headers
@@ -384,7 +386,7 @@ def test_server_ignoring_the_range_restarts_the_download(
 ) -> None:
     asset, size = _asset(release_mirror), _entry(release_mirror)["size"]
     mirror_server.plan(asset, f"truncate:{size // 3}", "ignore-range")
-    fetch(base_url=mirror_server.url, quiet=True)
+    fetch(base_url=mirror_server.url, progress=False)
     first, second = mirror_server.requests_for(asset)
     assert "Range" in second.headers and second.status == 200 and second.sent == size
     assert [r.ok for r in cache.verify()] == [True]
@@ -393,7 +395,7 @@ def test_server_ignoring_the_range_restarts_the_download(
 def test_500_twice_then_success(mirror_server: Server, release_mirror: Path) -> None:
     asset = _asset(release_mirror)
     mirror_server.plan(asset, "500", "503")
-    fetch(base_url=mirror_server.url, quiet=True)
+    fetch(base_url=mirror_server.url, progress=False)
     assert [r.status for r in mirror_server.requests_for(asset)] == [500, 503, 200]
 
 
@@ -403,7 +405,7 @@ def test_persistent_404_names_the_url_and_the_artifact(
     asset, name = _asset(release_mirror), _entry(release_mirror)["name"]
     mirror_server.plan(asset, *["404"] * 10)
     with pytest.raises(DownloadError) as e:
-        fetch(base_url=mirror_server.url, build=False, quiet=True)
+        fetch(base_url=mirror_server.url, build=False, progress=False)
     msg = str(e.value)
     assert f"{mirror_server.url}{asset} answered 404" in msg and name in msg
     assert "nexabind build --install" in msg and "about 5 minutes" in msg
@@ -458,7 +460,7 @@ def test_tampered_artifact_is_rejected_and_nothing_is_installed(
     entry, asset = _entry(release_mirror), _asset(release_mirror)
     mirror_server.plan(asset, "tamper")
     with pytest.raises(ChecksumMismatchError) as e:
-        fetch(base_url=mirror_server.url, quiet=True)
+        fetch(base_url=mirror_server.url, progress=False)
     msg = str(e.value)
     assert f"expected {entry['sha256']}, got " in msg and "deleted the download" in msg
     assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
@@ -479,7 +481,7 @@ def test_no_artifact_for_this_platform_lists_what_exists(
     ]  # fmt: skip
     (mirror / pin.RELEASE / "manifest.json").write_text(json.dumps(data))
     with Server(mirror) as server, pytest.raises(ManifestError) as e:
-        fetch(base_url=server.url, build=False, quiet=True)
+        fetch(base_url=server.url, build=False, progress=False)
     msg = str(e.value)
     assert "windows-arm64-cpu" in msg and "macos-arm64-metal" in msg
     assert "nexabind build --install" in msg
@@ -499,7 +501,7 @@ def test_lib_path_setting_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_plain_http_to_a_remote_host_is_refused() -> None:
     with pytest.raises(DownloadError, match="refusing plain http:// to mirror.invalid.*allow-http"):
-        fetch(base_url="http://mirror.invalid/releases", build=False, quiet=True)
+        fetch(base_url="http://mirror.invalid/releases", build=False, progress=False)
 
 
 def test_credentials_do_not_follow_a_redirect_to_another_host(
@@ -520,21 +522,23 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(
 
 
 def test_file_url_mirror(release_mirror: Path) -> None:
-    lib = fetch(base_url=release_mirror.as_uri(), quiet=True)
+    lib = fetch(base_url=release_mirror.as_uri(), progress=False)
     assert [r.ok for r in cache.verify()] == [True]
     assert lib.parent.parent.name == pin.RELEASE
 
 
 def test_unreachable_host_builds_from_source(
-    release_mirror: Path, _isolated_cache: Path, capfd
+    release_mirror: Path, _isolated_cache: Path, caplog
 ) -> None:
     """Nothing to download: fetch says so and installs `nexabind build` (a build cache hit)."""
     server = Server(release_mirror).start()
     url = server.url
     server.stop()  # the port now refuses connections
+    caplog.set_level(logging.INFO, logger="nexabind")
     lib = fetch(base_url=url)
-    err = capfd.readouterr().err
-    assert "nothing could be downloaded" in err and "about 5 minutes" in err
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert warning.getMessage().startswith("nothing could be downloaded")
+    assert "about 5 minutes" in caplog.text
     assert lib.is_relative_to(_isolated_cache)
     assert json.loads((lib.parent / cache.INSTALL_RECORD).read_text())["source"] == (
         "nexabind build"
@@ -604,7 +608,7 @@ def test_killed_mid_download_then_next_fetch_resumes(
     proc.wait()
     kept = partial_size()
     assert 0 < kept < size
-    fetch(base_url=mirror_server.url, quiet=True)
+    fetch(base_url=mirror_server.url, progress=False)
     resumed = mirror_server.requests_for(asset)[-1]
     assert resumed.headers["Range"] == f"bytes={kept}-" and resumed.sent == size - kept
     assert [r.ok for r in cache.verify()] == [True]
@@ -623,7 +627,7 @@ def test_killed_mid_install_then_next_fetch_recovers(
     assert any(tmp.iterdir()), "killed after the install finished"
     assert cache.installed() == []  # nothing half-done is visible
     assert _served(mirror_server, asset) == size
-    lib = fetch(base_url=mirror_server.url, quiet=True)
+    lib = fetch(base_url=mirror_server.url, progress=False)
     assert lib.is_dir() and [r.ok for r in cache.verify()] == [True]
     assert _leftovers(_isolated_cache) == []
     # The complete download was kept: it is verified again, not fetched again.
