@@ -36,7 +36,7 @@ def libdir() -> Path:
 @pytest.fixture(scope="session")
 def vocab() -> Path:
     """llama.cpp's SPM vocabulary (the tests' tokenizer), from the pinned source tree."""
-    from nexabind.build import ensure_source
+    from nexabind._source import ensure_source
 
     return ensure_source() / "models" / "ggml-vocab-llama-spm.gguf"
 

@@ -101,7 +101,7 @@ def build_cmd(
 
     With neither --out nor --install, prints the folder holding the built artifact.
     """
-    from nexabind.build import build
+    from nexabind._build import build
 
     try:
         with _status_lines():
@@ -160,7 +160,7 @@ def fetch_cmd(
     """
     import json
 
-    from nexabind.fetch import fetch
+    from nexabind._fetch import fetch
 
     try:
         with _status_lines(quiet):

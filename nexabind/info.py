@@ -12,8 +12,8 @@ from typing import Any
 
 from nexabind import manifest as _manifest
 from nexabind import pin, settings, targets
+from nexabind._source import build_cache_dir
 from nexabind._version import __version__
-from nexabind.build import build_cache_dir
 from nexabind.cache import cache_root, installed, library_dir
 from nexabind.errors import NexabindError
 from nexabind.platform import detect

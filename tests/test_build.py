@@ -1,4 +1,4 @@
-"""nexabind.build: the pinned source, the cached build, the ABI probe, artifact and manifest.
+"""nexabind._build: the pinned source, the cached build, the ABI probe, artifact and manifest.
 
 The real build runs once per build cache (``.ci/run`` does it before the tests); here every
 build of the pinned source is a cache hit. Failure paths use tiny fake CMake projects.
@@ -20,7 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from nexabind import _cdef, pin
-from nexabind.build import _pack, build, build_cache_dir, probe_source
+from nexabind._build import _pack, build, probe_source
+from nexabind._source import build_cache_dir
 from nexabind.cli import cli
 from nexabind.errors import BuildError
 from nexabind.platform import target
@@ -229,14 +230,16 @@ def test_cli_prints_the_build_folder(dist: Path) -> None:
     assert "cache hit" in r.stderr
 
 
-def test_install_goes_through_fetch(dist: Path) -> None:
-    fetch = pytest.importorskip("nexabind.fetch")
-    assert hasattr(fetch, "install_archive")
+def test_install_goes_the_way_fetch_installs(dist: Path) -> None:
     installed = Path(build(install=True))
     cache = Path(os.environ["NEXABIND_CACHE_DIR"])
     assert installed.is_relative_to(cache)
     assert pin.RELEASE in installed.parts
     assert any(installed.rglob("libllama*"))
+    # The install record fetch writes, for the archive the build packed.
+    record = json.loads((installed.parent / ".nexabind-install.json").read_text())
+    assert record["artifact"].startswith("nexabind-llama-") and len(record["sha256"]) == 64
+    assert record["files"] and record["source"].endswith(record["artifact"])
 
 
 def test_extracted_artifact_loads_with_abi_check(dist: Path, tmp_path: Path) -> None:

@@ -13,13 +13,9 @@ import pytest
 
 from nexabind import cache, pin
 from nexabind.errors import CacheError, LibraryNotFoundError
-from nexabind.fetch import install_archive
+from nexabind.install import install_archive
 
-
-@pytest.fixture(autouse=True)
-def _no_lib_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests install into the isolated cache: NEXABIND_LIB_PATH must not short-cut them."""
-    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+pytestmark = pytest.mark.usefixtures("no_lib_path")
 
 
 def _install(mirror: Path) -> Path:

@@ -82,7 +82,7 @@ def test_warm_fetch_as_a_real_process(mirror_server: Server, _isolated_cache: Pa
     assert len(mirror_server.log) == seen
     # The warm path imports neither requests nor tqdm.
     code = (
-        "import sys; from nexabind.fetch import fetch; fetch(offline=True, progress=False); "
+        "import sys; from nexabind import fetch; fetch(offline=True, progress=False); "
         "print(sorted(m for m in ('requests', 'tqdm') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from test_manifest import _six_targets
 
 from nexabind import pin, settings
-from nexabind.build import build_cache_dir
+from nexabind._source import build_cache_dir
 from nexabind.cli import cli
 from nexabind.platform import detect, target
 

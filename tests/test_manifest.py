@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from nexabind import _cdef, pin
-from nexabind.build import _artifact_entry, _update_manifest
+from nexabind._build import _artifact_entry, _update_manifest
 from nexabind.errors import ManifestError
 from nexabind.manifest import (
     Artifact,

@@ -1,217 +1,42 @@
 """Build llama.cpp's shared libraries from source for this host, the way CI builds them.
 
-``build()`` gets the pinned source (:func:`ensure_source`), configures and builds it with CMake
-using the flag table of this (os, arch, variant), stages an artifact folder (``lib/``,
-``include/``, ``abi.json``, ``build-info.json``, ``LICENSE``) and, on request, packs it with a
-``manifest.json`` entry (``out``) or installs it into the cache through the same code path as
-``nexabind fetch`` (``install``). Builds are cached outside ``NEXABIND_CACHE_DIR`` under a key
-of commit, target, variant, flags and compiler, so a second run is a cache hit.
+``build()`` gets the pinned source (:mod:`nexabind._source`), configures and builds it with
+CMake using the flags of this (os, arch, variant) (:mod:`nexabind.targets`), stages an artifact
+folder (``lib/``, ``include/``, ``abi.json``, ``build-info.json``, ``LICENSE``) and, on request,
+packs it with a ``manifest.json`` entry (``out``) or installs it into the cache the way
+``nexabind fetch`` does (``install``, :mod:`nexabind.install`). Builds are cached outside
+``NEXABIND_CACHE_DIR`` under a key of commit, target, variant, flags and compiler, so a second
+run is a cache hit.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
 import os
-import platform as _platform
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
-import zipfile
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nexabind import pin, settings, targets
+from nexabind import _cdef, _source, pin, settings, targets
+from nexabind.cache import sha256_file
 from nexabind.errors import BuildError
+from nexabind.install import install_archive
 from nexabind.platform import target
 
-__all__ = [
-    "build",
-    "build_cache_dir",
-    "ensure_source",
-    "probe_source",
-]
+__all__ = ["build", "probe_source"]
 
 log = logging.getLogger(__name__)
 
-_SOURCE_MARKER = ".nexabind-source.json"
 _BUILD_MARKER = "nexabind-build.json"
 
 _LIB_SUFFIXES = (".so", ".dylib", ".dll")
-_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
-
-
-def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
-    """Return the root of the build cache (source trees and finished builds).
-
-    Args:
-        build_cache: Explicit folder; else ``NEXABIND_BUILD_CACHE``; else
-            ``user_cache_dir("nexabind")/builds``. Deliberately not under ``NEXABIND_CACHE_DIR``.
-
-    Returns:
-        The folder (not created).
-    """
-    build_cache = settings.BUILD_CACHE.get(build_cache)
-    if build_cache is not None:
-        return Path(build_cache)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("nexabind")) / "builds"
-
-
-# --------------------------------------------------------------------------- source
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _from_git(dest: Path, timeout: float) -> None:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    # An unreachable host fails within `timeout`; a slow but live one may take its time.
-    git = ["git", "-C", str(dest), "-c", "http.lowSpeedLimit=1000",
-           "-c", f"http.lowSpeedTime={int(timeout)}"]  # fmt: skip
-    subprocess.run(["git", "init", "-q", str(dest)], check=True, capture_output=True)
-    for cmd in (
-        [*git, "fetch", "-q", "--depth", "1", pin.GIT_URL, pin.LLAMA_COMMIT_FULL],
-        [*git, "checkout", "-q", "FETCH_HEAD"],
-    ):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
-    shutil.rmtree(dest / ".git", ignore_errors=True)
-
-
-def _extract_tar(archive: Path, dest: Path, subdir: str | None) -> None:
-    """Extract the one top folder (or ``<top>/<subdir>``) of ``archive`` to ``dest``."""
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(tmp, filter="data")
-        else:  # Python < 3.12 without the backported filter
-            tar.extractall(tmp)  # noqa: S202 - pinned archive, sha256 checked first
-        (top,) = Path(tmp).iterdir()
-        (top / subdir if subdir else top).rename(dest)
-
-
-def _from_archive(dest: Path, timeout: float) -> None:
-    import requests
-
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        archive = Path(tmp) / "src.tar.gz"
-        with requests.get(pin.ARCHIVE_URL, stream=True, timeout=(timeout, 60)) as r:
-            r.raise_for_status()
-            with archive.open("wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-        _extract_tar(archive, dest, None)
-
-
-def _from_sdist(dest: Path, timeout: float, local: str | os.PathLike[str] | None) -> None:
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        if local is not None:
-            sdist = Path(local)
-        else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--timeout", str(int(timeout)), "--retries", "1", "-d", tmp,
-                   f"{pin.SDIST_NAME}=={pin.SDIST_VERSION}"]  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-            sdist = Path(tmp) / pin.SDIST_FILE
-        got = _sha256(sdist)
-        if got != pin.SDIST_SHA256:
-            msg = f"{sdist}: sha256 is {got}, expected {pin.SDIST_SHA256}; not using it"
-            raise BuildError(msg)
-        _extract_tar(sdist, dest, pin.SDIST_SUBDIR)
-
-
-def ensure_source(
-    source: str | os.PathLike[str] | None = None,
-    *,
-    build_cache: str | os.PathLike[str] | None = None,
-    timeout: float = 10.0,
-    sdist: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Return the pinned llama.cpp source tree, fetching it into the build cache once.
-
-    Tried in order, each failing fast: git (GitHub), the GitHub archive of the commit, the
-    llama-cpp-python sdist (``sdist``, else ``NEXABIND_LLAMA_SDIST``, else ``pip download``),
-    whose sha256 is pinned. The tree is cached under ``<build cache>/src/``.
-
-    Args:
-        source: An existing source tree to use instead (or ``NEXABIND_LLAMA_SOURCE``).
-        build_cache: Root of the build cache (see :func:`build_cache_dir`).
-        timeout: Connect timeout in seconds for each network source.
-        sdist: A local llama-cpp-python sdist file (its sha256 is checked).
-
-    Returns:
-        The folder holding llama.cpp's ``CMakeLists.txt``.
-
-    Raises:
-        BuildError: ``source`` is not a CMake project, or no source location worked.
-    """
-    source = settings.LLAMA_SOURCE.get(source)
-    if source is not None:
-        path = Path(source).expanduser().resolve()
-        if not (path / "CMakeLists.txt").is_file():
-            msg = (
-                f"--source {path} is not a llama.cpp source tree (no CMakeLists.txt there); "
-                "pass the folder that holds llama.cpp's CMakeLists.txt, or omit --source to "
-                "use the pinned source"
-            )
-            raise BuildError(msg)
-        return path
-    root = build_cache_dir(build_cache) / "src"
-    dest = root / f"llama.cpp-{pin.LLAMA_COMMIT}"
-    if (dest / _SOURCE_MARKER).is_file():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(root / f".{dest.name}.lock")):
-        if (dest / _SOURCE_MARKER).is_file():
-            return dest
-        shutil.rmtree(dest, ignore_errors=True)
-        failures = []
-        sdist = settings.LLAMA_SDIST.get(sdist)
-        sources: tuple[tuple[str, Callable[[Path, float], None]], ...] = (
-            ("git", _from_git),
-            ("archive", _from_archive),
-            ("sdist", lambda dest, timeout: _from_sdist(dest, timeout, sdist)),
-        )
-        for name, fetch in sources:
-            try:
-                log.info("fetching llama.cpp %s source (%s)", pin.LLAMA_COMMIT, name)
-                fetch(dest, timeout)
-            except Exception as e:  # noqa: BLE001 - every failure is reported below
-                shutil.rmtree(dest, ignore_errors=True)
-                detail = getattr(e, "stderr", None) or e
-                if isinstance(detail, bytes):
-                    detail = detail.decode(errors="replace").strip()
-                failures.append(f"{name}: {str(detail)[-300:]}")
-                continue
-            if not (dest / "include" / "llama.h").is_file():
-                failures.append(f"{name}: no include/llama.h in the fetched tree")
-                shutil.rmtree(dest, ignore_errors=True)
-                continue
-            marker = {"commit": pin.LLAMA_COMMIT, "from": name}
-            (dest / _SOURCE_MARKER).write_text(json.dumps(marker) + "\n")
-            log.info("llama.cpp source from %s in %s", name, dest)
-            return dest
-    msg = (
-        f"could not get llama.cpp {pin.LLAMA_COMMIT} source; tried:\n  "
-        + "\n  ".join(failures)
-        + "\nPass a source tree with --source DIR, or set NEXABIND_LLAMA_SDIST to a local "
-        f"{pin.SDIST_FILE}"
-    )
-    raise BuildError(msg)
+_PROGRESS = r"^\[(\d+)/(\d+)\]"  # ninja's [done/total]
 
 
 # --------------------------------------------------------------------------- ABI probe
@@ -231,7 +56,7 @@ def probe_source(
         C source that includes ``llama.h`` and prints one JSON object.
     """
     lines = [
-        "/* Generated by nexabind.build.probe_source - do not edit. */",
+        "/* Generated by nexabind._build.probe_source - do not edit. */",
         "#include <stddef.h>",
         "#include <stdio.h>",
         '#include "llama.h"',
@@ -260,8 +85,6 @@ def probe_source(
 
 
 def _write_abi_json(src: Path, work: Path, dest: Path, cc: str) -> None:
-    from nexabind import _cdef
-
     probe_c = work / "abi_probe.c"
     probe_c.write_text(probe_source(_cdef.STRUCTS, _cdef.ENUMS))
     exe = work / ("abi_probe.exe" if sys.platform == "win32" else "abi_probe")
@@ -328,7 +151,7 @@ def _run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> Non
             for line in proc.stdout:
                 f.write(line)
                 tail.append(line.rstrip("\n"))
-                m = _PROGRESS.match(line)
+                m = re.match(_PROGRESS, line)
                 if m and progress:
                     if bar is None:
                         from tqdm import tqdm
@@ -348,6 +171,30 @@ def _run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> Non
             + f"\nFull log: {log}"
         )
         raise BuildError(msg)
+
+
+def _compile(
+    cmake: str,
+    ninja: str | None,
+    src: Path,
+    cdir: Path,
+    flags: list[str],
+    log_path: Path,
+    *,
+    jobs: int | None,
+    progress: bool,
+) -> None:
+    """Configure llama.cpp with CMake (Ninja when there) and build it, appending to ``log_path``."""
+    gen = ["-G", "Ninja"] if ninja else []
+    configure = [cmake, "-S", str(src), "-B", str(cdir), *gen, *flags]
+    _run_logged(configure, log_path, label="cmake configure", progress=False)
+    cmd = [cmake, "--build", str(cdir), "--config", "Release"]
+    ninja_targets = _targets(cmake, cdir, bool(ninja))
+    if ninja_targets:
+        cmd += ["--target", *ninja_targets]
+    if jobs:
+        cmd += ["--parallel", str(jobs)]
+    _run_logged(cmd, log_path, label="cmake build", progress=progress)
 
 
 def _targets(cmake: str, bdir: Path, have_ninja: bool) -> list[str]:
@@ -400,6 +247,9 @@ def _stage(src: Path, bdir: Path, stage: Path) -> None:
 
 def _pack(stage: Path, archive: Path) -> None:
     """Pack ``stage`` deterministically: sorted members, fixed mtime/owner/mode."""
+    import tarfile
+    import zipfile
+
     members = sorted(p for p in stage.rglob("*") if p.name != _BUILD_MARKER)
     tmp = archive.with_name(archive.name + ".part")
     if archive.name.endswith(".zip"):
@@ -441,13 +291,11 @@ def _artifact_entry(archive: Path, info: dict[str, Any]) -> dict[str, Any]:
         "requires": info.get("requires", {}),
         "url": archive.name,
         "size": archive.stat().st_size,
-        "sha256": _sha256(archive),
+        "sha256": sha256_file(archive),
     }
 
 
 def _update_manifest(out: Path, entry: dict[str, Any]) -> Path:
-    from nexabind import _cdef
-
     path = out / "manifest.json"
     if path.is_file():
         data = json.loads(path.read_text())
@@ -489,13 +337,13 @@ def build(
     Args:
         variant: ``cpu``, ``cuda``, ``vulkan`` or ``metal`` (see :data:`nexabind.targets.FLAGS`).
         source: llama.cpp source tree; default ``NEXABIND_LLAMA_SOURCE``, else the pinned source
-            (:func:`ensure_source`).
+            (:func:`nexabind._source.ensure_source`).
         out: Folder to write the artifact archive and ``manifest.json`` into (added to an
             existing manifest).
         install: Install the artifact into the cache exactly as ``nexabind fetch`` does.
         build_cache: Root of the build cache (``NEXABIND_BUILD_CACHE``).
         sdist: A local llama-cpp-python sdist to take the pinned source from
-            (``NEXABIND_LLAMA_SDIST``; see :func:`ensure_source`).
+            (``NEXABIND_LLAMA_SDIST``; see :func:`nexabind._source.ensure_source`).
         cmake_args: Extra CMake arguments (part of the cache key).
         jobs: Parallel build jobs (default: CMake's choice).
         progress: Show a progress bar; default: only on a terminal.
@@ -510,20 +358,21 @@ def build(
     os_name, arch = target()
     flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args]
     source = settings.LLAMA_SOURCE.get(source)
-    src = ensure_source(source, build_cache=build_cache, sdist=sdist)
+    src = _source.ensure_source(source, build_cache=build_cache, sdist=sdist)
     cmake, cc, ninja = _require_tools()
     compiler = _compiler_version(cc)
-    source_id = pin.LLAMA_COMMIT if (src / _SOURCE_MARKER).is_file() or source is None else str(src)
+    fetched = _source.origin(src)
+    source_id = pin.LLAMA_COMMIT if fetched is not None or source is None else str(src)
     key_text = json.dumps([source_id, os_name, arch, variant, flags, compiler])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
-    root = build_cache_dir(build_cache)
-    bdir = root / f"{pin.LLAMA_COMMIT}-{os_name}-{arch}-{variant}-{key}"
+    name = f"{pin.LLAMA_COMMIT}-{targets.key(os_name, arch, variant)}-{key}"
+    bdir = _source.build_cache_dir(build_cache) / name
     stage = bdir / "artifact"
     marker = stage / _BUILD_MARKER
-    if progress is None:
-        progress = sys.stderr.isatty()
-
     bdir.mkdir(parents=True, exist_ok=True)
+    import datetime
+    import platform
+
     from filelock import FileLock
 
     with FileLock(str(bdir / ".lock")):
@@ -531,24 +380,13 @@ def build(
             log.info("cache hit, build in %s", stage)
         else:
             log.info("building llama.cpp %s (%s) in %s", pin.LLAMA_COMMIT, variant, bdir)
-            cdir = bdir / "cmake"
+            shutil.rmtree(stage, ignore_errors=True)
             log_path = bdir / "build.log"
             log_path.write_text("")
-            shutil.rmtree(stage, ignore_errors=True)
-            gen = ["-G", "Ninja"] if ninja else []
-            _run_logged(
-                [cmake, "-S", str(src), "-B", str(cdir), *gen, *flags],
-                log_path,
-                label="cmake configure",
-                progress=False,
-            )
-            ninja_targets = _targets(cmake, cdir, bool(ninja))
-            cmd = [cmake, "--build", str(cdir), "--config", "Release"]
-            if ninja_targets:
-                cmd += ["--target", *ninja_targets]
-            if jobs:
-                cmd += ["--parallel", str(jobs)]
-            _run_logged(cmd, log_path, label="cmake build", progress=progress)
+            cdir = bdir / "cmake"
+            if progress is None:
+                progress = sys.stderr.isatty()
+            _compile(cmake, ninja, src, cdir, flags, log_path, jobs=jobs, progress=progress)
             _stage(src, cdir, stage)
             _write_abi_json(src, bdir, stage / "abi.json", cc)
             info = {
@@ -559,11 +397,9 @@ def build(
                 "variant": variant,
                 "cmake_flags": flags,
                 "compiler": compiler,
-                "source": json.loads((src / _SOURCE_MARKER).read_text()).get("from")
-                if (src / _SOURCE_MARKER).is_file()
-                else str(src),
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "host": _platform.node(),
+                "source": fetched or str(src),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(),
                 "min_glibc": _min_glibc(stage / "lib") if os_name == "linux" else None,
                 "min_macos": os.environ.get("MACOSX_DEPLOYMENT_TARGET")
                 if os_name == "macos"
@@ -573,21 +409,17 @@ def build(
             (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
             marker.write_text(json.dumps({"key": key}) + "\n")
             log.info("build finished; log in %s", log_path)
+    if out is None and not install:
+        return stage
     info = json.loads((stage / "build-info.json").read_text())
-
-    archive = None
-    if out is not None or install:
-        dist = Path(out) if out is not None else bdir / "dist"
-        dist.mkdir(parents=True, exist_ok=True)
-        archive = dist / targets.artifact_name(os_name, arch, variant)
-        _pack(stage, archive)
-        entry = _artifact_entry(archive, info)
-        if out is not None:
-            path = _update_manifest(dist, entry)
-            log.info("wrote %s and %s", archive, path)
-        if install:
-            # The module, not nexabind.fetch (the package attribute is the fetch() function).
-            from nexabind.fetch import install_archive
-
-            return install_archive(archive, entry, pin.RELEASE)
+    dist = Path(out) if out is not None else bdir / "dist"
+    dist.mkdir(parents=True, exist_ok=True)
+    archive = dist / targets.artifact_name(os_name, arch, variant)
+    _pack(stage, archive)
+    entry = _artifact_entry(archive, info)
+    if out is not None:
+        path = _update_manifest(dist, entry)
+        log.info("wrote %s and %s", archive, path)
+    if install:
+        return install_archive(archive, entry, pin.RELEASE)
     return stage
