@@ -46,11 +46,12 @@ SCHEMA = 1
 #: Requirements an artifact may list in ``requires`` and the Platform field each is checked on.
 REQUIREMENTS = {"cuda_driver": "CUDA driver"}
 
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_COMMIT = re.compile(r"[0-9a-f]{7,40}")
-_TOKEN = re.compile(r"[a-z0-9_]+")
-_VERSION = re.compile(r"\d+(\.\d+)*")
-_SPEC = re.compile(r"(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)")
+# Patterns, compiled on first use (by re's cache), so that importing this module stays cheap.
+_HEX64 = r"[0-9a-fA-F]{64}"
+_COMMIT = r"[0-9a-f]{7,40}"
+_TOKEN = r"[a-z0-9_]+"
+_VERSION = r"\d+(\.\d+)*"
+_SPEC = r"(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)"
 _TOP_FIELDS = ("schema", "release", "llama_commit", "llama_build", "abi_fingerprint", "artifacts")
 _ARTIFACT_REQUIRED = ("name", "os", "arch", "variant", "url", "size", "sha256")
 _ARTIFACT_OPTIONAL = ("min_glibc", "min_macos", "requires", "libc")
@@ -178,7 +179,7 @@ class Manifest:
                 f"release must be a tag of letters, digits, '.', '_', '-', got {release!r}"
             )
         commit = _string(data, "llama_commit", errors)
-        if commit is not None and not _COMMIT.fullmatch(commit):
+        if commit is not None and not re.fullmatch(_COMMIT, commit):
             errors.append(f"llama_commit must be a lowercase hex commit hash, got {commit!r}")
         build = data.get("llama_build")
         if "llama_build" not in data:
@@ -186,7 +187,7 @@ class Manifest:
         elif build is not None and (not isinstance(build, int) or isinstance(build, bool)):
             errors.append(f"llama_build must be an integer or null, got {build!r}")
         fingerprint = _string(data, "abi_fingerprint", errors)
-        if fingerprint is not None and not _HEX64.fullmatch(fingerprint):
+        if fingerprint is not None and not re.fullmatch(_HEX64, fingerprint):
             errors.append(f"abi_fingerprint must be 64 hex digits, got {fingerprint!r}")
         raw = data.get("artifacts")
         artifacts: list[Artifact] = []
@@ -253,7 +254,7 @@ def _string(data: dict[str, Any], key: str, errors: list[str], where: str = "") 
 
 def _optional_version(entry: dict[str, Any], key: str, errors: list[str], where: str) -> str | None:
     value = entry.get(key)
-    if value is not None and (not isinstance(value, str) or not _VERSION.fullmatch(value)):
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(_VERSION, value)):
         errors.append(f"{where}{key} must be a version like '2.35' or null, got {value!r}")
         return None
     return value
@@ -290,7 +291,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
     if os_name is not None and os_name not in OSES:
         errors.append(f"{where}os must be one of {', '.join(OSES)}, got {os_name!r}")
     arch = _string(entry, "arch", errors, where)
-    if arch is not None and not _TOKEN.fullmatch(arch):
+    if arch is not None and not re.fullmatch(_TOKEN, arch):
         errors.append(f"{where}arch must be a lowercase name like x86_64 or arm64, got {arch!r}")
     variant = _string(entry, "variant", errors, where)
     if variant is not None and variant not in VARIANTS:
@@ -302,7 +303,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         errors.append(f"{where}size must be a positive integer (bytes), got {size!r}")
     sha256 = _string(entry, "sha256", errors, where)
-    if sha256 is not None and not _HEX64.fullmatch(sha256):
+    if sha256 is not None and not re.fullmatch(_HEX64, sha256):
         errors.append(f"{where}sha256 must be 64 hex digits, got {sha256!r}")
     min_glibc = _optional_version(entry, "min_glibc", errors, where)
     min_macos = _optional_version(entry, "min_macos", errors, where)
@@ -313,7 +314,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
         errors.append(f"{where}requires must be an object, got {requires!r}")
         requires = {}
     for key, spec in requires.items():
-        if not isinstance(spec, str) or not _SPEC.fullmatch(spec.strip()):
+        if not isinstance(spec, str) or not re.fullmatch(_SPEC, spec.strip()):
             errors.append(
                 f"{where}requires.{key} must be a version spec like '>=12.4', got {spec!r}"
             )
@@ -422,7 +423,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _satisfies(have: str, spec: str) -> bool:
-    m = _SPEC.fullmatch(spec.strip())
+    m = re.fullmatch(_SPEC, spec.strip())
     if m is None:
         return False
     op, want = m.group(1) or ">=", _version(m.group(2))

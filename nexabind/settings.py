@@ -10,7 +10,6 @@ from them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TypeVar
 
 from nexabind import pin
@@ -35,9 +34,10 @@ _T = TypeVar("_T")
 _ON = ("1", "true", "yes", "on")
 
 
-@dataclass(frozen=True)
 class Setting:
     """One environment variable and the command-line option that sets the same thing.
+
+    (A plain class: a frozen dataclass would compile five methods on every start-up.)
 
     Attributes:
         env: The variable, e.g. ``NEXABIND_CACHE_DIR``.
@@ -47,11 +47,13 @@ class Setting:
         switch: A yes/no setting: ``1``, ``true``, ``yes`` or ``on`` turn it on.
     """
 
-    env: str
-    flag: str
-    help: str
-    default: str
-    switch: bool = False
+    __slots__ = ("default", "env", "flag", "help", "switch")
+
+    def __init__(self, env: str, flag: str, help: str, default: str, switch: bool = False) -> None:
+        self.env, self.flag, self.help, self.default, self.switch = env, flag, help, default, switch
+
+    def __repr__(self) -> str:
+        return f"<Setting {self.env} {self.flag}>"
 
     def raw(self) -> str | None:
         """The variable's value now, or None when it is unset or empty."""
