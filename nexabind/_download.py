@@ -8,6 +8,8 @@ and retries network errors, timeouts, 5xx and short bodies with capped backoff.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -15,6 +17,7 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,7 @@ def _check_url(url: str, allow_http: bool) -> None:
     raise URLRefusedError(msg)
 
 
-class _Retryable(Exception):
+class _Retryable(DownloadError):
     """A failure worth another attempt (connection, timeout, 5xx, short body)."""
 
 
@@ -141,18 +144,6 @@ def _resumable(folder: Path, prefix: str, sha256: str, size: int) -> _Partial:
     return part
 
 
-def _copy_local(src: Path, part: _Partial, hasher: Any, bar: Any) -> None:
-    try:
-        with src.open("rb") as f, part.path.open("wb") as out:
-            while chunk := f.read(1 << 20):
-                out.write(chunk)
-                hasher.update(chunk)
-                bar.update(len(chunk))
-    except OSError as e:
-        msg = f"cannot read {src}: {e}"
-        raise DownloadError(msg) from e
-
-
 class _NoBar:
     """Stands in for a tqdm bar when none is shown (tqdm is then not even imported)."""
 
@@ -171,6 +162,83 @@ def _bar(size: int, initial: int, name: str) -> Any:
 
     return tqdm(total=size, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=name, leave=False)  # fmt: skip
+
+
+class _Transfer:
+    """One download in progress: its partial file, the bytes in it and their running sha256.
+
+    ``have`` and the hash cover exactly the bytes written, so a failure at any point leaves a
+    partial that the next attempt (or the next process) resumes.
+    """
+
+    def __init__(self, url: str, name: str, part: _Partial, size: int, sha256: str, bar: Any):
+        self.url, self.name, self.part, self.size, self.sha256 = url, name, part, size, sha256
+        self.bar = bar
+        self.hasher = hashlib.sha256()
+        self.have = 0
+        with part.path.open("rb") as f:  # what an earlier attempt left
+            while chunk := f.read(1 << 20):
+                self.hasher.update(chunk)
+                self.have += len(chunk)
+
+    @property
+    def complete(self) -> bool:
+        """All ``size`` bytes are in the partial."""
+        return self.have == self.size
+
+    def resume_headers(self) -> dict[str, str]:
+        """``Range`` from the bytes there, ``If-Range`` with the validator the server sent."""
+        if not self.have:
+            return {}
+        headers = {"Range": f"bytes={self.have}-"}
+        validator = self.part.meta.get("etag") or self.part.meta.get("last_modified")
+        if validator:
+            headers["If-Range"] = validator
+        return headers
+
+    def restart(self, response: Any = None) -> None:
+        """Empty the partial; remember the validators of ``response`` (a full body) if given."""
+        self.have, self.hasher = 0, hashlib.sha256()
+        self.part.path.write_bytes(b"")
+        self.bar.reset(total=self.size)
+        if response is not None:
+            headers = response.headers
+            self.part.meta.update(
+                etag=headers.get("ETag"), last_modified=headers.get("Last-Modified")
+            )
+            self.part.save()
+
+    def write(self, chunks: Iterable[bytes]) -> None:
+        """Append ``chunks`` to the partial, hashing and counting them."""
+        with self.part.path.open("ab") as out:
+            for chunk in chunks:
+                if self.have + len(chunk) > self.size:
+                    raise self.mismatch(f"size expected {self.size} bytes, got more")
+                out.write(chunk)
+                self.hasher.update(chunk)
+                self.have += len(chunk)
+                self.bar.update(len(chunk))
+
+    def mismatch(self, what: str) -> ChecksumMismatchError:
+        """Delete the partial; the error to raise, saying ``what`` differs."""
+        self.part.delete()
+        return ChecksumMismatchError(f"{self.name} from {self.url}: {what}; deleted the download")
+
+    def verified(self) -> Path:
+        """The complete partial, once its size and sha256 are the expected ones."""
+        if self.have != self.size:
+            raise self.mismatch(f"size expected {self.size} bytes, got {self.have}")
+        got = self.hasher.hexdigest()
+        if got != self.sha256:
+            raise self.mismatch(f"sha256 expected {self.sha256}, got {got}")
+        self.bar.close()
+        return self.part.path
+
+    def close(self) -> None:
+        """Close the bar; remove a partial with nothing in it to resume."""
+        self.bar.close()
+        if self.part.path.is_file() and self.part.path.stat().st_size == 0:
+            self.part.delete()
 
 
 def download(
@@ -220,121 +288,111 @@ def download(
         ChecksumMismatchError: Size or sha256 differ; the download was deleted.
         DownloadError: Every attempt failed, or the server refused (4xx); names URL and artifact.
     """
-    import hashlib
-
-    name = name or posixpath.basename(urlsplit(url).path)
     folder = Path(dest_dir)
     folder.mkdir(parents=True, exist_ok=True)
     part = _resumable(folder, prefix, sha256, size)
-    have = part.path.stat().st_size
-    hasher = hashlib.sha256()
-    if have:
-        with part.path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
-    bar = _bar(size, have, name) if progress else _NoBar()
-
-    def mismatch(what: str) -> ChecksumMismatchError:
-        part.delete()
-        return ChecksumMismatchError(f"{name} from {url}: {what}; deleted the download")
-
-    def finish() -> Path:
-        got = hasher.hexdigest()
-        if got != sha256:
-            raise mismatch(f"sha256 expected {sha256}, got {got}")
-        bar.close()
-        return part.path
-
-    if urlsplit(url).scheme == "file":
-        hasher = hashlib.sha256()
-        _copy_local(Path(unquote(urlsplit(url).path)), part, hasher, bar)
-        got_size = part.path.stat().st_size
-        if got_size != size:
-            raise mismatch(f"size expected {size} bytes, got {got_size}")
-        return finish()
-
-    own = session is None
-    session = session or open_session()
-    last = ""
+    name = name or posixpath.basename(urlsplit(url).path)
+    bar = _bar(size, part.path.stat().st_size, name) if progress else _NoBar()
+    transfer = _Transfer(url, name, part, size, sha256, bar)
     try:
-        for attempt in range(retries + 1):
-            if attempt:
-                wait = min(max_backoff, backoff * 2 ** (attempt - 1))
-                log.warning("%s; retrying in %g s", last, wait)
-                time.sleep(wait)
-            if have == size:
-                return finish()
-            headers = {}
-            if have:
-                headers["Range"] = f"bytes={have}-"
-                validator = part.meta.get("etag") or part.meta.get("last_modified")
-                if validator:
-                    headers["If-Range"] = validator
-            try:
-                r = _get(session, url, headers, allow_http, timeout)
-                with r:
-                    if r.status_code == 416 and have:
-                        last = "the server refused the resume range; restarting"
-                        have, hasher = 0, hashlib.sha256()
-                        part.path.write_bytes(b"")
-                        continue
-                    if r.status_code >= 500 or r.status_code in (408, 429):
-                        raise _Retryable(f"{url} answered {r.status_code} {r.reason}")
-                    if r.status_code not in (200, 206):
-                        msg = (
-                            f"{url} answered {r.status_code} {r.reason} for artifact {name}; "
-                            "check --base-url / NEXABIND_BASE_URL and --release"
-                        )
-                        raise DownloadError(msg)
-                    if r.status_code == 206:
-                        start = r.headers.get("Content-Range", "").removeprefix("bytes ")
-                        if not start.startswith(f"{have}-"):
-                            raise _Retryable(f"{url} sent the wrong range ({start or 'none'})")
-                        mode = "ab"
-                    else:
-                        if have:
-                            log.warning("%s ignored the resume range; restarting", url)
-                        have, hasher = 0, hashlib.sha256()
-                        mode = "wb"
-                        bar.reset(total=size)
-                        part.meta.update(
-                            etag=r.headers.get("ETag"), last_modified=r.headers.get("Last-Modified")
-                        )
-                        part.save()
-                    with part.path.open(mode) as out:
-                        # The raw bytes: a server adding Content-Encoding: gzip to a .tar.gz
-                        # must not get the archive decompressed before it is hashed.
-                        for chunk in r.raw.stream(1 << 20, decode_content=False):
-                            have += len(chunk)
-                            if have > size:
-                                raise mismatch(f"size expected {size} bytes, got more")
-                            out.write(chunk)
-                            hasher.update(chunk)
-                            bar.update(len(chunk))
-                if have < size:
-                    raise _Retryable(f"the connection closed after {have} of {size} bytes")
-                return finish()
-            except _Retryable as e:
-                last = str(e)
-            except DownloadError:
-                raise
-            except Exception as e:  # noqa: BLE001 - requests' and urllib3's network errors
-                if not _network_error(e):
-                    raise
-                # `have` and `hasher` cover exactly the chunks written before the failure.
-                last = f"{type(e).__name__} from {url}: {e}"
-        if have == size:
-            return finish()
-        msg = f"downloading {name} from {url} failed after {retries + 1} attempts: {last}"
-        if have:
-            msg += f"; the {have} bytes received are kept and the next `nexabind fetch` resumes"
-        raise DownloadError(msg)
+        if urlsplit(url).scheme == "file":
+            _copy_local(Path(unquote(urlsplit(url).path)), transfer)
+        else:
+            owned = open_session() if session is None else contextlib.nullcontext(session)
+            with owned as s:
+                _with_retries(transfer, s, allow_http, timeout, retries, backoff, max_backoff)
+        return transfer.verified()
     finally:
-        if own:
-            session.close()
-        bar.close()
-        if part.path.is_file() and part.path.stat().st_size == 0:
-            part.delete()  # nothing to resume
+        transfer.close()
+
+
+def _copy_local(src: Path, transfer: _Transfer) -> None:
+    """A ``file://`` mirror: copy the file whole."""
+    transfer.restart()
+    try:
+        with src.open("rb") as f:
+            transfer.write(iter(lambda: f.read(1 << 20), b""))
+    except OSError as e:
+        msg = f"cannot read {src}: {e}"
+        raise DownloadError(msg) from e
+
+
+def _with_retries(
+    transfer: _Transfer,
+    session: Any,
+    allow_http: bool,
+    timeout: tuple[float, float],
+    retries: int,
+    backoff: float,
+    max_backoff: float,
+) -> None:
+    """Attempt the transfer until it is complete, waiting longer after each failure."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            wait = min(max_backoff, backoff * 2 ** (attempt - 1))
+            log.warning("%s; retrying in %g s", last, wait)
+            time.sleep(wait)
+        if transfer.complete:
+            return
+        try:
+            _attempt(transfer, session, allow_http, timeout)
+            return
+        except _Retryable as e:
+            last = str(e)
+        except DownloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - requests' and urllib3's network errors
+            if not _network_error(e):
+                raise
+            last = f"{type(e).__name__} from {transfer.url}: {e}"
+    if transfer.complete:
+        return
+    msg = (
+        f"downloading {transfer.name} from {transfer.url} failed after {retries + 1} attempts:"
+        f" {last}"
+    )
+    if transfer.have:
+        msg += (
+            f"; the {transfer.have} bytes received are kept and the next `nexabind fetch` resumes"
+        )
+    raise DownloadError(msg)
+
+
+def _attempt(transfer: _Transfer, session: Any, allow_http: bool, timeout: Any) -> None:
+    """One request: resume (or restart) the transfer and stream the body into it."""
+    with _get(session, transfer.url, transfer.resume_headers(), allow_http, timeout) as r:
+        _take_answer(transfer, r)
+        # The raw bytes: a server adding Content-Encoding: gzip to a .tar.gz must not get the
+        # archive decompressed before it is hashed.
+        transfer.write(r.raw.stream(1 << 20, decode_content=False))
+    if not transfer.complete:
+        raise _Retryable(f"the connection closed after {transfer.have} of {transfer.size} bytes")
+
+
+def _take_answer(transfer: _Transfer, r: Any) -> None:
+    """Check the status: a resumed body (206 at the right offset), or a full one (200, the
+    partial restarts); raise _Retryable for what another attempt may fix, else DownloadError."""
+    url, status = transfer.url, r.status_code
+    if status == 416 and transfer.have:
+        transfer.restart()
+        raise _Retryable("the server refused the resume range; restarting")
+    if status >= 500 or status in (408, 429):
+        raise _Retryable(f"{url} answered {status} {r.reason}")
+    if status not in (200, 206):
+        msg = (
+            f"{url} answered {status} {r.reason} for artifact {transfer.name}; "
+            "check --base-url / NEXABIND_BASE_URL and --release"
+        )
+        raise DownloadError(msg)
+    if status == 206:
+        start = r.headers.get("Content-Range", "").removeprefix("bytes ")
+        if not start.startswith(f"{transfer.have}-"):
+            raise _Retryable(f"{url} sent the wrong range ({start or 'none'})")
+        return
+    if transfer.have:
+        log.warning("%s ignored the resume range; restarting", url)
+    transfer.restart(r)
 
 
 def _network_error(e: Exception) -> bool:
