@@ -1,10 +1,10 @@
 """``nexabind fetch``: make sure the llama.cpp library for this process is installed.
 
-:func:`fetch` chooses the artifact of the release for this platform (:mod:`nexabind.manifest`),
-downloads it (:mod:`nexabind._download`) and installs it (:mod:`nexabind.install`) under one
-file lock per artifact, so that concurrent fetches download once. When nothing can be
-downloaded it builds from source (:mod:`nexabind._build`). A fetch of an installed library
-touches no network and imports neither ``requests`` nor ``tqdm``.
+:func:`fetch` chooses the artifact of the release for this platform (:mod:`nexabind.manifest`,
+:mod:`nexabind.choice`), downloads it (:mod:`nexabind._download`) and installs it
+(:mod:`nexabind.install`) under one file lock per artifact, so that concurrent fetches download
+once. When nothing can be downloaded it builds from source (:mod:`nexabind._build`). A fetch of
+an installed library touches no network and imports neither ``requests`` nor ``tqdm``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nexabind import _build, _download, cache, install, pin, settings, targets
 from nexabind import manifest as mf
+from nexabind.choice import choose, no_artifact_message
 from nexabind.errors import (
     CacheError,
     ChecksumMismatchError,
@@ -212,10 +213,10 @@ def _fetch_online(
     mf.check_compatible(manifest)
     probe.join()
     plat = detect()
-    choice = mf.choose(manifest, plat, variant)
+    choice = choose(manifest, plat, variant)
     art = choice.artifact
     if art is None:
-        raise _NothingToDownload(mf.no_artifact_message(choice, plat))
+        raise _NothingToDownload(no_artifact_message(choice, plat))
     if not force:
         hit = cache.find(release, art.key, root)
         if hit is not None:

@@ -15,6 +15,7 @@ from nexabind import pin, settings, targets
 from nexabind._source import build_cache_dir
 from nexabind._version import __version__
 from nexabind.cache import cache_root, installed, library_dir
+from nexabind.choice import choose, no_artifact_message
 from nexabind.errors import NexabindError
 from nexabind.platform import detect
 
@@ -110,7 +111,7 @@ def gather(
             if man.pinned
             else "unpinned: digests come from this file, not the package",
         }
-        choice = _manifest.choose(man, platform, variant)
+        choice = choose(man, platform, variant)
         report["choice"] = {
             "variant_order": list(choice.wanted),
             "artifact": choice.artifact.to_dict() if choice.artifact else None,
@@ -118,7 +119,7 @@ def gather(
             "rejected": [
                 {"key": a.key, "name": a.name, "reason": why} for a, why in choice.rejected
             ],
-            "message": None if choice.artifact else _manifest.no_artifact_message(choice, platform),
+            "message": None if choice.artifact else no_artifact_message(choice, platform),
         }
     report["settings"] = _settings(cache_dir, variant)
     try:
