@@ -8,15 +8,19 @@ library reports through :mod:`logging`; the commands that fetch or build show it
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
 
-from nexabind import settings
+from nexabind import cache, settings
+from nexabind._build import build
+from nexabind._fetch import fetch
 from nexabind._version import __version__
 from nexabind.errors import NexabindError
+from nexabind.info import gather, render
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -101,8 +105,6 @@ def build_cmd(
 
     With neither --out nor --install, prints the folder holding the built artifact.
     """
-    from nexabind._build import build
-
     try:
         with _status_lines():
             path = build(
@@ -158,10 +160,6 @@ def fetch_cmd(
     release's artifact for this platform; when none fits or the host is unreachable, builds it
     from source (about 5 minutes) unless --no-build.
     """
-    import json
-
-    from nexabind._fetch import fetch
-
     try:
         with _status_lines(quiet):
             lib = fetch(
@@ -186,10 +184,6 @@ def fetch_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def list_cmd(cache_dir: str | None, as_json: bool) -> None:
     """List the llama.cpp libraries installed in the cache."""
-    import json
-
-    from nexabind import cache
-
     entries = [i.to_dict() for i in cache.installed(cache_dir)]
     if as_json:
         click.echo(json.dumps(entries, indent=1))
@@ -206,10 +200,6 @@ def list_cmd(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
     """Re-hash installed files against their install records; exit 1 on any change."""
-    import json
-
-    from nexabind import cache
-
     reports = cache.verify(cache_dir)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=1))
@@ -233,10 +223,8 @@ def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
 @cli.command("which")
 def which_cmd() -> None:
     """Print the library folder nexabind would load (NEXABIND_LIB_PATH, else the cache)."""
-    from nexabind.cache import library_dir
-
     try:
-        click.echo(str(library_dir()))
+        click.echo(str(cache.library_dir()))
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
 
@@ -247,8 +235,6 @@ def which_cmd() -> None:
 @click.option("--release", help="Also remove the installs of this release (not the one in use).")
 def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     """Remove leftovers of interrupted fetches (never the build cache); see --all, --release."""
-    from nexabind import cache
-
     try:
         keep = cache.library_dir().parent
     except NexabindError:
@@ -285,10 +271,6 @@ def info_cmd(
 ) -> None:
     """Show this platform, its GPU runtimes, the artifact chosen for it and why, the settings in
     force and the installed libraries. Downloads and loads nothing."""
-    import json
-
-    from nexabind.info import gather, render
-
     click.echo("nexabind: probing this platform (GPU runtimes in a child process)...", err=True)
     try:
         report = gather(
@@ -307,8 +289,7 @@ def info_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
     """Load llama.cpp, show what it found, and generate a few tokens with a tiny random model."""
-    import json
-
+    # Imported here, not at the top: it loads the binding, which no other command needs.
     from nexabind.doctor import diagnose
 
     try:
