@@ -14,7 +14,6 @@ import posixpath
 import shutil
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
@@ -57,11 +56,15 @@ def _inside(base: str, target: str) -> bool:
     return joined != ".." and not joined.startswith("../")
 
 
-@dataclass
 class _Checked:
-    links: set[str]
-    names: set[str]
-    total: int = 0
+    """What the member checks have seen so far: links, names and the total size."""
+
+    __slots__ = ("links", "names", "total")
+
+    def __init__(self) -> None:
+        self.links: set[str] = set()
+        self.names: set[str] = set()
+        self.total = 0
 
 
 def _check_common(
@@ -181,7 +184,7 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> 
     """One streaming pass: check each member, then write it; return each file's sha256."""
     import tarfile
 
-    seen = _Checked(set(), set())
+    seen = _Checked()
     hashes: dict[str, str] = {}
     with _tar_stream(archive) as tar:
         for m in tar:
@@ -204,7 +207,7 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> 
 
 
 def _check_zip(z: zipfile.ZipFile, archive: Path, max_member: int, max_total: int) -> None:
-    seen = _Checked(set(), set())
+    seen = _Checked()
     for info in z.infolist():
         _check_common(info.filename, seen, archive, info.file_size, max_member, max_total)
         kind = stat.S_IFMT(info.external_attr >> 16)

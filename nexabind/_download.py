@@ -18,7 +18,6 @@ import posixpath
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
@@ -99,12 +98,13 @@ def open_session() -> Any:
     return s
 
 
-@dataclass
 class _Partial:
     """A partial download and what the server said about it (for If-Range)."""
 
-    path: Path
-    meta: dict[str, Any]
+    __slots__ = ("meta", "path")
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = path, meta
 
     @property
     def meta_path(self) -> Path:

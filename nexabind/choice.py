@@ -9,7 +9,7 @@ version); among those that fit, the first variant of
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nexabind.manifest import VERSION_SPEC, Artifact, Manifest
 from nexabind.platform import Platform
@@ -21,9 +21,11 @@ __all__ = ["REQUIREMENTS", "Choice", "choose", "describe", "no_artifact_message"
 REQUIREMENTS = {"cuda_driver": "CUDA driver"}
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """The artifact chosen for a platform, and why every other one was not.
+
+    (A named tuple, not a frozen dataclass: this module is imported by every ``nexabind fetch``,
+    and a frozen dataclass compiles its methods at import.)
 
     Attributes:
         artifact: The chosen artifact, or None when none fits.
