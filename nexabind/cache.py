@@ -1,4 +1,5 @@
-"""The user cache of installed llama.cpp libraries: layout, listing, verification, cleaning.
+"""The user cache of installed llama.cpp libraries: layout, listing, verification, cleaning,
+and which library folder this process loads (:func:`library_dir`).
 
 ::
 

@@ -16,7 +16,7 @@ from nexabind._source import build_cache_dir
 from nexabind._version import __version__
 from nexabind.cache import cache_root, installed, library_dir
 from nexabind.choice import choose, no_artifact_message
-from nexabind.errors import NexabindError
+from nexabind.errors import ManifestError, NexabindError
 from nexabind.platform import detect
 
 __all__ = ["gather", "render"]
@@ -51,7 +51,7 @@ def _load_manifest(path: str | os.PathLike[str] | None, release: str) -> _manife
         data = file.read_bytes()
     except OSError as e:
         msg = f"cannot read the manifest {file}: {e.strerror or e}; pass an existing manifest.json"
-        raise _manifest.ManifestError(msg) from e
+        raise ManifestError(msg) from e
     return _manifest.Manifest.from_json(data, pinned=False, source=str(file))
 
 
