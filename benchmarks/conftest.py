@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @pytest.fixture(scope="session")
 def libdir() -> Path:
     """The llama.cpp library folder every contender runs on (NEXABIND_LIB_PATH, else the cache)."""
+    from nexabind.cache import library_dir
     from nexabind.errors import NexabindError
-    from nexabind.loader import library_dir
 
     try:
         path = library_dir()
@@ -36,7 +36,7 @@ def libdir() -> Path:
 @pytest.fixture(scope="session")
 def vocab() -> Path:
     """llama.cpp's SPM vocabulary (the tests' tokenizer), from the pinned source tree."""
-    from nexabind.build import ensure_source
+    from nexabind._source import ensure_source
 
     return ensure_source() / "models" / "ggml-vocab-llama-spm.gguf"
 

@@ -34,7 +34,7 @@ from nexabind import pin
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real artifact and manifest, as ``nexabind build --out`` writes them (cache hit)."""
-    from nexabind.build import build
+    from nexabind._build import build
 
     root = tmp_path_factory.mktemp("mirror")
     build(out=root / pin.RELEASE)

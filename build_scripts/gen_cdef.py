@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source
     if source is None:
         sys.path.insert(0, str(ROOT))
-        from nexabind.build import ensure_source
+        from nexabind._source import ensure_source
 
         source = ensure_source()
     if not (source / "include" / "llama.h").is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nexabind.build import _update_manifest  # noqa: E402
+from nexabind._build import _update_manifest  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -38,15 +38,15 @@ _LAZY = {
     "Llama": "nexabind.llama",
     "Token": "nexabind.tokens",
     "check_model": "nexabind._probe",
-    "fetch": "nexabind.fetch",
-    "build": "nexabind.build",
+    "fetch": "nexabind._fetch",
+    "build": "nexabind._build",
 }
 
 if TYPE_CHECKING:
+    from nexabind._build import build
+    from nexabind._fetch import fetch
     from nexabind._probe import check_model
-    from nexabind.build import build
     from nexabind.engine import Engine
-    from nexabind.fetch import fetch
     from nexabind.llama import Llama
     from nexabind.tokens import Token
 

@@ -1,4 +1,5 @@
-"""The user cache of installed llama.cpp libraries: layout, listing, verification, cleaning.
+"""The user cache of installed llama.cpp libraries: layout, listing, verification, cleaning,
+and which library folder this process loads (:func:`library_dir`).
 
 ::
 
@@ -22,12 +23,14 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexabind.errors import CacheError
+from nexabind import pin, settings, targets
+from nexabind.errors import CacheError, LibraryNotFoundError
+from nexabind.platform import target
 
 __all__ = [
     "INSTALL_RECORD",
@@ -40,6 +43,7 @@ __all__ = [
     "file_lock",
     "find",
     "installed",
+    "library_dir",
     "prepare",
     "remove_stale",
     "sha256_file",
@@ -71,8 +75,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Returns:
         The absolute cache root.
     """
-    if cache_dir is None:
-        cache_dir = os.environ.get("NEXABIND_CACHE_DIR") or None
+    cache_dir = settings.CACHE_DIR.get(cache_dir)
     if cache_dir is None:
         from platformdirs import user_cache_dir
 
@@ -165,10 +168,8 @@ class Install:
 
     def complete(self) -> bool:
         """Cheap check (no hashing): the record and the three libraries are there."""
-        from nexabind.loader import _NAMES
-
         return (self.path / INSTALL_RECORD).is_file() and all(
-            (self.lib / name).exists() for name in _NAMES
+            (self.lib / name).exists() for name in targets.library_names()
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,21 +217,25 @@ def installed(
 def best_installed(
     release: str,
     cache_dir: str | os.PathLike[str] | None = None,
-    variant: str | None = None,
-    platform: Any = None,
+    *,
+    variant: str | None,
+    order: Callable[[], Iterable[str]],
 ) -> Install | None:
-    """The installed entry of ``release`` the loader uses for this process, or None.
+    """The installed entry of ``release`` for this process, or None.
 
-    ``variant`` (else ``NEXABIND_VARIANT``) picks that one. Otherwise a single installed variant
-    is used as it is; among several, the best by :func:`nexabind.manifest.variant_order` (which
-    probes the GPU runtimes only then).
+    ``variant`` picks that one. Otherwise a single installed variant is used as it is; among
+    several, the first in ``order()``, which is called only then (working out the order may
+    probe the GPU runtimes, see :func:`nexabind.targets.variant_order`).
+
+    Args:
+        release: Release tag.
+        cache_dir: See :func:`cache_root`.
+        variant: The variant asked for, or None to choose.
+        order: Returns the variants, best first.
     """
-    from nexabind.platform import target
-
     os_name, arch = target()
-    variant = variant or os.environ.get("NEXABIND_VARIANT") or None
     if variant:
-        return find(release, f"{os_name}-{arch}-{variant}", cache_dir)
+        return find(release, targets.key(os_name, arch, variant), cache_dir)
     found = {
         i.variant: i
         for i in installed(cache_dir, release)
@@ -238,13 +243,66 @@ def best_installed(
     }
     if len(found) <= 1:
         return next(iter(found.values()), None)
-    from nexabind.manifest import variant_order
-    from nexabind.platform import detect
+    return next((found[v] for v in order() if v in found), None)
 
-    for v in variant_order(platform or detect()):
-        if v in found:
-            return found[v]
-    return None
+
+def library_dir(lib_path: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the folder holding the llama.cpp libraries, without loading anything.
+
+    Order: ``lib_path``, then ``NEXABIND_LIB_PATH``, then the best installed entry of the pinned
+    release for this process (:func:`best_installed`; ``NEXABIND_VARIANT`` picks one).
+
+    Args:
+        lib_path: An explicit folder; when given, nothing else is tried.
+
+    Returns:
+        The absolute folder that holds ``libllama`` and its ggml libraries.
+
+    Raises:
+        LibraryNotFoundError: No candidate holds the libraries; lists every place tried and why.
+    """
+    tried = []
+    for label, folder in _candidates(lib_path):
+        folder = folder.expanduser().resolve()
+        why = _missing(folder)
+        if why is None:
+            return folder
+        tried.append(f"  {folder} ({label}): {why}")
+    msg = (
+        "no llama.cpp library found; tried:\n"
+        + "\n".join(tried)
+        + "\nrun `nexabind fetch` (or `nexabind build --install`), or set "
+        + settings.LIB_PATH.env
+    )
+    raise LibraryNotFoundError(msg)
+
+
+def _candidates(lib_path: str | os.PathLike[str] | None) -> list[tuple[str, Path]]:
+    if lib_path is not None:
+        return [("explicit lib_path", Path(lib_path))]
+    out = []
+    env = settings.LIB_PATH.get()
+    if env:
+        out.append((settings.LIB_PATH.env, Path(env)))
+    out.append(("cache entry for this release and platform", _best_lib()))
+    return out
+
+
+def _best_lib() -> Path:
+    """The ``lib`` folder of the best installed entry, else the one `nexabind fetch` would fill."""
+    variant = settings.VARIANT.get()
+    found = best_installed(pin.RELEASE, variant=variant, order=targets.variant_order_here)
+    if found is not None:
+        return found.lib
+    os_name, arch = target()
+    return entry_dir(pin.RELEASE, targets.key(os_name, arch, variant or "cpu")) / "lib"
+
+
+def _missing(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return "no such folder"
+    absent = [n for n in targets.library_names() if not (folder / n).exists()]
+    return f"missing {', '.join(absent)}" if absent else None
 
 
 def sha256_file(path: Path) -> str:

@@ -1,16 +1,71 @@
 """The ``nexabind`` command: thin click commands over the library.
 
-Status goes to stderr, data to stdout; ``--json`` where a script would read the output.
+Status goes to stderr, data to stdout; ``--json`` where a script would read the output. The
+library reports through :mod:`logging`; the commands that fetch or build show its status lines
+(the ``nexabind`` logger, INFO and up) on stderr while they run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
 import click
 
-from nexabind import __version__
+from nexabind import cache, settings
+from nexabind._build import build
+from nexabind._fetch import fetch
+from nexabind._version import __version__
 from nexabind.errors import NexabindError
+from nexabind.info import gather, render
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _setting_option(setting: settings.Setting, **kw: Any) -> Callable[[_F], _F]:
+    """The flag of a setting; its help names the variable and the default.
+
+    The command passes None for an absent flag, so that the library reads the variable
+    (:mod:`nexabind.settings`) and the two cannot disagree.
+    """
+    env = f"{setting.env}=1" if setting.switch else setting.env
+    help = f"{setting.help} [env: {env}; default: {setting.default}]."
+    return click.option(setting.flag, is_flag=setting.switch, help=help, **kw)
+
+
+_folder = click.Path(file_okay=False, path_type=str)
+
+
+class _StatusLines(logging.Handler):
+    """Each record of the library as one ``nexabind: <message>`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"nexabind: {record.getMessage()}", err=True)
+        except Exception:  # noqa: BLE001 - logging's contract: a handler never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _status_lines(quiet: bool = False) -> Iterator[None]:
+    """Show the library's status lines on stderr while a command runs; none when ``quiet``."""
+    logger = logging.getLogger("nexabind")
+    # With --quiet a handler that drops everything, so that warnings do not reach logging's
+    # last-resort handler either.
+    handler = logging.NullHandler() if quiet else _StatusLines(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -27,24 +82,13 @@ def cli() -> None:
 
 @cli.command("build")
 @click.option("--variant", default="cpu", show_default=True, help="cpu, cuda, vulkan or metal.")
+@_setting_option(settings.LLAMA_SOURCE, type=_folder)
 @click.option(
-    "--source",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_LLAMA_SOURCE",
-    help="llama.cpp source tree to build instead of the pinned one [env: NEXABIND_LLAMA_SOURCE].",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=str),
-    help="Write the artifact archive and add it to OUT/manifest.json.",
+    "--out", type=_folder, help="Write the artifact archive and add it to OUT/manifest.json."
 )
 @click.option("--install", is_flag=True, help="Install the build into the cache, as fetch does.")
-@click.option(
-    "--build-cache",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_BUILD_CACHE",
-    help="Build cache folder [env: NEXABIND_BUILD_CACHE].",
-)
+@_setting_option(settings.BUILD_CACHE, type=_folder)
+@_setting_option(settings.LLAMA_SDIST, type=click.Path(dir_okay=False, path_type=str))
 @click.option("-j", "--jobs", type=int, help="Parallel build jobs.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, help="Extra CMake argument (repeat).")
 def build_cmd(
@@ -53,6 +97,7 @@ def build_cmd(
     out: str | None,
     install: bool,
     build_cache: str | None,
+    sdist: str | None,
     jobs: int | None,
     cmake_args: tuple[str, ...],
 ) -> None:
@@ -60,18 +105,18 @@ def build_cmd(
 
     With neither --out nor --install, prints the folder holding the built artifact.
     """
-    from nexabind.build import build
-
     try:
-        path = build(
-            variant,
-            source=source,
-            out=out,
-            install=install,
-            build_cache=build_cache,
-            cmake_args=cmake_args,
-            jobs=jobs,
-        )
+        with _status_lines():
+            path = build(
+                variant,
+                source=source,
+                out=out,
+                install=install,
+                build_cache=build_cache,
+                sdist=sdist,
+                cmake_args=cmake_args,
+                jobs=jobs,
+            )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))
@@ -79,36 +124,22 @@ def build_cmd(
 
 # --- fetch and cache -----------------------------------------------------------------------
 
-_cache_dir_option = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=str),
-    envvar="NEXABIND_CACHE_DIR",
-    help="Cache folder [env: NEXABIND_CACHE_DIR; default: the user cache].",
+_cache_dir_option = _setting_option(settings.CACHE_DIR, type=_folder)
+_variant_option = _setting_option(settings.VARIANT)
+_release_option = click.option(
+    "--release", help="Release tag [default: the one this nexabind is built for]."
 )
 
 
 @cli.command("fetch")
-@click.option(
-    "--variant",
-    envvar="NEXABIND_VARIANT",
-    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
-)
-@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
-@click.option(
-    "--base-url",
-    envvar="NEXABIND_BASE_URL",
-    help="Release host or mirror laid out as <base>/<release>/<asset>, https:// or file:// "
-    "[env: NEXABIND_BASE_URL].",
-)
+@_variant_option
+@_release_option
+@_setting_option(settings.BASE_URL)
 @_cache_dir_option
-@click.option("--offline", is_flag=True, help="Never touch the network [env: NEXABIND_OFFLINE=1].")
+@_setting_option(settings.OFFLINE)
 @click.option("--force", is_flag=True, help="Download and reinstall even when installed.")
 @click.option("--no-build", is_flag=True, help="Do not build from source when nothing fits.")
-@click.option(
-    "--allow-http",
-    is_flag=True,
-    help="Allow plain http:// to hosts other than loopback [env: NEXABIND_ALLOW_HTTP=1].",
-)
+@_setting_option(settings.ALLOW_HTTP)
 @click.option("-q", "--quiet", is_flag=True, help="No status lines or progress bar.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"lib": FOLDER} as JSON.')
 def fetch_cmd(
@@ -129,23 +160,20 @@ def fetch_cmd(
     release's artifact for this platform; when none fits or the host is unreachable, builds it
     from source (about 5 minutes) unless --no-build.
     """
-    import json
-
-    from nexabind.fetch import fetch
-
     try:
-        lib = fetch(
-            variant,
-            release=release,
-            base_url=base_url,
-            cache_dir=cache_dir,
-            # An absent flag leaves the environment variable in charge.
-            offline=offline or None,
-            force=force,
-            build=not no_build,
-            quiet=quiet or None,
-            allow_http=allow_http or None,
-        )
+        with _status_lines(quiet):
+            lib = fetch(
+                variant,
+                release=release,
+                base_url=base_url,
+                cache_dir=cache_dir,
+                # An absent flag leaves the environment variable in charge.
+                offline=offline or None,
+                force=force,
+                build=not no_build,
+                progress=False if quiet else None,
+                allow_http=allow_http or None,
+            )
     except (NexabindError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"lib": str(lib)}) if as_json else str(lib))
@@ -156,10 +184,6 @@ def fetch_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def list_cmd(cache_dir: str | None, as_json: bool) -> None:
     """List the llama.cpp libraries installed in the cache."""
-    import json
-
-    from nexabind import cache
-
     entries = [i.to_dict() for i in cache.installed(cache_dir)]
     if as_json:
         click.echo(json.dumps(entries, indent=1))
@@ -176,10 +200,6 @@ def list_cmd(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
     """Re-hash installed files against their install records; exit 1 on any change."""
-    import json
-
-    from nexabind import cache
-
     reports = cache.verify(cache_dir)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=1))
@@ -203,10 +223,8 @@ def verify_cmd(cache_dir: str | None, as_json: bool) -> None:
 @cli.command("which")
 def which_cmd() -> None:
     """Print the library folder nexabind would load (NEXABIND_LIB_PATH, else the cache)."""
-    from nexabind.loader import library_dir
-
     try:
-        click.echo(str(library_dir()))
+        click.echo(str(cache.library_dir()))
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
 
@@ -217,11 +235,8 @@ def which_cmd() -> None:
 @click.option("--release", help="Also remove the installs of this release (not the one in use).")
 def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     """Remove leftovers of interrupted fetches (never the build cache); see --all, --release."""
-    from nexabind import cache
-    from nexabind.loader import library_dir
-
     try:
-        keep = library_dir().parent
+        keep = cache.library_dir().parent
     except NexabindError:
         keep = None  # nothing in use
     try:
@@ -243,12 +258,8 @@ def clean_cmd(cache_dir: str | None, all_: bool, release: str | None) -> None:
     type=click.Path(dir_okay=False, path_type=str),
     help="Inspect this manifest.json instead of the packaged one (shown as unpinned).",
 )
-@click.option(
-    "--variant",
-    envvar="NEXABIND_VARIANT",
-    help="cpu, cuda, vulkan or metal [env: NEXABIND_VARIANT; default: the best for this machine].",
-)
-@click.option("--release", help="Release tag [default: the one this nexabind is built for].")
+@_variant_option
+@_release_option
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info_cmd(
@@ -260,10 +271,6 @@ def info_cmd(
 ) -> None:
     """Show this platform, its GPU runtimes, the artifact chosen for it and why, the settings in
     force and the installed libraries. Downloads and loads nothing."""
-    import json
-
-    from nexabind.info import gather, render
-
     click.echo("nexabind: probing this platform (GPU runtimes in a child process)...", err=True)
     try:
         report = gather(
@@ -278,16 +285,11 @@ def info_cmd(
 
 
 @cli.command("doctor")
-@click.option(
-    "--lib-path",
-    type=click.Path(file_okay=False, path_type=str),
-    help="Library folder to check instead of NEXABIND_LIB_PATH or the cache.",
-)
+@_setting_option(settings.LIB_PATH, type=_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
     """Load llama.cpp, show what it found, and generate a few tokens with a tiny random model."""
-    import json
-
+    # Imported here, not at the top: it loads the binding, which no other command needs.
     from nexabind.doctor import diagnose
 
     try:

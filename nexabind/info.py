@@ -11,35 +11,35 @@ from pathlib import Path
 from typing import Any
 
 from nexabind import manifest as _manifest
-from nexabind import pin
-from nexabind.cache import cache_root, installed
-from nexabind.errors import NexabindError
+from nexabind import pin, settings, targets
+from nexabind._source import build_cache_dir
+from nexabind._version import __version__
+from nexabind.cache import cache_root, installed, library_dir
+from nexabind.choice import choose, no_artifact_message
+from nexabind.errors import ManifestError, NexabindError
 from nexabind.platform import detect
 
-__all__ = ["SETTINGS", "gather", "render"]
-
-#: Environment variables nexabind reads, their CLI twin and what applies when unset.
-SETTINGS = {
-    "NEXABIND_CACHE_DIR": ("--cache-dir", "the user cache folder"),
-    "NEXABIND_BASE_URL": ("--base-url", pin.DEFAULT_BASE_URL),
-    "NEXABIND_OFFLINE": ("--offline", "off"),
-    "NEXABIND_LIB_PATH": ("--lib-path", "none: the library installed in the cache"),
-    "NEXABIND_VARIANT": ("--variant", "the best variant for this machine"),
-}
+__all__ = ["gather", "render"]
 
 _NO_MANIFEST = "none packaged yet: a mirror's manifest would be unpinned"
 
 
+def _yes_no(value: bool, yes: str = "yes", no: str = "no") -> str:
+    return yes if value else no
+
+
 def _settings(cache_dir: str | None, variant: str | None) -> dict[str, dict[str, Any]]:
+    """Every setting: its variable's value, its flag, its default and what is in force."""
+    given: dict[settings.Setting, str | None] = {
+        settings.CACHE_DIR: str(cache_root(cache_dir)),
+        settings.BUILD_CACHE: str(build_cache_dir()),
+        settings.VARIANT: variant,
+    }
     out = {}
-    for name, (flag, default) in SETTINGS.items():
-        value = os.environ.get(name) or None
-        out[name] = {"value": value, "flag": flag, "default": default, "in_force": value or default}
-    out["NEXABIND_CACHE_DIR"]["in_force"] = str(cache_root(cache_dir))
-    offline = os.environ.get("NEXABIND_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    out["NEXABIND_OFFLINE"]["in_force"] = "on" if offline else "off"
-    if variant is not None:
-        out["NEXABIND_VARIANT"]["in_force"] = variant
+    for s in settings.SETTINGS:
+        value = s.raw()
+        in_force = _yes_no(s.on(), "on", "off") if s.switch else given.get(s) or value or s.default
+        out[s.env] = {"value": value, "flag": s.flag, "default": s.default, "in_force": in_force}
     return out
 
 
@@ -51,7 +51,7 @@ def _load_manifest(path: str | os.PathLike[str] | None, release: str) -> _manife
         data = file.read_bytes()
     except OSError as e:
         msg = f"cannot read the manifest {file}: {e.strerror or e}; pass an existing manifest.json"
-        raise _manifest.ManifestError(msg) from e
+        raise ManifestError(msg) from e
     return _manifest.Manifest.from_json(data, pinned=False, source=str(file))
 
 
@@ -66,7 +66,7 @@ def gather(
 
     Args:
         manifest_path: Inspect this manifest file instead of the packaged one (unpinned).
-        variant: The variant asked for (``--variant`` / ``NEXABIND_VARIANT``); None chooses.
+        variant: The variant asked for; default ``NEXABIND_VARIANT``, else the best one.
         release: Release tag; default :data:`nexabind.pin.RELEASE`.
         cache_dir: Cache folder (``--cache-dir`` / ``NEXABIND_CACHE_DIR``).
 
@@ -78,10 +78,8 @@ def gather(
         ManifestError: The manifest cannot be read or is invalid.
         ValueError: ``variant`` or ``release`` is malformed.
     """
-    from nexabind import __version__
-    from nexabind.loader import library_dir
-
     release = release or pin.RELEASE
+    variant = settings.VARIANT.get(variant)
     platform = detect()
     man = _load_manifest(manifest_path, release)
     report: dict[str, Any] = {
@@ -92,7 +90,7 @@ def gather(
         "manifest": None,
         "choice": None,
     }
-    wanted = _manifest.variant_order(platform, variant)
+    wanted = targets.variant_order(platform, variant)
     if man is None:
         report["manifest"] = {"source": None, "pinned": False, "note": _NO_MANIFEST}
         report["choice"] = {"variant_order": list(wanted), "artifact": None, "rejected": []}
@@ -113,7 +111,7 @@ def gather(
             if man.pinned
             else "unpinned: digests come from this file, not the package",
         }
-        choice = _manifest.choose(man, platform, variant)
+        choice = choose(man, platform, variant)
         report["choice"] = {
             "variant_order": list(choice.wanted),
             "artifact": choice.artifact.to_dict() if choice.artifact else None,
@@ -121,7 +119,7 @@ def gather(
             "rejected": [
                 {"key": a.key, "name": a.name, "reason": why} for a, why in choice.rejected
             ],
-            "message": None if choice.artifact else _manifest.no_artifact_message(choice, platform),
+            "message": None if choice.artifact else no_artifact_message(choice, platform),
         }
     report["settings"] = _settings(cache_dir, variant)
     try:
@@ -133,10 +131,6 @@ def gather(
         for i in installed(cache_dir)
     ]
     return report
-
-
-def _yes(value: bool) -> str:
-    return "yes" if value else "no"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -152,8 +146,8 @@ def render(report: dict[str, Any]) -> str:
         f"  libc:         {libc}",
         f"  macOS:        {p['macos_version'] or '-'}",
         f"  CUDA driver:  {p['cuda_driver'] or 'none found'}",
-        f"  Vulkan:       {_yes(p['vulkan'])}",
-        f"  Metal:        {_yes(p['metal'])}",
+        f"  Vulkan:       {_yes_no(p['vulkan'])}",
+        f"  Metal:        {_yes_no(p['metal'])}",
         *(f"  note:         {n}" for n in p["notes"]),
     ]
     m, c = report["manifest"], report["choice"]

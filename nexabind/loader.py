@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nexabind.cache import library_dir
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
+from nexabind.targets import library_names
 
 __all__ = ["Handles", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
 
@@ -22,74 +24,7 @@ log = logging.getLogger("nexabind.loader")
 _lock = threading.Lock()
 _handles: Handles | None = None
 
-if sys.platform == "win32":
-    _NAMES = ("ggml-base.dll", "ggml.dll", "llama.dll")
-elif sys.platform == "darwin":
-    _NAMES = ("libggml-base.dylib", "libggml.dylib", "libllama.dylib")
-else:
-    _NAMES = ("libggml-base.so", "libggml.so", "libllama.so")
-
-
-def _cache_entry() -> Path:
-    """The ``lib`` folder of the cache entry to load: see :func:`nexabind.cache.best_installed`."""
-    from nexabind import cache, pin
-    from nexabind.platform import target
-
-    found = cache.best_installed(pin.RELEASE)
-    if found is not None:
-        return found.lib
-    # Nothing installed: name the folder `nexabind fetch` installs by default, for the message.
-    os_name, arch = target()
-    variant = os.environ.get("NEXABIND_VARIANT") or "cpu"
-    return cache.entry_dir(pin.RELEASE, f"{os_name}-{arch}-{variant}") / "lib"
-
-
-def _candidates(lib_path: str | os.PathLike[str] | None) -> list[tuple[str, Path]]:
-    if lib_path is not None:
-        return [("explicit lib_path", Path(lib_path))]
-    out = []
-    env = os.environ.get("NEXABIND_LIB_PATH")
-    if env:
-        out.append(("NEXABIND_LIB_PATH", Path(env)))
-    out.append(("cache entry for this release and platform", _cache_entry()))
-    return out
-
-
-def _missing(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return "no such folder"
-    absent = [n for n in _NAMES if not (folder / n).exists()]
-    return f"missing {', '.join(absent)}" if absent else None
-
-
-def library_dir(lib_path: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve the folder holding the llama.cpp libraries, without loading anything.
-
-    Order: ``lib_path``, then ``NEXABIND_LIB_PATH``, then the cache entry of the pinned release
-    for this platform.
-
-    Args:
-        lib_path: An explicit folder; when given, nothing else is tried.
-
-    Returns:
-        The absolute folder that holds ``libllama`` and its ggml libraries.
-
-    Raises:
-        LibraryNotFoundError: No candidate holds the libraries; lists every place tried and why.
-    """
-    tried = []
-    for label, folder in _candidates(lib_path):
-        folder = folder.expanduser().resolve()
-        why = _missing(folder)
-        if why is None:
-            return folder
-        tried.append(f"  {folder} ({label}): {why}")
-    msg = (
-        "no llama.cpp library found; tried:\n"
-        + "\n".join(tried)
-        + "\nrun `nexabind fetch` (or `nexabind build --install`), or set NEXABIND_LIB_PATH"
-    )
-    raise LibraryNotFoundError(msg)
+_NAMES = library_names()
 
 
 def abi_file(libdir: Path) -> Path | None:

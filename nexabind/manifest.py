@@ -1,4 +1,4 @@
-"""Release manifests: parse and validate them, and choose the artifact for a platform.
+"""Release manifests: parse and validate them, and read the one shipped in the package.
 
 A manifest (schema 1, written by ``nexabind build --out`` and ``build_scripts/make_manifest.py``)
 names the llama.cpp commit, the ABI fingerprint of the generated declarations and, per artifact,
@@ -22,39 +22,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nexabind import _cdef, pin, targets
+from nexabind._version import __version__
 from nexabind.errors import ManifestError
-from nexabind.platform import Platform
+from nexabind.targets import OSES, VARIANTS
 
 __all__ = [
-    "OSES",
     "SCHEMA",
-    "VARIANTS",
+    "VERSION_SPEC",
     "Artifact",
-    "Choice",
     "Manifest",
-    "REQUIREMENTS",
     "check_compatible",
-    "choose",
-    "describe",
-    "no_artifact_message",
     "packaged",
-    "variant_order",
 ]
 
 #: The manifest schema this module reads and writes.
 SCHEMA = 1
-#: Every variant, in the order they are preferred when usable.
-VARIANTS = ("cuda", "vulkan", "metal", "cpu")
-#: Operating systems artifacts are built for.
-OSES = ("linux", "macos", "windows")
-#: Requirements an artifact may list in ``requires`` and the Platform field each is checked on.
-REQUIREMENTS = {"cuda_driver": "CUDA driver"}
 
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_COMMIT = re.compile(r"[0-9a-f]{7,40}")
-_TOKEN = re.compile(r"[a-z0-9_]+")
-_VERSION = re.compile(r"\d+(\.\d+)*")
-_SPEC = re.compile(r"(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)")
+# Patterns, compiled on first use (by re's cache), so that importing this module stays cheap.
+_HEX64 = r"[0-9a-fA-F]{64}"
+_COMMIT = r"[0-9a-f]{7,40}"
+_TOKEN = r"[a-z0-9_]+"
+_VERSION = r"\d+(\.\d+)*"
+VERSION_SPEC = r"(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)"
 _TOP_FIELDS = ("schema", "release", "llama_commit", "llama_build", "abi_fingerprint", "artifacts")
 _ARTIFACT_REQUIRED = ("name", "os", "arch", "variant", "url", "size", "sha256")
 _ARTIFACT_OPTIONAL = ("min_glibc", "min_macos", "requires", "libc")
@@ -68,7 +58,7 @@ class Artifact:
         name: File name of the archive.
         os: ``linux``, ``macos`` or ``windows``.
         arch: ``x86_64`` or ``arm64``.
-        variant: One of :data:`VARIANTS`.
+        variant: One of :data:`nexabind.targets.VARIANTS`.
         url: Location relative to ``<base>/<release>/``.
         size: Size in bytes.
         sha256: Lowercase hex digest of the archive.
@@ -93,7 +83,7 @@ class Artifact:
     @property
     def key(self) -> str:
         """``<os>-<arch>-<variant>``: the cache folder name of this artifact."""
-        return f"{self.os}-{self.arch}-{self.variant}"
+        return targets.key(self.os, self.arch, self.variant)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest entry of this artifact."""
@@ -182,7 +172,7 @@ class Manifest:
                 f"release must be a tag of letters, digits, '.', '_', '-', got {release!r}"
             )
         commit = _string(data, "llama_commit", errors)
-        if commit is not None and not _COMMIT.fullmatch(commit):
+        if commit is not None and not re.fullmatch(_COMMIT, commit):
             errors.append(f"llama_commit must be a lowercase hex commit hash, got {commit!r}")
         build = data.get("llama_build")
         if "llama_build" not in data:
@@ -190,7 +180,7 @@ class Manifest:
         elif build is not None and (not isinstance(build, int) or isinstance(build, bool)):
             errors.append(f"llama_build must be an integer or null, got {build!r}")
         fingerprint = _string(data, "abi_fingerprint", errors)
-        if fingerprint is not None and not _HEX64.fullmatch(fingerprint):
+        if fingerprint is not None and not re.fullmatch(_HEX64, fingerprint):
             errors.append(f"abi_fingerprint must be 64 hex digits, got {fingerprint!r}")
         raw = data.get("artifacts")
         artifacts: list[Artifact] = []
@@ -257,7 +247,7 @@ def _string(data: dict[str, Any], key: str, errors: list[str], where: str = "") 
 
 def _optional_version(entry: dict[str, Any], key: str, errors: list[str], where: str) -> str | None:
     value = entry.get(key)
-    if value is not None and (not isinstance(value, str) or not _VERSION.fullmatch(value)):
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(_VERSION, value)):
         errors.append(f"{where}{key} must be a version like '2.35' or null, got {value!r}")
         return None
     return value
@@ -294,7 +284,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
     if os_name is not None and os_name not in OSES:
         errors.append(f"{where}os must be one of {', '.join(OSES)}, got {os_name!r}")
     arch = _string(entry, "arch", errors, where)
-    if arch is not None and not _TOKEN.fullmatch(arch):
+    if arch is not None and not re.fullmatch(_TOKEN, arch):
         errors.append(f"{where}arch must be a lowercase name like x86_64 or arm64, got {arch!r}")
     variant = _string(entry, "variant", errors, where)
     if variant is not None and variant not in VARIANTS:
@@ -306,7 +296,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         errors.append(f"{where}size must be a positive integer (bytes), got {size!r}")
     sha256 = _string(entry, "sha256", errors, where)
-    if sha256 is not None and not _HEX64.fullmatch(sha256):
+    if sha256 is not None and not re.fullmatch(_HEX64, sha256):
         errors.append(f"{where}sha256 must be 64 hex digits, got {sha256!r}")
     min_glibc = _optional_version(entry, "min_glibc", errors, where)
     min_macos = _optional_version(entry, "min_macos", errors, where)
@@ -317,7 +307,7 @@ def _artifact(entry: Any, where: str, errors: list[str]) -> Artifact | None:
         errors.append(f"{where}requires must be an object, got {requires!r}")
         requires = {}
     for key, spec in requires.items():
-        if not isinstance(spec, str) or not _SPEC.fullmatch(spec.strip()):
+        if not isinstance(spec, str) or not re.fullmatch(VERSION_SPEC, spec.strip()):
             errors.append(
                 f"{where}requires.{key} must be a version spec like '>=12.4', got {spec!r}"
             )
@@ -355,8 +345,6 @@ def packaged(release: str | None = None) -> Manifest | None:
         ValueError: ``release`` is not a plain tag.
         ManifestError: The shipped file is invalid or is for another release.
     """
-    from nexabind import pin
-
     release = release or pin.RELEASE
     if not re.fullmatch(r"[A-Za-z0-9._-]+", release) or release.startswith("."):
         msg = f"release must be a tag like {pin.RELEASE!r}, got {release!r}"
@@ -384,8 +372,6 @@ def check_compatible(manifest: Manifest) -> None:
         ManifestError: Its llama.cpp commit or ABI fingerprint differs from the ones this
             nexabind was generated from; says which release to use instead.
     """
-    from nexabind import __version__, _cdef, pin
-
     ours, theirs = pin.LLAMA_COMMIT, manifest.llama_commit
     same_commit = ours.startswith(theirs) or theirs.startswith(ours)
     if not same_commit or manifest.abi_fingerprint != _cdef.CDEF_SHA256:
@@ -401,195 +387,3 @@ def check_compatible(manifest: Manifest) -> None:
             f" nexabind's release), or install the nexabind version made for {manifest.release}"
         )
         raise ManifestError(msg)
-
-
-# --- choosing ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The artifact chosen for a platform, and why every other one was not.
-
-    Attributes:
-        artifact: The chosen artifact, or None when none fits.
-        rejected: ``(artifact, reason)`` for every other artifact of the manifest.
-        wanted: The variants tried, in order.
-        release: The manifest's release.
-        source: Where the manifest came from.
-    """
-
-    artifact: Artifact | None
-    rejected: tuple[tuple[Artifact, str], ...]
-    wanted: tuple[str, ...]
-    release: str = ""
-    source: str = ""
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", text))
-
-
-def _satisfies(have: str, spec: str) -> bool:
-    m = _SPEC.fullmatch(spec.strip())
-    if m is None:
-        return False
-    op, want = m.group(1) or ">=", _version(m.group(2))
-    # Compare as equal-length tuples, so "12" == "12.0".
-    width = max(len(want), len(_version(have)))
-    a = _version(have) + (0,) * (width - len(_version(have)))
-    b = want + (0,) * (width - len(want))
-    return {">=": a >= b, ">": a > b, "==": a == b, "<=": a <= b, "<": a < b}[op]
-
-
-def variant_order(platform: Platform, variant: str | None = None) -> tuple[str, ...]:
-    """Return the variants to try, best first.
-
-    Args:
-        platform: The platform (its GPU fields decide).
-        variant: An explicit variant; then only it is tried.
-
-    Returns:
-        ``(variant,)`` when given; else cuda (a CUDA driver was found), vulkan (a Vulkan loader
-        was found), metal (macOS on arm64), then cpu.
-
-    Raises:
-        ValueError: ``variant`` is not one of :data:`VARIANTS`.
-    """
-    if variant is not None:
-        if variant not in VARIANTS:
-            msg = f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}"
-            raise ValueError(msg)
-        return (variant,)
-    usable = {
-        "cuda": platform.cuda_driver is not None,
-        "vulkan": platform.vulkan,
-        "metal": platform.metal,
-        "cpu": True,
-    }
-    return tuple(v for v in VARIANTS if usable[v])
-
-
-def _unusable(a: Artifact, p: Platform) -> str | None:
-    """Why ``a`` cannot run in a process like ``p`` at all (variant preference aside)."""
-    if a.os != p.os:
-        return f"other os (this process runs on {p.os})"
-    if a.arch != p.arch:
-        return f"other arch (this process is {p.arch})"
-    if a.os == "linux" and p.libc is not None:
-        built_for = a.libc or "glibc"
-        if built_for != p.libc:
-            return f"built for {built_for}, this system uses {p.libc}"
-    glibc = p.libc_version if p.libc == "glibc" else None
-    if a.min_glibc and glibc and _version(glibc) < _version(a.min_glibc):
-        return f"glibc {a.min_glibc} needed, this system has {p.libc_version}"
-    if a.min_macos and p.macos_version and _version(p.macos_version) < _version(a.min_macos):
-        return f"macOS {a.min_macos} needed, this system has {p.macos_version}"
-    for key, spec in sorted(a.requires.items()):
-        label = REQUIREMENTS.get(key)
-        if label is None:
-            return f"requires {key} {spec}, which this nexabind cannot check; upgrade nexabind"
-        have = getattr(p, key)
-        if have is None:
-            return f"needs {label} {spec}, none found"
-        if not _satisfies(have, spec):
-            return f"needs {label} {spec}, this system has {have}"
-    return None
-
-
-_NOT_DETECTED = {
-    "cuda": "no CUDA driver found",
-    "vulkan": "no Vulkan loader found",
-    "metal": "Metal needs macOS on arm64",
-}
-
-
-def choose(manifest: Manifest, platform: Platform, variant: str | None = None) -> Choice:
-    """Choose the best artifact of ``manifest`` for ``platform``.
-
-    Filters by os, arch, libc, minimum glibc and macOS versions and ``requires``, then takes the
-    first variant of :func:`variant_order` that remains.
-
-    Args:
-        manifest: The release manifest.
-        platform: The process to choose for (:func:`nexabind.platform.detect`).
-        variant: An explicit variant (``--variant`` / ``NEXABIND_VARIANT``); None chooses.
-
-    Returns:
-        The :class:`Choice`; its ``artifact`` is None when nothing fits (see
-        :func:`no_artifact_message`).
-
-    Raises:
-        ValueError: ``variant`` is not one of :data:`VARIANTS`.
-    """
-    wanted = variant_order(platform, variant)
-    rejected: list[tuple[Artifact, str]] = []
-    fitting: list[Artifact] = []
-    for a in manifest.artifacts:
-        reason = _unusable(a, platform)
-        if reason is None:
-            fitting.append(a)
-        else:
-            rejected.append((a, reason))
-    chosen = None
-    for v in wanted:
-        chosen = next((a for a in fitting if a.variant == v), None)
-        if chosen is not None:
-            break
-    for a in fitting:
-        if a is chosen:
-            continue
-        if variant is not None:
-            reason = f"variant {a.variant} not requested (asked for {variant})"
-        elif a.variant not in wanted:
-            reason = _NOT_DETECTED.get(a.variant, f"variant {a.variant} not usable here")
-        else:
-            reason = f"{chosen.variant if chosen else '?'} is preferred"
-        rejected.append((a, reason))
-    order = {id(a): i for i, a in enumerate(manifest.artifacts)}
-    rejected.sort(key=lambda item: order[id(item[0])])
-    return Choice(chosen, tuple(rejected), wanted, manifest.release, manifest.source)
-
-
-def describe(platform: Platform) -> str:
-    """One line naming the process for messages, e.g. ``linux-x86_64 (glibc 2.36, no GPU)``."""
-    details = []
-    if platform.libc:
-        details.append(" ".join(filter(None, (platform.libc, platform.libc_version))))
-    if platform.macos_version:
-        details.append(f"macOS {platform.macos_version}")
-    gpus = [f"CUDA driver {platform.cuda_driver}"] if platform.cuda_driver else []
-    gpus += ["Vulkan"] if platform.vulkan else []
-    gpus += ["Metal"] if platform.metal else []
-    details.append(", ".join(gpus) if gpus else "no GPU runtime found")
-    return f"{platform.os}-{platform.arch} ({', '.join(details)})"
-
-
-def no_artifact_message(choice: Choice, platform: Platform) -> str:
-    """Explain that no artifact fits: what exists, why each was refused, and what to run.
-
-    Args:
-        choice: A :class:`Choice` whose ``artifact`` is None.
-        platform: The platform it was made for.
-
-    Returns:
-        A multi-line message ending with the ``nexabind build`` command to run.
-    """
-    variants = "/".join(choice.wanted)
-    head = (
-        f"no prebuilt llama.cpp library of release {choice.release or '?'} fits this process,"
-        f" {describe(platform)}, variant {variants}"
-    )
-    if choice.source:
-        head += f" (manifest {choice.source})"
-    lines = [head + ":"]
-    if choice.rejected:
-        lines += [f"  {a.key}: {reason}" for a, reason in choice.rejected]
-    else:
-        lines.append("  (the manifest lists no artifacts)")
-    variant = choice.wanted[0] if len(choice.wanted) == 1 else "cpu"
-    build = "nexabind build --install" + (f" --variant {variant}" if variant != "cpu" else "")
-    lines += [
-        *(f"note: {n}" for n in platform.notes),
-        f"Build it from source instead (needs CMake and a C++ compiler; a few minutes): {build}",
-    ]
-    return "\n".join(lines)

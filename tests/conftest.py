@@ -26,8 +26,8 @@ def libdir() -> Path:
     if not path:
         # What `nexabind fetch` installed (the README's first command); child processes of the
         # tests find it through the same variable as in CI.
+        from nexabind.cache import library_dir
         from nexabind.errors import LibraryNotFoundError
-        from nexabind.loader import library_dir
 
         try:
             found = library_dir()
@@ -44,6 +44,12 @@ def libdir() -> Path:
     pytest.skip(msg)
 
 
+@pytest.fixture
+def no_lib_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that install into the isolated cache: NEXABIND_LIB_PATH must not short-cut them."""
+    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own empty cache; the user's real cache is never touched."""
@@ -58,7 +64,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def llama_source() -> Path:
     """The pinned llama.cpp source tree (headers, vocab GGUFs, chat templates), cached."""
-    from nexabind.build import ensure_source
+    from nexabind._source import ensure_source
 
     return ensure_source()
 
@@ -104,7 +110,7 @@ def release_mirror(tmp_path_factory: pytest.TempPathFactory, libdir: Path) -> Pa
     unpinned, the way ``nexabind fetch`` reads a mirror when the package ships none.
     """
     from nexabind import pin
-    from nexabind.build import build
+    from nexabind._build import build
 
     root = tmp_path_factory.mktemp("mirror")
     build(out=root / pin.RELEASE)

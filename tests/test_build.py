@@ -1,4 +1,4 @@
-"""nexabind.build: the pinned source, the cached build, the ABI probe, artifact and manifest.
+"""nexabind._build: the pinned source, the cached build, the ABI probe, artifact and manifest.
 
 The real build runs once per build cache (``.ci/run`` does it before the tests); here every
 build of the pinned source is a cache hit. Failure paths use tiny fake CMake projects.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,9 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from nexabind import _cdef, pin
-from nexabind.build import _pack, build, build_cache_dir, host_target, probe_source
+from nexabind._build import _pack, build, probe_source
+from nexabind._source import build_cache_dir
 from nexabind.cli import cli
 from nexabind.errors import BuildError
+from nexabind.platform import target
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_tools = pytest.mark.skipif(
@@ -62,7 +65,7 @@ def test_manifest_schema_and_digests(dist: Path) -> None:
     assert manifest["llama_commit"] == pin.LLAMA_COMMIT
     assert manifest["llama_build"] == pin.LLAMA_BUILD
     assert manifest["abi_fingerprint"] == _cdef.CDEF_SHA256
-    os_name, arch = host_target()
+    os_name, arch = target()
     (art,) = [a for a in manifest["artifacts"] if (a["os"], a["arch"]) == (os_name, arch)]
     keys = {"name", "os", "arch", "variant", "min_glibc", "min_macos", "requires", "url"}
     assert keys | {"size", "sha256"} <= set(art)
@@ -86,7 +89,7 @@ def test_artifact_contents(dist: Path) -> None:
     for stem in ("libllama", "libggml", "libggml-base"):
         assert f"{stem}{ext}" in libs
     assert any(n.startswith("libggml-cpu") for n in libs), libs
-    if host_target() == ("linux", "x86_64"):
+    if target() == ("linux", "x86_64"):
         assert {"libggml-cpu-x64.so", "libggml-cpu-haswell.so"} <= libs
     assert {"include/llama.h", "include/ggml.h", "LICENSE"} <= set(names)
     assert info["llama_commit"] == pin.LLAMA_COMMIT
@@ -118,13 +121,14 @@ def test_libraries_find_each_other_in_lib(dist: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr.decode()
 
 
-def test_second_build_is_a_cache_hit(dist: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_second_build_is_a_cache_hit(dist: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nexabind")
     stage = build()
     log = stage.parent / "build.log"
     before = log.stat().st_mtime_ns
     again = build(out=dist)
     assert again == stage
-    assert "cache hit" in capfd.readouterr().err
+    assert "cache hit" in caplog.text
     assert log.stat().st_mtime_ns == before  # cmake did not run: nothing was logged
 
 
@@ -226,14 +230,16 @@ def test_cli_prints_the_build_folder(dist: Path) -> None:
     assert "cache hit" in r.stderr
 
 
-def test_install_goes_through_fetch(dist: Path) -> None:
-    fetch = pytest.importorskip("nexabind.fetch")
-    assert hasattr(fetch, "install_archive")
+def test_install_goes_the_way_fetch_installs(dist: Path) -> None:
     installed = Path(build(install=True))
     cache = Path(os.environ["NEXABIND_CACHE_DIR"])
     assert installed.is_relative_to(cache)
     assert pin.RELEASE in installed.parts
     assert any(installed.rglob("libllama*"))
+    # The install record fetch writes, for the archive the build packed.
+    record = json.loads((installed.parent / ".nexabind-install.json").read_text())
+    assert record["artifact"].startswith("nexabind-llama-") and len(record["sha256"]) == 64
+    assert record["files"] and record["source"].endswith(record["artifact"])
 
 
 def test_extracted_artifact_loads_with_abi_check(dist: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,10 @@ from pathlib import Path
 import pytest
 
 from nexabind import cache, pin
-from nexabind.errors import CacheError
-from nexabind.fetch import install_archive
+from nexabind.errors import CacheError, LibraryNotFoundError
+from nexabind.install import install_archive
 
-
-@pytest.fixture(autouse=True)
-def _no_lib_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests install into the isolated cache: NEXABIND_LIB_PATH must not short-cut them."""
-    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+pytestmark = pytest.mark.usefixtures("no_lib_path")
 
 
 def _install(mirror: Path) -> Path:
@@ -142,8 +139,41 @@ def test_best_installed_follows_the_variant_setting(
     release_mirror: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lib = _install(release_mirror)
-    assert cache.best_installed(pin.RELEASE).lib == lib
+    assert cache.library_dir() == lib
     monkeypatch.setenv("NEXABIND_VARIANT", "vulkan")
-    assert cache.best_installed(pin.RELEASE) is None
+    with pytest.raises(LibraryNotFoundError, match=r"-vulkan/lib \(cache entry"):
+        cache.library_dir()
     monkeypatch.setenv("NEXABIND_VARIANT", lib.parent.name.rsplit("-", 1)[1])
-    assert cache.best_installed(pin.RELEASE).lib == lib
+    assert cache.library_dir() == lib
+
+
+def test_best_installed_asks_the_order_only_among_several(release_mirror: Path) -> None:
+    lib = _install(release_mirror)
+    installed = lib.parent
+    os_name, arch, _ = installed.name.split("-")
+
+    def unused() -> list[str]:
+        raise AssertionError("the order was asked with one variant installed")
+
+    assert cache.best_installed(pin.RELEASE, variant=None, order=unused).lib == lib
+    other = installed.with_name(f"{os_name}-{arch}-vulkan")
+    shutil.copytree(installed, other, symlinks=True)
+    best = cache.best_installed(pin.RELEASE, variant=None, order=lambda: ["vulkan", "cpu"])
+    assert best.path == other
+    best = cache.best_installed(pin.RELEASE, variant=None, order=lambda: ["cpu"])
+    assert best.path == installed
+    assert cache.best_installed(pin.RELEASE, variant="metal", order=unused) is None
+
+
+def test_missing_library_lists_every_attempt(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NEXABIND_LIB_PATH", str(tmp_path / "nowhere"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LibraryNotFoundError) as e:
+        cache.library_dir()
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "NEXABIND_LIB_PATH" in msg
+    assert "cache entry" in msg and pin.RELEASE in msg
+    assert msg.rstrip().endswith("or set NEXABIND_LIB_PATH") and "run `nexabind fetch`" in msg
+    with pytest.raises(LibraryNotFoundError, match="missing .*llama"):
+        cache.library_dir(empty)

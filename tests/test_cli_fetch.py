@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -72,7 +73,8 @@ def test_warm_fetch_as_a_real_process(mirror_server: Server, _isolated_cache: Pa
     cmd = [sys.executable, "-m", "nexabind", "fetch", "--base-url", mirror_server.url]
     cold = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert cold.returncode == 0, cold.stderr
-    assert "downloading" in cold.stderr and "B/s" not in cold.stderr  # no bar off a terminal
+    assert "nexabind: downloading" in cold.stderr and "nexabind: installed" in cold.stderr
+    assert "B/s" not in cold.stderr  # no bar off a terminal
     seen = len(mirror_server.log)
     warm = subprocess.run([*cmd, "--offline"], capture_output=True, text=True, env=env)
     assert warm.returncode == 0, warm.stderr
@@ -80,8 +82,33 @@ def test_warm_fetch_as_a_real_process(mirror_server: Server, _isolated_cache: Pa
     assert len(mirror_server.log) == seen
     # The warm path imports neither requests nor tqdm.
     code = (
-        "import sys; from nexabind.fetch import fetch; fetch(offline=True, quiet=True); "
+        "import sys; from nexabind import fetch; fetch(offline=True, progress=False); "
         "print(sorted(m for m in ('requests', 'tqdm') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_quiet_silences_every_status_line_warnings_too(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    """A retried download logs a warning; with -q not even logging's last resort prints it."""
+    (entry,) = json.loads((release_mirror / pin.RELEASE / "manifest.json").read_text())["artifacts"]
+    mirror_server.plan(f"/{pin.RELEASE}/{entry['url']}", "500")
+    env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
+    cmd = [sys.executable, "-m", "nexabind", "fetch", "--base-url", mirror_server.url]
+    r = subprocess.run([*cmd, "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [q.status for q in mirror_server.requests_for(entry["url"])] == [500, 200]
+    mirror_server.plan(f"/{pin.RELEASE}/{entry['url']}", "500")
+    r = subprocess.run([*cmd, "--force"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "answered 500 Internal Server Error; retrying in 0.5 s" in r.stderr
+
+
+def test_the_status_handler_is_removed_after_the_command(runner: CliRunner) -> None:
+    logger = logging.getLogger("nexabind")
+    before = (list(logger.handlers), logger.level)
+    r = runner.invoke(cli, ["fetch", "--offline"])
+    assert r.exit_code == 1 and "offline" in r.stderr
+    assert (list(logger.handlers), logger.level) == before

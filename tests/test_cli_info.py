@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from test_manifest import _six_targets
 
-from nexabind import pin
+from nexabind import pin, settings
+from nexabind._source import build_cache_dir
 from nexabind.cli import cli
 from nexabind.platform import detect, target
 
@@ -47,6 +48,13 @@ def test_info_json_without_a_packaged_manifest(
         "in_force": "none: the library installed in the cache",
     }
     assert s["NEXABIND_VARIANT"]["value"] is None
+    # Every variable nexabind reads is listed, with its flag twin.
+    assert list(s) == [x.env for x in settings.SETTINGS]
+    assert s["NEXABIND_ALLOW_HTTP"] == {
+        "value": None, "flag": "--allow-http", "default": "off", "in_force": "off",
+    }  # fmt: skip
+    assert s["NEXABIND_BUILD_CACHE"]["in_force"] == str(build_cache_dir())
+    assert s["NEXABIND_LLAMA_SDIST"]["flag"] == "--sdist"
     assert report["installed"] == []
     assert report["library"]["path"] is None
     assert str(_isolated_cache) in report["library"]["error"]

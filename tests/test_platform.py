@@ -15,7 +15,6 @@ import pytest
 from _tools import require
 
 from nexabind import platform as nplatform
-from nexabind.build import host_target
 from nexabind.platform import (
     Platform,
     detect,
@@ -54,8 +53,6 @@ def test_target_is_the_process_arch_from_sysconfig() -> None:
     if plat in SYSCONFIG_NAMES:
         assert target() == SYSCONFIG_NAMES[plat]
     assert target()[0] == {"linux": "linux", "darwin": "macos", "win32": "windows"}[sys.platform]
-    # The build names its artifacts with the same function.
-    assert host_target() == target()
 
 
 def test_detect_without_gpu_probes_nothing_and_is_cached() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _tools import require
 
-from nexabind.build import FLAGS
+from nexabind.targets import FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"

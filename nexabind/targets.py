@@ -1,0 +1,160 @@
+"""What nexabind builds and installs: targets, variants, CMake flags, artifact and library names.
+
+A *target* is an ``(os, arch)`` in the names :func:`nexabind.platform.target` uses; a *variant*
+is the GPU backend a build carries (``cpu`` has none). Every ``(os, arch, variant)`` that CI
+builds has an entry in :data:`FLAGS`; its artifact is :func:`artifact_name` and it installs into
+the cache folder :func:`key`, whose ``lib/`` holds :func:`library_names`.
+"""
+
+from __future__ import annotations
+
+from nexabind import pin
+from nexabind.errors import BuildError
+from nexabind.platform import Platform, detect, target
+
+__all__ = [
+    "COMMON_FLAGS",
+    "FLAGS",
+    "LIBRARY_NAMES",
+    "OSES",
+    "VARIANTS",
+    "artifact_name",
+    "cmake_flags",
+    "key",
+    "library_names",
+    "variant_order",
+    "variant_order_here",
+    "variants_for",
+]
+
+#: Operating systems artifacts are built for.
+OSES = ("linux", "macos", "windows")
+#: Every variant, in the order they are preferred when usable.
+VARIANTS = ("cuda", "vulkan", "metal", "cpu")
+
+#: The libraries every ``lib/`` folder holds, per os, in the order they are loaded:
+#: ggml-base, ggml, llama (the ggml backend modules come beside them).
+LIBRARY_NAMES: dict[str, tuple[str, str, str]] = {
+    "linux": ("libggml-base.so", "libggml.so", "libllama.so"),
+    "macos": ("libggml-base.dylib", "libggml.dylib", "libllama.dylib"),
+    "windows": ("ggml-base.dll", "ggml.dll", "llama.dll"),
+}
+
+#: CMake flags every build gets.
+COMMON_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_COMMON=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_CURL=OFF",
+    f"-DLLAMA_BUILD_COMMIT={pin.LLAMA_COMMIT}",
+)
+
+_CPU_ALL = ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF")
+_CUDA = (*_CPU_ALL, "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=61;70;75;80;86;89;90")
+_VULKAN = (*_CPU_ALL, "-DGGML_VULKAN=ON")
+
+#: Extra CMake flags per (os, arch, variant); a missing key is an unsupported combination.
+FLAGS: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("linux", "x86_64", "cpu"): _CPU_ALL,
+    ("linux", "x86_64", "vulkan"): _VULKAN,
+    ("linux", "x86_64", "cuda"): _CUDA,
+    ("linux", "arm64", "cpu"): _CPU_ALL,
+    ("linux", "arm64", "vulkan"): _VULKAN,
+    ("windows", "x86_64", "cpu"): _CPU_ALL,
+    ("windows", "x86_64", "vulkan"): _VULKAN,
+    ("windows", "x86_64", "cuda"): _CUDA,
+    # llama.cpp has no runtime-dispatch CPU variants for Windows on arm64 yet.
+    ("windows", "arm64", "cpu"): ("-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF"),
+    ("macos", "x86_64", "cpu"): ("-DGGML_METAL=OFF", *_CPU_ALL),
+    ("macos", "arm64", "metal"): (
+        "-DGGML_METAL=ON",
+        "-DGGML_METAL_EMBED_LIBRARY=ON",
+        "-DGGML_BACKEND_DL=ON",
+        "-DGGML_NATIVE=OFF",
+    ),  # fmt: skip
+}
+
+#: Rpath flags so the libraries in ``lib/`` find each other wherever the folder lands.
+_RPATH = {
+    "linux": ("-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"),
+    "macos": ("-DCMAKE_INSTALL_RPATH=@loader_path", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"),
+    "windows": (),
+}
+
+
+def key(os_name: str, arch: str, variant: str) -> str:
+    """``<os>-<arch>-<variant>``: the name of an installed entry (and of an artifact's lock)."""
+    return f"{os_name}-{arch}-{variant}"
+
+
+def library_names(os_name: str | None = None) -> tuple[str, str, str]:
+    """The ggml-base, ggml and llama library file names, in load order.
+
+    Args:
+        os_name: ``linux``, ``macos`` or ``windows``; default: this process's os (another
+            Unix gets the Linux names).
+    """
+    return LIBRARY_NAMES.get(os_name or target()[0], LIBRARY_NAMES["linux"])
+
+
+def artifact_name(os_name: str, arch: str, variant: str) -> str:
+    """The file name of the artifact of one target and variant (``.zip`` on Windows)."""
+    ext = "zip" if os_name == "windows" else "tar.gz"
+    return f"nexabind-llama-{pin.ARTIFACT_VERSION}-{key(os_name, arch, variant)}.{ext}"
+
+
+def variants_for(os_name: str, arch: str) -> list[str]:
+    """The variants built for a target, sorted (empty for a target nothing is built for)."""
+    return sorted(v for (o, a, v) in FLAGS if (o, a) == (os_name, arch))
+
+
+def cmake_flags(os_name: str, arch: str, variant: str) -> tuple[str, ...]:
+    """Every CMake flag of a build: the common ones, the variant's and the rpath ones.
+
+    Raises:
+        BuildError: Nothing is built for that variant on that target; names the ones that are.
+    """
+    extra = FLAGS.get((os_name, arch, variant))
+    if extra is None:
+        known = variants_for(os_name, arch)
+        msg = f"variant {variant!r} is not built for {os_name}-{arch}; choose one of {known}"
+        raise BuildError(msg)
+    return (*COMMON_FLAGS, *extra, *_RPATH.get(os_name, ()))
+
+
+def variant_order(platform: Platform, variant: str | None = None) -> tuple[str, ...]:
+    """Return the variants to try, best first.
+
+    Args:
+        platform: The platform (its GPU fields decide).
+        variant: An explicit variant; then only it is tried.
+
+    Returns:
+        ``(variant,)`` when given; else cuda (a CUDA driver was found), vulkan (a Vulkan loader
+        was found), metal (macOS on arm64), then cpu.
+
+    Raises:
+        ValueError: ``variant`` is not one of :data:`VARIANTS`.
+    """
+    if variant is not None:
+        if variant not in VARIANTS:
+            msg = f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+            raise ValueError(msg)
+        return (variant,)
+    usable = {
+        "cuda": platform.cuda_driver is not None,
+        "vulkan": platform.vulkan,
+        "metal": platform.metal,
+        "cpu": True,
+    }
+    return tuple(v for v in VARIANTS if usable[v])
+
+
+def variant_order_here() -> tuple[str, ...]:
+    """:func:`variant_order` for this process (probes its GPU runtimes once, in a child)."""
+    return variant_order(detect())
