@@ -152,7 +152,8 @@ def _gunzip(archive: Path) -> tuple[io.BufferedIOBase, tuple[type[Exception], ..
 
         return gzip.open(archive, "rb"), (zlib.error,)
     error = cast("type[Exception]", isal_zlib.error)  # a class; its stub says an instance
-    return igzip_threaded.open(archive, "rb", threads=1), (error,)
+    opened = igzip_threaded.open(archive, "rb", threads=1)  # type: ignore[no-untyped-call]
+    return opened, (error,)
 
 
 @contextlib.contextmanager

@@ -98,7 +98,7 @@ def gather(
         try:
             _manifest.check_compatible(man)
             compatible = None
-        except _manifest.ManifestError as e:
+        except ManifestError as e:
             compatible = str(e)
         report["manifest"] = {
             "source": man.source,
