@@ -89,6 +89,7 @@ _RPATH = {
 }
 
 _LIB_SUFFIXES = (".so", ".dylib", ".dll")
+_FILE_SUFFIXES = (*_LIB_SUFFIXES, ".lib", ".a")
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
 
 
@@ -412,9 +413,11 @@ def _targets(cmake: str, bdir: Path, have_ninja: bool) -> list[str]:
     r = subprocess.run(["ninja", "-C", str(bdir), "-t", "targets", "all"],
                        capture_output=True, text=True)  # fmt: skip
     names = {line.split(":")[0] for line in r.stdout.splitlines()}
+    # Module names hold dots and underscores (ggml-cpu-armv8.2_1); file targets (foo.dll) are
+    # left out.
     backends = sorted(
         n for n in names
-        if re.fullmatch(r"ggml-[a-z0-9-]+", n) and not n.endswith("-feats")
+        if re.fullmatch(r"ggml-[a-z0-9._-]+", n) and not n.endswith(("-feats", *_FILE_SUFFIXES))
     )  # fmt: skip
     return ["llama", *backends] if "llama" in names else []
 
