@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from nexabind import pin
+from nexabind import _cross, pin
 from nexabind.errors import BuildError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "build_cache_dir",
     "ensure_source",
     "host_target",
+    "parse_target",
     "probe_source",
 ]
 
@@ -102,6 +103,20 @@ def host_target() -> tuple[str, str]:
     from nexabind.platform import target
 
     return target()
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """Split a target name such as ``linux-arm64`` into ``(os, arch)``, checking it is known.
+
+    Raises:
+        BuildError: Not an ``os-arch`` pair that any variant is built for.
+    """
+    known = sorted({f"{o}-{a}" for (o, a, _v) in FLAGS})
+    os_name, _, arch = text.partition("-")
+    if f"{os_name}-{arch}" not in known:
+        msg = f"unknown target {text!r}; choose one of {known}"
+        raise BuildError(msg)
+    return os_name, arch
 
 
 def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
@@ -315,22 +330,29 @@ def probe_source(
     return "\n".join(lines)
 
 
-def _write_abi_json(src: Path, work: Path, dest: Path, cc: str) -> None:
+def _write_abi_json(
+    src: Path, work: Path, dest: Path, cc: str, cross: _cross.Cross | None = None
+) -> None:
+    """Compile the probe for the target and run it (under its emulator when cross-built)."""
     from nexabind import _cdef
 
     probe_c = work / "abi_probe.c"
     probe_c.write_text(probe_source(_cdef.STRUCTS, _cdef.ENUMS))
-    exe = work / ("abi_probe.exe" if sys.platform == "win32" else "abi_probe")
+    native_exe = ".exe" if sys.platform == "win32" else ""
+    exe = work / ("abi_probe" + (cross.exe_suffix if cross else native_exe))
     incs = [src / "include", src / "ggml" / "include"]
     if Path(cc).stem.lower() == "cl":
         cmd = [cc, "/nologo", *[f"/I{p}" for p in incs], str(probe_c), f"/Fe{exe}"]
     else:
-        cmd = [cc, *[f"-I{p}" for p in incs], str(probe_c), "-o", str(exe)]
+        extra = cross.cc_args if cross else ()
+        cmd = [cc, *extra, *[f"-I{p}" for p in incs], str(probe_c), "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     if r.returncode != 0:
         msg = f"the ABI probe {probe_c} did not compile ({' '.join(cmd)}):\n{r.stderr[-2000:]}"
         raise BuildError(msg)
-    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    run = [*cross.runner, str(exe)] if cross else [str(exe)]
+    env = {**os.environ, **cross.env} if cross else None
+    r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=work)
     if r.returncode != 0:
         msg = f"the ABI probe {exe} failed with exit code {r.returncode}: {r.stderr[-1000:]}"
         raise BuildError(msg)
@@ -545,6 +567,7 @@ def build(
     cmake_args: tuple[str, ...] = (),
     jobs: int | None = None,
     progress: bool | None = None,
+    target: str | None = None,
 ) -> Path:
     """Build llama.cpp for this host (or reuse the cached build) and stage an artifact.
 
@@ -558,26 +581,49 @@ def build(
         cmake_args: Extra CMake arguments (part of the cache key).
         jobs: Parallel build jobs (default: CMake's choice).
         progress: Show a progress bar; default: only on a terminal.
+        target: Build for another ``os-arch`` (``linux-arm64``, ``windows-x86_64``) with a
+            cross toolchain, the ABI probe run under qemu-user or wine (see
+            :mod:`nexabind._cross`); default: this host. Only the ``cpu`` variant, and not
+            with ``install``.
 
     Returns:
         The staged artifact folder (``lib/``, ``include/``, ``abi.json``, ...); with
         ``install``, the installed ``lib`` folder instead.
 
     Raises:
-        BuildError: Missing tools, unsupported variant, bad source or a failed build.
+        BuildError: Missing tools, unsupported variant or target, bad source or a failed build.
     """
-    os_name, arch = host_target()
+    host = host_target()
+    os_name, arch = parse_target(target) if target else host
     key_flags = FLAGS.get((os_name, arch, variant))
     if key_flags is None:
         known = sorted(v for (o, a, v) in FLAGS if (o, a) == (os_name, arch))
         msg = f"variant {variant!r} is not built for {os_name}-{arch}; choose one of {known}"
         raise BuildError(msg)
+    cross = None
+    if (os_name, arch) != host:
+        if variant != "cpu" or install:
+            what = f"--variant {variant}" if variant != "cpu" else "--install"
+            msg = (
+                f"a cross build for {os_name}-{arch} makes the cpu variant and does not install "
+                f"(got {what}): its libraries do not load on this {host[0]}-{host[1]} machine; "
+                "write the artifact with --out DIR"
+            )
+            raise BuildError(msg)
+        cross = _cross.resolve((os_name, arch), host, build_cache_dir(build_cache))
     src = ensure_source(source, build_cache=build_cache)
     cmake, cc, ninja = _require_tools()
+    if cross is not None:
+        cc = cross.cc
     flags = [*COMMON_FLAGS, *key_flags, *_RPATH.get(os_name, ()), *cmake_args]
     compiler = _compiler_version(cc)
     source_id = pin.LLAMA_COMMIT if (src / _SOURCE_MARKER).is_file() or source is None else str(src)
-    key_text = json.dumps([source_id, os_name, arch, variant, flags, compiler])
+    key_parts: list[Any] = [source_id, os_name, arch, variant, flags, compiler]
+    if cross is not None:
+        # The toolchain's content is part of the key, not its path (one per checkout).
+        key_parts.append(["cross", *cross.cmake_flags, cross.fingerprint()])
+        flags = [*cross.flags(), *flags]
+    key_text = json.dumps(key_parts)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     root = build_cache_dir(build_cache)
     bdir = root / f"{pin.LLAMA_COMMIT}-{os_name}-{arch}-{variant}-{key}"
@@ -613,7 +659,7 @@ def build(
                 cmd += ["--parallel", str(jobs)]
             _run_logged(cmd, log, label="cmake build", progress=progress)
             _stage(src, cdir, stage)
-            _write_abi_json(src, bdir, stage / "abi.json", cc)
+            _write_abi_json(src, bdir, stage / "abi.json", cc, cross)
             info = {
                 "llama_commit": pin.LLAMA_COMMIT,
                 "llama_build": pin.LLAMA_BUILD,
@@ -632,6 +678,7 @@ def build(
                 if os_name == "macos"
                 else None,
                 "requires": {"cuda_driver": ">=12.4"} if variant == "cuda" else {},
+                "cross_built_on": f"{host[0]}-{host[1]}" if cross else None,
             }
             (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
             marker.write_text(json.dumps({"key": key}) + "\n")

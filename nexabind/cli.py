@@ -47,6 +47,11 @@ def cli() -> None:
 )
 @click.option("-j", "--jobs", type=int, help="Parallel build jobs.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, help="Extra CMake argument (repeat).")
+@click.option(
+    "--target",
+    metavar="OS-ARCH",
+    help="Cross-build for linux-arm64 or windows-x86_64 (cpu, with --out) [default: this machine].",
+)
 def build_cmd(
     variant: str,
     source: str | None,
@@ -55,10 +60,13 @@ def build_cmd(
     build_cache: str | None,
     jobs: int | None,
     cmake_args: tuple[str, ...],
+    target: str | None,
 ) -> None:
     """Build llama.cpp from source for this machine (cached), like the release CI does.
 
     With neither --out nor --install, prints the folder holding the built artifact.
+    --target cross-builds on Linux x86_64 with a cross toolchain and runs the ABI probe
+    under qemu-user (linux-arm64) or wine (windows-x86_64); README "Targets" lists the packages.
     """
     from nexabind.build import build
 
@@ -71,6 +79,7 @@ def build_cmd(
             build_cache=build_cache,
             cmake_args=cmake_args,
             jobs=jobs,
+            target=target,
         )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
