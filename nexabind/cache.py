@@ -165,10 +165,10 @@ class Install:
 
     def complete(self) -> bool:
         """Cheap check (no hashing): the record and the three libraries are there."""
-        from nexabind.loader import _NAMES
+        from nexabind.loader import library_names
 
         return (self.path / INSTALL_RECORD).is_file() and all(
-            (self.lib / name).exists() for name in _NAMES
+            (self.lib / name).exists() for name in library_names()
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -353,10 +353,12 @@ def _key(entry: Any) -> str:
     return f"{_field(entry, 'os')}-{_field(entry, 'arch')}-{_field(entry, 'variant')}"
 
 
-def _check_tree(tree: Path, name: str) -> None:
-    from nexabind.loader import _NAMES
+def _check_tree(tree: Path, name: str, os_name: str | None = None) -> None:
+    """The libraries (named as on the artifact's os), abi.json and build-info.json are there."""
+    from nexabind.loader import LIBRARY_NAMES, library_names
 
-    missing = [f"lib/{n}" for n in _NAMES if not (tree / "lib" / n).exists()]
+    names = LIBRARY_NAMES.get(os_name or "", library_names())
+    missing = [f"lib/{n}" for n in names if not (tree / "lib" / n).exists()]
     missing += [n for n in ("abi.json", "build-info.json") if not (tree / n).is_file()]
     if missing:
         msg = f"artifact {name} lacks {', '.join(missing)}; it is not a nexabind artifact"
@@ -465,7 +467,7 @@ def _install_locked(
     smoke = smoke or _smoke_start()
     try:
         hashes = safe_extract(archive, tree)
-        _check_tree(tree, name)
+        _check_tree(tree, name, _field(entry, "os"))
         _smoke_load(smoke, tree / "lib")
         if discard:  # a download, needed no more: deleted while the child loads the library
             archive.unlink()

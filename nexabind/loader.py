@@ -15,19 +15,35 @@ from typing import Any, NamedTuple
 
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
 
-__all__ = ["Handles", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
+__all__ = [
+    "LIBRARY_NAMES",
+    "Handles",
+    "abi_file",
+    "check_abi",
+    "library_dir",
+    "library_names",
+    "load",
+    "loaded_dir",
+]
 
 log = logging.getLogger("nexabind.loader")
 
 _lock = threading.Lock()
 _handles: Handles | None = None
 
-if sys.platform == "win32":
-    _NAMES = ("ggml-base.dll", "ggml.dll", "llama.dll")
-elif sys.platform == "darwin":
-    _NAMES = ("libggml-base.dylib", "libggml.dylib", "libllama.dylib")
-else:
-    _NAMES = ("libggml-base.so", "libggml.so", "libllama.so")
+#: The libraries of an artifact's ``lib/`` per os, in load order: ggml-base, ggml, llama.
+LIBRARY_NAMES = {
+    "windows": ("ggml-base.dll", "ggml.dll", "llama.dll"),
+    "macos": ("libggml-base.dylib", "libggml.dylib", "libllama.dylib"),
+    "linux": ("libggml-base.so", "libggml.so", "libllama.so"),
+}
+
+
+def library_names() -> tuple[str, ...]:
+    """The libraries to load on this process's os, in order (read from ``sys.platform``)."""
+    if sys.platform == "win32":
+        return LIBRARY_NAMES["windows"]
+    return LIBRARY_NAMES["macos" if sys.platform == "darwin" else "linux"]
 
 
 def _cache_entry() -> Path:
@@ -58,7 +74,7 @@ def _candidates(lib_path: str | os.PathLike[str] | None) -> list[tuple[str, Path
 def _missing(folder: Path) -> str | None:
     if not folder.is_dir():
         return "no such folder"
-    absent = [n for n in _NAMES if not (folder / n).exists()]
+    absent = [n for n in library_names() if not (folder / n).exists()]
     return f"missing {', '.join(absent)}" if absent else None
 
 
@@ -162,15 +178,19 @@ def _open(libdir: Path) -> Handles:
 
     from nexabind._ffi import ffi
 
+    names = library_names()
     if sys.platform == "win32":
+        # The folder joins the DLL search path of this process, so that llama.dll finds
+        # ggml.dll, and ggml finds its backend modules, beside it (ctypes loads with
+        # LOAD_LIBRARY_SEARCH_DEFAULT_DIRS, which leaves PATH out).
         os.add_dll_directory(str(libdir))  # type: ignore[attr-defined]
     # Load the ggml libraries first, globally, so libllama and the backend modules that
     # ggml_backend_load_all_from_path dlopens later resolve against these exact copies.
     mode = getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0)
-    for name in _NAMES[:-1]:
+    for name in names[:-1]:
         ctypes.CDLL(str(libdir / name), mode=mode)
-    lib = ffi.dlopen(str(libdir / _NAMES[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
-    ggml = ffi.dlopen(str(libdir / _NAMES[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    lib = ffi.dlopen(str(libdir / names[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    ggml = ffi.dlopen(str(libdir / names[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
     return Handles(lib, ggml, libdir)
 
 

@@ -128,3 +128,69 @@ def test_local_build_without_abi_json_warns(libdir: Path, tmp_path: Path) -> Non
     r = _run(["-c", code, str(lib)], {})
     assert r.returncode == 0, r.stderr
     assert "loaded" in r.stdout and "ABI not checked" in r.stderr
+
+
+# --- the Windows rules, on the cross-built windows-x86_64 artifact ------------------------------
+
+# A child Python with the loader's Windows rules switched on (there is no Windows Python here):
+# sys.platform says win32 and os.add_dll_directory records its calls. Everything after that is
+# the loader's own code: the DLL names, the ABI check against the artifact's abi.json (its probe
+# ran under wine), the DLL directory, and the load order, up to the first LoadLibrary that this
+# Linux process cannot do.
+_AS_WINDOWS = """
+import json, os, sys
+sys.platform = "win32"
+added = []
+os.add_dll_directory = added.append
+from nexabind import loader, pin
+from nexabind.errors import LibraryNotFoundError
+out = {"names": loader.library_names(), "added": added}
+try:
+    out["resolved"] = str(loader.library_dir(sys.argv[1] if len(sys.argv) > 1 else None))
+    loader.load(sys.argv[1] if len(sys.argv) > 1 else None)
+except LibraryNotFoundError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def _as_windows(env: dict[str, str], *args: str) -> dict:
+    r = _run(["-c", _AS_WINDOWS, *args], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def test_windows_rules_load_the_dlls_from_their_folder(cross_build) -> None:
+    win = cross_build("windows-x86_64")
+    lib = win.tree / "lib"
+    out = _as_windows({}, str(lib))
+    assert out["names"] == ["ggml-base.dll", "ggml.dll", "llama.dll"]
+    assert out["resolved"] == str(lib.resolve())
+    # The folder joins the DLL search path before the first DLL loads (llama.dll imports
+    # ggml.dll, and ggml loads ggml-cpu-*.dll, from beside it); ggml-base.dll loads first.
+    assert out["added"] == [str(lib.resolve())]
+    assert "loading llama.cpp from" in out["error"]
+    assert str(lib.resolve() / "ggml-base.dll") in out["error"]
+
+
+def test_windows_rules_name_the_missing_dlls(libdir: Path, tmp_path: Path) -> None:
+    out = _as_windows({"NEXABIND_CACHE_DIR": str(tmp_path / "cache")}, str(libdir))
+    assert "resolved" not in out and out["added"] == []
+    missing = "(explicit lib_path): missing ggml-base.dll, ggml.dll, llama.dll"
+    assert f"{libdir.resolve()} {missing}" in out["error"]
+
+
+def test_windows_rules_find_the_installed_entry(cross_build, tmp_path: Path) -> None:
+    """Nothing named: the cache entry windows-x86_64-cpu of the pinned release, as fetch
+    installs it (the zip extracted by safe_extract, then the install record)."""
+    from nexabind import cache
+    from nexabind.fetch import safe_extract
+
+    win = cross_build("windows-x86_64")
+    root = tmp_path / "cache"
+    entry = cache.entry_dir(pin.RELEASE, "windows-x86_64-cpu", root)
+    hashes = safe_extract(win.out / win.entry["url"], entry)
+    cache.write_record(entry, {"release": pin.RELEASE, "key": "windows-x86_64-cpu"}, hashes)
+    out = _as_windows({"NEXABIND_CACHE_DIR": str(root)})
+    assert out["resolved"] == str((entry / "lib").resolve())
+    assert out["added"] == [out["resolved"]]
