@@ -53,6 +53,7 @@ class Cross:
         env: Environment for ``runner`` (added to this process's).
         exe_suffix: ``.exe`` on Windows.
         cmake_flags: Extra CMake flags of the cross build.
+        included: Other files of ``nexabind/toolchains`` the toolchain file pulls in.
     """
 
     os: str
@@ -65,6 +66,7 @@ class Cross:
     env: dict[str, str] = field(default_factory=dict)
     exe_suffix: str = ""
     cmake_flags: tuple[str, ...] = ()
+    included: tuple[str, ...] = ()
 
     def flags(self) -> list[str]:
         """The CMake arguments that select the toolchain and compilers."""
@@ -76,11 +78,10 @@ class Cross:
         ]
 
     def fingerprint(self) -> str:
-        """sha256 of the toolchain files, for the build cache key (their path is not part)."""
+        """sha256 of this target's toolchain files, for the build cache key (not their path)."""
         digest = hashlib.sha256()
-        for f in sorted(TOOLCHAINS.iterdir()):
-            if f.is_file():
-                digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        for f in (self.toolchain, *(TOOLCHAINS / name for name in self.included)):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
         return digest.hexdigest()[:16]
 
 
@@ -139,10 +140,11 @@ def _windows_x86_64(build_cache: Path) -> _Tools:
     return cc, cxx, (wine,), env
 
 
-# target -> (tool finder, flags that compile the probe for it, executable suffix)
+# target -> (tool finder, flags that compile the probe for it, executable suffix, the files
+# of nexabind/toolchains its toolchain file includes)
 _FINDERS = {
-    ("linux", "arm64"): (_linux_arm64, ("--target=aarch64-linux-gnu",), ""),
-    ("windows", "x86_64"): (_windows_x86_64, (), ".exe"),
+    ("linux", "arm64"): (_linux_arm64, ("--target=aarch64-linux-gnu",), "", ()),
+    ("windows", "x86_64"): (_windows_x86_64, (), ".exe", ("windows-names.cmake", "mingw-compat.h")),
 }
 #: The targets that can be cross-built.
 TARGETS = tuple(_FINDERS)
@@ -174,7 +176,7 @@ def resolve(target: tuple[str, str], host: tuple[str, str], build_cache: Path) -
             f"{target[0]}-{target[1]} on such a machine, or natively on the target"
         )
         raise BuildError(msg)
-    find, cc_args, exe_suffix = _FINDERS[target]
+    find, cc_args, exe_suffix, included = _FINDERS[target]
     cc, cxx, runner, env = find(build_cache)
     return Cross(
         os=target[0],
@@ -186,6 +188,7 @@ def resolve(target: tuple[str, str], host: tuple[str, str], build_cache: Path) -
         runner=runner,
         env=env,
         exe_suffix=exe_suffix,
+        included=included,
         # No OpenMP: clang has no aarch64 libomp here, and mingw's libgomp would need
         # libgomp-1.dll beside the DLLs; ggml's own thread pool needs no runtime library.
         cmake_flags=("-DGGML_OPENMP=OFF",),
