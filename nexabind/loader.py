@@ -18,6 +18,7 @@ from nexabind.errors import AbiMismatchError, LibraryNotFoundError
 __all__ = [
     "LIBRARY_NAMES",
     "Handles",
+    "Modules",
     "abi_file",
     "check_abi",
     "library_dir",
@@ -166,11 +167,38 @@ def check_abi(abi: dict[str, Any], source: str = "abi.json") -> None:
 
 
 class Handles(NamedTuple):
-    """The loaded libraries: cffi handles of ``libllama`` and ``libggml``, and their folder."""
+    """The loaded libraries: cffi handles of ``libllama`` and of ggml (:class:`Modules` of
+    ``libggml`` and ``libggml-base``), and their folder."""
 
     lib: Any
     ggml: Any
     libdir: Path
+
+
+class Modules:
+    """Functions of several loaded libraries, each looked up in the first that exports it.
+
+    On Windows a DLL exports only its own functions (GetProcAddress does not search its
+    imports as dlsym does), and ggml's are split: the registry (``ggml_backend_dev_count``,
+    ``ggml_backend_load_all_from_path``) is in ggml.dll, the device functions
+    (``ggml_backend_dev_name``) in ggml-base.dll.
+    """
+
+    def __init__(self, *libs: Any) -> None:
+        self._libs = libs
+
+    def __getattr__(self, name: str) -> Any:
+        from nexabind._ffi import ffi
+
+        for lib in self._libs:
+            try:
+                found = getattr(lib, name)
+            except (AttributeError, ffi.error):  # cffi: "symbol ... not found in library"
+                continue
+            setattr(self, name, found)  # the next lookup is a plain attribute
+            return found
+        msg = f"none of the loaded ggml libraries exports {name}"
+        raise AttributeError(msg)
 
 
 def _open(libdir: Path) -> Handles:
@@ -191,7 +219,8 @@ def _open(libdir: Path) -> Handles:
         ctypes.CDLL(str(libdir / name), mode=mode)
     lib = ffi.dlopen(str(libdir / names[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
     ggml = ffi.dlopen(str(libdir / names[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
-    return Handles(lib, ggml, libdir)
+    base = ffi.dlopen(str(libdir / names[0]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    return Handles(lib, Modules(ggml, base), libdir)
 
 
 def load(lib_path: str | os.PathLike[str] | None = None) -> Handles:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +196,74 @@ def test_windows_rules_find_the_installed_entry(cross_build, tmp_path: Path) -> 
     out = _as_windows({"NEXABIND_CACHE_DIR": str(root)})
     assert out["resolved"] == str((entry / "lib").resolve())
     assert out["added"] == [out["resolved"]]
+
+
+def _pe_exports(dll: Path) -> set[str]:
+    """The names a PE (Windows DLL) file exports: its export directory's name table."""
+    data = dll.read_bytes()
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    n_sections, opt_size = struct.unpack_from("<H12xH", data, pe + 6)
+    opt = pe + 24
+    assert struct.unpack_from("<H", data, opt)[0] == 0x20B  # PE32+
+    export_rva = struct.unpack_from("<I", data, opt + 112)[0]
+    sections = [
+        struct.unpack_from("<8xII4xI", data, opt + opt_size + 40 * i) for i in range(n_sections)
+    ]  # (virtual size, virtual address, raw data pointer)
+
+    def at(rva: int) -> int:
+        for size, addr, raw in sections:
+            if addr <= rva < addr + size:
+                return rva - addr + raw
+        raise ValueError(f"{dll}: RVA {rva:#x} in no section")
+
+    n_names, _, names_rva = struct.unpack_from("<III", data, at(export_rva) + 24)
+    out = set()
+    for i in range(n_names):
+        start = at(struct.unpack_from("<I", data, at(names_rva) + 4 * i)[0])
+        out.add(data[start : data.index(b"\0", start)].decode())
+    return out
+
+
+def test_every_declared_function_is_exported_by_the_dlls(cross_build) -> None:
+    """What the binding can call is there on Windows: llama_* in llama.dll, ggml_* in ggml.dll
+    or ggml-base.dll, where loader.Modules looks them up. The device functions are only in
+    ggml-base.dll, so looking in ggml.dll alone (as dlsym on Linux can) would fail."""
+    from nexabind import _cdef
+
+    lib = cross_build("windows-x86_64").tree / "lib"
+    ggml, base, llama = (_pe_exports(lib / n) for n in ("ggml.dll", "ggml-base.dll", "llama.dll"))
+    # Function names: an identifier before "(", not a struct returned by a function pointer.
+    declared = set(re.findall(r"(?<!struct )\b((?:llama|ggml)_\w+)\s*\(", _cdef.CDEF))
+    assert len(declared) > 200
+    assert not {f for f in declared if f.startswith("llama_")} - llama
+    assert not {f for f in declared if f.startswith("ggml_")} - (ggml | base)
+    assert {"ggml_backend_dev_name", "ggml_backend_dev_description"} <= base - ggml
+    assert "ggml_backend_load_all_from_path" in ggml
+
+
+def test_modules_find_a_function_in_the_next_library(libdir: Path) -> None:
+    """Modules looks in each library in turn: llama_backend_init is not found through the
+    libggml-base handle (not among its dependencies) but in libllama."""
+    code = (
+        "import sys\n"
+        "from nexabind._ffi import ffi\n"
+        "from nexabind.loader import Modules, library_names\n"
+        "base, _, llama = (ffi.dlopen(sys.argv[1] + '/' + n) for n in library_names())\n"
+        "try:\n"
+        "    base.llama_backend_init\n"
+        "    print('base has it')\n"
+        "except ffi.error:\n"
+        "    pass\n"
+        "m = Modules(base, llama)\n"
+        "print(m.llama_backend_init is llama.llama_backend_init)\n"
+        "try:\n"
+        "    m.no_such_function\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    r = _run(["-c", code, str(libdir)], {})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "True",
+        "none of the loaded ggml libraries exports no_such_function",
+    ]
