@@ -105,9 +105,22 @@ static void cpu_variant(char *out, size_t size) {
 #endif
 
 #define DECL(name) static __typeof__(&name) p_##name
-#define LOAD(lib, name)                                                        \
+/* A Windows DLL exports only its own functions (GetProcAddress does not look into its
+ * imports as dlsym does): ggml_backend_dev_name is in ggml-base.dll, not ggml.dll. So each
+ * symbol is looked up in llama, ggml and ggml-base, in that order. */
+static lib_t LIBS[3];
+
+static void *sym_any(const char *name) {
+    for (int i = 2; i >= 0; i--) {
+        void *p = sym(LIBS[i], name);
+        if (p) return p;
+    }
+    return NULL;
+}
+
+#define LOAD(name)                                                             \
     do {                                                                       \
-        p_##name = (__typeof__(&name)) sym(lib, #name);                        \
+        p_##name = (__typeof__(&name)) sym_any(#name);                         \
         if (!p_##name) {                                                       \
             fprintf(stderr, "greedy: symbol %s not found\n", #name);           \
             return 0;                                                          \
@@ -138,30 +151,30 @@ DECL(llama_get_logits_ith);
 DECL(llama_free);
 DECL(llama_model_free);
 
-static int load_symbols(lib_t ggml, lib_t llama) {
-    LOAD(ggml, ggml_backend_load_all_from_path);
-    LOAD(ggml, ggml_backend_reg_count);
-    LOAD(ggml, ggml_backend_reg_get);
-    LOAD(ggml, ggml_backend_reg_name);
-    LOAD(ggml, ggml_backend_dev_count);
-    LOAD(ggml, ggml_backend_dev_get);
-    LOAD(ggml, ggml_backend_dev_name);
-    LOAD(ggml, ggml_backend_dev_description);
-    LOAD(llama, llama_backend_init);
-    LOAD(llama, llama_log_set);
-    LOAD(llama, llama_print_system_info);
-    LOAD(llama, llama_model_default_params);
-    LOAD(llama, llama_context_default_params);
-    LOAD(llama, llama_model_load_from_file);
-    LOAD(llama, llama_model_get_vocab);
-    LOAD(llama, llama_vocab_n_tokens);
-    LOAD(llama, llama_tokenize);
-    LOAD(llama, llama_init_from_model);
-    LOAD(llama, llama_batch_get_one);
-    LOAD(llama, llama_decode);
-    LOAD(llama, llama_get_logits_ith);
-    LOAD(llama, llama_free);
-    LOAD(llama, llama_model_free);
+static int load_symbols(void) {
+    LOAD(ggml_backend_load_all_from_path);
+    LOAD(ggml_backend_reg_count);
+    LOAD(ggml_backend_reg_get);
+    LOAD(ggml_backend_reg_name);
+    LOAD(ggml_backend_dev_count);
+    LOAD(ggml_backend_dev_get);
+    LOAD(ggml_backend_dev_name);
+    LOAD(ggml_backend_dev_description);
+    LOAD(llama_backend_init);
+    LOAD(llama_log_set);
+    LOAD(llama_print_system_info);
+    LOAD(llama_model_default_params);
+    LOAD(llama_context_default_params);
+    LOAD(llama_model_load_from_file);
+    LOAD(llama_model_get_vocab);
+    LOAD(llama_vocab_n_tokens);
+    LOAD(llama_tokenize);
+    LOAD(llama_init_from_model);
+    LOAD(llama_batch_get_one);
+    LOAD(llama_decode);
+    LOAD(llama_get_logits_ith);
+    LOAD(llama_free);
+    LOAD(llama_model_free);
     return 1;
 }
 
@@ -198,12 +211,11 @@ int main(int argc, char **argv) {
     }
 
     add_dir(dir);
-    lib_t libs[3];
     for (int i = 0; i < 3; i++) {
-        libs[i] = open_lib(dir, NAMES[i]);
-        if (!libs[i]) return 3;
+        LIBS[i] = open_lib(dir, NAMES[i]);
+        if (!LIBS[i]) return 3;
     }
-    if (!load_symbols(libs[1], libs[2])) return 3;
+    if (!load_symbols()) return 3;
     p_llama_log_set(quiet_log, NULL);
     p_ggml_backend_load_all_from_path(dir);
     p_llama_backend_init();
