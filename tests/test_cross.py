@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GREEDY = ROOT / "build_scripts" / "greedy.c"
 PROMPT = "Once upon a time, in a small village by the sea,"
 N_TOKENS = 24
+# What ggml picks on qemu's "max" arm64 CPU: SVE2 (armv8.6_2), plus SME from qemu 7.1 (armv9.2_2).
+MAX_VARIANTS = {"libggml-cpu-armv8.6_2.so", "libggml-cpu-armv9.2_2.so"}
 
 
 @pytest.fixture(scope="session", params=["linux-arm64", "windows-x86_64"])
@@ -99,8 +101,8 @@ def test_generates_under_emulation_like_this_host(
     if target == "windows-x86_64":
         assert there["cpu_variant"].startswith("ggml-cpu-")
         assert there["cpu_variant"].endswith(".dll")
-    else:  # qemu's "max" CPU has SVE2 and SME: the highest variant wins
-        assert there["cpu_variant"] == "libggml-cpu-armv9.2_2.so"
+    else:  # qemu's "max" CPU has SVE2 (and SME from qemu 7.1): a top variant wins
+        assert there["cpu_variant"] in MAX_VARIANTS
     assert there["prompt_tokens"] == here["prompt_tokens"]
     # Same model, same settings, a different SIMD path: the greedy tokens match (measured on
     # this model; a near tie could flip one, and then this says where).
@@ -118,11 +120,9 @@ def test_arm64_dispatch_follows_the_cpu(
         cpu: _run_greedy(exe, extracted / "lib", tiny_model, {"QEMU_CPU": cpu})["cpu_variant"]
         for cpu in ("cortex-a53", "cortex-a76", "max")
     }
-    assert picked == {
-        "cortex-a53": "libggml-cpu-armv8.0_1.so",  # armv8.0: no dotprod
-        "cortex-a76": "libggml-cpu-armv8.2_2.so",  # dotprod + fp16
-        "max": "libggml-cpu-armv9.2_2.so",
-    }
+    assert picked["cortex-a53"] == "libggml-cpu-armv8.0_1.so"  # armv8.0: no dotprod
+    assert picked["cortex-a76"] == "libggml-cpu-armv8.2_2.so"  # dotprod + fp16
+    assert picked["max"] in MAX_VARIANTS
 
 
 def test_cross_install_is_refused(tmp_path: Path) -> None:
