@@ -23,11 +23,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from nexabind import _cdef, _source, pin, settings, targets
+from nexabind import _cdef, _cross, _source, pin, settings, targets
 from nexabind.cache import sha256_file
 from nexabind.errors import BuildError
 from nexabind.install import install_archive
-from nexabind.platform import target
+from nexabind.platform import target as host_target
 
 __all__ = ["build", "probe_source"]
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _BUILD_MARKER = "nexabind-build.json"
 
 _LIB_SUFFIXES = (".so", ".dylib", ".dll")
+_FILE_SUFFIXES = (*_LIB_SUFFIXES, ".lib", ".a")
 _PROGRESS = r"^\[(\d+)/(\d+)\]"  # ninja's [done/total]
 
 
@@ -84,20 +85,27 @@ def probe_source(
     return "\n".join(lines)
 
 
-def _write_abi_json(src: Path, work: Path, dest: Path, cc: str) -> None:
+def _write_abi_json(
+    src: Path, work: Path, dest: Path, cc: str, cross: _cross.Cross | None = None
+) -> None:
+    """Compile the probe for the target and run it (under its emulator when cross-built)."""
     probe_c = work / "abi_probe.c"
     probe_c.write_text(probe_source(_cdef.STRUCTS, _cdef.ENUMS))
-    exe = work / ("abi_probe.exe" if sys.platform == "win32" else "abi_probe")
+    native_exe = ".exe" if sys.platform == "win32" else ""
+    exe = work / ("abi_probe" + (cross.exe_suffix if cross else native_exe))
     incs = [src / "include", src / "ggml" / "include"]
     if Path(cc).stem.lower() == "cl":
         cmd = [cc, "/nologo", *[f"/I{p}" for p in incs], str(probe_c), f"/Fe{exe}"]
     else:
-        cmd = [cc, *[f"-I{p}" for p in incs], str(probe_c), "-o", str(exe)]
+        extra = cross.cc_args if cross else ()
+        cmd = [cc, *extra, *[f"-I{p}" for p in incs], str(probe_c), "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     if r.returncode != 0:
         msg = f"the ABI probe {probe_c} did not compile ({' '.join(cmd)}):\n{r.stderr[-2000:]}"
         raise BuildError(msg)
-    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    run = [*cross.runner, str(exe)] if cross else [str(exe)]
+    env = {**os.environ, **cross.env} if cross else None
+    r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=work)
     if r.returncode != 0:
         msg = f"the ABI probe {exe} failed with exit code {r.returncode}: {r.stderr[-1000:]}"
         raise BuildError(msg)
@@ -204,9 +212,11 @@ def _targets(cmake: str, bdir: Path, have_ninja: bool) -> list[str]:
     r = subprocess.run(["ninja", "-C", str(bdir), "-t", "targets", "all"],
                        capture_output=True, text=True)  # fmt: skip
     names = {line.split(":")[0] for line in r.stdout.splitlines()}
+    # Module names hold dots and underscores (ggml-cpu-armv8.2_1); file targets (foo.dll) are
+    # left out.
     backends = sorted(
         n for n in names
-        if re.fullmatch(r"ggml-[a-z0-9-]+", n) and not n.endswith("-feats")
+        if re.fullmatch(r"ggml-[a-z0-9._-]+", n) and not n.endswith(("-feats", *_FILE_SUFFIXES))
     )  # fmt: skip
     return ["llama", *backends] if "llama" in names else []
 
@@ -331,6 +341,7 @@ def build(
     cmake_args: tuple[str, ...] = (),
     jobs: int | None = None,
     progress: bool | None = None,
+    target: str | None = None,
 ) -> Path:
     """Build llama.cpp for this host (or reuse the cached build) and stage an artifact.
 
@@ -347,24 +358,46 @@ def build(
         cmake_args: Extra CMake arguments (part of the cache key).
         jobs: Parallel build jobs (default: CMake's choice).
         progress: Show a progress bar; default: only on a terminal.
+        target: Build for another ``os-arch`` (``linux-arm64``, ``windows-x86_64``) with a
+            cross toolchain, the ABI probe run under qemu-user or wine (see
+            :mod:`nexabind._cross`); default: this host. Only the ``cpu`` variant, and not
+            with ``install``.
 
     Returns:
         The staged artifact folder (``lib/``, ``include/``, ``abi.json``, ...); with
         ``install``, the installed ``lib`` folder instead.
 
     Raises:
-        BuildError: Missing tools, unsupported variant, bad source or a failed build.
+        BuildError: Missing tools, unsupported variant or target, bad source or a failed build.
     """
-    os_name, arch = target()
+    host = host_target()
+    os_name, arch = targets.parse_target(target) if target else host
     flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args]
+    cross = None
+    if (os_name, arch) != host:
+        if variant != "cpu" or install:
+            what = f"--variant {variant}" if variant != "cpu" else "--install"
+            msg = (
+                f"a cross build for {os_name}-{arch} makes the cpu variant and does not install "
+                f"(got {what}): its libraries do not load on this {host[0]}-{host[1]} machine; "
+                "write the artifact with --out DIR"
+            )
+            raise BuildError(msg)
+        cross = _cross.resolve((os_name, arch), host, _source.build_cache_dir(build_cache))
     source = settings.LLAMA_SOURCE.get(source)
     src = _source.ensure_source(source, build_cache=build_cache, sdist=sdist)
     cmake, cc, ninja = _require_tools()
+    if cross is not None:
+        cc = cross.cc
     compiler = _compiler_version(cc)
     fetched = _source.origin(src)
     source_id = pin.LLAMA_COMMIT if fetched is not None or source is None else str(src)
-    key_text = json.dumps([source_id, os_name, arch, variant, flags, compiler])
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
+    key_parts: list[Any] = [source_id, os_name, arch, variant, flags, compiler]
+    if cross is not None:
+        # The toolchain's content is part of the key, not its path (one per checkout).
+        key_parts.append(["cross", *cross.cmake_flags, cross.fingerprint()])
+        flags = [*cross.flags(), *flags]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
     name = f"{pin.LLAMA_COMMIT}-{targets.key(os_name, arch, variant)}-{key}"
     bdir = _source.build_cache_dir(build_cache) / name
     stage = bdir / "artifact"
@@ -388,7 +421,7 @@ def build(
                 progress = sys.stderr.isatty()
             _compile(cmake, ninja, src, cdir, flags, log_path, jobs=jobs, progress=progress)
             _stage(src, cdir, stage)
-            _write_abi_json(src, bdir, stage / "abi.json", cc)
+            _write_abi_json(src, bdir, stage / "abi.json", cc, cross)
             info = {
                 "llama_commit": pin.LLAMA_COMMIT,
                 "llama_build": pin.LLAMA_BUILD,
@@ -405,6 +438,7 @@ def build(
                 if os_name == "macos"
                 else None,
                 "requires": {"cuda_driver": ">=12.4"} if variant == "cuda" else {},
+                "cross_built_on": f"{host[0]}-{host[1]}" if cross else None,
             }
             (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
             marker.write_text(json.dumps({"key": key}) + "\n")

@@ -91,6 +91,11 @@ def cli() -> None:
 @_setting_option(settings.LLAMA_SDIST, type=click.Path(dir_okay=False, path_type=str))
 @click.option("-j", "--jobs", type=int, help="Parallel build jobs.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, help="Extra CMake argument (repeat).")
+@click.option(
+    "--target",
+    metavar="OS-ARCH",
+    help="Cross-build for linux-arm64 or windows-x86_64 (cpu, with --out) [default: this machine].",
+)
 def build_cmd(
     variant: str,
     source: str | None,
@@ -100,10 +105,13 @@ def build_cmd(
     sdist: str | None,
     jobs: int | None,
     cmake_args: tuple[str, ...],
+    target: str | None,
 ) -> None:
     """Build llama.cpp from source for this machine (cached), like the release CI does.
 
     With neither --out nor --install, prints the folder holding the built artifact.
+    --target cross-builds on Linux x86_64 with a cross toolchain and runs the ABI probe
+    under qemu-user (linux-arm64) or wine (windows-x86_64); README "Targets" lists the packages.
     """
     try:
         with _status_lines():
@@ -116,6 +124,7 @@ def build_cmd(
                 sdist=sdist,
                 cmake_args=cmake_args,
                 jobs=jobs,
+                target=target,
             )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e

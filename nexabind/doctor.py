@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +70,17 @@ def _cpu_variant() -> str | None:
     if not maps.exists():
         return None
     for line in maps.read_text().splitlines():
-        name = line.rsplit("/", 1)[-1]
-        if name.startswith("libggml-cpu"):
-            return name.removeprefix("libggml-cpu-").split(".")[0] or "cpu"
+        variant = _variant_of(line.rsplit("/", 1)[-1])
+        if variant:
+            return variant
     return None
+
+
+# libggml-cpu-haswell.so, libggml-cpu-armv8.2_1.so (dots in the tag), or libggml-cpu.so.
+_CPU_MODULE = re.compile(r"libggml-cpu(?:-([\w.]+?))?\.(?:so|dylib)")
+
+
+def _variant_of(filename: str) -> str | None:
+    """The CPU variant a ggml CPU module's file name says (``cpu`` for the plain one)."""
+    m = _CPU_MODULE.fullmatch(filename)
+    return (m.group(1) or "cpu") if m else None

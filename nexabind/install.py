@@ -40,8 +40,10 @@ def _key(entry: Any) -> str:
     return targets.key(_field(entry, "os"), _field(entry, "arch"), _field(entry, "variant"))
 
 
-def _check_tree(tree: Path, name: str) -> None:
-    missing = [f"lib/{n}" for n in targets.library_names() if not (tree / "lib" / n).exists()]
+def _check_tree(tree: Path, name: str, os_name: str | None = None) -> None:
+    """The libraries (named as on the artifact's os), abi.json and build-info.json are there."""
+    names = targets.library_names(os_name)
+    missing = [f"lib/{n}" for n in names if not (tree / "lib" / n).exists()]
     missing += [n for n in ("abi.json", "build-info.json") if not (tree / n).is_file()]
     if missing:
         msg = f"artifact {name} lacks {', '.join(missing)}; it is not a nexabind artifact"
@@ -174,7 +176,7 @@ def install_locked(
     smoke = smoke or _smoke_start()
     try:
         hashes = safe_extract(archive, tree)
-        _check_tree(tree, name)
+        _check_tree(tree, name, _field(entry, "os"))
         _smoke_load(smoke, tree / "lib")
         if discard:  # a download, needed no more: deleted while the child loads the library
             archive.unlink()

@@ -17,14 +17,12 @@ from nexabind.cache import library_dir
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
 from nexabind.targets import library_names
 
-__all__ = ["Handles", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
+__all__ = ["Handles", "Modules", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
 
 log = logging.getLogger("nexabind.loader")
 
 _lock = threading.Lock()
 _handles: Handles | None = None
-
-_NAMES = library_names()
 
 
 def abi_file(libdir: Path) -> Path | None:
@@ -85,11 +83,38 @@ def check_abi(abi: dict[str, Any], source: str = "abi.json") -> None:
 
 
 class Handles(NamedTuple):
-    """The loaded libraries: cffi handles of ``libllama`` and ``libggml``, and their folder."""
+    """The loaded libraries: cffi handles of ``libllama`` and of ggml (:class:`Modules` of
+    ``libggml`` and ``libggml-base``), and their folder."""
 
     lib: Any
     ggml: Any
     libdir: Path
+
+
+class Modules:
+    """Functions of several loaded libraries, each looked up in the first that exports it.
+
+    On Windows a DLL exports only its own functions (GetProcAddress does not search its
+    imports as dlsym does), and ggml's are split: the registry (``ggml_backend_dev_count``,
+    ``ggml_backend_load_all_from_path``) is in ggml.dll, the device functions
+    (``ggml_backend_dev_name``) in ggml-base.dll.
+    """
+
+    def __init__(self, *libs: Any) -> None:
+        self._libs = libs
+
+    def __getattr__(self, name: str) -> Any:
+        from nexabind._ffi import ffi
+
+        for lib in self._libs:
+            try:
+                found = getattr(lib, name)
+            except (AttributeError, ffi.error):  # cffi: "symbol ... not found in library"
+                continue
+            setattr(self, name, found)  # the next lookup is a plain attribute
+            return found
+        msg = f"none of the loaded ggml libraries exports {name}"
+        raise AttributeError(msg)
 
 
 def _open(libdir: Path) -> Handles:
@@ -97,16 +122,21 @@ def _open(libdir: Path) -> Handles:
 
     from nexabind._ffi import ffi
 
+    names = library_names()
     if sys.platform == "win32":
+        # The folder joins the DLL search path of this process, so that llama.dll finds
+        # ggml.dll, and ggml finds its backend modules, beside it (ctypes loads with
+        # LOAD_LIBRARY_SEARCH_DEFAULT_DIRS, which leaves PATH out).
         os.add_dll_directory(str(libdir))  # type: ignore[attr-defined]
     # Load the ggml libraries first, globally, so libllama and the backend modules that
     # ggml_backend_load_all_from_path dlopens later resolve against these exact copies.
     mode = getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0)
-    for name in _NAMES[:-1]:
+    for name in names[:-1]:
         ctypes.CDLL(str(libdir / name), mode=mode)
-    lib = ffi.dlopen(str(libdir / _NAMES[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
-    ggml = ffi.dlopen(str(libdir / _NAMES[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
-    return Handles(lib, ggml, libdir)
+    lib = ffi.dlopen(str(libdir / names[-1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    ggml = ffi.dlopen(str(libdir / names[1]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    base = ffi.dlopen(str(libdir / names[0]), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    return Handles(lib, Modules(ggml, base), libdir)
 
 
 def load(lib_path: str | os.PathLike[str] | None = None) -> Handles:

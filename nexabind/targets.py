@@ -22,6 +22,7 @@ __all__ = [
     "cmake_flags",
     "key",
     "library_names",
+    "parse_target",
     "variant_order",
     "variant_order_here",
     "variants_for",
@@ -106,6 +107,20 @@ def artifact_name(os_name: str, arch: str, variant: str) -> str:
     """The file name of the artifact of one target and variant (``.zip`` on Windows)."""
     ext = "zip" if os_name == "windows" else "tar.gz"
     return f"nexabind-llama-{pin.ARTIFACT_VERSION}-{key(os_name, arch, variant)}.{ext}"
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """Split a target name such as ``linux-arm64`` into ``(os, arch)``, checking it is known.
+
+    Raises:
+        BuildError: Not an ``os-arch`` pair that any variant is built for.
+    """
+    known = sorted({f"{o}-{a}" for (o, a, _v) in FLAGS})
+    os_name, _, arch = text.partition("-")
+    if f"{os_name}-{arch}" not in known:
+        msg = f"unknown target {text!r}; choose one of {known}"
+        raise BuildError(msg)
+    return os_name, arch
 
 
 def variants_for(os_name: str, arch: str) -> list[str]:

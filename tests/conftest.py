@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +127,66 @@ def mirror_server(release_mirror: Path):
 
     with Server(release_mirror) as server:
         yield server
+
+
+# -- cross builds: linux-arm64 and windows-x86_64 artifacts made on this host ----------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on a cross-built artifact is marked ``emulation``: ``pytest`` leaves those out
+    (pyproject's addopts), ``build_scripts/emulation-run.sh`` runs them with ``-m emulation``."""
+    for item in items:
+        if "cross_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.emulation)
+
+
+@dataclass(frozen=True)
+class CrossBuild:
+    """A cross-built artifact: its tools, dist folder (archive + manifest) and extracted tree."""
+
+    target: str
+    tools: Any  # nexabind._cross.Cross
+    out: Path
+    entry: dict[str, Any]
+    tree: Path
+
+
+@pytest.fixture(scope="session")
+def cross_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], CrossBuild]:
+    """``get(target)``: ``nexabind build --target TARGET --out DIR`` (a build cache hit after
+    ``.ci/run``), extracted with fetch's ``safe_extract``. Skips on a host that does not
+    cross-build; a missing cross tool skips here and fails in CI (tests/_tools.py)."""
+    from _tools import require
+
+    from nexabind import _cross, build
+    from nexabind._archive import safe_extract
+    from nexabind._source import build_cache_dir
+    from nexabind.errors import BuildError
+    from nexabind.platform import target as host_target
+    from nexabind.targets import parse_target
+
+    made: dict[str, CrossBuild] = {}
+
+    def get(target: str) -> CrossBuild:
+        if target in made:
+            return made[target]
+        host = host_target()
+        if host not in _cross.HOSTS:
+            hosts = ", ".join(f"{o}-{a}" for o, a in _cross.HOSTS)
+            pytest.skip(f"cross builds run on {hosts}; this is {host[0]}-{host[1]}")
+        try:
+            tools = _cross.resolve(parse_target(target), host, build_cache_dir())
+        except BuildError as e:
+            require(False, str(e))
+            raise
+        out = tmp_path_factory.mktemp(target)
+        build(target=target, out=out)
+        (entry,) = json.loads((out / "manifest.json").read_text())["artifacts"]
+        safe_extract(out / entry["url"], out / "tree")
+        made[target] = CrossBuild(target, tools, out, entry, out / "tree")
+        return made[target]
+
+    return get
 
 
 # -- the CLI ------------------------------------------------------------------------------------

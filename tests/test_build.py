@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,26 @@ def test_archives_are_deterministic(dist: Path, tmp_path: Path) -> None:
     _pack(stage, tmp_path / "a.tar.gz")
     _pack(stage, tmp_path / "b.tar.gz")
     assert _sha256(tmp_path / "a.tar.gz") == _sha256(tmp_path / "b.tar.gz")
+
+
+def test_zip_artifact_holds_links_as_copies(tmp_path: Path) -> None:
+    """Windows artifacts are zips, which hold no links: a link in the staged folder is packed
+    as a copy of the file it names, and extracts as a plain file."""
+    from nexabind._archive import safe_extract
+
+    stage = tmp_path / "stage"
+    (stage / "lib").mkdir(parents=True)
+    (stage / "lib" / "libx.so.0").write_bytes(b"library bytes")
+    (stage / "lib" / "libx.so").symlink_to("libx.so.0")
+    archive = tmp_path / "a.zip"
+    _pack(stage, archive)
+    with zipfile.ZipFile(archive) as z:
+        assert z.namelist() == ["lib/libx.so", "lib/libx.so.0"]
+        assert z.read("lib/libx.so") == b"library bytes"
+        assert {stat.S_IFMT(i.external_attr >> 16) for i in z.infolist()} <= {0, stat.S_IFREG}
+    safe_extract(archive, tmp_path / "x")
+    copy = tmp_path / "x" / "lib" / "libx.so"
+    assert not copy.is_symlink() and copy.read_bytes() == b"library bytes"
 
 
 def test_bad_source_is_a_clear_error(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nexabind.doctor import _variant_of
+
 
 def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "NEXABIND_LIB_PATH"}
@@ -42,3 +44,22 @@ def test_doctor_fails_clearly_without_a_library(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "FAILED" in r.stderr and "run `nexabind fetch`" in r.stderr
     assert str(tmp_path / "missing") in r.stderr
+
+
+def test_doctor_names_the_cpu_variant_it_loaded(libdir: Path) -> None:
+    r = _doctor("--lib-path", str(libdir), "--json")
+    assert r.returncode == 0, r.stderr
+    modules = {_variant_of(p.name) for p in libdir.glob("libggml-cpu*")} - {None}
+    if not modules:  # a build without GGML_BACKEND_DL: the CPU backend is inside libggml
+        return
+    assert json.loads(r.stdout)["cpu_variant"] in modules
+
+
+def test_cpu_variant_from_module_names() -> None:
+    # x86_64 tags are words; arm64 tags hold dots and underscores (armv8.2_1).
+    assert _variant_of("libggml-cpu-haswell.so") == "haswell"
+    assert _variant_of("libggml-cpu-armv8.2_1.so") == "armv8.2_1"
+    assert _variant_of("libggml-cpu-armv9.2_2.so") == "armv9.2_2"
+    assert _variant_of("libggml-cpu.so") == "cpu"
+    assert _variant_of("libggml-cpu-apple_m1.dylib") == "apple_m1"
+    assert _variant_of("libggml-base.so") is None

@@ -81,13 +81,19 @@ def test_close_from_another_thread_during_generation(libdir: Path, tiny_model: P
         th = threading.Thread(target=run); th.start()
         started.wait(60); llm.close(); th.join(60)
         print(json.dumps({"alive": th.is_alive(), "n": len(got), "errors": errors,
+                          "finish": llm._outcome.finish_reason,
                           "closed": llm.closed, "after": err(lambda: llm.tokenize("x"))}))
         """,
         tiny_model,
     )
     r = json.loads(out)
     assert not r["alive"] and r["closed"] and 0 < r["n"] < 1500
-    assert r["errors"] and r["errors"][0].startswith("ClosedError: this Llama")
+    # close() cancels first: a step that sees the cancel ends the generation as cancelled;
+    # one that comes after the free raises ClosedError. Either way it stops, and cleanly.
+    if r["errors"]:
+        assert r["errors"] == [r["errors"][0]] and r["errors"][0].startswith("ClosedError: this")
+    else:
+        assert r["finish"] == "cancelled"
     assert r["after"].startswith("ClosedError")
 
 

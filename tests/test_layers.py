@@ -26,7 +26,8 @@ LAYERS: dict[str, int] = {
         ("errors", "pin", "platform", "targets", "settings", "_version", "tinymodel", "_cdef"), 0
     ),
     **dict.fromkeys(
-        ("manifest", "choice", "cache", "_archive", "_download", "install", "_source"), 1
+        ("manifest", "choice", "cache", "_archive", "_download", "install", "_source", "_cross"),
+        1,
     ),
     **dict.fromkeys(("_fetch", "_build", "info"), 2),
     **dict.fromkeys(("_ffi", "loader", "lowlevel", "_gguf"), 3),

