@@ -306,16 +306,21 @@ def test_remove_takes_what_it_names_and_only_that(hf_hub: Hub) -> None:
 
 
 def test_from_pretrained_matches_one_file_and_then_needs_no_hub(
-    hf_hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hf_hub: Hub, libdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from nexabind import Llama
+
     with pytest.raises(ModelNotFoundError, match=r"3 files \(.*\) in acme/tiny-GGUF match"):
         hub.from_pretrained(TINY, "*.gguf")
     with pytest.raises(ModelNotFoundError, match=r"No file in acme/tiny-GGUF match '\*Q2_K\*'"):
         hub.from_pretrained(TINY, "*Q2_K*")
-    first = hub.from_pretrained(TINY, "*Q8_0.gguf")
-    assert first.name == "tiny-Q8_0.gguf"
+    with Llama.from_pretrained(TINY, "*Q8_0.gguf", n_ctx=64, lib_path=libdir) as llm:
+        assert Path(llm.model_path).name == "tiny-Q8_0.gguf"
     seen = len(hf_hub.log)
-    assert hub.from_pretrained(TINY, "*Q8_0.gguf") == first and len(hf_hub.log) == seen
+    path = hub.from_pretrained(TINY, "*Q8_0.gguf")
+    assert path == Path(llm.model_path) and len(hf_hub.log) == seen
+    (m,) = hub.models()
+    assert m.last_used is not None  # loading it counts as a use
     # A split model from its first part's name; extra files; a folder of one's own.
     first = hub.from_pretrained(SPLIT, "*00001-of-00003.gguf")
     assert [p.exists() for p in hub.find(SPLIT).paths] == [True] * 3 and first.exists()
