@@ -462,6 +462,17 @@ class Llama:
     def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         return chat_mod.prompt_tokens(self._check().model, messages, template=self.chat_template)
 
+    def chat_tokens(self, text: str, seen: tuple[str, Sequence[int]] | None = None) -> list[int]:
+        """Tokenize a prompt :meth:`format_chat` rendered, continuing from what the model saw.
+
+        With ``seen`` (the text of the previous prompt and its reply, and the tokens the model
+        saw for them: the prompt's, then the generated ids) and a ``text`` that starts with
+        that text, the result is those tokens plus only the tokens of what follows, so a
+        follow-up turn passed to :meth:`generate` decodes only its new tokens (see
+        :func:`nexabind.chat.continue_prompt`).
+        """
+        return chat_mod.continue_prompt(self._check().model, text, seen)
+
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
         """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.
 
