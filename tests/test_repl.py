@@ -1,12 +1,15 @@
-"""The chat REPL: turns that decode only their new tokens, save/load, cancel, the commands."""
+"""The chat REPL: turns that decode only their new tokens, save/load, cancel, the commands, and
+the REPL in a real pseudo-terminal (typing, streaming, Ctrl-C, /clear, history)."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from nexabind import Llama
@@ -112,3 +115,65 @@ def test_the_commands(llm: Llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert text in said, text
     assert len(re.findall(r"\[prompt \d+ tokens: \d+ decoded", said)) == 2
     assert conv.messages[-2] == {"role": "user", "content": "two \nlines"}
+
+
+# -- in a pseudo-terminal -----------------------------------------------------------------------
+
+#: A template that writes the conversation as one text, so a base model continues it.
+PLAIN = "{% for m in messages %}{{ m.content }}{% endfor %}"
+STATS = re.compile(
+    r"\[prompt (\d+) tokens: (\d+) decoded, (\d+) cached; reply (\d+) tokens, [\d.]+ tok/s; "
+    r"(\w+)\]"
+)
+
+
+def test_the_repl_in_a_terminal(gemma: Path, libdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "plain.jinja").write_text(PLAIN)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm"}
+    args = ["-m", "nexabind", "run", str(gemma), "--chat-template", str(tmp_path / "plain.jinja")]
+    args += ["--temp", "0", "-n", "16", "-c", "512", "--stats"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120)
+
+    def stats() -> tuple[int, ...]:
+        child.expect(STATS)
+        m = child.match
+        return (*map(int, m.groups()[:4]), m.group(5))
+
+    try:
+        child.expect_exact(">>> ")
+        child.send("Once upon a time, a dragon\r")
+        child.expect_exact("Once upon a time, a dragon\r\n")  # typed, echoed
+        child.expect(r"\w")  # the reply streams: its first word is there before it ends
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        p1, d1, c1, g1, why = stats()
+        assert why == "cancelled" and 0 < g1 < 16 and (d1, c1) == (p1, 0)
+
+        child.expect_exact(">>> ")  # Ctrl-C stopped the reply, not the REPL
+        child.send(" said\r")
+        p2, d2, c2, g2, why = stats()
+        assert why == "length" and g2 == 16
+        # Only the new text (and the one reply token sampled but not decoded) was decoded.
+        assert c2 == p1 + g1 - 1 and d2 == p2 - c2 and d2 <= p2 - (p1 + g1) + 1 <= 4
+
+        child.expect_exact(">>> ")
+        child.send("/clear\r")
+        child.expect_exact("conversation cleared")
+        child.expect_exact(">>> ")
+        child.send("A cat\r")
+        p3, d3, c3, g3, why = stats()
+        assert p3 < p1 and d3 == p3 - c3  # the conversation is gone
+
+        child.expect_exact(">>> ")
+        child.sendintr()  # at the prompt: the REPL stays
+        child.expect_exact("/exit or Ctrl-D to leave")
+        child.expect_exact(">>> ")
+        child.send("\x1b[A")  # up: the last line comes back from the history
+        child.expect_exact("A cat")
+        child.send("\x15/exit\r")  # Ctrl-U clears the line
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    history = (tmp_path / "state" / "nexabind" / "repl-history").read_text()
+    assert "Once upon a time, a dragon" in history and "/clear" in history
