@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nexabind._version import __version__
 from nexabind.errors import (
     AbiMismatchError,
     BuildError,
@@ -22,6 +23,7 @@ from nexabind.errors import (
     LibraryNotFoundError,
     ManifestError,
     ModelLoadError,
+    ModelNotFoundError,
     NexabindError,
     SessionNotFoundError,
     StateError,
@@ -29,8 +31,6 @@ from nexabind.errors import (
     TemplateError,
     UnsafeArchiveError,
 )
-
-__version__ = "0.1.0"
 
 # Public names that live in modules with heavy imports, resolved on first access (PEP 562).
 _LAZY = {
@@ -67,6 +67,7 @@ __all__ = [
     "Llama",
     "ManifestError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "NexabindError",
     "SessionNotFoundError",
     "StateError",

@@ -12,12 +12,13 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from nexabind.errors import ModelLoadError
 
-__all__ = ["MAX_LAYERS", "check", "read_metadata"]
+__all__ = ["MAX_LAYERS", "Summary", "check", "read_metadata", "summarize"]
 
 #: llama.cpp's LLAMA_MAX_LAYERS and LLAMA_MAX_EXPERTS.
 MAX_LAYERS = 512
@@ -52,10 +53,49 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         ModelLoadError: Not a GGUF file, or its header is cut short or malformed.
     """
+    return _read(path, lambda buf, p: _scan(buf, p, vocab=True)[0])
+
+
+class Summary(NamedTuple):
+    """What a GGUF file's header says about the model, without its vocabulary.
+
+    Attributes:
+        metadata: Scalar and string keys, and ``"<key>#"`` array lengths (as
+            :func:`read_metadata`, but the token texts are not collected).
+        n_params: Elements of the tensors this file describes (the parameters; one part's
+            share for a split model).
+        n_tensors: Tensors this file describes.
+    """
+
+    metadata: dict[str, Any]
+    n_params: int
+    n_tensors: int
+
+
+def summarize(path: str | os.PathLike[str]) -> Summary:
+    """Read a GGUF file's metadata and count its tensors' parameters, from the header alone.
+
+    Faster than :func:`read_metadata` on a large vocabulary: the token texts are skipped.
+
+    Raises:
+        ModelLoadError: Not a GGUF file, or its header is cut short or malformed.
+    """
+
+    def scan(buf: Any, p: Path) -> Summary:
+        meta, off, n_tensors = _scan(buf, p, vocab=False)
+        return Summary(meta, _count_params(buf, off, n_tensors), n_tensors)
+
+    return _read(path, scan)
+
+
+_T = TypeVar("_T")
+
+
+def _read(path: str | os.PathLike[str], scan: Callable[[Any, Path], _T]) -> _T:
     path = Path(path)
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _scan(buf, path)
+            return scan(buf, path)
     except (OSError, ValueError) as e:
         msg = f"cannot read {path} as a GGUF file: {e}"
         raise ModelLoadError(msg) from e
@@ -64,12 +104,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelLoadError(msg) from None
 
 
-def _scan(buf: Any, path: Path) -> dict[str, Any]:
+def _scan(buf: Any, path: Path, *, vocab: bool) -> tuple[dict[str, Any], int, int]:
+    """The metadata, the offset where the tensor infos start, and the tensor count."""
     if buf[:4] != b"GGUF":
         msg = f"{path} is not a GGUF file (it does not start with 'GGUF')"
         raise ModelLoadError(msg)
     _need(buf, 0, 24)
-    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         msg = f"{path} is GGUF version {version}; llama.cpp reads versions 2 and 3"
         raise ModelLoadError(msg)
@@ -103,22 +144,49 @@ def _scan(buf: Any, path: Path) -> dict[str, Any]:
                 size = struct.calcsize(_SCALARS[etype]) * count
                 _need(buf, off, size)
                 off += size
-            elif etype == _STRING and key == _TOKENS:
+            elif etype == _STRING and key == _TOKENS and vocab:
                 off = _tokens(buf, off, count, out)
             elif etype == _STRING:
-                for _ in range(count):
-                    _need(buf, off, 8)
-                    (n,) = unpack("<Q", buf, off)
-                    off += 8 + n
-                _need(buf, 0, off)
+                off = _skip_strings(buf, off, count)
             else:
                 raise _Truncated  # llama.cpp refuses nested arrays too
         else:
             raise _Truncated
-    return out
+    return out, off, n_tensors
+
+
+def _count_params(buf: Any, off: int, n_tensors: int) -> int:
+    """Sum the element counts of the tensor infos that start at ``off``."""
+    total = 0
+    unpack = struct.unpack_from
+    for _ in range(n_tensors):
+        _need(buf, off, 8)
+        (n,) = unpack("<Q", buf, off)
+        off += 8 + n
+        _need(buf, off, 4)
+        (n_dims,) = unpack("<I", buf, off)
+        if n_dims > 8:  # GGML_MAX_DIMS is 4
+            raise _Truncated
+        _need(buf, off + 4, 8 * n_dims + 12)
+        dims = unpack(f"<{n_dims}Q", buf, off + 4)
+        off += 4 + 8 * n_dims + 12  # dims, then the type (u32) and the data offset (u64)
+        total += math.prod(dims)
+    return total
 
 
 _U64 = struct.Struct("<Q").unpack_from
+
+
+def _skip_strings(buf: Any, off: int, count: int) -> int:
+    """The offset after ``count`` strings that start at ``off``."""
+    try:
+        for _ in range(count):
+            (n,) = _U64(buf, off)
+            off += 8 + n
+    except (struct.error, OverflowError):
+        raise _Truncated from None
+    _need(buf, 0, off)
+    return off
 
 
 def _tokens(buf: Any, off: int, count: int, out: dict[str, Any]) -> int:

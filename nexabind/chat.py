@@ -24,6 +24,7 @@ __all__ = [
     "RENDER_TIMEOUT",
     "apply_builtin_template",
     "check_messages",
+    "continue_prompt",
     "format_chat",
     "format_messages",
     "prompt_tokens",
@@ -281,3 +282,26 @@ def tokenize_prompt(model: lowlevel.Model, text: str) -> list[int]:
     bos = _special_text(model, model.bos)
     add_bos = not (bos and text.startswith(bos))
     return model.tokenize(text, add_special=add_bos, parse_special=True)
+
+
+def continue_prompt(
+    model: lowlevel.Model, text: str, seen: tuple[str, Sequence[int]] | None
+) -> list[int]:
+    """Tokenize a rendered chat prompt that may extend what the model already saw.
+
+    A reply's text, rendered back into the next prompt, may tokenize differently from the
+    tokens the model generated (``" Hello"`` as one token or two), which would make the KV
+    cache diverge where the reply starts. When ``text`` starts with the text the model saw,
+    the prompt is the tokens it saw plus only what the template adds after them (the end of
+    the turn, the new message), so a follow-up turn decodes only its new tokens.
+
+    Args:
+        model: Tokenizes the new part.
+        text: The prompt, rendered with the whole conversation.
+        seen: ``(text, tokens)`` the model saw last: the previous prompt and its reply, as
+            text and as the prompt's tokens followed by the generated ids; None for none.
+    """
+    if seen is not None and text.startswith(seen[0]):
+        rest = text[len(seen[0]) :]
+        return [*seen[1], *model.tokenize(rest, add_special=False, parse_special=True)]
+    return tokenize_prompt(model, text)

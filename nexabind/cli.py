@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from nexabind import cache, settings
+from nexabind import cache, cli_models, settings
 from nexabind._build import build
 from nexabind._fetch import fetch
 from nexabind._version import __version__
@@ -68,10 +68,36 @@ def _status_lines(quiet: bool = False) -> Iterator[None]:
         logger.setLevel(level)
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class _Group(click.Group):
+    """A group with aliases: other names of its commands, listed apart in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aliases: dict[str, str] = {}  # alias -> what it stands for, e.g. "lib list"
+
+    def alias(self, name: str, command: click.Command, target: str) -> None:
+        """Let ``name`` run ``command``, shown in ``--help`` as ``name = nexabind target``."""
+        self.add_command(command, name)
+        self.aliases[name] = target
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [n for n in super().list_commands(ctx) if n not in self.aliases]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_commands(ctx, formatter)
+        if self.aliases:
+            rows = [(n, f"= nexabind {t}") for n, t in sorted(self.aliases.items())]
+            with formatter.section("Aliases (older or other names, still working)"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="nexabind")
 def cli() -> None:
-    """Prebuilt llama.cpp for Python: fetch, build, inspect and run it."""
+    """Prebuilt llama.cpp for Python: fetch, build, inspect and run it.
+
+    Models from the Hugging Face hub: pull, models, rm, run. The llama.cpp library: lib.
+    """
 
 
 # Commands are added below, one section per area (build, fetch and cache, binding).
@@ -318,3 +344,24 @@ def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
             click.echo(f"device:      {dev['name']} ({dev['description']})")
         click.echo(f"generated:   {report['tokens']} ({report['tok_per_s']} tok/s)")
     click.echo("nexabind doctor: OK", err=True)
+
+
+# --- names ---------------------------------------------------------------------------------
+# Models take the top-level verbs (pull, models, rm, run); the library's commands live under
+# `nexabind lib`, and their first names (fetch, build, list, ...) stay as aliases.
+
+
+@click.group("lib", cls=_Group, context_settings=CONTEXT_SETTINGS)
+def lib_group() -> None:
+    """The llama.cpp library: fetch or build it, list, verify and clean the installs."""
+
+
+for _name in ("fetch", "build", "list", "verify", "which", "clean"):
+    _cmd = cli.commands[_name]
+    lib_group.add_command(_cmd, _name)
+    cli.aliases[_name] = f"lib {_name}"
+cli.add_command(lib_group)
+for _name, _cmd in cli_models.COMMANDS.items():
+    cli.add_command(_cmd, _name)
+for _name, _target in cli_models.ALIASES.items():
+    cli.alias(_name, cli_models.COMMANDS[_target], _target)

@@ -352,13 +352,9 @@ class Engine:
             text = chat.format_chat(model, [*history, *task.messages], template=self.chat_template)
             task.prompt_text = text
             turn = session.turn if session is not None else None
-            if turn is not None and text.startswith(turn[0] + turn[2]):
-                # Continue from what the model saw: the tokens of the last prompt and its
-                # reply, then only what the template adds after that (end of turn, new turn).
-                rest = text[len(turn[0]) + len(turn[2]) :]
-                tokens = turn[1] + model.tokenize(rest, add_special=False, parse_special=True)
-            else:
-                tokens = chat.tokenize_prompt(model, text)
+            # Continue from what the model saw: the last prompt and its reply.
+            seen = None if turn is None else (turn[0] + turn[2], turn[1])
+            tokens = chat.continue_prompt(model, text, seen)
         else:
             if prompt is None:
                 msg = "a completion task needs prompt= (text or token ids)"

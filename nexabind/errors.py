@@ -11,6 +11,7 @@
     │   ├── ChecksumMismatchError   size or sha256 differs from the manifest
     │   └── UnsafeArchiveError      an archive member would land outside its folder
     ├── CacheError                the cache is missing what was asked for, or is damaged
+    ├── ModelNotFoundError        no such model on the hub or in its cache           (+ ValueError)
     ├── ClosedError               a model, context, sampler or Llama was used after close()
     ├── ModelLoadError            a model file could not be loaded               (+ ValueError)
     ├── ContextError              a context could not be created                 (+ ValueError)
@@ -45,6 +46,7 @@ __all__ = [
     "LibraryNotFoundError",
     "ManifestError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "NexabindError",
     "SessionNotFoundError",
     "StateError",
@@ -88,6 +90,11 @@ class UnsafeArchiveError(DownloadError):
 
 class CacheError(NexabindError):
     """The cache lacks what was asked for, or an installed entry changed."""
+
+
+class ModelNotFoundError(NexabindError, ValueError):
+    """No such model: an unknown repository, one without a GGUF model, an unknown quantization
+    or file, or (offline) a model the cache does not hold."""
 
 
 class ClosedError(NexabindError):

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from nexabind import _embed, _state, lowlevel, openai
+from nexabind import _embed, _state, hub, lowlevel, openai
 from nexabind import chat as chat_mod
 from nexabind._sequence import KVSequence, Request
 from nexabind.errors import ClosedError, ContextError, StateError
@@ -143,6 +143,42 @@ class Llama:
         self._seq = KVSequence(self._ctx, self._closed_message())
         self._outcome = Outcome()
         self._metadata: dict[str, str] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str | None = None,
+        additional_files: list[str] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_dir_use_symlinks: bool | str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> Llama:
+        """Create a Llama from a model on the Hugging Face hub (llama-cpp-python's call).
+
+        Args:
+            repo_id: ``OWNER/REPO``.
+            filename: The model file, or a glob that matches exactly one file of the
+                repository (``"*Q4_K_M.gguf"``); a split model's other parts come along.
+                None chooses as ``nexabind pull`` does (Q4_K_M, else Q8_0, else the first).
+            additional_files: More files or globs to download beside it.
+            local_dir: Download into this folder instead of the hub cache.
+            local_dir_use_symlinks: Ignored (huggingface_hub no longer uses it).
+            cache_dir: The hub cache (default: as huggingface_hub finds it, ``HF_HUB_CACHE``).
+            **kwargs: For the constructor (``n_ctx``, ``n_gpu_layers``, ...).
+
+        Unlike llama-cpp-python, a model already in the cache (or in ``local_dir``) is loaded
+        without asking the hub anything; ``nexabind pull`` looks for newer versions.
+
+        Raises:
+            ModelNotFoundError: No file or several match ``filename``, or the repository does
+                not exist (also a ``ValueError``).
+            DownloadError: The download failed (see :func:`nexabind.hub.pull`).
+        """
+        path = hub.from_pretrained(repo_id, filename, additional_files, local_dir, cache_dir)
+        hub.mark_used(path)
+        return cls(path, **kwargs)
 
     @property
     def n_decoded_tokens(self) -> int:
@@ -425,6 +461,17 @@ class Llama:
 
     def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         return chat_mod.prompt_tokens(self._check().model, messages, template=self.chat_template)
+
+    def chat_tokens(self, text: str, seen: tuple[str, Sequence[int]] | None = None) -> list[int]:
+        """Tokenize a prompt :meth:`format_chat` rendered, continuing from what the model saw.
+
+        With ``seen`` (the text of the previous prompt and its reply, and the tokens the model
+        saw for them: the prompt's, then the generated ids) and a ``text`` that starts with
+        that text, the result is those tokens plus only the tokens of what follows, so a
+        follow-up turn passed to :meth:`generate` decodes only its new tokens (see
+        :func:`nexabind.chat.continue_prompt`).
+        """
+        return chat_mod.continue_prompt(self._check().model, text, seen)
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
         """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.

@@ -12,6 +12,7 @@ SPM vocabulary, which needs no file at all.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def write_random_model(
     spec: ModelSpec | None = None,
     *,
     vocab: str | os.PathLike[str] | None = None,
+    split_max_tensors: int = 0,
 ) -> Path:
     """Write a llama-architecture GGUF with seeded random weights.
 
@@ -93,9 +95,12 @@ def write_random_model(
         spec: Model shape and seed; ``ModelSpec()`` when omitted.
         vocab: A GGUF file to copy the tokenizer from (e.g. one of llama.cpp's
             ``models/ggml-vocab-*.gguf``); a built-in byte-level vocabulary when omitted.
+        split_max_tensors: Split the model into files of at most this many tensors, named
+            as llama.cpp's gguf-split names them (``NAME-00001-of-0000N.gguf`` beside
+            ``path``); 0 writes one file.
 
     Returns:
-        The path written.
+        The path written (the first part of a split model).
     """
     import numpy as np
     from gguf import GGUFValueType as T
@@ -114,7 +119,7 @@ def write_random_model(
     rng = np.random.default_rng(spec.seed)
 
     path = Path(path)
-    writer = GGUFWriter(None, "llama")
+    writer = GGUFWriter(None, "llama", split_max_tensors=split_max_tensors)
     writer.add_name(f"nexabind-random-{spec.n_embd}x{spec.n_layer}-seed{spec.seed}")
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
@@ -159,10 +164,15 @@ def write_random_model(
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=1.0))
 
-    tmp = path.with_name(path.name + ".part")
-    writer.write_header_to_file(tmp)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
-    return path
+    # Written in a folder of its own beside the result, then renamed into place: nothing
+    # half-written ever has the final name.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        writer.write_header_to_file(staged)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        parts = writer.format_shard_names(staged)
+        for part in parts:
+            os.replace(part, path.with_name(part.name))
+    return path.with_name(parts[0].name)

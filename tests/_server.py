@@ -12,6 +12,9 @@ in order, then it serves normally again:
 - ``"stall:S"``: send the headers, then nothing for S seconds, then the body;
 - ``"slow:BPS"``: send the body at about BPS bytes per second;
 - ``"redirect:URL"``: answer 302 to URL (URL may hold ``{path}``).
+
+A plan for ``path`` applies to GET requests; ``"HEAD <path>"`` plans the HEAD requests of a
+server that answers them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import http.server
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ class Request:
 
     path: str
     headers: dict[str, str]
+    method: str = "GET"
     port: int = 0  # the client's port: one per TCP connection
     status: int = 0
     sent: int = 0
@@ -58,10 +63,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         st = self.state
         path = self.path.split("?")[0]
-        req = Request(path, dict(self.headers), port=self.client_address[1])
+        # Header names as Title-Case: clients differ (httpx sends them lower-case).
+        headers = {k.title(): v for k, v in self.headers.items()}
+        req = Request(path, headers, self.command, port=self.client_address[1])
         with st.lock:
             st.log.append(req)
-            queue = st.plans.get(path)
+            queue = st.plans.get(path if self.command == "GET" else f"{self.command} {path}")
             action = queue.pop(0) if queue else st.default
         req.action = action
         # The client may hang up first (a timeout, a killed process): not the server's error.
@@ -77,14 +84,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, req: Request, action: str | None) -> None:
         kind, _, arg = (action or "").partition(":")
-        if kind in ("500", "503", "404"):
-            body = f"{kind} on purpose\n".encode()
-            self._status(req, int(kind), {"Content-Length": str(len(body))})
-            self.wfile.write(body)
-            return
-        if kind == "redirect":
-            target = arg.replace("{path}", req.path)
-            self._status(req, 302, {"Location": target, "Content-Length": "0"})
+        if self._refuse(req, kind, arg):
             return
         file = (self.state.root / req.path.lstrip("/")).resolve()
         if not file.is_relative_to(self.state.root.resolve()) or not file.is_file():
@@ -95,31 +95,61 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
         etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
-        start, end = 0, len(data) - 1
+        self._send(req, action, len(data), lambda start, n: data[start : start + n], etag)
+
+    def _refuse(self, req: Request, kind: str, arg: str) -> bool:
+        """Answer the status and redirect actions; whether one was answered."""
+        if kind in ("500", "503", "404"):
+            body = f"{kind} on purpose\n".encode()
+            self._status(req, int(kind), {"Content-Length": str(len(body))})
+            self.wfile.write(body)
+            return True
+        if kind == "redirect":
+            target = arg.replace("{path}", req.path)
+            self._status(req, 302, {"Location": target, "Content-Length": "0"})
+            return True
+        return False
+
+    def _send(
+        self,
+        req: Request,
+        action: str | None,
+        size: int,
+        read: Callable[[int, int], bytes],
+        etag: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Serve ``size`` bytes that ``read(start, n)`` gives, honouring ``Range`` / ``If-Range``
+        and the body actions (``truncate``, ``ignore-range``, ``stall``, ``slow``); a HEAD
+        request gets the headers only. ``tamper`` is the caller's to apply in ``read``."""
+        kind, _, arg = (action or "").partition(":")
+        start, end = 0, size - 1
         rng = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("Range", ""))
         if_range = req.headers.get("If-Range")
         partial = rng is not None and kind != "ignore-range" and if_range in (None, etag)
-        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        headers = {**(headers or {}), "ETag": etag, "Accept-Ranges": "bytes"}
         if partial:
             start = int(rng.group(1))
-            end = int(rng.group(2)) if rng.group(2) else len(data) - 1
-            if start >= len(data):
-                headers.update({"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
+            end = int(rng.group(2)) if rng.group(2) else size - 1
+            if start >= size:
+                headers.update({"Content-Range": f"bytes */{size}", "Content-Length": "0"})
                 self._status(req, 416, headers)
                 return
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        body = data[start : end + 1]
-        headers["Content-Length"] = str(len(body))
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        n = end + 1 - start
+        headers["Content-Length"] = str(n)
         self._status(req, 206 if partial else 200, headers)
+        if self.command == "HEAD":
+            return
         if kind == "stall":
             self.wfile.flush()
             time.sleep(float(arg))
         if kind == "truncate":
-            body = body[: int(arg)]
+            n = min(n, int(arg))
         step = 64 << 10
         bps = float(arg) if kind == "slow" else 0.0
-        for i in range(0, len(body), step):
-            chunk = body[i : i + step]
+        for i in range(0, n, step):
+            chunk = read(start + i, min(step, n - i))
             self.wfile.write(chunk)
             req.sent += len(chunk)
             if bps:

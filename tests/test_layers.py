@@ -23,14 +23,25 @@ PACKAGE = Path(nexabind.__file__).parent
 #: manifest's compatibility check read it, so it sits with the ground modules.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ("errors", "pin", "platform", "targets", "settings", "_version", "tinymodel", "_cdef"), 0
+        (
+            "errors",
+            "pin",
+            "platform",
+            "targets",
+            "settings",
+            "_version",
+            "tinymodel",
+            "_cdef",
+            "_gguf",
+        ),
+        0,
     ),
     **dict.fromkeys(
         ("manifest", "choice", "cache", "_archive", "_download", "install", "_source", "_cross"),
         1,
     ),
-    **dict.fromkeys(("_fetch", "_build", "info"), 2),
-    **dict.fromkeys(("_ffi", "loader", "lowlevel", "_gguf"), 3),
+    **dict.fromkeys(("_fetch", "_build", "info", "hub"), 2),
+    **dict.fromkeys(("_ffi", "loader", "lowlevel"), 3),
     **dict.fromkeys(
         (
             "sampling",
@@ -48,9 +59,8 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("llama", "_sequence", "_probe"), 5),
     **dict.fromkeys(("engine", "_scheduler", "doctor"), 6),
     "backends": 7,
-    "hub": 8,
     "server": 9,
-    **dict.fromkeys(("cli", "repl", "__main__"), 10),
+    **dict.fromkeys(("cli", "cli_models", "repl", "__main__"), 10),
 }
 
 #: The layers whose modules import nexabind modules at the top only.
