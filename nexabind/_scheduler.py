@@ -279,11 +279,14 @@ class Scheduler:
             return session.slot if session.slot.task is None else None
         unowned = [s for s in free if s.session is None]
         if session is None and unowned:
-            # The slot whose cache shares the longest prefix with the prompt (llama-server's
-            # prompt similarity), the least recently used among equals.
-            return max(unowned, key=lambda s: (self._common(s, task.tokens), -s.used))
+            # The slot whose cache shares the longest prefix with the prompt, when that prefix
+            # is a real part of it (llama-server's prompt similarity, 10%); else an empty slot,
+            # else the least recently used one: a cache that helps no one goes first.
+            best = max(unowned, key=lambda s: (self._common(s, task.tokens), -s.used))
+            if self._common(best, task.tokens) > max(1, len(task.tokens) // 10):
+                return best
         if unowned:
-            return min(unowned, key=lambda s: s.used)
+            return min(unowned, key=lambda s: (s.n > 0, s.used))
         idle = [s for s in free if s.session is not None and not s.session.busy]
         if not idle:
             return None
