@@ -122,6 +122,12 @@ def cli() -> None:
     metavar="OS-ARCH",
     help="Cross-build for linux-arm64 or windows-x86_64 (cpu, with --out) [default: this machine].",
 )
+@click.option(
+    "--with-server",
+    is_flag=True,
+    help="Build llama-server instead (after the library; for serve --engine llama-server) and "
+    "print its folder.",
+)
 def build_cmd(
     variant: str,
     source: str | None,
@@ -132,6 +138,7 @@ def build_cmd(
     jobs: int | None,
     cmake_args: tuple[str, ...],
     target: str | None,
+    with_server: bool,
 ) -> None:
     """Build llama.cpp from source for this machine (cached), like the release CI does.
 
@@ -151,6 +158,7 @@ def build_cmd(
                 cmake_args=cmake_args,
                 jobs=jobs,
                 target=target,
+                with_server=with_server,
             )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
