@@ -245,7 +245,16 @@ def test_bad_input_fails_that_task_only(engine: Engine, libdir: Path, tiny_model
         engine.create_task(prompt="x", session="nope")
     with pytest.raises(KeyError, match="no task 123456"):
         engine.result(123456)
+    with pytest.raises(ValueError, match="logit_bias token 99999 is outside the vocabulary"):
+        engine.create_task(prompt="x", logit_bias={99999: -1.0})
+    # A grammar that does not parse fails when its task starts, in the scheduler thread: that
+    # task fails, and the engine goes on.
+    bad = engine.create_task(prompt="x", grammar='root ::= "a', **GREEDY)
+    with pytest.raises(ValueError):
+        engine.result(bad, timeout=60)
     assert engine.result(good, timeout=60)["usage"]["completion_tokens"] == 3
+    after = engine.create_task(prompt="Hello", max_tokens=2, **GREEDY)
+    assert engine.result(after, timeout=60)["usage"]["completion_tokens"] == 2
 
 
 def test_queue_full_and_timeouts(libdir: Path, tiny_model: Path) -> None:
