@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from nexabind import cache, cli_models, settings
+from nexabind import cache, cli_models, cli_serve, settings
 from nexabind._build import build
 from nexabind._fetch import fetch
 from nexabind._version import __version__
@@ -371,5 +371,6 @@ for _name in ("fetch", "build", "list", "verify", "which", "clean"):
 cli.add_command(lib_group)
 for _name, _cmd in cli_models.COMMANDS.items():
     cli.add_command(_cmd, _name)
+cli.add_command(cli_serve.serve_cmd, "serve")
 for _name, _target in cli_models.ALIASES.items():
     cli.alias(_name, cli_models.COMMANDS[_target], _target)

@@ -565,6 +565,11 @@ class Engine:
             self.err = e
             raise
 
+    def token_to_piece(self, token: int) -> bytes:
+        """The bytes of ``token`` (what names a top log-probability in the OpenAI shapes)."""
+        self._scheduler()
+        return self._model.token_to_piece(token)
+
     # -- OpenAI shapes ------------------------------------------------------------------------
 
     def completion(self, task_id: int, *, model: str | None = None) -> dict[str, Any]:
