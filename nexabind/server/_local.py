@@ -141,6 +141,7 @@ class LocalBackend:
     def cancel_all(self) -> None:
         engine = self.engine
         for call in list(self.calls):
+            call.cut = "the server is shutting down: the request was cancelled"
             if engine is not None and call.task is not None:
                 engine.cancel(call.task)
 
@@ -358,7 +359,10 @@ class LocalBackend:
             try:
                 for chunk in shape(tid):
                     put("data", sse(chunk))
-                put("data", DONE)
+                if call.cut is not None:
+                    put("data", sse(HTTPError(503, call.cut).body()))
+                else:
+                    put("data", DONE)
             except Exception as e:  # noqa: BLE001 - sent as the stream's error event
                 err = to_http(e)
                 put("data", sse(err.body()))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -295,6 +296,10 @@ def serve(options: ServeOptions) -> int:
             if loop is not None:
                 loop.call_soon_threadsafe(gateway.begin_shutdown)
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # uvicorn raises the signal again once it has shut down (the process would end
+                # killed by it); a graceful stop on SIGTERM exits 0 instead.
+                self._captured_signals.remove(sig)
 
     config = uvicorn.Config(
         app, host=options.host, port=options.port, log_config=None, access_log=False,

@@ -96,6 +96,7 @@ class Call:
         self.permit = permit
         self.arrived = arrived
         self.task: Any = None  # the engine's handle, to cancel it
+        self.cut: str | None = None  # why the server cancelled it (its stream ends with an error)
         self.first_token: float | None = None
 
 
