@@ -55,7 +55,6 @@ class Metrics:
         self.generated_tokens = 0
         self.queue_wait = Histogram()
         self.ttft = Histogram()
-        self.restarts = 0
 
     def request_done(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -79,7 +78,7 @@ class Metrics:
         with self.lock:
             return sum(n for (_, s), n in self.requests.items() if s == status)
 
-    def render(self, tokens_per_second: float, state: str) -> str:
+    def render(self, tokens_per_second: float, state: str, restarts: int = 0) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
 
         def head(name: str, kind: str, help: str) -> list[str]:
@@ -111,7 +110,7 @@ class Metrics:
             )  # fmt: skip
             lines += self.ttft.lines("nexabind_time_to_first_token_seconds")
             lines += head("engine_restarts_total", "counter", "Restarts of a supervised engine.")
-            lines.append(f"nexabind_engine_restarts_total {self.restarts}")
+            lines.append(f"nexabind_engine_restarts_total {restarts}")
             lines += head("ready", "gauge", "1 when the model is loaded and serving.")
             lines.append(f"nexabind_ready {1 if state == 'ok' else 0}")
         return "\n".join(lines) + "\n"

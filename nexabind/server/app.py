@@ -199,7 +199,8 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         })  # fmt: skip
 
     def metrics_text(request: Request) -> Response:
-        text = metrics.render(backend.tokens_per_second(), gateway.health()[1]["status"])
+        restarts = int(backend.status().get("restarts") or 0)
+        text = metrics.render(backend.tokens_per_second(), gateway.health()[1]["status"], restarts)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def not_found(request: Request, exc: Exception) -> Response:
