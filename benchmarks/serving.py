@@ -6,6 +6,8 @@ then one JSON line per ``RUN``, ``QUIT``). KIND:
     engine          nexabind.Engine in this process; the client streams are threads here
     llama-server    llama-server started from CONFIG's ``server`` path on a loopback port, the
                     client streams are threads here speaking its streaming /completion API
+    gateway         ``nexabind serve`` (its gateway and the in-process Engine) on a loopback
+                    port, with the same slots, context and threads as llama-server
 
 CONFIG's ``mode`` picks what a RUN measures:
 
@@ -13,6 +15,11 @@ CONFIG's ``mode`` picks what a RUN measures:
                     all started together; aggregate tokens/s = their tokens / the wall time
     ttft            ``busy`` streams decode in the background; then one new request with a
                     ``probe`` prompt arrives: the time to its first token
+    load            (llama-server, gateway) ``clients`` threads each send ``requests`` streamed
+                    chat requests (/v1/chat/completions, ``n_gen`` tokens) one after another:
+                    aggregate tokens/s, time to first token p50 / p99, errors by kind
+    rss             (gateway, llama-server) ``total`` short streamed chat requests from
+                    ``clients`` threads; the server's RSS after each ``every`` of them
 
 Every request bans the model's end-of-generation tokens (a logit bias), so every stream
 produces exactly ``n_gen`` tokens on both sides.
@@ -92,17 +99,13 @@ class EngineSide:
 
 
 class ServerSide:
+    name = "llama-server"
+
     def __init__(self, cfg: dict[str, Any]) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        argv = [
-            cfg["server"], "-m", cfg["model"], "--host", "127.0.0.1", "--port", str(self.port),
-            "-np", str(cfg["n_parallel"]), "-c", str(cfg["n_ctx"]), "-b", str(cfg["n_batch"]),
-            "-t", str(cfg["threads"]), "-tb", str(cfg["threads"]), "-fa", "on", "--kv-unified",
-            "--no-webui", "--log-disable",
-        ]  # fmt: skip
-        env = {**os.environ, "LD_LIBRARY_PATH": str(Path(cfg["server"]).parent)}
+        argv, env = self.command(cfg)
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
@@ -110,7 +113,7 @@ class ServerSide:
         while True:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode()[-3000:] if self.proc.stderr else ""
-                msg = f"llama-server exited with {self.proc.returncode}: {err}"
+                msg = f"{self.name} exited with {self.proc.returncode}: {err}"
                 raise SystemExit(msg)
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -120,10 +123,63 @@ class ServerSide:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                msg = "llama-server did not become ready in 300 s"
+                msg = f"{self.name} did not become ready in 300 s"
                 raise SystemExit(msg)
             time.sleep(0.2)
         self.ban = [[int(t), False] for t in cfg["ban"]]
+        self.bias = {str(t): -100 for t in cfg["ban"]}
+
+    def command(self, cfg: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        argv = [
+            cfg["server"], "-m", cfg["model"], "--host", "127.0.0.1", "--port", str(self.port),
+            "-np", str(cfg["n_parallel"]), "-c", str(cfg["n_ctx"]), "-b", str(cfg["n_batch"]),
+            "-t", str(cfg["threads"]), "-tb", str(cfg["threads"]), "-fa", "on", "--kv-unified",
+            "--no-webui", "--log-disable",
+        ]  # fmt: skip
+        if cfg.get("chat_template"):
+            argv += ["--chat-template", cfg["chat_template"]]
+        return argv, {**os.environ, "LD_LIBRARY_PATH": str(Path(cfg["server"]).parent)}
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1])
+
+    def chat(
+        self, messages: list[dict[str, str]], n_gen: int, first: list[float]
+    ) -> tuple[int, str | None]:
+        """One streamed chat request (OpenAI's API): (tokens generated, error or None)."""
+        body = json.dumps({
+            "messages": messages, "max_tokens": n_gen, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "logit_bias": self.bias,
+        })  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        try:
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                resp.read()
+                return 0, f"HTTP {resp.status}"
+            n = 0
+            for line in resp:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    return n, None
+                msg = json.loads(payload)
+                if "error" in msg:
+                    return n, "error event"
+                choices = msg.get("choices") or []
+                if not first and choices and (choices[0].get("delta") or {}).get("content"):
+                    first.append(perf())
+                if msg.get("usage"):
+                    n = int(msg["usage"]["completion_tokens"])
+            return n, "no [DONE]"
+        except OSError as e:
+            return 0, type(e).__name__
+        finally:
+            conn.close()
 
     def cpu(self) -> float:
         return _cpu_of(self.proc.pid) + time.process_time()
@@ -180,6 +236,115 @@ class ServerSide:
             self.proc.wait()
 
 
+class GatewaySide(ServerSide):
+    """``nexabind serve``: the gateway in front of the in-process Engine."""
+
+    name = "nexabind serve"
+
+    def command(self, cfg: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        argv = [
+            sys.executable, "-m", "nexabind", "serve", cfg["model"], "--port", str(self.port),
+            "-np", str(cfg["n_parallel"]), "-c", str(cfg["n_ctx"]), "-t", str(cfg["threads"]),
+            "--max-queue", str(cfg.get("max_queue", 4096)), "--queue-timeout", "3600",
+            "--quiet", "--lib-path", cfg["libdir"],
+        ]  # fmt: skip
+        if cfg.get("chat_template"):
+            argv += ["--chat-template", cfg["chat_template"]]
+        return argv, dict(os.environ)
+
+
+_TOPICS = ["the sea", "a fox", "old maps", "rain", "a lantern", "the moon", "bread", "trains"]
+
+
+def _messages(k: int, j: int) -> list[dict[str, str]]:
+    topic = _TOPICS[(k + j) % len(_TOPICS)]
+    return [{"role": "user", "content": f"Request {k}.{j}: tell me a story about {topic}."}]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, round(q * (len(v) - 1)))]
+
+
+def load(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    clients, per, n_gen = cfg["clients"], cfg["requests"], cfg["n_gen"]
+    ttfts: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(k: int) -> None:
+        barrier.wait()
+        for j in range(per):
+            first: list[float] = []
+            t0 = perf()
+            n, err = side.chat(_messages(k, j), n_gen, first)
+            if first:
+                ttfts.append(first[0] - t0)
+            tokens.append(n)
+            if err:
+                errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    c0 = side.cpu()
+    barrier.wait()
+    t0 = perf()
+    for t in threads:
+        t.join()
+    seconds = perf() - t0
+    kinds: dict[str, int] = {}
+    for e in errors:
+        kinds[e] = kinds.get(e, 0) + 1
+    return {
+        "seconds": seconds,
+        "cpu_s": side.cpu() - c0,
+        "requests": clients * per,
+        "tokens": sum(tokens),
+        "short": sum(1 for n in tokens if n != n_gen),
+        "tok_per_s": sum(tokens) / seconds,
+        "ttft_p50": _pct(ttfts, 0.5),
+        "ttft_p99": _pct(ttfts, 0.99),
+        "errors": kinds,
+        "rss_kib": side.rss_kib(),
+    }
+
+
+def rss(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    total, clients, every, n_gen = cfg["total"], cfg["clients"], cfg["every"], cfg["n_gen"]
+    lock = threading.Lock()
+    issued = done = 0
+    samples: list[tuple[int, int]] = [(0, side.rss_kib())]
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        nonlocal issued, done
+        while True:
+            with lock:
+                if issued >= total:
+                    return
+                issued += 1
+                j = issued
+            _, err = side.chat(_messages(k, j), n_gen, [])
+            with lock:
+                done += 1
+                if err:
+                    errors.append(err)
+                if done % every == 0:
+                    samples.append((done, side.rss_kib()))
+
+    t0 = perf()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"seconds": perf() - t0, "requests": done, "samples": samples, "errors": len(errors)}
+
+
 def throughput(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     prompts, n_gen = cfg["prompts"][: cfg["streams"]], cfg["n_gen"]
     counts: list[int] = []
@@ -222,8 +387,8 @@ def ttft(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     kind, cfg = argv[1], json.loads(argv[2])
-    side = EngineSide(cfg) if kind == "engine" else ServerSide(cfg)
-    measure = throughput if cfg["mode"] == "throughput" else ttft
+    side = {"engine": EngineSide, "llama-server": ServerSide, "gateway": GatewaySide}[kind](cfg)
+    measure = {"throughput": throughput, "ttft": ttft, "load": load, "rss": rss}[cfg["mode"]]
     emit({"ready": True})
     for line in sys.stdin:
         cmd = line.strip()
