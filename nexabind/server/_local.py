@@ -272,7 +272,7 @@ class LocalBackend:
                 finish(outcome, "".join(texts))
 
         def shape(tid: int) -> Any:
-            call.task = tid
+            self._attach(engine, call, tid)
             outcome = engine.outcome(tid)
             out = shaped(tokens_of(tid, outcome, []), outcome)
             if stream and usage:
@@ -299,7 +299,7 @@ class LocalBackend:
             tid = engine.create_task("embedding", input=body["input"])
         else:
             tid = engine.create_task("rerank", query=body["query"], documents=body["documents"])
-        call.task = tid
+        self._attach(engine, call, tid)
         try:
             res = engine.result(tid)
         finally:
@@ -316,6 +316,21 @@ class LocalBackend:
 
     # -- running in the worker threads --------------------------------------------------------
 
+    def _attach(self, engine: Engine, call: Call, tid: int) -> None:
+        """Note a call's task; cancel it at once when its client is already gone."""
+        call.task = tid
+        if call.gone:
+            with contextlib.suppress(KeyError, ClosedError):
+                engine.cancel(tid)
+
+    def _abandon(self, call: Call) -> None:
+        """The client went away: cancel its task, now or as soon as it exists."""
+        call.gone = True
+        engine = self.engine
+        if engine is not None and call.task is not None:
+            with contextlib.suppress(KeyError, ClosedError):
+                engine.cancel(call.task)
+
     async def _blocking(self, call: Call, work: Callable[[], Any]) -> Any:
         """Run ``work`` in a worker; its engine errors become HTTP answers."""
         loop = asyncio.get_running_loop()
@@ -323,10 +338,7 @@ class LocalBackend:
         try:
             return await loop.run_in_executor(self.pool, work)
         except asyncio.CancelledError:  # the client went away: stop its task
-            engine = self.engine
-            if engine is not None and call.task is not None:
-                with contextlib.suppress(KeyError, ClosedError):
-                    engine.cancel(call.task)
+            self._abandon(call)
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
             raise to_http(e) from None
@@ -354,7 +366,7 @@ class LocalBackend:
             except BaseException as e:  # noqa: BLE001 - handed to the request
                 put("fail", e)
                 return
-            call.task = tid
+            self._attach(engine, call, tid)
             put("started", tid)
             try:
                 for chunk in shape(tid):
@@ -375,6 +387,7 @@ class LocalBackend:
             loop.run_in_executor(self.pool, work)
             kind, value = await q.get()
         except BaseException:
+            self._abandon(call)
             self.calls.discard(call)
             call.permit.release()
             raise
@@ -397,6 +410,5 @@ class LocalBackend:
                 yield value
         finally:
             self.calls.discard(call)
-            if not ended and call.task is not None:  # the client went away: stop the task
-                with contextlib.suppress(KeyError, ClosedError):
-                    engine.cancel(call.task)
+            if not ended:  # the client went away: stop the task
+                self._abandon(call)

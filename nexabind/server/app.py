@@ -138,8 +138,6 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             except BaseException:
                 call.permit.release()
                 raise
-            finally:
-                gateway.note_duration(time.monotonic() - call.arrived)
         except HTTPError as e:
             return error(e)
         except _ClientGone:

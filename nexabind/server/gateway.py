@@ -75,6 +75,7 @@ class Permit:
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._lock = threading.Lock()
+        self._since = time.monotonic()
         self.released = False
 
     def release(self) -> None:
@@ -83,10 +84,11 @@ class Permit:
                 return
             self.released = True
         g = self._gateway
+        held = time.monotonic() - self._since
         if threading.get_ident() == g.loop_thread:
-            g._release()
+            g._release(held)
         else:
-            g.loop.call_soon_threadsafe(g._release)
+            g.loop.call_soon_threadsafe(g._release, held)
 
 
 class Call:
@@ -97,6 +99,7 @@ class Call:
         self.arrived = arrived
         self.task: Any = None  # the engine's handle, to cancel it
         self.cut: str | None = None  # why the server cancelled it (its stream ends with an error)
+        self.gone = False  # the client went away: a task created from now on is cancelled
         self.first_token: float | None = None
 
 
@@ -338,17 +341,15 @@ class Gateway:
         with contextlib.suppress(ValueError):
             self.waiters.remove(fut)
 
-    def _release(self) -> None:
+    def _release(self, held: float) -> None:
         """A call ended (on the loop): count it, hand its slot to the next waiter."""
+        self._busy = 0.8 * self._busy + 0.2 * held
         self.in_flight -= 1
         now = time.monotonic()
         self.last_used = now
         with self.metrics.lock:
             self.metrics.processing -= 1
         self._release_slot()
-
-    def note_duration(self, seconds: float) -> None:
-        self._busy = 0.8 * self._busy + 0.2 * seconds
 
     def _release_slot(self) -> None:
         while self.waiters:
