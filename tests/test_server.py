@@ -4,6 +4,7 @@ SSE framing, the gateway's queue, keys, disconnects, idle unload and SIGTERM."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -170,8 +171,7 @@ def test_a_disconnect_mid_stream_frees_the_slot(server: Served) -> None:
     )
     assert len(read_events(resp, 3)) == 3
     assert server.get("/slots")[1]["slots_busy"] == 1
-    conn.sock.close()  # the client goes away without a word
-    conn.close()
+    _drop(conn)  # the client goes away without a word
     deadline = time.monotonic() + 30
     while (slots := server.get("/slots")[1])["slots_busy"] and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -203,6 +203,13 @@ def test_a_session_keeps_its_conversation(server: Served) -> None:
 
 
 # -- the gateway -------------------------------------------------------------------------------
+
+
+def _drop(conn: Any) -> None:
+    """Go away without a word: the socket is shut, whatever still refers to it."""
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.sock.close()
+    conn.close()
 
 
 def _hold(server: Served) -> tuple[Any, Any]:
@@ -242,8 +249,7 @@ def test_queue_overflow_answers_exactly_the_expected_429s(
         assert [st for st, _ in results] == [429] * 7
         assert s.metric('nexabind_requests_total{endpoint="/v1/completions",status="429"}') == 7
         for conn, _ in holders:
-            conn.sock.close()
-            conn.close()
+            _drop(conn)
         status, _, r = s.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
         assert status == 200
         assert s.metric('nexabind_requests_total{endpoint="/v1/completions",status="429"}') == 7
@@ -263,7 +269,7 @@ def test_the_openai_client_retries_after_retry_after(
     args = ("-np", "1", "-c", "8192", "--max-queue", "0")
     with Served(tiny_model, *args, log=tmp_path / "log") as s:
         conn, _ = _hold(s)
-        threading.Timer(0.5, lambda: (conn.sock.close(), conn.close())).start()
+        threading.Timer(0.5, _drop, args=(conn,)).start()
         client = _client(
             s, max_retries=2, http_client=httpx.Client(event_hooks={"response": [note]})
         )
@@ -365,3 +371,32 @@ def test_embeddings_and_rerank(
         scores = [r["relevance_score"] for r in body["results"]]
         assert scores == sorted(scores, reverse=True)
         assert all(r["document"]["text"] == docs[r["index"]] for r in body["results"])
+
+
+def test_a_client_that_leaves_the_queue_takes_no_slot(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    import http.client
+
+    with Served(tiny_model, "-np", "1", "-c", "8192", log=tmp_path / "log") as s:
+        holder, _ = _hold(s)
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        waiting.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 500}),
+                        {"Content-Type": "application/json"})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while s.metric("nexabind_requests_deferred") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _drop(waiting)  # gone while it waited for a slot
+        while s.metric("nexabind_requests_deferred") > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.metric("nexabind_requests_deferred") == 0
+        _drop(holder)
+        while s.get("/slots")[1]["slots_busy"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        slots = s.get("/slots")[1]
+        assert (slots["slots_busy"], slots["in_flight"], slots["waiting"]) == (0, 0, 0), slots
+        assert s.metric('nexabind_requests_total{endpoint="/v1/completions",status="499"}') == 1
+        before = slots["generated_tokens"]
+        time.sleep(0.3)
+        assert s.get("/slots")[1]["generated_tokens"] == before  # nothing runs for it
