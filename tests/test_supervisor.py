@@ -154,7 +154,7 @@ def test_llama_server_engine_killed_mid_run_is_restarted(
         pid = s.get("/slots")[1]["pid"]
         conn, resp = s.open_stream("/v1/completions", {
             "prompt": "Once", "max_tokens": 100_000, "temperature": 0,
-            "logit_bias": [[2, False]],
+            "logit_bias": {"2": -100},
         })  # fmt: skip
         assert len(read_events(resp, 2)) == 2
         os.kill(pid, signal.SIGKILL)
