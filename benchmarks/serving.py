@@ -27,6 +27,7 @@ produces exactly ``n_gen`` tokens on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -49,6 +50,15 @@ def _cpu_of(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _die_with_parent() -> None:
+    """In the server's child: SIGTERM when this worker dies (the harness kills workers)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
 
 
 class EngineSide:
@@ -107,8 +117,9 @@ class ServerSide:
             self.port = s.getsockname()[1]
         argv, env = self.command(cfg)
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-        )
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
