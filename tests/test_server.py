@@ -120,6 +120,8 @@ def test_bad_input_is_a_4xx_naming_the_field_never_a_500(server: Served) -> None
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ({"messages": CHAT, "seed": -1}, 400, "seed"),
         ({"messages": CHAT, "temperature": True}, 400, "temperature"),
+        ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ]  # fmt: skip
     for body, status, param in cases:
         got, _, answer = server.post("/v1/chat/completions", body)

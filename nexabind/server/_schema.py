@@ -182,6 +182,20 @@ def embed_input(name: str, v: Any) -> list[str]:
     return v
 
 
+def unsupported(what: str) -> Callable[[str, Any], Any]:
+    """A field this server does not serve yet: refused by name rather than ignored."""
+
+    def check(name: str, v: Any) -> Any:
+        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
+            return v
+        if name in ("tools", "functions") and v == []:
+            return v
+        msg = f"'{name}' ({what}) is not supported by this server yet; leave it out"
+        raise SchemaError(name, msg)
+
+    return check
+
+
 _GENERATION: dict[str, Field] = {
     "model": Field(string),
     "max_tokens": Field(integer(1)),
@@ -206,6 +220,9 @@ _GENERATION: dict[str, Field] = {
 #: ``POST /v1/chat/completions``
 CHAT: dict[str, Field] = {
     **_GENERATION,
+    "response_format": Field(unsupported("structured output")),
+    "tools": Field(unsupported("tool calls")),
+    "functions": Field(unsupported("tool calls")),
     "messages": Field(objects(1), required=True, nullable=False),
     "max_completion_tokens": Field(integer(1)),
     "logprobs": Field(boolean),
