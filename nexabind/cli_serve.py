@@ -86,8 +86,13 @@ def serve_cmd(
     Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/rerank, /v1/models,
     /health, /slots and /metrics. Needs the server extra: pip install 'nexabind[server]'.
     """
+    import gc
     import logging
 
+    # The entry point raises the collector's threshold for short commands; a server runs for
+    # days, and with that threshold the reference cycles of finished requests (asyncio tasks,
+    # exceptions) pile up between collections and RSS climbs in steps. Python's default back.
+    gc.set_threshold(700, 10, 10)
     try:
         from nexabind.server import ServeOptions, serve
     except ImportError as e:
