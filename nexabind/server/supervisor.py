@@ -121,6 +121,7 @@ class Supervisor:
         self.restarts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        self._poke = threading.Event()  # check the process now
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._tail: deque[str] = deque(maxlen=30)
@@ -145,6 +146,7 @@ class Supervisor:
             SupervisorError: It exited or was not ready within ``ready_timeout``.
         """
         self._stopping.clear()
+        self._poke.clear()
         self.state = "starting"
         try:
             self._spawn_ready()
@@ -161,6 +163,7 @@ class Supervisor:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``stop_timeout``; the watcher restarts nothing after."""
         self._stopping.set()
+        self._poke.set()
         self._kill()
         watcher = self._watcher
         if watcher is not None and watcher is not threading.current_thread():
@@ -231,16 +234,19 @@ class Supervisor:
         while not self._stopping.is_set():
             proc = self.proc
             assert proc is not None
-            if self._stopping.wait(self.health_interval if proc.poll() is None else 0):
-                return
             if proc.poll() is None:
+                if self._poke.wait(self.health_interval):
+                    self._poke.clear()
+                if self._stopping.is_set():
+                    return
                 ok = _health(self.port) == 200
-                self.state = "ready" if ok else "degraded"
-                if time.monotonic() - started > self.stable_after:
-                    delay = self.backoff[0]
-                continue
+                if proc.poll() is None:  # still running after the check
+                    self.state = "ready" if ok else "degraded"
+                    if time.monotonic() - started > self.stable_after:
+                        delay = self.backoff[0]
+                    continue
             self.state = "degraded"
-            log.warning("llama-server exited with code %s; restarting in %gs", proc.returncode,
+            log.warning("llama-server exited with code %s; restarting in %gs", proc.wait(),
                         delay)  # fmt: skip
             if self._stopping.wait(delay):
                 return
@@ -256,10 +262,11 @@ class Supervisor:
             log.info("llama-server restarted (pid %s, port %d)", self.pid, self.port)
 
     def wake(self) -> None:
-        """Check the process now (after a request saw the connection fail)."""
-        proc = self.proc
-        if proc is not None and proc.poll() is not None and not self._stopping.is_set():
+        """A request's connection to it broke: degraded until the watcher, checking now, finds
+        it answering (or restarts it)."""
+        if not self._stopping.is_set():
             self.state = "degraded"
+            self._poke.set()
 
 
 def _connects(port: int) -> bool:
