@@ -308,3 +308,19 @@ def text_of(tokens: Sequence[int], model: Path, libdir: Path) -> str:
     with lowlevel.Model(model, vocab_only=True) as m:
         data = b"".join(m.token_to_piece(t) for t in tokens)
     return data.decode("utf-8", "replace")
+
+
+def gemma_path() -> tuple[Path | None, str]:
+    """Gemma 3 270M (NEXABIND_BENCH_GEMMA, else shared/models/gemma-3-270m.sh above the
+    checkout), or None and why it is left out."""
+    if os.environ.get("NEXABIND_BENCH_GEMMA"):
+        return Path(os.environ["NEXABIND_BENCH_GEMMA"]), ""
+    for folder in HERE.parents:
+        script = folder / "shared" / "models" / "gemma-3-270m.sh"
+        if script.is_file():
+            proc = subprocess.run([str(script)], capture_output=True, text=True)
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode == 0 and lines and Path(lines[-1]).is_file():
+                return Path(lines[-1]), ""
+            return None, f"{script} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+    return None, "Gemma 3 270M left out: set NEXABIND_BENCH_GEMMA to its .gguf"

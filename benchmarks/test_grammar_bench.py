@@ -23,9 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,22 +104,6 @@ def _lcpp_grammar_module() -> Any:
 def lcpp_gbnf(schema: dict[str, Any]) -> str:
     """The GBNF llama-cpp-python's converter makes of ``schema``."""
     return _lcpp_grammar_module().json_schema_to_gbnf(json.dumps(schema))
-
-
-def gemma_path() -> tuple[Path | None, str]:
-    """Gemma 3 270M (NEXABIND_BENCH_GEMMA, else shared/models/gemma-3-270m.sh above the
-    checkout), or None and why it is left out."""
-    if os.environ.get("NEXABIND_BENCH_GEMMA"):
-        return Path(os.environ["NEXABIND_BENCH_GEMMA"]), ""
-    for folder in harness.HERE.parents:
-        script = folder / "shared" / "models" / "gemma-3-270m.sh"
-        if script.is_file():
-            proc = subprocess.run([str(script)], capture_output=True, text=True)
-            lines = proc.stdout.strip().splitlines()
-            if proc.returncode == 0 and lines and Path(lines[-1]).is_file():
-                return Path(lines[-1]), ""
-            return None, f"{script} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
-    return None, "Gemma 3 270M left out: set NEXABIND_BENCH_GEMMA to its .gguf"
 
 
 # -- the contenders, in worker processes -----------------------------------------------------
@@ -245,7 +227,7 @@ def _spawn(bench: Any, kind: str, cfg: dict[str, Any]) -> harness.Worker:
 def test_json_schema_per_token(benchmark: Any, rows: Any, bench: Any, model_name: str) -> None:
     section = "structured output: time per token"
     if model_name == "gemma":
-        path, why = gemma_path()
+        path, why = harness.gemma_path()
         if path is None:
             rows(section, "Gemma 3 270M", "all", 0, "-", note=why)
             return
@@ -347,7 +329,7 @@ def test_schema_compile(benchmark: Any, rows: Any, bench: Any) -> None:
     from nexabind.grammar import GrammarMatcher, LlamaGrammar
 
     section = "structured output: compiling a schema"
-    path, why = gemma_path()
+    path, why = harness.gemma_path()
     vocab_name = "Gemma 3 270M" if path else "100mb model"
     lowlevel.lib(bench.libdir)
     model = lowlevel.Model(path or bench.models["100mb"], vocab_only=True)

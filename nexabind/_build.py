@@ -29,7 +29,7 @@ from nexabind.errors import BuildError
 from nexabind.install import install_archive
 from nexabind.platform import target as host_target
 
-__all__ = ["build", "probe_source"]
+__all__ = ["build", "probe_source", "server_binary"]
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,35 @@ def _update_manifest(out: Path, entry: dict[str, Any]) -> Path:
     return path
 
 
+def _key_parts(
+    source: str | os.PathLike[str] | None,
+    src: Path,
+    os_name: str,
+    arch: str,
+    variant: str,
+    flags: list[str],
+    compiler: str,
+) -> list[Any]:
+    """What a build's cache key hashes: the source (the pinned commit, or a tree's path),
+    target, variant, flags and compiler."""
+    source_id = pin.LLAMA_COMMIT if _source.origin(src) is not None or source is None else str(src)
+    return [source_id, os_name, arch, variant, flags, compiler]
+
+
+def _build_dir(
+    build_cache: str | os.PathLike[str] | None,
+    target: tuple[str, str, str],
+    key_parts: list[Any],
+    kind: str = "",
+) -> tuple[str, Path]:
+    """A build's cache key and its folder (created): <commit>-<target key><kind>-<key>."""
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
+    name = f"{pin.LLAMA_COMMIT}-{targets.key(*target)}{kind}-{key}"
+    bdir = _source.build_cache_dir(build_cache) / name
+    bdir.mkdir(parents=True, exist_ok=True)
+    return key, bdir
+
+
 def build(
     variant: str = "cpu",
     *,
@@ -342,6 +371,7 @@ def build(
     jobs: int | None = None,
     progress: bool | None = None,
     target: str | None = None,
+    with_server: bool = False,
 ) -> Path:
     """Build llama.cpp for this host (or reuse the cached build) and stage an artifact.
 
@@ -362,6 +392,10 @@ def build(
             cross toolchain, the ABI probe run under qemu-user or wine (see
             :mod:`nexabind._cross`); default: this host. Only the ``cpu`` variant, and not
             with ``install``.
+        with_server: Build llama-server instead (after the library, with
+            :data:`nexabind.targets.SERVER_FLAGS`, a build of its own in the cache) and return
+            its folder: ``bin/llama-server`` beside the library build's libraries (see
+            :func:`server_binary`). Not with ``out``, ``install`` or ``target``.
 
     Returns:
         The staged artifact folder (``lib/``, ``include/``, ``abi.json``, ...); with
@@ -370,6 +404,11 @@ def build(
     Raises:
         BuildError: Missing tools, unsupported variant or target, bad source or a failed build.
     """
+    if with_server:
+        if out is not None or install or target:
+            msg = "--with-server builds llama-server alone; drop --out, --install and --target"
+            raise BuildError(msg)
+        return _build_server(variant, source, build_cache, sdist, cmake_args, jobs, progress)
     host = host_target()
     os_name, arch = targets.parse_target(target) if target else host
     flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args]
@@ -391,18 +430,14 @@ def build(
         cc = cross.cc
     compiler = _compiler_version(cc)
     fetched = _source.origin(src)
-    source_id = pin.LLAMA_COMMIT if fetched is not None or source is None else str(src)
-    key_parts: list[Any] = [source_id, os_name, arch, variant, flags, compiler]
+    key_parts = _key_parts(source, src, os_name, arch, variant, flags, compiler)
     if cross is not None:
         # The toolchain's content is part of the key, not its path (one per checkout).
         key_parts.append(["cross", *cross.cmake_flags, cross.fingerprint()])
         flags = [*cross.flags(), *flags]
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
-    name = f"{pin.LLAMA_COMMIT}-{targets.key(os_name, arch, variant)}-{key}"
-    bdir = _source.build_cache_dir(build_cache) / name
+    key, bdir = _build_dir(build_cache, (os_name, arch, variant), key_parts)
     stage = bdir / "artifact"
     marker = stage / _BUILD_MARKER
-    bdir.mkdir(parents=True, exist_ok=True)
     import datetime
     import platform
 
@@ -457,3 +492,92 @@ def build(
     if install:
         return install_archive(archive, entry, pin.RELEASE)
     return stage
+
+
+def _stage_server(cdir: Path, libs: Path, stage: Path) -> None:
+    """``stage/bin``: llama-server and the libraries it built (common, mtmd...), then the
+    library build's own ``libs`` over them (libllama, ggml and its backend modules); its rpath
+    is $ORIGIN."""
+    exe = "llama-server.exe" if sys.platform == "win32" else "llama-server"
+    built = cdir / "bin" / exe
+    if not built.is_file():
+        msg = f"the build finished but {built} is missing; see the build log in {cdir.parent}"
+        raise BuildError(msg)
+    bin_dir = stage / "bin"
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    bin_dir.mkdir(parents=True)
+    shutil.copy2(built, bin_dir / exe)
+    for folder in (cdir / "bin", libs):
+        for f in sorted(folder.iterdir()):
+            name = f.name
+            if not (name.endswith(_LIB_SUFFIXES) or ".so." in name):
+                continue
+            (bin_dir / name).unlink(missing_ok=True)
+            if f.is_symlink():
+                (bin_dir / name).symlink_to(os.readlink(f))
+            elif f.is_file():
+                shutil.copy2(f, bin_dir / name)
+
+
+def _build_server(
+    variant: str,
+    source: str | os.PathLike[str] | None,
+    build_cache: str | os.PathLike[str] | None,
+    sdist: str | os.PathLike[str] | None,
+    cmake_args: tuple[str, ...],
+    jobs: int | None,
+    progress: bool | None,
+) -> Path:
+    """llama-server for ``variant`` on this host, cached under a key of the library's flags
+    plus :data:`~nexabind.targets.SERVER_FLAGS`; returns the staged folder (``bin/``)."""
+    libs = build(variant, source=source, build_cache=build_cache, sdist=sdist,
+                 cmake_args=cmake_args, jobs=jobs, progress=progress) / "lib"  # fmt: skip
+    os_name, arch = host_target()
+    flags = [*targets.cmake_flags(os_name, arch, variant), *cmake_args, *targets.SERVER_FLAGS]
+    source = settings.LLAMA_SOURCE.get(source)
+    src = _source.ensure_source(source, build_cache=build_cache, sdist=sdist)
+    cmake, cc, ninja = _require_tools()
+    compiler = _compiler_version(cc)
+    parts = _key_parts(source, src, os_name, arch, variant, flags, compiler)
+    key, bdir = _build_dir(build_cache, (os_name, arch, variant), parts, "-server")
+    stage = bdir / "artifact"
+    marker = stage / _BUILD_MARKER
+    from filelock import FileLock
+
+    with FileLock(str(bdir / ".lock")):
+        if marker.is_file():
+            log.info("cache hit, llama-server in %s", stage / "bin")
+            return stage
+        log.info("building llama-server %s (%s) in %s", pin.LLAMA_COMMIT, variant, bdir)
+        cdir = bdir / "cmake"
+        log_path = bdir / "build.log"
+        log_path.write_text("")
+        gen = ["-G", "Ninja"] if ninja else []
+        configure = [cmake, "-S", str(src), "-B", str(cdir), *gen, *flags]
+        _run_logged(configure, log_path, label="cmake configure", progress=False)
+        cmd = [cmake, "--build", str(cdir), "--config", "Release", "--target", "llama-server"]
+        if jobs:
+            cmd += ["--parallel", str(jobs)]
+        shown = sys.stderr.isatty() if progress is None else progress
+        _run_logged(cmd, log_path, label="cmake build", progress=shown)
+        _stage_server(cdir, libs, stage)
+        info = {"llama_commit": pin.LLAMA_COMMIT, "variant": variant, "cmake_flags": flags,
+                "compiler": compiler, "libraries": str(libs)}  # fmt: skip
+        (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        marker.write_text(json.dumps({"key": key}) + "\n")
+        log.info("llama-server built; log in %s", log_path)
+    return stage
+
+
+def server_binary(build_cache: str | os.PathLike[str] | None = None) -> Path | None:
+    """The llama-server a finished ``build(with_server=True)`` of the pinned commit left in the
+    build cache for this host (the newest, when several variants were built), or None."""
+    os_name, arch = host_target()
+    exe = "llama-server.exe" if os_name == "windows" else "llama-server"
+    root = _source.build_cache_dir(build_cache)
+    found = [
+        p / "artifact" / "bin" / exe
+        for p in root.glob(f"{pin.LLAMA_COMMIT}-{os_name}-{arch}-*-server-*")
+        if (p / "artifact" / _BUILD_MARKER).is_file() and (p / "artifact" / "bin" / exe).is_file()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

@@ -266,8 +266,16 @@ class Scheduler:
                 slot = self._slot_for(task)
                 if slot is None:
                     left.append(task)
-                else:
-                    self._start(slot, task)
+                    continue
+                assert task.req is not None
+                try:
+                    sampler = build_sampler(self.model, task.req.opts, self.n_ctx_slot)
+                except (NexabindError, ValueError) as e:
+                    # A logit bias outside the vocabulary, a grammar that does not parse:
+                    # that task fails, the slot and every other task go on.
+                    self._finish(task, "stop", e)
+                    continue
+                self._start(slot, task, sampler)
         return left
 
     def _slot_for(self, task: Task) -> Slot | None:
@@ -334,7 +342,7 @@ class Scheduler:
         slot.tokens[: len(tokens)] = tokens
         slot.n = len(tokens)
 
-    def _start(self, slot: Slot, task: Task) -> None:
+    def _start(self, slot: Slot, task: Task, sampler: lowlevel.SamplerChain) -> None:
         import numpy as np
 
         session = task.session
@@ -363,7 +371,7 @@ class Scheduler:
         slot.state = _PROMPT
         slot.prompt = np.asarray(tokens, dtype=np.int32)
         slot.i_prompt = n
-        slot.sampler = build_sampler(self.model, req.opts, self.n_ctx_slot)
+        slot.sampler = sampler
         slot.dec = codecs.getincrementaldecoder("utf-8")("replace").decode
         slot.matcher = StopMatcher(req.stops) if req.stops else None
         slot.n_gen = 0

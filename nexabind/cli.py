@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from nexabind import cache, cli_models, settings
+from nexabind import cache, cli_models, cli_serve, settings
 from nexabind._build import build
 from nexabind._fetch import fetch
 from nexabind._version import __version__
@@ -122,6 +122,12 @@ def cli() -> None:
     metavar="OS-ARCH",
     help="Cross-build for linux-arm64 or windows-x86_64 (cpu, with --out) [default: this machine].",
 )
+@click.option(
+    "--with-server",
+    is_flag=True,
+    help="Build llama-server instead (after the library; for serve --engine llama-server) and "
+    "print its folder.",
+)
 def build_cmd(
     variant: str,
     source: str | None,
@@ -132,6 +138,7 @@ def build_cmd(
     jobs: int | None,
     cmake_args: tuple[str, ...],
     target: str | None,
+    with_server: bool,
 ) -> None:
     """Build llama.cpp from source for this machine (cached), like the release CI does.
 
@@ -151,6 +158,7 @@ def build_cmd(
                 cmake_args=cmake_args,
                 jobs=jobs,
                 target=target,
+                with_server=with_server,
             )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e
@@ -363,5 +371,6 @@ for _name in ("fetch", "build", "list", "verify", "which", "clean"):
 cli.add_command(lib_group)
 for _name, _cmd in cli_models.COMMANDS.items():
     cli.add_command(_cmd, _name)
+cli.add_command(cli_serve.serve_cmd, "serve")
 for _name, _target in cli_models.ALIASES.items():
     cli.alias(_name, cli_models.COMMANDS[_target], _target)

@@ -322,8 +322,11 @@ class Engine:
         if n_top is not None and n_top < 0:
             msg = f"logprobs={logprobs!r} is invalid; use True/False or a number >= 0"
             raise ValueError(msg)
+        opts = _sampling_options(sampling)
+        if opts.logit_bias:
+            self._model.check_tokens(list(opts.logit_bias), "logit_bias token")
         return Request(
-            _sampling_options(sampling),
+            opts,
             max_tokens=max_tokens,
             stops=[stop] if isinstance(stop, str) else list(stop or []),
             want_logprobs=n_top is not None or bool(logprobs),
@@ -561,6 +564,11 @@ class Engine:
         except BaseException as e:
             self.err = e
             raise
+
+    def token_to_piece(self, token: int) -> bytes:
+        """The bytes of ``token`` (what names a top log-probability in the OpenAI shapes)."""
+        self._scheduler()
+        return self._model.token_to_piece(token)
 
     # -- OpenAI shapes ------------------------------------------------------------------------
 

@@ -26,7 +26,11 @@ __all__ = [
     "completion",
     "completion_chunks",
     "embedding_list",
+    "error",
     "finish_reason",
+    "model_list",
+    "rerank_list",
+    "with_usage",
 ]
 
 Piece = Callable[[int], bytes]
@@ -263,16 +267,92 @@ def _floats(v: Sequence[float]) -> list[float]:
     return tolist() if tolist is not None else [float(x) for x in v]
 
 
+def _base64(v: Sequence[float]) -> str:
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+
 def embedding_list(
-    vectors: Iterable[Sequence[float]], *, model: str, prompt_tokens: int
+    vectors: Iterable[Sequence[float]],
+    *,
+    model: str,
+    prompt_tokens: int,
+    encoding_format: str = "float",
 ) -> dict[str, Any]:
-    """The ``list`` of ``embedding`` objects, one per input, in input order."""
+    """The ``list`` of ``embedding`` objects, one per input, in input order.
+
+    Args:
+        vectors: One vector per input.
+        model: The ``model`` field.
+        prompt_tokens: Tokens read, for ``usage``.
+        encoding_format: ``float`` (lists of numbers) or ``base64`` (the little-endian float32
+            bytes, base64-encoded: what OpenAI's Python client asks for by default).
+    """
+    encode = _base64 if encoding_format == "base64" else _floats
     data = [
-        {"object": "embedding", "embedding": _floats(v), "index": i} for i, v in enumerate(vectors)
+        {"object": "embedding", "embedding": encode(v), "index": i} for i, v in enumerate(vectors)
     ]
     return {
         "object": "list",
         "data": data,
         "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+# -- server shapes -------------------------------------------------------------------------------
+
+
+def with_usage(chunks: Iterable[dict[str, Any]], outcome: Outcome) -> Iterator[dict[str, Any]]:
+    """Stream chunks as ``stream_options.include_usage`` asks: ``"usage": null`` on each, then
+    one more chunk with no choices and the usage of the whole request (read from ``outcome``
+    once the chunks are done)."""
+    last = None
+    for c in chunks:
+        last = c
+        yield {**c, "usage": None}
+    if last is not None:
+        yield {**last, "choices": [], "usage": _usage(outcome)}
+
+
+def error(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_list(ids: Iterable[str], *, created: int, owned_by: str = "nexabind") -> dict[str, Any]:
+    """``GET /v1/models``: the ``list`` of ``model`` objects."""
+    data = [{"id": i, "object": "model", "created": created, "owned_by": owned_by} for i in ids]
+    return {"object": "list", "data": data}
+
+
+def rerank_list(
+    scores: Sequence[float],
+    *,
+    model: str,
+    prompt_tokens: int,
+    documents: Sequence[str] | None = None,
+    top_n: int | None = None,
+) -> dict[str, Any]:
+    """A rerank response (llama.cpp's server and Jina's shape): ``results`` sorted by
+    ``relevance_score``, best first, each with the document's ``index`` (and the document
+    itself when ``documents`` is given), at most ``top_n`` of them."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or len(scores)]
+    results: list[dict[str, Any]] = []
+    for i in order:
+        r: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+        if documents is not None:
+            r["document"] = {"text": documents[i]}
+        results.append(r)
+    return {
+        "object": "list",
+        "model": model,
+        "results": results,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }

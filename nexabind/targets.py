@@ -16,6 +16,7 @@ __all__ = [
     "COMMON_FLAGS",
     "FLAGS",
     "LIBRARY_NAMES",
+    "SERVER_FLAGS",
     "OSES",
     "VARIANTS",
     "artifact_name",
@@ -60,6 +61,26 @@ _CUDA = (*_CPU_ALL, "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=61;70;75;80;86
 _VULKAN = (*_CPU_ALL, "-DGGML_VULKAN=ON")
 
 #: Extra CMake flags per (os, arch, variant); a missing key is an unsupported combination.
+#: CMake flags a llama-server build adds to its variant's (``nexabind build --with-server``):
+#: llama-server and what it needs (the common library, the tools folder), without the web UI
+#: (it would be downloaded or built with npm) and without HTTPS (it listens on loopback behind
+#: nexabind's gateway). Later ``-D`` values win over the ``OFF`` ones of :data:`COMMON_FLAGS`.
+#: No ggml backend is built: llama-server loads them at run time (``GGML_BACKEND_DL``) and gets
+#: the library build's own, so it runs on the very libraries nexabind loads.
+SERVER_FLAGS = (
+    "-DLLAMA_BUILD_COMMON=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DGGML_CPU=OFF",
+    "-DGGML_CPU_ALL_VARIANTS=OFF",
+    "-DGGML_CUDA=OFF",
+    "-DGGML_VULKAN=OFF",
+    "-DGGML_METAL=OFF",
+)
+
 FLAGS: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("linux", "x86_64", "cpu"): _CPU_ALL,
     ("linux", "x86_64", "vulkan"): _VULKAN,

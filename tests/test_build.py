@@ -290,3 +290,20 @@ def test_missing_cmake_says_what_to_install(tmp_path: Path, monkeypatch) -> None
         BuildError, match=r"cmake not found on PATH; install it \(pip install cmake"
     ):
         build(source=src, build_cache=tmp_path / "bc")
+
+
+def test_a_server_build_is_found_only_when_finished(tmp_path: Path) -> None:
+    from nexabind._build import server_binary
+    from nexabind.targets import SERVER_FLAGS
+
+    assert "-DLLAMA_BUILD_SERVER=ON" in SERVER_FLAGS and "-DGGML_CPU=OFF" in SERVER_FLAGS
+    os_name, arch = target()
+    stage = tmp_path / f"{pin.LLAMA_COMMIT}-{os_name}-{arch}-cpu-server-0123456789ab" / "artifact"
+    exe = stage / "bin" / ("llama-server.exe" if os_name == "windows" else "llama-server")
+    exe.parent.mkdir(parents=True)
+    exe.write_text("")
+    assert server_binary(tmp_path) is None  # no marker: an unfinished build
+    (stage / "nexabind-build.json").write_text("{}")
+    assert server_binary(tmp_path) == exe
+    with pytest.raises(BuildError, match="--with-server builds llama-server alone"):
+        build(with_server=True, install=True, build_cache=tmp_path)

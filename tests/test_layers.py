@@ -60,7 +60,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("engine", "_scheduler", "doctor"), 6),
     "backends": 7,
     "server": 9,
-    **dict.fromkeys(("cli", "cli_models", "repl", "__main__"), 10),
+    **dict.fromkeys(("cli", "cli_models", "cli_serve", "repl", "__main__"), 10),
 }
 
 #: The layers whose modules import nexabind modules at the top only.

@@ -532,3 +532,19 @@ def test_llama_log_reaches_logging(libdir: Path) -> None:
     # quiet by default
     r = _run_python("from nexabind import lowlevel; lowlevel.lib()", libdir)
     assert r.returncode == 0 and r.stderr == ""
+
+
+def test_a_vocabulary_only_model_loads_and_tokenizes(libdir: Path, tiny: Path) -> None:
+    from _child import ok, run_child
+
+    out = ok(run_child(
+        """
+        import sys
+        from nexabind import lowlevel
+        lowlevel.lib(sys.argv[1])
+        with lowlevel.Model(sys.argv[2], vocab_only=True) as m:
+            print(m.n_vocab, m.n_head, len(m.tokenize("hello world")) > 1)
+        """,
+        libdir, tiny,
+    ))  # fmt: skip
+    assert out.split()[1:] == ["0", "True"]

@@ -1,0 +1,116 @@
+"""``nexabind serve``: a thin click command over :mod:`nexabind.server`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from nexabind.cli_models import _resolve
+from nexabind.errors import NexabindError
+
+__all__ = ["serve_cmd"]
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _number(flag: str, default: float, kind: type, help: str) -> Any:
+    return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
+@click.command("serve", context_settings=CONTEXT_SETTINGS)
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "-np",
+    "--parallel",
+    default=4,
+    show_default=True,
+    type=int,
+    help="Requests decoded at once (slots).",
+)
+@click.option("-c", "--ctx-size", type=int, help="KV cells in all, shared by the slots.")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="NEXABIND_API_KEY",
+    help="A key requests must carry (repeat for several) [env: NEXABIND_API_KEY].",
+)
+@click.option("--api-key-file", type=click.File("r"), help="A file of keys, one per line.")
+@_number("--max-queue", 128, int, "Requests that may wait for a slot; more get 429.")
+@_number(
+    "--queue-timeout", 60.0, float, "Seconds a request may wait for a slot before it gets 429."
+)
+@click.option("--alias", help="The model's name for clients [default: the file's stem].")
+@click.option("--embedding", is_flag=True, help="Serve /v1/embeddings (an embedding model).")
+@click.option("--rerank", is_flag=True, help="Serve /v1/rerank (a reranking model).")
+@click.option(
+    "--idle-unload", type=float, help="Unload the model after this many seconds without requests."
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["llama.cpp", "llama-server"]),
+    default="llama.cpp",
+    show_default=True,
+    help="In-process engine, or a supervised llama-server (nexabind build --with-server).",
+)
+@click.option(
+    "--server-bin",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="The llama-server executable for --engine llama-server.",
+)
+@click.option("-t", "--threads", type=int, help="CPU threads of the engine.")
+@_number("--max-body", 8 << 20, int, "Largest request body in bytes (larger: 413).")
+@_number("--grace", 10.0, float, "Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
+@click.option(
+    "--lib-path",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Library folder to use instead of NEXABIND_LIB_PATH or the cache.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No access log.")
+@click.option("-v", "--verbose", is_flag=True, help="Also llama.cpp's own log lines.")
+def serve_cmd(
+    model: str,
+    api_keys: tuple[str, ...],
+    api_key_file: Any,
+    quiet: bool,
+    verbose: bool,
+    **options: Any,
+) -> None:
+    """Serve MODEL (a .gguf file or a pulled model's name) over an OpenAI-compatible HTTP API
+    until SIGTERM or Ctrl-C.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/rerank, /v1/models,
+    /health, /slots and /metrics. Needs the server extra: pip install 'nexabind[server]'.
+    """
+    import gc
+    import logging
+
+    # The entry point raises the collector's threshold for short commands; a server runs for
+    # days, and with that threshold the reference cycles of finished requests (asyncio tasks,
+    # exceptions) pile up between collections and RSS climbs in steps. Python's default back.
+    gc.set_threshold(700, 10, 10)
+    try:
+        from nexabind.server import ServeOptions, serve
+    except ImportError as e:
+        msg = f"nexabind serve needs the server extra ({e}); pip install 'nexabind[server]'"
+        raise click.ClickException(msg) from e
+    path = _resolve(model, yes=False, quiet=True)
+    keys = list(api_keys)
+    if api_key_file is not None:
+        keys += [line.strip() for line in api_key_file if line.strip()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if quiet:
+        logging.getLogger("nexabind.server.access").setLevel(logging.WARNING)
+    if not verbose:
+        logging.getLogger("nexabind.llama").setLevel(logging.WARNING)
+    try:
+        opts = ServeOptions(str(path), api_keys=tuple(keys), **options)
+        code = serve(opts)
+    except (NexabindError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    if code:
+        raise click.ClickException(f"could not serve {model}; see the log above")

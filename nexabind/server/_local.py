@@ -1,0 +1,414 @@
+"""The in-process engine behind the gateway: a :class:`~nexabind.engine.Engine`.
+
+Each admitted request runs in a worker thread: it creates the engine task, then turns the
+task's tokens into OpenAI's shapes (:mod:`nexabind.openai`) and hands SSE events to the event
+loop one by one (``call_soon_threadsafe``), so the loop never blocks on the engine. A request
+whose client goes away cancels its task, which ends at the engine's next step and frees the
+slot. ``session_id`` (or ``user``) routes a chat to an engine session that keeps the
+conversation's KV cells between turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from nexabind import chat, openai
+from nexabind.engine import Engine
+from nexabind.errors import (
+    BusyError,
+    ClosedError,
+    ContextOverflowError,
+    NexabindError,
+    SessionNotFoundError,
+)
+from nexabind.server._metrics import Metrics
+from nexabind.server._options import ServeOptions
+from nexabind.server.gateway import Call, HTTPError
+from nexabind.tokens import Outcome, Token
+
+__all__ = ["LocalBackend", "sse"]
+
+log = logging.getLogger(__name__)
+
+#: The last event of a stream that ended well.
+DONE = b"data: [DONE]\n\n"
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty",
+             "presence_penalty", "frequency_penalty", "seed", "logit_bias")  # fmt: skip
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event: ``data: {json}`` and a blank line."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def to_http(e: BaseException, param: str | None = None) -> HTTPError:
+    """The HTTP answer for an engine error (bad input is a 400, never a 500)."""
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, ContextOverflowError):
+        return HTTPError(400, str(e), param=param, code="context_length_exceeded")
+    if isinstance(e, (ValueError, TypeError)) and not isinstance(e, SessionNotFoundError):
+        return HTTPError(400, str(e), param=param)
+    if isinstance(e, BusyError):
+        return HTTPError(429, str(e), headers={"Retry-After": "1"})
+    if isinstance(e, ClosedError):
+        return HTTPError(503, "the model was unloaded; retry", headers={"Retry-After": "1"})
+    if isinstance(e, NexabindError):
+        return HTTPError(500, str(e))
+    log.error("unexpected error", exc_info=e)
+    return HTTPError(500, f"internal error ({type(e).__name__}); see the server's log")
+
+
+@dataclass
+class _Conversation:
+    """An engine session and the messages it holds, for ``session_id`` / ``user``."""
+
+    sid: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _key(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(m["role"], m.get("content") or "") for m in messages]
+
+
+class LocalBackend:
+    """An :class:`~nexabind.engine.Engine` in this process."""
+
+    def __init__(self, options: ServeOptions, metrics: Metrics) -> None:
+        self.options = options
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.pool = ThreadPoolExecutor(options.parallel + 4, thread_name_prefix="nexabind-serve")
+        self.calls: set[Call] = set()
+        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._conv_lock = threading.Lock()
+
+    # -- Backend ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        o = self.options
+        self.engine = Engine(
+            o.model,
+            n_parallel=o.parallel,
+            n_ctx=o.ctx_size,
+            n_threads=o.threads,
+            n_threads_batch=o.threads,
+            embedding=not o.generates,
+            chat_template=o.chat_template,
+            max_queue=o.parallel + o.max_queue,
+            lib_path=o.lib_path,
+        )
+
+    def unload(self) -> None:
+        engine, self.engine = self.engine, None
+        with self._conv_lock:
+            self._conversations.clear()
+        if engine is not None:
+            engine.close()
+
+    def degraded(self) -> bool:
+        return False
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine
+        if engine is None:
+            return {"loaded": False}
+        try:
+            return {"loaded": True, **engine.status()}
+        except ClosedError:
+            return {"loaded": False}
+
+    def tokens_per_second(self) -> float:
+        engine = self.engine
+        try:
+            return float(engine.status()["tokens_per_second"]) if engine else 0.0
+        except ClosedError:
+            return 0.0
+
+    def cancel_all(self) -> None:
+        engine = self.engine
+        for call in list(self.calls):
+            call.cut = "the server is shutting down: the request was cancelled"
+            if engine is not None and call.task is not None:
+                engine.cancel(call.task)
+
+    async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Call) -> Any:
+        engine = self.engine
+        if engine is None:
+            raise HTTPError(503, "the model is not loaded; retry", headers={"Retry-After": "1"})
+        if kind in ("chat", "completion") and not self.options.generates:
+            what = "embedding" if self.options.embedding else "rerank"
+            msg = f"this server runs an {what} model; start it without --{what} to generate"
+            raise HTTPError(501, msg)
+        if kind in ("embedding", "rerank"):
+            flag = "--embedding" if kind == "embedding" else "--rerank"
+            if (
+                kind == "embedding"
+                and not self.options.embedding
+                or (kind == "rerank" and not self.options.rerank)
+            ):
+                msg = f"this server does not serve /v1/{kind}s; start it with {flag}"
+                if kind == "rerank":
+                    msg = "this server does not serve /v1/rerank; start it with --rerank"
+                raise HTTPError(501, msg)
+            return await self._blocking(call, lambda: self._embed(engine, kind, body, call))
+        start, shape = self._generation(engine, kind, body, call)
+        if body.get("stream"):
+            return await self._stream(engine, call, start, shape)
+        return await self._blocking(call, lambda: shape(start()))
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _generation(
+        self, engine: Engine, kind: str, body: dict[str, Any], call: Call
+    ) -> tuple[Callable[[], int], Callable[[int], Any]]:
+        """What creates the task (in the worker) and what turns it into a response."""
+        sampling = {k: body[k] for k in _SAMPLING if k in body}
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        stop = body.get("stop")
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = self.options.name
+        stream = bool(body.get("stream"))
+        usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        conv: _Conversation | None = None
+
+        if kind == "chat":
+            try:
+                messages = chat.check_messages(body["messages"])
+            except ValueError as e:
+                raise HTTPError(400, str(e), param="messages") from None
+            logprobs = bool(body.get("logprobs"))
+            n_top: bool | int = (body.get("top_logprobs") or 0) if logprobs else False
+            name = body.get("session_id") or body.get("user")
+
+            def start() -> int:
+                nonlocal conv
+                session = None
+                todo = messages
+                if name:
+                    conv = self._conversation(engine, name)
+                    conv.lock.acquire()
+                    have = conv.history
+                    if len(messages) > len(have) and _key(messages[: len(have)]) == have:
+                        todo = messages[len(have) :]
+                    elif have:  # another conversation under the same name: start over
+                        engine.close_session(conv.sid)
+                        conv.sid, conv.history = engine.create_session(), []
+                    session = conv.sid
+                try:
+                    return engine.create_task(
+                        "chat", messages=todo, session=session, max_tokens=max_tokens,
+                        stop=stop, logprobs=n_top, **sampling,
+                    )  # fmt: skip
+                except BaseException:
+                    if conv is not None:
+                        conv.lock.release()
+                    raise
+
+            def finish(outcome: Outcome, text: str) -> None:
+                if conv is None:
+                    return
+                if outcome.finish_reason in ("stop", "length"):
+                    conv.history = [*_key(messages), ("assistant", text)]
+                conv.lock.release()
+
+            def shaped(tokens: Iterable[Token], outcome: Outcome) -> Any:
+                f = openai.chat_chunks if stream else openai.chat_completion
+                return f(tokens, outcome, model=model, logprobs=logprobs,
+                         piece=engine.token_to_piece, id=rid, created=created)  # fmt: skip
+
+        else:
+            prompt = body["prompt"]
+            n_lp = body.get("logprobs")
+            prefix = ""
+            if body.get("echo"):
+                if isinstance(prompt, str):
+                    prefix = prompt
+                else:
+                    pieces = b"".join(engine.token_to_piece(t) for t in prompt)
+                    prefix = pieces.decode("utf-8", "replace")
+
+            def start() -> int:
+                lp: bool | int = n_lp if n_lp is not None else False
+                return engine.create_task(
+                    "completion", prompt=prompt, max_tokens=max_tokens, stop=stop,
+                    logprobs=lp, **sampling,
+                )  # fmt: skip
+
+            def finish(outcome: Outcome, text: str) -> None:
+                pass
+
+            def shaped(tokens: Iterable[Token], outcome: Outcome) -> Any:
+                f = openai.completion_chunks if stream else openai.completion
+                return f(tokens, outcome, model=model, prefix=prefix, suffix=body.get("suffix"),
+                         logprobs=n_lp, piece=engine.token_to_piece, id=rid,
+                         created=created)  # fmt: skip
+
+        def tokens_of(tid: int, outcome: Outcome, texts: list[str]) -> Iterator[Token]:
+            try:
+                for t in engine.stream(tid):
+                    if call.first_token is None:
+                        call.first_token = time.monotonic()
+                        self.metrics.first_token(call.first_token - call.arrived)
+                    texts.append(t.text)
+                    yield t
+            finally:
+                call.permit.release()
+                self.metrics.tokens(outcome.prompt_tokens, outcome.completion_tokens)
+                finish(outcome, "".join(texts))
+
+        def shape(tid: int) -> Any:
+            self._attach(engine, call, tid)
+            outcome = engine.outcome(tid)
+            out = shaped(tokens_of(tid, outcome, []), outcome)
+            if stream and usage:
+                out = openai.with_usage(out, outcome)
+            return out
+
+        return start, shape
+
+    def _conversation(self, engine: Engine, name: str) -> _Conversation:
+        with self._conv_lock:
+            conv = self._conversations.get(name)
+            if conv is not None:
+                self._conversations.move_to_end(name)
+                return conv
+            conv = self._conversations[name] = _Conversation(engine.create_session())
+            while len(self._conversations) > self.options.max_sessions:
+                _, old = self._conversations.popitem(last=False)
+                with contextlib.suppress(SessionNotFoundError):
+                    engine.close_session(old.sid)
+            return conv
+
+    def _embed(self, engine: Engine, kind: str, body: dict[str, Any], call: Call) -> Any:
+        if kind == "embedding":
+            tid = engine.create_task("embedding", input=body["input"])
+        else:
+            tid = engine.create_task("rerank", query=body["query"], documents=body["documents"])
+        self._attach(engine, call, tid)
+        try:
+            res = engine.result(tid)
+        finally:
+            call.permit.release()
+        n = res["usage"]["prompt_tokens"]
+        self.metrics.tokens(n, 0)
+        if kind == "embedding":
+            fmt = body.get("encoding_format") or "float"
+            return openai.embedding_list(res["embeddings"], model=self.options.name,
+                                         prompt_tokens=n, encoding_format=fmt)  # fmt: skip
+        docs = body["documents"] if body.get("return_documents") else None
+        return openai.rerank_list(res["scores"], model=self.options.name, prompt_tokens=n,
+                                  documents=docs, top_n=body.get("top_n"))  # fmt: skip
+
+    # -- running in the worker threads --------------------------------------------------------
+
+    def _attach(self, engine: Engine, call: Call, tid: int) -> None:
+        """Note a call's task; cancel it at once when its client is already gone."""
+        call.task = tid
+        if call.gone:
+            with contextlib.suppress(KeyError, ClosedError):
+                engine.cancel(tid)
+
+    def _abandon(self, call: Call) -> None:
+        """The client went away: cancel its task, now or as soon as it exists."""
+        call.gone = True
+        engine = self.engine
+        if engine is not None and call.task is not None:
+            with contextlib.suppress(KeyError, ClosedError):
+                engine.cancel(call.task)
+
+    async def _blocking(self, call: Call, work: Callable[[], Any]) -> Any:
+        """Run ``work`` in a worker; its engine errors become HTTP answers."""
+        loop = asyncio.get_running_loop()
+        self.calls.add(call)
+        try:
+            return await loop.run_in_executor(self.pool, work)
+        except asyncio.CancelledError:  # the client went away: stop its task
+            self._abandon(call)
+            raise
+        except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+            raise to_http(e) from None
+        finally:
+            self.calls.discard(call)
+            call.permit.release()
+
+    async def _stream(
+        self,
+        engine: Engine,
+        call: Call,
+        start: Callable[[], int],
+        shape: Callable[[int], Iterable[dict[str, Any]]],
+    ) -> AsyncIterator[bytes]:
+        """Create the task (errors are HTTP answers), then stream its chunks as SSE events."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                tid = start()
+            except BaseException as e:  # noqa: BLE001 - handed to the request
+                put("fail", e)
+                return
+            self._attach(engine, call, tid)
+            put("started", tid)
+            try:
+                for chunk in shape(tid):
+                    put("data", sse(chunk))
+                if call.cut is not None:
+                    put("data", sse(HTTPError(503, call.cut).body()))
+                else:
+                    put("data", DONE)
+            except Exception as e:  # noqa: BLE001 - sent as the stream's error event
+                err = to_http(e)
+                put("data", sse(err.body()))
+            finally:
+                call.permit.release()
+                put("end", None)
+
+        self.calls.add(call)
+        try:
+            loop.run_in_executor(self.pool, work)
+            kind, value = await q.get()
+        except BaseException:
+            self._abandon(call)
+            self.calls.discard(call)
+            call.permit.release()
+            raise
+        if kind == "fail":
+            self.calls.discard(call)
+            call.permit.release()
+            raise to_http(value)
+        return self._events(engine, call, q)
+
+    async def _events(
+        self, engine: Engine, call: Call, q: asyncio.Queue[tuple[str, Any]]
+    ) -> AsyncIterator[bytes]:
+        ended = False
+        try:
+            while True:
+                kind, value = await q.get()
+                if kind == "end":
+                    ended = True
+                    return
+                yield value
+        finally:
+            self.calls.discard(call)
+            if not ended:  # the client went away: stop the task
+                self._abandon(call)

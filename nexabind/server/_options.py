@@ -1,0 +1,95 @@
+"""What ``nexabind serve`` is told: one set of options for both engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ENGINES", "ServeOptions"]
+
+#: The engines behind the gateway: nexabind's in-process Engine, or a supervised llama-server.
+ENGINES = ("llama.cpp", "llama-server")
+
+
+@dataclass
+class ServeOptions:
+    """Options of a server (the ``nexabind serve`` flags).
+
+    Attributes:
+        model: The ``.gguf`` file.
+        host: Address to listen on.
+        port: Port to listen on (0: any free port).
+        parallel: Requests decoded at once (the engine's slots).
+        ctx_size: KV cells in all, shared by the slots (None: the engine's default).
+        api_keys: Keys a request must carry (``Authorization: Bearer`` or ``X-Api-Key``); none:
+            no check.
+        max_queue: Requests that may wait for a slot; more get 429.
+        queue_timeout: Seconds a request may wait for a slot before it gets 429.
+        alias: The model's name in ``/v1/models`` and in responses (default: the file's stem).
+        embedding: Serve ``/v1/embeddings`` (an embedding model) instead of generation.
+        rerank: Serve ``/v1/rerank`` (a rank-pooling model) instead of generation.
+        idle_unload: Seconds without requests after which the model is unloaded (None: never).
+        engine: ``llama.cpp`` (in-process) or ``llama-server`` (a supervised child process).
+        server_bin: The llama-server executable (default: the one ``nexabind build
+            --with-server`` left in the build cache).
+        threads: CPU threads of the engine (None: llama.cpp's default).
+        max_body: Largest request body in bytes; larger gets 413.
+        grace: Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
+        chat_template: A chat template (jinja text or a llama.cpp built-in name) instead of the
+            model's.
+        lib_path: Folder of the llama.cpp libraries (the in-process engine).
+        max_sessions: Conversations (``session_id`` / ``user``) kept at once; the least recently
+            used one is closed beyond that.
+    """
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4
+    ctx_size: int | None = None
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    max_queue: int = 128
+    queue_timeout: float = 60.0
+    alias: str | None = None
+    embedding: bool = False
+    rerank: bool = False
+    idle_unload: float | None = None
+    engine: str = "llama.cpp"
+    server_bin: str | None = None
+    threads: int | None = None
+    max_body: int = 8 << 20
+    grace: float = 10.0
+    chat_template: str | None = None
+    lib_path: str | None = None
+    max_sessions: int = 64
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> None:
+            raise ValueError(what)
+
+        if self.engine not in ENGINES:
+            bad(f"engine={self.engine!r} is invalid; use one of {', '.join(ENGINES)}")
+        if self.parallel < 1:
+            bad(f"parallel={self.parallel} is invalid; use 1 or more slots")
+        if self.max_queue < 0:
+            bad(f"max_queue={self.max_queue} is invalid; use 0 or more")
+        if self.queue_timeout <= 0:
+            bad(f"queue_timeout={self.queue_timeout} is invalid; use a number of seconds > 0")
+        if self.idle_unload is not None and self.idle_unload <= 0:
+            self.idle_unload = None
+        if self.embedding and self.rerank:
+            bad("embedding and rerank are exclusive; a server runs one kind of model")
+        if not 0 <= self.port <= 65535:
+            bad(f"port={self.port} is invalid; use 0 to 65535")
+        if self.ctx_size is not None and self.ctx_size < self.parallel:
+            bad(f"ctx_size={self.ctx_size} is invalid; give each of {self.parallel} slots a cell")
+
+    @property
+    def name(self) -> str:
+        """The model's name for clients: the alias, else the file's stem."""
+        return self.alias or Path(self.model).stem
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model generates text (not an embedding or rerank server)."""
+        return not (self.embedding or self.rerank)

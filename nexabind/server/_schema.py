@@ -1,0 +1,278 @@
+"""Request bodies checked against declarative schemas, field by field.
+
+Each endpoint's schema maps a field to a :class:`Field`; :func:`validate` returns the body with
+its values checked (and ``logit_bias`` keys made ints) or raises :class:`SchemaError` naming
+the field, what it must be and what it was. Unknown fields are ignored, as OpenAI's clients
+send some that a local server has no use for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CHAT", "COMPLETION", "EMBEDDING", "RERANK", "SchemaError", "validate"]
+
+
+class SchemaError(ValueError):
+    """A body field is missing or malformed; ``param`` names it (``messages[2].role``...)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _what(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field: its check, whether it must be there, and whether null is allowed."""
+
+    check: Callable[[str, Any], Any]
+    required: bool = False
+    nullable: bool = True
+
+
+def _fail(name: str, want: str, value: Any) -> SchemaError:
+    return SchemaError(name, f"'{name}' must be {want}; got {_what(value)} {_show(value)}")
+
+
+def boolean(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(name, "true or false", v)
+    return v
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
+    def check(name: str, v: Any) -> int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = _range(lo, hi)
+            raise _fail(name, f"an integer{rng}", v)
+        return int(v)
+
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, *, above: bool = False
+           ) -> Callable[[str, Any], float]:  # fmt: skip
+    def check(name: str, v: Any) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        if ok and above and lo is not None and v <= lo:
+            ok = False
+        if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f" above {lo:g}" if above else _range(lo, hi)
+            raise _fail(name, f"a number{rng}", v)
+        return float(v)
+
+    return check
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo:g} to {hi:g}"
+    if lo is not None:
+        return f" >= {lo:g}"
+    if hi is not None:
+        return f" <= {hi:g}"
+    return ""
+
+
+def string(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _fail(name, "a string", v)
+    return v
+
+
+def one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, v: Any) -> str:
+        if v not in choices:
+            raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), v)
+        return str(v)
+
+    return check
+
+
+def strings(min_items: int = 0, max_items: int | None = None, *, or_string: bool = False
+            ) -> Callable[[str, Any], Any]:  # fmt: skip
+    def check(name: str, v: Any) -> Any:
+        if or_string and isinstance(v, str):
+            return v
+        want = "a string or an array of strings" if or_string else "an array of strings"
+        if not isinstance(v, list):
+            raise _fail(name, want, v)
+        for i, item in enumerate(v):
+            if not isinstance(item, str):
+                raise _fail(f"{name}[{i}]", "a string", item)
+        if len(v) < min_items or (max_items is not None and len(v) > max_items):
+            many = f"{min_items} to {max_items}" if max_items is not None else f"{min_items}+"
+            msg = f"'{name}' must hold {many} strings; got {len(v)}"
+            raise SchemaError(name, msg)
+        return v
+
+    return check
+
+
+def objects(min_items: int = 1) -> Callable[[str, Any], list[Any]]:
+    def check(name: str, v: Any) -> list[Any]:
+        if not isinstance(v, list) or len(v) < min_items:
+            raise _fail(name, f"an array of at least {min_items} object(s)", v)
+        for i, item in enumerate(v):
+            if not isinstance(item, dict):
+                raise _fail(f"{name}[{i}]", "an object", item)
+        return v
+
+    return check
+
+
+def logit_bias(name: str, v: Any) -> dict[int, float]:
+    """``{"token id": bias}`` (JSON keys are strings) with biases from -100 to 100."""
+    if not isinstance(v, dict):
+        raise _fail(name, 'an object such as {"50256": -100}', v)
+    out: dict[int, float] = {}
+    for key, bias in v.items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise _fail(f"{name}.{key}", "keyed by a token id", key) from None
+        out[tok] = number(-100, 100)(f"{name}.{key}", bias)
+    return out
+
+
+def stream_options(name: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _fail(name, 'an object such as {"include_usage": true}', v)
+    if "include_usage" in v:
+        boolean(f"{name}.include_usage", v["include_usage"])
+    return v
+
+
+def prompt(name: str, v: Any) -> str | list[int]:
+    """A text, an array of token ids, or an array of one text."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        return list(v)
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+        return v[0]
+    if isinstance(v, list) and len(v) > 1 and all(isinstance(t, str) for t in v):
+        msg = f"'{name}' holds {len(v)} prompts; this server completes one per request"
+        raise SchemaError(name, msg)
+    raise _fail(name, "a string or an array of token ids", v)
+
+
+def embed_input(name: str, v: Any) -> list[str]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        raise _fail(name, "a string or a non-empty array of strings", v)
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not item:
+            raise _fail(f"{name}[{i}]", "a non-empty string", item)
+    return v
+
+
+def unsupported(what: str) -> Callable[[str, Any], Any]:
+    """A field this server does not serve yet: refused by name rather than ignored."""
+
+    def check(name: str, v: Any) -> Any:
+        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
+            return v
+        if name in ("tools", "functions") and v == []:
+            return v
+        msg = f"'{name}' ({what}) is not supported by this server yet; leave it out"
+        raise SchemaError(name, msg)
+
+    return check
+
+
+_GENERATION: dict[str, Field] = {
+    "model": Field(string),
+    "max_tokens": Field(integer(1)),
+    "temperature": Field(number(0, 2)),
+    "top_p": Field(number(0, 1)),
+    "top_k": Field(integer(0)),
+    "min_p": Field(number(0, 1)),
+    "typical_p": Field(number(0, 1)),
+    "repeat_penalty": Field(number(0, above=True)),
+    "presence_penalty": Field(number(-2, 2)),
+    "frequency_penalty": Field(number(-2, 2)),
+    "logit_bias": Field(logit_bias),
+    "seed": Field(integer(0, 0xFFFFFFFF)),
+    "n": Field(integer(1, 1)),
+    "stream": Field(boolean),
+    "stream_options": Field(stream_options),
+    "stop": Field(strings(0, 16, or_string=True)),
+    "user": Field(string),
+    "session_id": Field(string),
+}
+
+#: ``POST /v1/chat/completions``
+CHAT: dict[str, Field] = {
+    **_GENERATION,
+    "response_format": Field(unsupported("structured output")),
+    "tools": Field(unsupported("tool calls")),
+    "functions": Field(unsupported("tool calls")),
+    "messages": Field(objects(1), required=True, nullable=False),
+    "max_completion_tokens": Field(integer(1)),
+    "logprobs": Field(boolean),
+    "top_logprobs": Field(integer(0, 20)),
+}
+
+#: ``POST /v1/completions``
+COMPLETION: dict[str, Field] = {
+    **_GENERATION,
+    "prompt": Field(prompt, required=True, nullable=False),
+    "echo": Field(boolean),
+    "logprobs": Field(integer(0, 20)),
+    "suffix": Field(string),
+}
+
+#: ``POST /v1/embeddings``
+EMBEDDING: dict[str, Field] = {
+    "model": Field(string),
+    "input": Field(embed_input, required=True, nullable=False),
+    "encoding_format": Field(one_of("float", "base64")),
+    "user": Field(string),
+}
+
+#: ``POST /v1/rerank``
+RERANK: dict[str, Field] = {
+    "model": Field(string),
+    "query": Field(string, required=True, nullable=False),
+    "documents": Field(strings(1), required=True, nullable=False),
+    "top_n": Field(integer(1)),
+    "return_documents": Field(boolean),
+}
+
+
+def validate(body: Any, schema: Mapping[str, Field]) -> dict[str, Any]:
+    """Check ``body`` (parsed JSON) against ``schema``; return the checked values.
+
+    Null values of nullable fields are dropped (as if absent).
+
+    Raises:
+        SchemaError: The body is not an object, a required field is missing, or a field is
+            malformed (``param`` names it).
+    """
+    if not isinstance(body, dict):
+        msg = f"the request body must be a JSON object; got {_what(body)}"
+        raise SchemaError("body", msg)
+    out: dict[str, Any] = {}
+    for name, field in schema.items():
+        if name not in body or (body[name] is None and field.nullable):
+            if field.required:
+                raise SchemaError(name, f"'{name}' is required")
+            continue
+        out[name] = field.check(name, body[name])
+    return out

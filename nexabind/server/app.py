@@ -1,0 +1,315 @@
+"""The HTTP side: Starlette routes, OpenAI's conventions, and :func:`serve` (uvicorn).
+
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/rerank``; ``GET /v1/models`` (and ``/v1/models/{id}``), ``/health`` (public),
+``/slots``, ``/metrics``. Every error is OpenAI's error object with a fitting status: a body
+that is not JSON or fails its schema is a 400 naming the field, a body over ``max_body`` bytes
+a 413, an unknown route a 404; an unexpected failure is a 500 whose traceback goes to the log,
+never to the client. Streams are ``text/event-stream``: ``data: {json}`` events, the first
+delta with the role, ``data: [DONE]`` last (or ``data: {"error": {...}}`` when the task fails
+midway). One access-log line per request goes to the ``nexabind.server.access`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from nexabind.server import _schema
+from nexabind.server._forward import ForwardBackend
+from nexabind.server._local import LocalBackend, to_http
+from nexabind.server._metrics import Metrics
+from nexabind.server._options import ServeOptions
+from nexabind.server.gateway import Backend, Gateway, HTTPError
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("nexabind.server.access")
+
+_ENDPOINTS = {
+    "/v1/chat/completions": ("chat", _schema.CHAT),
+    "/v1/completions": ("completion", _schema.COMPLETION),
+    "/v1/embeddings": ("embedding", _schema.EMBEDDING),
+    "/v1/rerank": ("rerank", _schema.RERANK),
+}
+_KNOWN = {*_ENDPOINTS, "/v1/models", "/health", "/slots", "/metrics"}
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+async def _read_body(receive: Callable[[], Awaitable[Any]], headers: Mapping[str, str],
+                     limit: int) -> bytes:  # fmt: skip
+    too_big = HTTPError(
+        413, f"the request body is larger than {limit} bytes (--max-body)", code="body_too_large"
+    )
+    length = headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        parts.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(parts)
+
+
+async def _gone(receive: Callable[[], Awaitable[Any]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(receive: Callable[[], Awaitable[Any]], coro: Awaitable[Any]) -> Any:
+    """Await ``coro``; when the client disconnects first, cancel it and raise _ClientGone."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_gone(receive))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        await work
+    raise _ClientGone
+
+
+def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
+    """The ASGI application for ``options`` (a Starlette app with the access log around it).
+
+    Its ``state.gateway`` is the :class:`~nexabind.server.gateway.Gateway`.
+    """
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    metrics = Metrics()
+    if backend is None:
+        backend = (
+            LocalBackend(options, metrics)
+            if options.engine == "llama.cpp"
+            else ForwardBackend(options, metrics)
+        )
+    gateway = Gateway(backend, options, metrics)
+    started = int(time.time())
+
+    def error(e: HTTPError) -> Response:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    async def generate(request: Request) -> Response:
+        kind, schema = _ENDPOINTS[request.url.path]
+        receive = request.receive
+        try:
+            gateway.check_key(request.headers)
+            raw = await _read_body(receive, request.headers, options.max_body)
+            try:
+                parsed = json.loads(raw)
+            except ValueError as e:
+                msg = f"the request body is not valid JSON: {e}"
+                raise HTTPError(400, msg, code="invalid_json") from None
+            try:
+                body = _schema.validate(parsed, schema)
+            except _schema.SchemaError as e:
+                raise HTTPError(400, str(e), param=e.param) from None
+            call = await _unless_gone(receive, gateway.admit())
+            try:
+                result = await _unless_gone(receive, backend.run(kind, body, raw, call))
+            except BaseException:
+                call.permit.release()
+                raise
+        except HTTPError as e:
+            return error(e)
+        except _ClientGone:
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - a 500 without the traceback (it goes to the log)
+            return error(to_http(e))
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(
+            _guarded(result), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
+
+    async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def guarded(handler: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            try:
+                gateway.check_key(request.headers)
+                return handler(request)
+            except HTTPError as e:
+                return error(e)
+
+        return route
+
+    async def health(request: Request) -> Response:
+        status, body = gateway.health()
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def models(request: Request) -> Response:
+        from nexabind import openai
+
+        return JSONResponse(openai.model_list([options.name], created=started))
+
+    def model(request: Request) -> Response:
+        from nexabind import openai
+
+        name = request.path_params["model"]
+        if name != options.name:
+            msg = f"no model {name!r} here; this server serves {options.name!r}"
+            raise HTTPError(404, msg, param="model", code="model_not_found")
+        return JSONResponse(openai.model_list([name], created=started)["data"][0])
+
+    def slots(request: Request) -> Response:
+        _, health_body = gateway.health()
+        return JSONResponse({
+            **backend.status(), "state": health_body["status"], "in_flight": gateway.in_flight,
+            "waiting": len(gateway.waiters), "n_parallel": options.parallel,
+        })  # fmt: skip
+
+    def metrics_text(request: Request) -> Response:
+        restarts = int(backend.status().get("restarts") or 0)
+        text = metrics.render(backend.tokens_per_second(), gateway.health()[1]["status"], restarts)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        what = "no route" if status == 404 else "method not allowed for"
+        msg = f"{what} {request.method} {request.url.path}"
+        return error(HTTPError(status, msg, code="not_found" if status == 404 else None))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(HTTPError(500, f"internal error ({type(exc).__name__}); see the log"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+            aclose = getattr(backend, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    routes = [Route(path, generate, methods=["POST"]) for path in _ENDPOINTS]
+    routes += [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
+        Route("/slots", guarded(slots), methods=["GET"]),
+        Route("/metrics", guarded(metrics_text), methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: not_found, Exception: unexpected},
+    )
+    app.state.gateway = gateway
+    return _AccessLog(app, metrics, gateway)
+
+
+class _AccessLog:
+    """ASGI middleware: one log line per request, and the request counter of ``/metrics``."""
+
+    def __init__(self, app: Any, metrics: Metrics, gateway: Gateway) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.gateway = gateway
+        self.state = app.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 0
+        size = 0
+
+        async def sending(msg: Any) -> None:
+            nonlocal status, size
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            elif msg["type"] == "http.response.body":
+                size += len(msg.get("body", b""))
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = scope["path"]
+            ms = (time.perf_counter() - t0) * 1000
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s:%s "%s %s" %d %d %.1fms', client[0], client[1], scope["method"],
+                            path, status or 499, size, ms)  # fmt: skip
+            endpoint = path if path in _KNOWN else "other"
+            self.metrics.request_done(endpoint, status or 499)
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until SIGTERM or SIGINT; return the exit status (0, or 1 when the model fails to load).
+
+    On SIGTERM the server stops accepting, lets in-flight requests finish for
+    ``options.grace`` seconds, cancels what is left (their streams end with an error event),
+    frees the model and returns 0.
+    """
+    import uvicorn
+
+    app = create_app(options)
+    gateway: Gateway = app.state.gateway
+    failed: list[str] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = gateway.loop
+            if loop is not None:
+                loop.call_soon_threadsafe(gateway.begin_shutdown)
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # uvicorn raises the signal again once it has shut down (the process would end
+                # killed by it); a graceful stop on SIGTERM exits 0 instead.
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(options.grace) + 5, lifespan="on", server_header=False,
+    )  # fmt: skip
+    server = Server(config)
+
+    def fatal(why: str) -> None:
+        failed.append(why)
+        server.should_exit = True
+
+    gateway.on_fatal = fatal
+    server.run()
+    return 1 if failed else 0
