@@ -99,10 +99,10 @@ class EngineSide:
         it = self.engine.stream(tid)
         for _ in range(4):
             next(it)
-        return tid
+        return tid, it  # the iterator stays referenced: dropping it cancels the task
 
     def stop_busy(self, handle: Any) -> None:
-        self.engine.cancel(handle)
+        self.engine.cancel(handle[0])
 
     def close(self) -> None:
         self.engine.close()

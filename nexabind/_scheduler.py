@@ -220,15 +220,16 @@ class Scheduler:
                     if self.stopping:
                         break
                     arrivals = list(self.pending)
-                    self.pending.clear()
                 with self.ctx.lock:
                     left = self._admit(arrivals)
                     self._step()
-                if left:
-                    with self.cv:
-                        self.pending.extendleft(reversed(left))
-                    if not self._running():
-                        time.sleep(0.001)  # nothing could start: let a cancel or close in
+                # The tasks stay in the queue while they are admitted, so that submit() counts
+                # them against max_queue until they have a slot.
+                gone = {id(t) for t in arrivals} - {id(t) for t in left}
+                with self.cv:
+                    self.pending = deque(t for t in self.pending if id(t) not in gone)
+                if left and not self._running():
+                    time.sleep(0.001)  # nothing could start: let a cancel or close in
         except BaseException as e:  # a bug here must not leave callers waiting forever
             log.exception("the engine's scheduler stopped")
             self._fail_all(e)
