@@ -218,6 +218,8 @@ class ServerSide:
                 continue
             msg = json.loads(line[6:])
             if msg.get("stop"):
+                # The last message may carry the last token's text too; it reports the count.
+                n = msg.get("tokens_predicted", n + bool(msg.get("content")))
                 break
             if not n:
                 first.append(perf())

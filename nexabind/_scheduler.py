@@ -109,6 +109,7 @@ class Slot:
         self.pending = 0  # prompt tokens in the batch being decoded
         self.last = -1  # the token to feed at the next step
         self.sampler: lowlevel.SamplerChain | None = None
+        self.sample: Callable[[int], int] | None = None  # the sampler, bound for the hot path
         self.dec: Callable[..., str] | None = None
         self.matcher: StopMatcher | None = None
         self.n_gen = 0
@@ -131,6 +132,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.slots = [Slot(i, n_ctx_slot) for i in range(ctx.n_seq_max)]
         self.batch = lowlevel.Batch(ctx.n_batch)
+        self.is_eog, self.piece = ctx.vocab_steps()
         self.pending: deque[Task] = deque()
         self.cv = threading.Condition()
         self.stopping = False
@@ -373,6 +375,7 @@ class Scheduler:
         slot.prompt = np.asarray(tokens, dtype=np.int32)
         slot.i_prompt = n
         slot.sampler = sampler
+        slot.sample = self.ctx.sampler_step(sampler)
         slot.dec = codecs.getincrementaldecoder("utf-8")("replace").decode
         slot.matcher = StopMatcher(req.stops) if req.stops else None
         slot.n_gen = 0
@@ -496,20 +499,20 @@ class Scheduler:
         task, req, sampler = s.task, s.task.req if s.task else None, s.sampler
         assert task is not None and req is not None and sampler is not None
         assert s.dec is not None
-        tok = sampler.sample(self.ctx, s.i_batch)
+        assert s.sample is not None
+        tok = s.sample(s.i_batch)  # under the context's lock, on a row with logits
         lp = top = None
         if req.want_logprobs:
             lp, top = logprobs_of(self.ctx.logits(s.i_batch), tok, req.n_top)
         if task.first_token is None:
             task.first_token = time.monotonic()
-        model = self.model
-        if model.is_eog(tok):
+        if self.is_eog(tok):
             tail = s.dec(b"", True) + (s.matcher.flush() if s.matcher else "")
             if tail:
                 self._emit(task, Token(tok, tail, lp, top))
             self._end(s, "stop")
             return
-        text = s.dec(model.token_to_piece(tok))
+        text = s.dec(self.piece(tok))
         s.n_gen += 1
         last = s.n_gen >= s.limit
         if s.matcher is not None:
@@ -542,6 +545,7 @@ class Scheduler:
         if s.sampler is not None:
             s.sampler.close()
             s.sampler = None
+            s.sample = None
         s.task = None
         s.state = _IDLE
         s.used = time.monotonic()

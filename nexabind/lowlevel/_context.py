@@ -314,6 +314,33 @@ class Context(Owned):
 
         return TokenSteps(sample, functools.partial(L.llama_vocab_is_eog, vocab), piece, feed)
 
+    def vocab_steps(self) -> tuple[Callable[[int], bool], Callable[[int], bytes]]:
+        """``is_eog(token)`` and ``piece(token)`` bound once, for a scheduler's hot path.
+
+        No checks per call: give them tokens that sampling produced, while this context (and
+        so its model) is open.
+        """
+        vocab = self.model._checked_vocab()
+        L = self._lib
+        to_piece, unpack, model = L.llama_token_to_piece, ffi.unpack, self.model
+        buf = ffi.new("char[]", 256)
+
+        def piece(token: int) -> bytes:
+            n = to_piece(vocab, token, buf, 256, 0, False)
+            return unpack(buf, n) if n >= 0 else model.token_to_piece(token)
+
+        return functools.partial(L.llama_vocab_is_eog, vocab), piece
+
+    def sampler_step(self, sampler: SamplerChain) -> Callable[[int], int]:
+        """``sample(i)``: sample (and accept) output ``i`` of the last decode with ``sampler``.
+
+        Bound once, no checks per call: hold :attr:`lock`, keep ``sampler`` open, and ask only
+        for outputs the last batch computed logits for.
+        """
+        ptr, chain = self._check(), sampler._check()
+        sample_c = self._lib.llama_sampler_sample
+        return lambda i: sample_c(chain, ptr, i)
+
     def decode(self, batch: Batch | None = None) -> None:
         """Run the model on a batch (default: this context's own :attr:`batch`).
 
