@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "write_random_model"]
+__all__ = ["ModelSpec", "write_random_lora", "write_random_model"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,24 @@ def _vocab_from(path: str | os.PathLike[str]) -> dict[str, tuple[Any, Any, Any]]
         msg = f"{path} has no tokenizer.ggml.tokens: pass a GGUF file that holds a vocabulary"
         raise ValueError(msg)
     return keys
+
+
+def _finish(writer: Any, path: Path) -> Path:
+    """Write ``writer``'s file (or split parts) and return the path of the first.
+
+    Written in a folder of its own beside the result, then renamed into place: nothing
+    half-written ever has the final name.
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        writer.write_header_to_file(staged)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        parts = writer.format_shard_names(staged)
+        for part in parts:
+            os.replace(part, path.with_name(part.name))
+    return path.with_name(parts[0].name)
 
 
 def write_random_model(
@@ -164,15 +182,52 @@ def write_random_model(
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=1.0))
 
-    # Written in a folder of its own beside the result, then renamed into place: nothing
-    # half-written ever has the final name.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        staged = Path(tmp) / path.name
-        writer.write_header_to_file(staged)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        parts = writer.format_shard_names(staged)
-        for part in parts:
-            os.replace(part, path.with_name(part.name))
-    return path.with_name(parts[0].name)
+    return _finish(writer, path)
+
+
+def write_random_lora(
+    path: str | os.PathLike[str],
+    spec: ModelSpec | None = None,
+    *,
+    rank: int = 4,
+    alpha: float = 4.0,
+    seed: int = 7,
+    scale: float = 0.5,
+) -> Path:
+    """Write a LoRA adapter GGUF with seeded random weights for a model of ``spec``.
+
+    The adapter changes every attention projection (``attn_q/k/v/output``) of every layer, as
+    llama.cpp's ``convert_lora_to_gguf.py`` writes one: ``lora_a`` (``ne = [n_in, rank]``) and
+    ``lora_b`` (``ne = [rank, n_out]``) per tensor, ``general.type = adapter``.
+
+    Args:
+        path: Where to write the adapter.
+        spec: The shape of the model it is for (``ModelSpec()`` when omitted).
+        rank: The LoRA rank.
+        alpha: ``adapter.lora.alpha`` (the update is scaled by alpha / rank).
+        seed: Seed of the random weights.
+        scale: Standard deviation of the weights.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from gguf import GGUFValueType as T
+    from gguf import GGUFWriter
+
+    spec = spec or ModelSpec()
+    rng = np.random.default_rng(seed)
+    kv_dim = spec.n_embd // spec.n_head * spec.n_head_kv
+    path = Path(path)
+    writer = GGUFWriter(None, "llama")
+    writer.add_key_value("general.type", "adapter", T.STRING)
+    writer.add_key_value("adapter.type", "lora", T.STRING)
+    writer.add_key_value("adapter.lora.alpha", float(alpha), T.FLOAT32)
+    outs = {"attn_q": spec.n_embd, "attn_k": kv_dim, "attn_v": kv_dim, "attn_output": spec.n_embd}
+    for i in range(spec.n_layer):
+        for name, n_out in outs.items():
+            a = rng.standard_normal((rank, spec.n_embd), dtype=np.float32) * scale
+            b = rng.standard_normal((n_out, rank), dtype=np.float32) * scale
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    return _finish(writer, path)
