@@ -335,6 +335,15 @@ def devices() -> list[dict[str, str]]:
     return out
 
 
+def builtin_chat_templates() -> list[str]:
+    """Names of llama.cpp's built-in chat templates (``chatml``, ``llama3``, ``phi3``, ...)."""
+    L = lib()
+    n = L.llama_chat_builtin_templates(ffi.NULL, 0)
+    names = ffi.new("const char *[]", max(n, 1))
+    n = L.llama_chat_builtin_templates(names, n)
+    return [ffi.string(names[i]).decode() for i in range(n)]
+
+
 def chat_template_apply(
     template: str,
     messages: Sequence[tuple[str, str]],
