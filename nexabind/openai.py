@@ -83,11 +83,14 @@ def _cached(piece: Piece | None) -> Piece:
 
 def _completion_logprobs(toks: Sequence[Token], offset: int, piece: Piece) -> dict[str, Any]:
     offsets = []
-    tops = []
+    tops: list[dict[str, float | None] | None] = []
     pos = offset
     for t in toks:
         offsets.append(pos)
         pos += len(t.text)
+        if t.logprob is None and t.top_logprobs is None:
+            tops.append(None)  # a prompt's first token: nothing came before it
+            continue
         top: dict[str, float | None] = {
             piece(i).decode("utf-8", "replace"): lp for i, lp in (t.top_logprobs or {}).items()
         }
@@ -112,6 +115,8 @@ def completion(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    offset: int | None = None,
+    prompt_tokens: Sequence[Token] | None = None,
 ) -> dict[str, Any]:
     """A ``text_completion``: the prompt's echo (``prefix``), the generated text, ``suffix``.
 
@@ -126,17 +131,22 @@ def completion(
         piece: Bytes of a token, to name the top alternatives.
         id: The response id (default: a new ``cmpl-`` uuid).
         created: Unix time (default: now).
+        offset: The first generated token's ``text_offset`` (default: ``len(prefix)``);
+            llama-cpp-python counts from the start of the prompt, echoed or not.
+        prompt_tokens: The echoed prompt's tokens with their log-probabilities, listed
+            before the generated ones (a token without any gets None, as OpenAI's first).
     """
     head = _head("text_completion", "cmpl", model, id, created)
     parts = [prefix]
-    kept: list[Token] = []
+    kept: list[Token] = list(prompt_tokens or [])
     for t in tokens:
         parts.append(t.text)
         if logprobs is not None:
             kept.append(t)
     if suffix is not None:
         parts.append(suffix)
-    lp = _completion_logprobs(kept, len(prefix), _cached(piece)) if logprobs is not None else None
+    start = (0 if prompt_tokens else len(prefix)) if offset is None else offset
+    lp = _completion_logprobs(kept, start, _cached(piece)) if logprobs is not None else None
     choice = {
         "text": "".join(parts),
         "index": 0,
@@ -157,8 +167,11 @@ def completion_chunks(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    offset: int | None = None,
+    prompt_tokens: Sequence[Token] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The chunks of a streamed ``text_completion`` (arguments as :func:`completion`)."""
+    """The chunks of a streamed ``text_completion`` (arguments as :func:`completion`; the
+    echoed prompt comes first, in one chunk with its tokens' log-probabilities)."""
     head = _head("text_completion", "cmpl", model, id, created)
     named = _cached(piece)
 
@@ -166,9 +179,13 @@ def completion_chunks(
         choice = {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
         return {**head, "choices": [choice]}
 
+    start = len(prefix) if offset is None else offset
     if prefix:
-        yield chunk(prefix, None, None)
-    offset = len(prefix)
+        lp = None
+        if logprobs is not None and prompt_tokens:
+            lp = _completion_logprobs(prompt_tokens, 0, named)
+        yield chunk(prefix, lp, None)
+    offset = start
     for t in tokens:
         if logprobs is not None:
             yield chunk(t.text, _completion_logprobs([t], offset, named), None)
