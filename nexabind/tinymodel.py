@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "write_random_lora", "write_random_model"]
+__all__ = ["ModelSpec", "write_random_lora", "write_random_mamba", "write_random_model"]
 
 
 @dataclass(frozen=True)
@@ -230,4 +230,81 @@ def write_random_lora(
             b = rng.standard_normal((n_out, rank), dtype=np.float32) * scale
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    return _finish(writer, path)
+
+
+def write_random_mamba(
+    path: str | os.PathLike[str],
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    d_state: int = 16,
+    d_conv: int = 4,
+    n_ctx_train: int = 2048,
+    seed: int = 11,
+    vocab: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a Mamba (recurrent, no KV cache) GGUF with seeded random weights.
+
+    A recurrent model keeps one state per sequence instead of a cache of positions, so it cannot
+    drop a suffix of what it decoded: what a caller does with a prompt that shares only a prefix
+    with the last one is tested against it.
+
+    Args:
+        path: Where to write the model.
+        n_embd: Width (the inner width is twice that, as llama.cpp requires for Mamba).
+        n_layer: Layers.
+        d_state: SSM state size.
+        d_conv: Convolution kernel size.
+        n_ctx_train: The training context length written to the metadata.
+        seed: Seed of the random weights.
+        vocab: A GGUF file to copy the tokenizer from; a byte-level vocabulary when omitted.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from gguf import GGUFWriter
+
+    tok = _vocab_from(vocab) if vocab is not None else _byte_vocab()
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+    d_inner, dt_rank = 2 * n_embd, max(1, n_embd // 16)
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    writer = GGUFWriter(None, "mamba")
+    writer.add_name(f"nexabind-random-mamba-{n_embd}x{n_layer}-seed{seed}")
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(0)
+    for key, (value, vtype, sub) in tok.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+    def weight(*shape: int, scale: float = 0.02) -> Any:
+        return rng.standard_normal(shape, dtype=np.float32) * scale
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd, scale=1.0))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_in.weight", weight(2 * d_inner, n_embd))
+        writer.add_tensor(f"blk.{i}.ssm_conv1d.weight", weight(d_inner, d_conv, scale=0.5))
+        writer.add_tensor(f"blk.{i}.ssm_conv1d.bias", np.zeros(d_inner, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_x.weight", weight(dt_rank + 2 * d_state, d_inner))
+        writer.add_tensor(f"blk.{i}.ssm_dt.weight", weight(d_inner, dt_rank, scale=0.5))
+        writer.add_tensor(f"blk.{i}.ssm_dt.bias", np.full(d_inner, -4.0, dtype=np.float32))
+        # A = -exp(A_log) with A_log = log(1..d_state), as Mamba initializes it
+        a = -np.tile(np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1))
+        writer.add_tensor(f"blk.{i}.ssm_a", a)
+        writer.add_tensor(f"blk.{i}.ssm_d", np.ones(d_inner, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_out.weight", weight(n_embd, d_inner))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd, scale=1.0))
     return _finish(writer, path)
