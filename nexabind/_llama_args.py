@@ -101,6 +101,7 @@ class ChatSetup:
         formatter: The llama-cpp-python formatter that renders it, if it is one.
         template: The jinja template or llama.cpp built-in name to render with, otherwise.
         fallback: Whether the model has no template and none was given (chatml is used).
+        handler: The chat handler a format name stands for (``chatml-function-calling``).
     """
 
     def __init__(
@@ -109,11 +110,13 @@ class ChatSetup:
         formatter: chat_formats.ChatFormatter | None,
         template: str | None,
         fallback: bool = False,
+        handler: Any = None,
     ) -> None:
         self.chat_format = chat_format
         self.formatter = formatter
         self.template = template
         self.fallback = fallback
+        self.handler = handler
 
 
 def chat_setup(
@@ -129,6 +132,10 @@ def chat_setup(
         msg = "give chat_format (a format's name) or chat_template (a template), not both"
         raise ValueError(msg)
     if chat_format is not None:
+        if chat_format in chat_formats.handler_names():
+            handler = chat_formats.get_chat_completion_handler(chat_format)
+            chatml = chat_formats.get_chat_formatter("chatml")
+            return ChatSetup(chat_format, chatml, None, handler=handler)
         formatter = chat_formats.get_chat_formatter(chat_format)
         if formatter is not None:
             return ChatSetup(chat_format, formatter, None)
@@ -137,7 +144,7 @@ def chat_setup(
             return ChatSetup(chat_format, None, chat_format)
         if chat_format == "chat_template.default" and model.chat_template() is not None:
             return ChatSetup(chat_format, None, None)
-        known = sorted({*chat_formats.format_names(), *builtin})
+        known = sorted({*chat_formats.format_names(), *chat_formats.handler_names(), *builtin})
         msg = f"chat_format={chat_format!r} is not a known format; known: {', '.join(known)}"
         raise ValueError(msg)
     if chat_template is not None:

@@ -19,7 +19,7 @@ from typing import Any
 from nexabind import _embed, lowlevel, openai
 from nexabind._chat_api import LlamaChat
 from nexabind.errors import ContextError
-from nexabind.grammar import LlamaGrammar
+from nexabind.grammar import LlamaGrammar, response_format_grammar
 from nexabind.tokenizer import detokenize
 from nexabind.tokens import Token, logprobs_of
 
@@ -215,6 +215,8 @@ class Llama(LlamaChat):
         logits_processor: Any = None,
         grammar: LlamaGrammar | str | None = None,
         logit_bias: dict[int, float] | None = None,
+        *,
+        response_format: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
         """Complete ``prompt``; returns a ``text_completion`` dict or an iterator of chunks.
@@ -227,6 +229,9 @@ class Llama(LlamaChat):
         context holds. ``logprobs=N`` gives each generated token's log-probability and the N
         most likely tokens' (``text_offset`` counts from the start of the prompt); with
         ``echo=True`` the prompt's tokens are scored too, which needs ``logits_all=True``.
+        ``response_format`` (nexabind's, as on chats: ``{"type": "json_object"}`` or
+        ``{"type": "json_schema", "json_schema": {"schema": ...}}``) makes the text valid JSON
+        under the schema whenever the completion stops by itself.
 
         Raises:
             ContextOverflowError: The prompt fills the context (a ``ValueError``).
@@ -240,6 +245,12 @@ class Llama(LlamaChat):
         if echo and logprobs is not None and self._scores_arr is None:
             msg = "echo=True with logprobs scores the prompt: create the Llama with logits_all=True"
             raise ValueError(msg)
+        constraint = response_format_grammar(response_format)
+        if constraint is not None:
+            if grammar is not None:
+                msg = "give grammar or response_format, not both"
+                raise ValueError(msg)
+            grammar = constraint
         tokens, fim = self._completion_tokens(prompt, suffix)
         max_tokens = self._budget(tokens, max_tokens)
         sampling = dict(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from nexabind.tokens import Outcome, Token
+from nexabind.tool_calls import Call, ToolOutput
 
 __all__ = [
     "CHAT_DEFAULTS",
@@ -213,6 +214,22 @@ def _chat_logprobs(toks: Sequence[Token], piece: Piece) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
+def _calls_message(content: str | None, calls: list[Call], legacy: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if legacy:
+        message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+    else:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls
+        ]
+    return message
+
+
+def _calls_finish(legacy: bool) -> str:
+    return "function_call" if legacy else "tool_calls"
+
+
 def chat_completion(
     tokens: Iterable[Token],
     outcome: Outcome,
@@ -222,6 +239,7 @@ def chat_completion(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    tools: ToolOutput | None = None,
 ) -> dict[str, Any]:
     """A ``chat.completion`` with the assistant's message.
 
@@ -234,16 +252,48 @@ def chat_completion(
         piece: Bytes of a token (needed with ``logprobs``).
         id: The response id (default: a new ``chatcmpl-`` uuid).
         created: Unix time (default: now).
+        tools: Read the text for tool calls: when it holds valid ones, the message carries
+            ``tool_calls`` (or the legacy ``function_call``) and the finish reason says so;
+            otherwise the text is the content.
     """
     head = _head("chat.completion", "chatcmpl", model, id, created)
     toks = list(tokens)
+    text = "".join(t.text for t in toks)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = finish_reason(outcome)
+    parsed = tools.parse(text) if tools is not None else None
+    if parsed is not None and tools is not None:
+        message = _calls_message(*parsed, tools.legacy)
+        finish = _calls_finish(tools.legacy)
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": "".join(t.text for t in toks)},
+        "message": message,
         "logprobs": _chat_logprobs(toks, _cached(piece)) if logprobs else None,
-        "finish_reason": finish_reason(outcome),
+        "finish_reason": finish,
     }
     return {**head, "choices": [choice], "usage": _usage(outcome)}
+
+
+def _marker_at(text: str, tools: ToolOutput, at_start: bool) -> tuple[int, int]:
+    """Where held-back text starts in ``text`` (a marker, or a possible start of one), and
+    whether a marker (or a JSON start) was found: ``(index, found)``; ``(len(text), 0)`` when
+    all of it can go out."""
+    if tools.buffer_all:
+        return 0, 1
+    if at_start and tools.json_start and text.lstrip()[:1] in ("{", "["):
+        return 0, 1
+    best = len(text)
+    for m in tools.markers:
+        i = text.find(m)
+        if i >= 0:
+            return i, 1
+        for k in range(min(len(m) - 1, len(text)), 0, -1):
+            if text.endswith(m[:k]):
+                best = min(best, len(text) - k)
+                break
+    if at_start and tools.json_start and not text.strip():
+        best = 0  # only whitespace so far: a JSON call may still come
+    return best, 0
 
 
 def chat_chunks(
@@ -255,10 +305,14 @@ def chat_chunks(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    tools: ToolOutput | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The chunks of a streamed ``chat.completion`` (arguments as :func:`chat_completion`).
 
-    The first delta carries the role, the last one is empty with the finish reason.
+    The first delta carries the role, the last one is empty with the finish reason. With
+    ``tools``, text is streamed as content until a call's marker appears; what follows is
+    held back and sent at the end as ``tool_calls`` deltas (one per call, arguments whole)
+    when it holds valid calls, else as content.
     """
     head = _head("chat.completion.chunk", "chatcmpl", model, id, created)
     named = _cached(piece)
@@ -268,12 +322,43 @@ def chat_chunks(
         return {**head, "choices": [choice]}
 
     yield chunk({"role": "assistant"}, None)
+    if tools is None:
+        for t in tokens:
+            if logprobs:
+                yield chunk({"content": t.text}, None, _chat_logprobs([t], named))
+            elif t.text:
+                yield chunk({"content": t.text}, None)
+        yield chunk({}, finish_reason(outcome))
+        return
+    sent, pending, held = "", "", False
     for t in tokens:
-        if logprobs:
-            yield chunk({"content": t.text}, None, _chat_logprobs([t], named))
-        elif t.text:
-            yield chunk({"content": t.text}, None)
-    yield chunk({}, finish_reason(outcome))
+        if held:
+            pending += t.text
+            continue
+        pending += t.text
+        cut, found = _marker_at(pending, tools, not sent)
+        if cut:
+            yield chunk({"content": pending[:cut]}, None)
+            sent += pending[:cut]
+            pending = pending[cut:]
+        held = bool(found)
+    parsed = tools.parse(sent + pending) if held else None
+    if parsed is None:
+        if pending:
+            yield chunk({"content": pending}, None)
+        yield chunk({}, finish_reason(outcome))
+        return
+    for i, c in enumerate(parsed[1]):
+        fn = {"name": c.name, "arguments": c.arguments}
+        delta: dict[str, Any] = (
+            {"function_call": fn}
+            if tools.legacy
+            else {"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": fn}]}
+        )
+        yield chunk(delta, None)
+        if tools.legacy:
+            break
+    yield chunk({}, _calls_finish(tools.legacy))
 
 
 # -- embeddings ----------------------------------------------------------------------------------

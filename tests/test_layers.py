@@ -60,6 +60,9 @@ LAYERS: dict[str, int] = {
             "tokenizer",
             "llama_types",
             "chat_formats",
+            "tool_calls",
+            "_lcp_formats",
+            "_function_calling",
         ),
         4,
     ),  # fmt: skip
