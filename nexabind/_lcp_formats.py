@@ -102,6 +102,7 @@ def _fmt(prompt: str, stop: str | None = None) -> ChatFormatterResponse:
 
 @_named("llama-2")
 def format_llama2(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``llama-2`` chat format."""
     system = _system(messages)
     if system:
         system = f"[INST] <<SYS>>\n{system}\n<</SYS>>"
@@ -120,6 +121,7 @@ def format_llama2(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("llama-3")
 def format_llama3(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``llama-3`` chat format."""
     names = {
         r: f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant")
     }
@@ -128,12 +130,14 @@ def format_llama3(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("alpaca")
 def format_alpaca(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``alpaca`` chat format."""
     names = {"user": "### Instruction", "assistant": "### Response"}
     return _fmt(_colon_two(_system(messages), _roles(messages, names), "\n\n", "</s>"))
 
 
 @_named("qwen")
 def format_qwen(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``qwen`` chat format."""
     system = "<|im_start|>system\n" + (_system(messages) or "You are a helpful assistant.")
     names = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
     return _fmt(_chatml(system, _with_reply(messages, names), "<|im_end|>"), "<|endoftext|>")
@@ -147,12 +151,14 @@ _VICUNA = (
 
 @_named("vicuna")
 def format_vicuna(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``vicuna`` chat format."""
     turns = _with_reply(messages, {"user": "USER", "assistant": "ASSISTANT"})
     return _fmt(_colon_two(_VICUNA, turns, " ", "</s>"))
 
 
 @_named("oasst_llama")
 def format_oasst_llama(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``oasst_llama`` chat format."""
     system = f"[INST] <<SYS>>\n{_system(messages)}\n<</SYS>>\n\n"
     turns = _with_reply(messages, {"user": "<|prompter|>", "assistant": "<|assistant|>"})
     return _fmt(_no_colon(system, turns, "</s>"))
@@ -160,6 +166,7 @@ def format_oasst_llama(messages: Messages, **kwargs: Any) -> ChatFormatterRespon
 
 def _baichuan(user: str, assistant: str) -> Any:
     def format_baichuan(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+        """llama-cpp-python's ``baichuan`` / ``baichuan-2`` chat format."""
         turns = _with_reply(messages, {"user": user, "assistant": assistant})
         return _fmt(_no_colon(_system(messages), turns, ""))
 
@@ -186,12 +193,14 @@ _OPENBUDDY = (
 
 @_named("openbuddy")
 def format_openbuddy(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``openbuddy`` chat format."""
     turns = _with_reply(messages, {"user": "User", "assistant": "Assistant"})
     return _fmt(_colon_single(_OPENBUDDY, turns, "\n", ":"))
 
 
 @_named("redpajama-incite")
 def format_redpajama_incite(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``redpajama-incite`` chat format."""
     turns = _with_reply(messages, {"user": "<human>", "assistant": "<bot>"})
     return _fmt(_colon_single(_system(messages), turns, "\n", ":"), "<human>")
 
@@ -204,12 +213,14 @@ _SNOOZY = (
 
 @_named("snoozy")
 def format_snoozy(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``snoozy`` chat format."""
     turns = _with_reply(messages, {"user": "### Prompt", "assistant": "### Response"})
     return _fmt(_colon_single(_system(messages) or _SNOOZY, turns, "\n", ":"), "###")
 
 
 @_named("phind")
 def format_phind(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``phind`` chat format."""
     system = "### System Prompt\nYou are an intelligent programming assistant."
     turns = _with_reply(messages, {"user": "### User Message", "assistant": "### Assistant"})
     return _fmt(_colon_single(system, turns, "\n\n", ":"))
@@ -217,6 +228,7 @@ def format_phind(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("intel")
 def format_intel(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``intel`` chat format."""
     turns = _with_reply(messages, {"user": "### User:", "assistant": "### Assistant:"})
     return _fmt(_colon_single("### System:\n{system_message}", turns, "\n", ":"))
 
@@ -235,6 +247,7 @@ _OPEN_ORCA = (
 
 @_named("open-orca")
 def format_open_orca(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``open-orca`` chat format."""
     # llama-cpp-python maps the roles "User" and "Assistant" only (so "user" turns drop out).
     turns = [*_roles(messages, {"User": "User", "Assistant": "Assistant"}), ("Assistant", None)]
     return _fmt(_colon_single(_OPEN_ORCA, turns, "<|end_of_turn|>\n", ": "), "User")
@@ -242,6 +255,7 @@ def format_open_orca(messages: Messages, **kwargs: Any) -> ChatFormatterResponse
 
 @_named("mistrallite")
 def format_mistrallite(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``mistrallite`` chat format."""
     system = f"<|system|>{_system(messages)}</s>"
     turns = _with_reply(messages, {"user": "<|prompter|>", "assistant": "</s>\n<|assistant|>"})
     return _fmt(_no_colon(system, turns, " "))
@@ -249,6 +263,7 @@ def format_mistrallite(messages: Messages, **kwargs: Any) -> ChatFormatterRespon
 
 @_named("zephyr")
 def format_zephyr(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``zephyr`` chat format."""
     system = f"<|system|>\n{_system(messages)}"
     turns = _with_reply(messages, {"user": "<|user|>\n", "assistant": "<|assistant|>\n"})
     return _fmt(_chatml(system, turns, "</s>"), "</s>")
@@ -256,6 +271,7 @@ def format_zephyr(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("pygmalion")
 def format_pygmalion(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``pygmalion`` chat format."""
     system = f"<|system|>{_system(messages)}"
     turns = _with_reply(messages, {"user": "<|user|>", "assistant": "<|model|>"})
     return _fmt(_chatml(system, turns, "\n"), "\n")
@@ -263,6 +279,7 @@ def format_pygmalion(messages: Messages, **kwargs: Any) -> ChatFormatterResponse
 
 @_named("chatml")
 def format_chatml(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``chatml`` chat format."""
     system = f"<|im_start|>system\n{_system(messages)}"
     names = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
     return _fmt(_chatml(system, _with_reply(messages, names), "<|im_end|>"), "<|im_end|>")
@@ -270,6 +287,7 @@ def format_chatml(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("mistral-instruct")
 def format_mistral_instruct(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``mistral-instruct`` chat format."""
     prompt = ""
     for m in messages:
         content = m.get("content")
@@ -282,6 +300,7 @@ def format_mistral_instruct(messages: Messages, **kwargs: Any) -> ChatFormatterR
 
 @_named("chatglm3")
 def format_chatglm3(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``chatglm3`` chat format."""
     out = f"<|system|>\n{_system(messages)}"
     for role, text in _with_reply(messages, {"user": "<|user|>", "assistant": "<|assistant|>"}):
         out += f"{role}\n {text}" if text else role
@@ -290,6 +309,7 @@ def format_chatglm3(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("openchat")
 def format_openchat(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``openchat`` chat format."""
     system = f"{_system(messages)}<|end_of_turn|>"
     names = {
         "user": "GPT4 Correct User: ",
@@ -300,6 +320,7 @@ def format_openchat(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("saiga")
 def format_saiga(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``saiga`` chat format."""
     out = ""
     for role, text in _roles(messages, {"user": "user", "bot": "bot", "system": "system"}):
         out += f"<s>{role}\n{text}</s>" if text else f"<s>{role}\n"
@@ -308,5 +329,6 @@ def format_saiga(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
 
 @_named("gemma")
 def format_gemma(messages: Messages, **kwargs: Any) -> ChatFormatterResponse:
+    """llama-cpp-python's ``gemma`` chat format."""
     names = {"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n"}
     return _fmt(_no_colon("", _with_reply(messages, names), "<end_of_turn>\n"), "<end_of_turn>\n")
