@@ -174,19 +174,16 @@ def decode_runner(kind: str, cfg: dict[str, Any]) -> tuple[Any, Any]:
 
 def embed_runner(kind: str, cfg: dict[str, Any]) -> tuple[Any, Any]:
     texts = cfg["texts"]
+    # The same call for both: lists of floats, llama-cpp-python's result (and nexabind's
+    # default; embed(..., as_array=True) would skip building the lists).
     if kind == "nexabind-embed":
         llm = open_nexabind(cfg, embedding=True)
-
-        def call() -> dict[str, Any]:
-            arr = llm.embed(texts)
-            return {"n": int(arr.shape[0]), "dim": int(arr.shape[1])}
-
     else:
         llm = open_lcpp(cfg, embedding=True)
 
-        def call() -> dict[str, Any]:
-            out = llm.embed(texts)
-            return {"n": len(out), "dim": len(out[0])}
+    def call() -> dict[str, Any]:
+        out = llm.embed(texts)
+        return {"n": len(out), "dim": len(out[0])}
 
     return llm, call
 

@@ -8,7 +8,7 @@ from typing import Any
 from nexabind import lowlevel
 from nexabind.errors import ContextOverflowError
 
-__all__ = ["embed"]
+__all__ = ["embed", "embed_tokens", "max_tokens", "normalize"]
 
 
 def _tokens(
@@ -30,8 +30,23 @@ def _tokens(
     return seqs
 
 
+def normalize(vectors: Any) -> None:
+    """Scale each float32 row (of an array, or of each array of a list) to unit L2 norm, in
+    place; a zero row stays zero."""
+    import numpy as np
+
+    for arr in [vectors] if isinstance(vectors, np.ndarray) else vectors:
+        norms = np.linalg.norm(arr, axis=-1, keepdims=True)
+        arr /= np.where(norms == 0, 1, norms)
+
+
 def embed(
-    ctx: lowlevel.Context, texts: Sequence[str], *, n_seqs: int, truncate: bool = True
+    ctx: lowlevel.Context,
+    texts: Sequence[str],
+    *,
+    n_seqs: int,
+    truncate: bool = True,
+    per_token: bool = False,
 ) -> tuple[Any, int]:
     """Embed ``texts`` with an embedding context; its KV cache is cleared before and after.
 
@@ -41,15 +56,17 @@ def embed(
         n_seqs: Most sequences one decode may hold (the context's ``n_seq_max``).
         truncate: Cut texts longer than a ubatch (or a sequence's share of the context)
             instead of raising.
+        per_token: Read one embedding per token (a context without pooling).
 
     Returns:
-        A float32 array of shape ``(len(texts), n_embd)`` and the number of tokens decoded.
+        A float32 array of shape ``(len(texts), n_embd)`` (with ``per_token``, a list of
+        ``(n_tokens, n_embd)`` arrays) and the number of tokens decoded.
 
     Raises:
         ContextOverflowError: A text is too long and ``truncate`` is False.
     """
     seqs = _tokens(ctx.model, texts, max_tokens(ctx), truncate)
-    return embed_tokens(ctx, seqs, n_seqs=n_seqs)
+    return embed_tokens(ctx, seqs, n_seqs=n_seqs, per_token=per_token)
 
 
 def max_tokens(ctx: lowlevel.Context) -> int:
@@ -58,7 +75,7 @@ def max_tokens(ctx: lowlevel.Context) -> int:
 
 
 def embed_tokens(
-    ctx: lowlevel.Context, seqs: Sequence[Sequence[int]], *, n_seqs: int
+    ctx: lowlevel.Context, seqs: Sequence[Sequence[int]], *, n_seqs: int, per_token: bool = False
 ) -> tuple[Any, int]:
     """Embed token sequences (each at most :func:`max_tokens` long); see :func:`embed`.
 
@@ -73,7 +90,12 @@ def embed_tokens(
             msg = f"sequence {i} has {len(toks)} tokens; an embedding takes 1..{limit}"
             raise ValueError(msg)
         ctx.model.check_tokens(toks)
-    out = np.empty((len(seqs), ctx.model.n_embd), dtype=np.float32)
+    n_embd = ctx.model.n_embd
+    out: Any = (
+        [np.empty((len(t), n_embd), dtype=np.float32) for t in seqs]
+        if per_token
+        else np.empty((len(seqs), n_embd), dtype=np.float32)
+    )
     batch = ctx.batch
     # One decode holds at most a ubatch of tokens (a sequence pooled across two ubatches
     # would be pooled wrongly). With a unified KV cache llama.cpp takes the sequences as
@@ -100,7 +122,13 @@ def embed_tokens(
                 i += 1
             ctx.decode()
             n_decoded += n_tok
+            row = 0
             for s_id, k in enumerate(group):
-                out[k] = ctx.embeddings(s_id)
+                if per_token:
+                    for j in range(len(seqs[k])):
+                        out[k][j] = ctx.token_embeddings(row + j)
+                    row += len(seqs[k])
+                else:
+                    out[k] = ctx.embeddings(s_id)
         ctx.clear()
     return out, n_decoded

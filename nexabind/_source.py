@@ -22,7 +22,7 @@ from nexabind import pin, settings
 from nexabind.cache import sha256_file
 from nexabind.errors import BuildError
 
-__all__ = ["build_cache_dir", "ensure_source", "origin"]
+__all__ = ["build_cache_dir", "ensure_sdist", "ensure_source", "origin"]
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +90,57 @@ def _from_archive(dest: Path, timeout: float) -> None:
         _extract_tar(archive, dest, None)
 
 
-def _from_sdist(dest: Path, timeout: float, local: str | os.PathLike[str] | None) -> None:
-    import tempfile
+def _sdist_in(root: Path, timeout: float, local: str | os.PathLike[str] | None) -> Path:
+    """The pinned sdist (``local``, else the copy in ``root``, downloaded there once)."""
+    path = Path(local) if local is not None else root / pin.SDIST_FILE
+    if local is None and not path.is_file():
+        import tempfile
 
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        if local is not None:
-            sdist = Path(local)
-        else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--timeout", str(int(timeout)), "--retries", "1", "-d", tmp,
-                   f"{pin.SDIST_NAME}=={pin.SDIST_VERSION}"]  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-            sdist = Path(tmp) / pin.SDIST_FILE
-        got = sha256_file(sdist)
-        if got != pin.SDIST_SHA256:
-            msg = f"{sdist}: sha256 is {got}, expected {pin.SDIST_SHA256}; not using it"
-            raise BuildError(msg)
-        _extract_tar(sdist, dest, pin.SDIST_SUBDIR)
+        from filelock import FileLock
+
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f".{pin.SDIST_FILE}.lock")):
+            if not path.is_file():
+                with tempfile.TemporaryDirectory(dir=root) as tmp:
+                    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                           ":all:", "--timeout", str(int(timeout)), "--retries", "1", "-d", tmp,
+                           f"{pin.SDIST_NAME}=={pin.SDIST_VERSION}"]  # fmt: skip
+                    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+                    got = sha256_file(Path(tmp) / pin.SDIST_FILE)
+                    if got != pin.SDIST_SHA256:
+                        msg = f"{pin.SDIST_FILE}: sha256 is {got}, expected {pin.SDIST_SHA256}"
+                        raise BuildError(msg + "; not using it")
+                    os.replace(Path(tmp) / pin.SDIST_FILE, path)
+                return path
+    got = sha256_file(path)
+    if got != pin.SDIST_SHA256:
+        msg = f"{path}: sha256 is {got}, expected {pin.SDIST_SHA256}; not using it"
+        raise BuildError(msg)
+    return path
+
+
+def ensure_sdist(
+    build_cache: str | os.PathLike[str] | None = None,
+    *,
+    timeout: float = 10.0,
+    sdist: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Return the pinned llama-cpp-python sdist, sha256-checked, downloading it once.
+
+    It is kept in the build cache (``<build cache>/src/``), where the llama.cpp source comes
+    from when GitHub is unreachable; ``sdist`` (else ``NEXABIND_LLAMA_SDIST``) names a local
+    copy instead.
+
+    Raises:
+        BuildError: The file's sha256 is not the pinned one.
+        subprocess.CalledProcessError: ``pip download`` failed.
+    """
+    sdist = settings.LLAMA_SDIST.get(sdist)
+    return _sdist_in(build_cache_dir(build_cache) / "src", timeout, sdist)
+
+
+def _from_sdist(dest: Path, timeout: float, local: str | os.PathLike[str] | None) -> None:
+    _extract_tar(_sdist_in(dest.parent, timeout, local), dest, pin.SDIST_SUBDIR)
 
 
 def ensure_source(

@@ -1,4 +1,5 @@
-"""The byte format of a saved ``Llama`` state: the tokens in the KV cache, then llama.cpp's blob.
+"""A saved ``Llama`` state (:class:`LlamaState`, llama-cpp-python's class) and its byte format:
+the tokens in the KV cache, then llama.cpp's blob.
 
 ::
 
@@ -19,10 +20,11 @@ import struct
 import sys
 import zlib
 from array import array
+from typing import Any
 
 from nexabind.errors import StateError
 
-__all__ = ["pack", "unpack"]
+__all__ = ["LlamaState", "pack", "unpack"]
 
 _MAGIC = b"NXBSTAT2"
 _HEADER = struct.Struct("<8sIQI")
@@ -55,7 +57,7 @@ def unpack(data: bytes, n_ctx: int) -> tuple[array[int], bytes]:
     """
     head = bytes(data[: len(_MAGIC)])
     if head != _MAGIC and not (len(head) < len(_MAGIC) and _MAGIC.startswith(head)):
-        msg = "not a nexabind state (bad header); use bytes from Llama.save_state()"
+        msg = "not a nexabind state (bad header); use Llama.save_state() or its bytes"
         raise StateError(msg)
     if len(data) < _HEADER.size:
         msg = f"the state is cut short ({len(data)} bytes, less than its header); save it again"
@@ -81,3 +83,61 @@ def unpack(data: bytes, n_ctx: int) -> tuple[array[int], bytes]:
     if sys.byteorder == "big":
         toks.byteswap()
     return toks, bytes(view[toks_end:])
+
+
+class LlamaState:
+    """A ``Llama``'s context saved by ``save_state()``: llama-cpp-python's class and fields.
+
+    Attributes:
+        input_ids: The context's token slots (int32, ``n_ctx`` long; the first ``n_tokens``
+            are in the KV cache).
+        scores: The logits after each of those tokens, ``(n_tokens, n_vocab)`` float32, when
+            the Llama records them (``logits_all=True``); else no rows.
+        n_tokens: Tokens in the KV cache.
+        llama_state: llama.cpp's state (``llama_state_get_data``).
+        llama_state_size: Its size in bytes.
+        seed: The Llama's seed when it was saved (None: random per call).
+
+    ``bytes(state)`` is the checked byte format of this module (what ``save_state(path)``
+    writes); :meth:`from_bytes` reads it back. A state pickles.
+    """
+
+    def __init__(
+        self,
+        input_ids: Any,
+        scores: Any,
+        n_tokens: int,
+        llama_state: bytes,
+        llama_state_size: int,
+        seed: int | None,
+    ) -> None:
+        self.input_ids = input_ids
+        self.scores = scores
+        self.n_tokens = n_tokens
+        self.llama_state = llama_state
+        self.llama_state_size = llama_state_size
+        self.seed = seed
+
+    def tokens(self) -> array[int]:
+        """The tokens in the KV cache."""
+        return array("i", [int(t) for t in self.input_ids[: self.n_tokens]])
+
+    def __bytes__(self) -> bytes:
+        return pack(self.tokens(), self.llama_state)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, n_ctx: int | None = None) -> LlamaState:
+        """Read the byte format (see :func:`unpack`; raises ``StateError`` the same way).
+
+        Args:
+            data: What ``bytes(state)`` returned.
+            n_ctx: Refuse a state of more tokens (None: any).
+        """
+        import numpy as np
+
+        toks, payload = unpack(data, (1 << 32) if n_ctx is None else n_ctx)
+        ids = np.asarray(toks, dtype=np.intc)
+        return cls(ids, np.zeros((0, 0), np.float32), len(toks), payload, len(payload), None)
+
+    def __repr__(self) -> str:
+        return f"<LlamaState {self.n_tokens} tokens, {self.llama_state_size} bytes>"

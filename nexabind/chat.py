@@ -204,6 +204,7 @@ def format_messages(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    **extra: Any,
 ) -> str:
     """Render ``messages`` with a jinja template, or a llama.cpp built-in one by name.
 
@@ -214,6 +215,7 @@ def format_messages(
         bos_token: Text of the BOS token (jinja templates only).
         eos_token: Text of the EOS token (jinja templates only).
         add_generation_prompt: End with the assistant's turn header.
+        **extra: More variables for a jinja template (``tools``, ...).
 
     Raises:
         ValueError: A message is malformed.
@@ -227,6 +229,7 @@ def format_messages(
         bos_token=bos_token,
         eos_token=eos_token,
         add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 
@@ -240,6 +243,7 @@ def format_chat(
     *,
     template: str | None = None,
     add_generation_prompt: bool = True,
+    **extra: Any,
 ) -> str:
     """Render ``messages`` into a prompt for ``model``.
 
@@ -248,6 +252,7 @@ def format_chat(
         messages: ``[{"role": ..., "content": ...}, ...]``.
         template: A jinja template or a llama.cpp built-in name, instead of the model's.
         add_generation_prompt: End with the assistant's turn header.
+        **extra: More variables for a jinja template (``tools``, ...).
 
     Raises:
         ValueError: A message is malformed.
@@ -267,14 +272,20 @@ def format_chat(
         bos_token=_special_text(model, model.bos),
         eos_token=_special_text(model, model.eos),
         add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 
 def prompt_tokens(
-    model: lowlevel.Model, messages: list[dict[str, Any]], *, template: str | None = None
+    model: lowlevel.Model,
+    messages: list[dict[str, Any]],
+    *,
+    template: str | None = None,
+    **extra: Any,
 ) -> list[int]:
-    """Render ``messages`` (see :func:`format_chat`) and tokenize the prompt."""
-    return tokenize_prompt(model, format_chat(model, messages, template=template))
+    """Render ``messages`` (see :func:`format_chat`; ``extra``: more template variables) and
+    tokenize the prompt."""
+    return tokenize_prompt(model, format_chat(model, messages, template=template, **extra))
 
 
 def tokenize_prompt(model: lowlevel.Model, text: str) -> list[int]:

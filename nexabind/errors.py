@@ -18,7 +18,7 @@
     ├── DecodeError               llama_decode / llama_encode failed           (+ RuntimeError)
     │   └── DecodeCancelled         a decode was aborted through cancel()
     ├── ContextOverflowError      a prompt or generation does not fit the context (+ ValueError)
-    ├── StateError                saving or restoring context state failed
+    ├── StateError                saving or restoring context state failed    (+ RuntimeError)
     ├── TemplateError             a chat template refused the messages or failed (+ ValueError)
     ├── SessionNotFoundError      an Engine has no session of that id                (+ KeyError)
     ├── BusyError                 an Engine's queue is full, or a task waited too long in it
@@ -121,7 +121,7 @@ class ContextOverflowError(NexabindError, ValueError):
     """A prompt or a generation does not fit in the context."""
 
 
-class StateError(NexabindError):
+class StateError(NexabindError, RuntimeError):
     """Saving or restoring a context's state failed."""
 
 

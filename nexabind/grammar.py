@@ -36,7 +36,13 @@ if TYPE_CHECKING:
 
     from nexabind import lowlevel
 
-__all__ = ["GrammarMatcher", "LlamaGrammar", "check_gbnf", "json_schema_to_grammar"]
+__all__ = [
+    "GrammarMatcher",
+    "LlamaGrammar",
+    "check_gbnf",
+    "json_schema_to_grammar",
+    "response_format_grammar",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,42 @@ def json_schema_to_grammar(
     return _json_schema.to_grammar(
         schema, default_additional_properties=default_additional_properties
     )
+
+
+def response_format_grammar(response_format: Mapping[str, Any] | None) -> LlamaGrammar | None:
+    """The grammar of an OpenAI ``response_format`` (None for plain text).
+
+    ``{"type": "json_object"}`` is any JSON object (with ``"schema"``, as llama-cpp-python
+    allows, one valid under it); ``{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}`` is OpenAI's structured output; ``{"type": "text"}`` constrains nothing.
+
+    Raises:
+        ValueError: The format is malformed, or its schema is not valid JSON Schema (the
+            message names the keyword and where it is).
+    """
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema") or {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            msg = (
+                'response_format type "json_schema" needs "json_schema": {"name": ..., '
+                '"schema": {...}}'
+            )
+            raise ValueError(msg)
+        schema = spec["schema"]
+    else:
+        msg = (
+            f"response_format={response_format!r} is invalid; use {{'type': 'text'}}, "
+            "{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {...}}"
+        )
+        raise ValueError(msg)
+    return LlamaGrammar.from_json_schema(schema, verbose=False)
 
 
 class LlamaGrammar:

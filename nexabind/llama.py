@@ -1,534 +1,359 @@
 """``Llama``: generation, streaming, chat, embeddings, KV-cache reuse and state.
 
-The surface follows llama-cpp-python (``create_completion``, ``create_chat_completion``,
-``create_embedding`` with the same OpenAI-shaped results, built by :mod:`nexabind.openai`) on
-top of two iterators, :meth:`Llama.generate` and :meth:`Llama.chat`, that yield
-:class:`~nexabind.tokens.Token` values from the decode loop of :mod:`nexabind._sequence`.
+The surface is llama-cpp-python's (every constructor argument, ``create_completion``,
+``create_chat_completion``, ``create_embedding``, ``generate``, ``eval``/``sample``, states and
+prompt caches, with the same OpenAI-shaped results, built by :mod:`nexabind.openai`) on top of
+two iterators, :meth:`Llama.generate` and :meth:`Llama.chat`, that yield
+:class:`~nexabind.tokens.Token` values (ints carrying their text) from the decode loop of
+:mod:`nexabind._sequence`. The class is built in layers: :mod:`nexabind._llama_core`
+(construction, lifecycle, tokens, states), :mod:`nexabind._lcp` (llama-cpp-python's lower-level
+calls), :mod:`nexabind._chat_api` (chat), and this module (generation, completions,
+embeddings).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-from nexabind import _embed, _state, hub, lowlevel, openai
-from nexabind import chat as chat_mod
-from nexabind._sequence import KVSequence, Request
-from nexabind.errors import ClosedError, ContextError, StateError
-from nexabind.sampling import SAMPLING_KEYS, SamplingOptions
-from nexabind.tokens import Outcome, Token
+from nexabind import _embed, lowlevel, openai
+from nexabind._chat_api import LlamaChat
+from nexabind.errors import ContextError
+from nexabind.grammar import LlamaGrammar, response_format_grammar
+from nexabind.tokenizer import detokenize
+from nexabind.tokens import Token, logprobs_of
 
 __all__ = ["Llama", "Token"]
 
-_EMBED_SEQS = 64  # most sequences packed into one decode by embed()
 
-
-class Llama:
+class Llama(LlamaChat):
     """A model and its context, with llama-cpp-python's calls.
+
+    Every argument of llama-cpp-python's ``Llama`` is taken; the README's table says where a
+    default or a behaviour differs. nexabind's own arguments follow.
 
     Args:
         model_path: The ``.gguf`` file.
+        n_gpu_layers: Layers on the GPU (None or -1: all, when a GPU backend is present).
+        split_mode, main_gpu, tensor_split: How the model is split across GPUs.
+        vocab_only: Load only the vocabulary (tokenizing only).
+        use_mmap: Map the model file.
+        use_mlock: Lock the weights in RAM so they are never swapped out.
+        kv_overrides: GGUF metadata to override while loading (bool, int, float or str).
+        seed: Sampling seed (None, -1: a fresh random seed per call; a number: the seeds of
+            the calls follow from it, as in llama-cpp-python).
         n_ctx: Context length (None or 0: the model's training length, capped at 4096).
         n_batch: Most prompt tokens per decode.
         n_ubatch: Tokens per compute step inside a decode (None: ``n_batch``, at most 512).
         n_threads: Threads for generation (None: llama.cpp's default).
         n_threads_batch: Threads for prompt processing (None: as ``n_threads``).
-        n_gpu_layers: Layers on the GPU (None: all, when a GPU backend is present).
-        seed: Default sampling seed.
+        rope_scaling_type, rope_freq_base, rope_freq_scale, yarn_ext_factor, yarn_attn_factor,
+            yarn_beta_fast, yarn_beta_slow, yarn_orig_ctx: RoPE and YaRN (0 or None: the
+            model's).
+        pooling_type: How an embedding context pools (None or -1: the model's).
+        attention_type: Causal or non-causal attention (None or -1: the model's).
+        logits_all: Keep the logits of every position (:attr:`scores`; ``echo=True`` with
+            ``logprobs`` scores the prompt).
         embedding: Create an embedding context (pooled as the model says).
-        flash_attn: Flash attention on (True) or off (False); None lets llama.cpp decide per
-            device.
-        use_mmap: Map the model file.
-        use_mlock: Lock the weights in RAM so they are never swapped out.
+        offload_kqv, op_offload, swa_full: llama.cpp's context switches (None: its default).
+        flash_attn: Flash attention on (True) or off (False); None lets llama.cpp decide.
+        no_perf: Skip llama.cpp's timing counters.
+        last_n_tokens_size: The repetition penalties' window (``penalty_last_n``'s default).
+        lora_path: A LoRA adapter to apply, with ``lora_scale``.
+        lora_base: Not supported (llama.cpp has no separate base model for an adapter).
+        numa: ggml's NUMA strategy (True: distribute), process-wide.
+        chat_format: A llama-cpp-python format name (``llama-2``, ``chatml``, ...) or a
+            llama.cpp built-in template name (``phi3``, ``llama3``, ...).
+        chat_handler: A chat handler (``handler(llama=..., messages=..., **request)``), e.g.
+            ``Jinja2ChatFormatter(...).to_chat_handler()``.
+        draft_model: A draft model for speculative decoding (e.g.
+            :class:`~nexabind.speculative.LlamaPromptLookupDecoding`).
+        tokenizer: A tokenizer to use instead of the model's (prompts and ``tokenize``).
+        type_k, type_v: The KV cache's types (:class:`~nexabind.lowlevel.GgmlType`, its
+            value or name).
+        spm_infill: Infill prompts in suffix-prefix-middle order.
+        verbose: Let llama.cpp's INFO and DEBUG lines through the ``nexabind.llama`` logger.
         chat_template: A jinja template, or a llama.cpp built-in template name.
-        verbose: Let llama.cpp's INFO and DEBUG lines through the ``nexabind.llama`` logger
-            (to stderr when the application configured no logging); see
-            :func:`nexabind.lowlevel.set_verbose`. Off, only warnings and errors reach
-            ``logging``.
-        kv_unified: One KV buffer for all sequences (None: on for an embedding context,
-            llama.cpp's default otherwise). With it, :meth:`embed` packs texts of any lengths
-            into one decode; without it, only texts of one length.
-        check_tensors: Validate every tensor's data while loading (for files of unknown
-            origin; see also :func:`nexabind.check_model`, which loads in a child process).
-        lib_path: Folder of the llama.cpp libraries (see :func:`nexabind.loader.library_dir`).
+        kv_unified: One KV buffer for all sequences (None: on for an embedding context).
+        check_tensors: Validate every tensor's data while loading.
+        lib_path: Folder of the llama.cpp libraries.
+        **kwargs: Anything else is logged as a warning and ignored, as llama-cpp-python
+            ignores it.
 
     A ``Llama`` is safe to share between threads: every call into llama.cpp holds the
     context's lock, so calls from two threads run one after the other. A generation holds it
-    for one token at a time, so another call may run between two tokens; if that call changes
-    the KV cache (another generation, :meth:`reset`, :meth:`load_state`), the first generator
-    raises ``ContextError`` at its next step instead of continuing on the wrong tokens.
-    :meth:`close` from another thread cancels a running prompt decode, waits for the current
-    step, then frees; the generator then raises ``ClosedError``.
+    for one token at a time; a call that changes the KV cache under a running generator makes
+    that generator raise ``ContextError`` at its next step. :meth:`close` from another thread
+    cancels a running prompt decode, waits for the current step, then frees.
 
     Raises:
-        ModelLoadError: The model file is missing or invalid.
+        ModelLoadError: The model file is missing or invalid (a ``ValueError``).
         ContextError: The context could not be created (or would not fit in memory).
-        ValueError: A size or thread count is out of range (the message names it).
+        ValueError: A size, thread count or enum value is out of range (the message names it).
+        NotImplementedError: ``lora_base``, which llama.cpp cannot apply.
     """
-
-    def __init__(
-        self,
-        model_path: str | os.PathLike[str],
-        *,
-        n_ctx: int | None = None,
-        n_batch: int = 512,
-        n_ubatch: int | None = None,
-        n_threads: int | None = None,
-        n_threads_batch: int | None = None,
-        n_gpu_layers: int | None = None,
-        seed: int | None = None,
-        embedding: bool = False,
-        flash_attn: bool | None = None,
-        use_mmap: bool = True,
-        use_mlock: bool = False,
-        chat_template: str | None = None,
-        verbose: bool = False,
-        kv_unified: bool | None = None,
-        check_tensors: bool = False,
-        lib_path: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self._ctx: lowlevel.Context | None = None
-        self._model: lowlevel.Model | None = None
-        lowlevel.lib(lib_path)
-        if verbose:
-            lowlevel.set_verbose(True)
-        if n_gpu_layers is None:
-            n_gpu_layers = 999
-        self.model_path = str(model_path)
-        if n_ctx is not None and n_ctx < 0:
-            msg = f"n_ctx={n_ctx} is invalid; use 0 or None (the model's length, at most 4096)"
-            raise ValueError(msg)
-        self._model = lowlevel.Model(
-            model_path,
-            n_gpu_layers=n_gpu_layers,
-            use_mmap=use_mmap,
-            use_mlock=use_mlock,
-            check_tensors=check_tensors,
-        )
-        if not n_ctx:
-            n_ctx = min(self._model.n_ctx_train or 4096, 4096)
-        # embed() packs texts into one decode as sequences. In one unified KV buffer any
-        # sequence may use the whole context; split, each gets n_ctx / n_seq_max cells: pack
-        # only as many as leave every one a full ubatch of room (a non-causal model needs a
-        # whole sequence in one ubatch).
-        if embedding and kv_unified is None:
-            kv_unified = True
-        # A sequence takes an output row of a ubatch: never more sequences than it has rows.
-        ubatch = max(1, min(n_batch, n_ubatch or 512, n_ctx))
-        room = _EMBED_SEQS if kv_unified else n_ctx // ubatch
-        self._n_seqs = max(1, min(_EMBED_SEQS, room, ubatch)) if embedding else 1
-        try:
-            self._ctx = lowlevel.Context(
-                self._model,
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=n_ubatch,
-                n_threads=n_threads,
-                n_threads_batch=n_threads_batch,
-                embeddings=embedding,
-                n_seq_max=self._n_seqs,
-                flash_attn=flash_attn,
-                kv_unified=kv_unified,
-            )
-        except BaseException:
-            self._model.close()
-            self._model = None
-            raise
-        self.embedding = embedding
-        self.seed = seed
-        self.chat_template = chat_template
-        self.verbose = verbose
-        self._seq = KVSequence(self._ctx, self._closed_message())
-        self._outcome = Outcome()
-        self._metadata: dict[str, str] | None = None
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id: str,
-        filename: str | None = None,
-        additional_files: list[str] | None = None,
-        local_dir: str | os.PathLike[str] | None = None,
-        local_dir_use_symlinks: bool | str = "auto",
-        cache_dir: str | os.PathLike[str] | None = None,
-        **kwargs: Any,
-    ) -> Llama:
-        """Create a Llama from a model on the Hugging Face hub (llama-cpp-python's call).
-
-        Args:
-            repo_id: ``OWNER/REPO``.
-            filename: The model file, or a glob that matches exactly one file of the
-                repository (``"*Q4_K_M.gguf"``); a split model's other parts come along.
-                None chooses as ``nexabind pull`` does (Q4_K_M, else Q8_0, else the first).
-            additional_files: More files or globs to download beside it.
-            local_dir: Download into this folder instead of the hub cache.
-            local_dir_use_symlinks: Ignored (huggingface_hub no longer uses it).
-            cache_dir: The hub cache (default: as huggingface_hub finds it, ``HF_HUB_CACHE``).
-            **kwargs: For the constructor (``n_ctx``, ``n_gpu_layers``, ...).
-
-        Unlike llama-cpp-python, a model already in the cache (or in ``local_dir``) is loaded
-        without asking the hub anything; ``nexabind pull`` looks for newer versions.
-
-        Raises:
-            ModelNotFoundError: No file or several match ``filename``, or the repository does
-                not exist (also a ``ValueError``).
-            DownloadError: The download failed (see :func:`nexabind.hub.pull`).
-        """
-        path = hub.from_pretrained(repo_id, filename, additional_files, local_dir, cache_dir)
-        hub.mark_used(path)
-        return cls(path, **kwargs)
-
-    @property
-    def n_decoded_tokens(self) -> int:
-        """Tokens decoded by this object so far (prompt and generated)."""
-        return self._seq.n_decoded
-
-    @property
-    def n_prompt_tokens_decoded(self) -> int:
-        """Prompt tokens the last call had to decode (the rest came from the KV cache)."""
-        return self._seq.n_prompt_decoded
-
-    @property
-    def last_finish_reason(self) -> str | None:
-        """Why the last generation ended: ``stop``, ``length`` or ``cancelled``."""
-        return self._outcome.finish_reason
-
-    @property
-    def model_type(self) -> str:
-        """The model's architecture (``general.architecture``), as ``TextModel`` names it."""
-        return self.metadata.get("general.architecture", "unknown")
-
-    @property
-    def err(self) -> BaseException | None:
-        """The error that ended the last generation, if one did (``TextModel``'s ``err``)."""
-        return self._seq.err
-
-    @property
-    def n_completion_tokens(self) -> int:
-        """Tokens the last generation produced."""
-        return self._outcome.completion_tokens
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._ctx is None
-
-    def close(self) -> None:
-        """Free the context and the model; safe to call more than once, from any thread.
-
-        A prompt decode running in another thread is cancelled; a generation step is waited
-        for. A generator still open raises ``ClosedError`` at its next step.
-        """
-        ctx, model = self._ctx, self._model
-        if ctx is not None:
-            ctx.cancel()
-            with ctx.lock:
-                self._ctx = self._model = None
-                self._seq.invalidate()  # a generator still open notices at its next step
-                ctx.close()
-        if model is not None:
-            model.close()
-
-    def __enter__(self) -> Llama:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _closed_message(self) -> str:
-        return f"this Llama ({self.model_path}) is closed; create a new one"
-
-    def _check(self) -> lowlevel.Context:
-        if self._ctx is None:
-            raise ClosedError(self._closed_message())
-        return self._ctx
-
-    # -- basic properties ----------------------------------------------------------------
-
-    def n_ctx(self) -> int:
-        """Context length in tokens."""
-        return self._check().n_ctx
-
-    def n_vocab(self) -> int:
-        """Vocabulary size."""
-        return self._check().n_vocab
-
-    def n_embd(self) -> int:
-        """Embedding width."""
-        return self._check().model.n_embd
-
-    def token_bos(self) -> int:
-        """BOS token id (-1 if none)."""
-        return self._check().model.bos
-
-    def token_eos(self) -> int:
-        """EOS token id (-1 if none)."""
-        return self._check().model.eos
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """GGUF metadata of the model as strings (arrays are left out by llama.cpp)."""
-        ctx = self._check()
-        if self._metadata is None:
-            self._metadata = ctx.model.metadata()
-        return dict(self._metadata)
-
-    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
-        """Tokenize text (llama-cpp-python's signature)."""
-        return self._check().model.tokenize(text, add_special=add_bos, parse_special=special)
-
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """Turn tokens back into bytes (llama-cpp-python returns bytes)."""
-        model = self._check().model
-        return b"".join(model.token_to_piece(t, special=special) for t in tokens)
-
-    def reset(self) -> None:
-        """Forget the KV cache; the next call decodes its whole prompt."""
-        with self._check().lock:
-            self._check()
-            self._seq.reset()
-
-    def cancel(self) -> None:
-        """Stop the running generation, or the next one if none runs yet.
-
-        Callable from any thread. The generation ends with ``finish_reason`` "cancelled" at
-        its next step (a prompt being decoded stops within a few graph nodes); a cancel that
-        arrives before a call starts applies to that call.
-        """
-        if self._ctx is not None:
-            self._ctx.cancel()
-
-    # -- prompt and KV cache -------------------------------------------------------------
-
-    def _as_tokens(self, prompt: str | bytes | Sequence[int], special: bool = False) -> list[int]:
-        if isinstance(prompt, (str, bytes)):
-            return self._check().model.tokenize(prompt, add_special=True, parse_special=special)
-        tokens = [int(t) for t in prompt]
-        self._check().model.check_tokens(tokens, "prompt token")
-        return tokens
-
-    # -- generation ----------------------------------------------------------------------
 
     def generate(
         self,
-        prompt: str | bytes | Sequence[int],
+        tokens: str | bytes | Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float | None = None,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: Any = None,
+        stopping_criteria: Any = None,
+        grammar: LlamaGrammar | str | None = None,
         *,
-        max_tokens: int | None = 16,
+        max_tokens: int | None = None,
         stop: str | Sequence[str] | None = None,
         logprobs: bool | int = False,
         context_shift: bool = False,
         special: bool = False,
         **options: Any,
     ) -> Iterator[Token]:
-        """Generate tokens after ``prompt``, one :class:`Token` at a time.
+        """Generate tokens after ``tokens``, one :class:`Token` at a time.
 
-        Breaking out of the loop stops decoding; what was decoded stays in the KV cache for the
-        next call.
+        llama-cpp-python's arguments, in its order; each :class:`Token` is the token id (an
+        ``int``) carrying its ``.text`` and, when asked, ``.logprob``. The generation ends
+        at an end-of-generation token (not yielded; llama-cpp-python yields it and goes on,
+        so its ``if token == llm.token_eos(): break`` loops end the same way), at
+        ``max_tokens``, at a stop string, or when a stopping criterion says so. Breaking out
+        of the loop stops decoding; what was decoded stays in the KV cache.
 
         Args:
-            prompt: Text or token ids.
+            tokens: The prompt: token ids, or text.
+            temp: Temperature (``temperature=`` is taken too); 0 is greedy.
+            reset: False continues after what the context holds instead of matching the
+                prompt against it.
+            logits_processor: Called on each position's logits before sampling.
+            stopping_criteria: Asked after each sampled token; true ends the generation.
+            grammar: A :class:`LlamaGrammar` or GBNF text the output must follow.
             max_tokens: Most tokens to generate (None or <= 0: until the context is full).
             stop: Stop strings; matched across tokens and never emitted.
-            logprobs: True fills ``Token.logprob``; a number N also fills
-                ``Token.top_logprobs`` with the N most likely tokens at each position (their
-                log-probabilities before sampling settings).
-            context_shift: When the context is full, drop the oldest half (after the first
-                token) instead of raising.
+            logprobs: True fills ``Token.logprob``; a number N also ``Token.top_logprobs``.
+            context_shift: When the context is full, drop the oldest half instead of raising.
             special: Parse special-token text in a text prompt.
-            **options: Sampling options (see :class:`nexabind.sampling.SamplingOptions`).
+            **options: More sampling options (:class:`nexabind.sampling.SamplingOptions`).
 
         Raises:
             ContextOverflowError: The prompt does not fit, or the context fills up with
                 ``max_tokens`` asking for more and no ``context_shift``.
-            ValueError: An out-of-range option, or a negative ``logprobs``.
+            ValueError: An out-of-range option.
             TypeError: An unknown option.
         """
+        if temp is not None:
+            options.setdefault("temperature", temp)
+        sampling = dict(
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            penalize_nl=penalize_nl,
+            grammar=grammar,
+        )
+        prompt = self._as_tokens(tokens, special)
+        if not reset:
+            prompt = self._seq.tokens[: self._seq.n].tolist() + prompt
         return self._start(
-            self._as_tokens(prompt, special), max_tokens, stop, logprobs, context_shift, options
-        )
-
-    def _start(
-        self,
-        tokens: list[int],
-        max_tokens: int | None,
-        stop: str | Sequence[str] | None,
-        logprobs: bool | int | None,
-        context_shift: bool,
-        options: dict[str, Any],
-    ) -> Iterator[Token]:
-        """Validate the settings now (not at the first ``next``) and return the generator."""
-        unknown = set(options) - SAMPLING_KEYS
-        if unknown:
-            msg = f"unknown sampling options {sorted(unknown)}; known: {sorted(SAMPLING_KEYS)}"
-            raise TypeError(msg)
-        if logprobs is None or isinstance(logprobs, bool):
-            n_top = None
-        elif logprobs < 0:
-            msg = f"logprobs={logprobs!r} is invalid; use True/False or a number of top tokens >= 0"
-            raise ValueError(msg)
-        else:
-            n_top = int(logprobs)
-        if options.get("seed") is None and self.seed is not None:
-            options["seed"] = self.seed
-        req = Request(
-            SamplingOptions(**options),
+            prompt,
             max_tokens=max_tokens,
-            stops=[stop] if isinstance(stop, str) else list(stop or []),
-            want_logprobs=n_top is not None or bool(logprobs),
-            n_top=n_top,
+            stop=stop,
+            logprobs=logprobs,
             context_shift=context_shift,
+            options={**sampling, **options},
+            processors=logits_processor,
+            criteria=stopping_criteria,
         )
-        self._check()
-        self._outcome = outcome = Outcome(prompt_tokens=len(tokens))
-        return self._seq.generate(tokens, req, outcome)
 
     # -- llama-cpp-python compatible completion ----------------------------------------------
 
-    def __call__(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+    def __call__(self, prompt: str | Sequence[int], *args: Any, **kwargs: Any) -> Any:
         """Same as :meth:`create_completion`."""
-        return self.create_completion(prompt, **kwargs)
+        return self.create_completion(prompt, *args, **kwargs)
 
     def create_completion(
         self,
         prompt: str | Sequence[int],
-        *,
         suffix: str | None = None,
         max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
         logprobs: int | None = None,
         echo: bool = False,
         stop: str | Sequence[str] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
         stream: bool = False,
+        seed: int | None = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
         model: str | None = None,
-        **sampling: Any,
+        stopping_criteria: Any = None,
+        logits_processor: Any = None,
+        grammar: LlamaGrammar | str | None = None,
+        logit_bias: dict[int, float] | None = None,
+        *,
+        response_format: dict[str, Any] | None = None,
+        **options: Any,
     ) -> Any:
         """Complete ``prompt``; returns a ``text_completion`` dict or an iterator of chunks.
 
-        Args mirror llama-cpp-python's ``Llama.create_completion``; the sampling options
-        (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``typical_p``, the penalties,
-        ``seed``, ``logit_bias``, ``grammar`` as GBNF text) are those of
-        :class:`nexabind.sampling.SamplingOptions`, with its defaults. ``suffix`` is appended
-        to the generated text (streamed as the last text chunk). ``logprobs=N`` gives, per
-        generated token, its log-probability and the N most likely tokens' (``top_logprobs``:
-        ``{text: logprob}``, most likely first, plus the chosen token), computed from the raw
-        logits.
+        llama-cpp-python's arguments, in its order (``**options``: more sampling options of
+        :class:`nexabind.sampling.SamplingOptions`, e.g. ``penalty_last_n``). A text prompt's
+        special-token text is parsed, as llama-cpp-python does. ``suffix`` makes an infill
+        prompt when the model has fill-in-the-middle tokens (``spm_infill`` orders it
+        suffix-first), else it is appended to the text. ``max_tokens`` is cut to what the
+        context holds. ``logprobs=N`` gives each generated token's log-probability and the N
+        most likely tokens' (``text_offset`` counts from the start of the prompt); with
+        ``echo=True`` the prompt's tokens are scored too, which needs ``logits_all=True``.
+        ``response_format`` (nexabind's, as on chats: ``{"type": "json_object"}`` or
+        ``{"type": "json_schema", "json_schema": {"schema": ...}}``) makes the text valid JSON
+        under the schema whenever the completion stops by itself.
 
         Raises:
-            ContextOverflowError: The prompt does not fit the context.
-            ValueError: ``logprobs`` is negative, or a sampling option is out of range.
+            ContextOverflowError: The prompt fills the context (a ``ValueError``).
+            ValueError: ``logprobs`` is negative, a sampling option is out of range, or
+                ``echo`` with ``logprobs`` without ``logits_all``.
         """
         ctx = self._check()
         if logprobs is not None and (isinstance(logprobs, bool) or logprobs < 0):
             msg = f"logprobs={logprobs!r} is invalid; use None or a number of top tokens >= 0"
             raise ValueError(msg)
-        tokens = self._as_tokens(prompt)
-        sampling = {**openai.COMPLETION_DEFAULTS, **sampling}
-        it = self._start(tokens, max_tokens, stop, logprobs, False, sampling)
+        if echo and logprobs is not None and self._scores_arr is None:
+            msg = "echo=True with logprobs scores the prompt: create the Llama with logits_all=True"
+            raise ValueError(msg)
+        constraint = response_format_grammar(response_format)
+        if constraint is not None:
+            if grammar is not None:
+                msg = "give grammar or response_format, not both"
+                raise ValueError(msg)
+            grammar = constraint
+        tokens, fim = self._completion_tokens(prompt, suffix)
+        max_tokens = self._budget(tokens, max_tokens)
+        sampling = dict(
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            grammar=grammar,
+            logit_bias=logit_bias,
+        )
+        self._cache_load(tokens)
+        scored = None
+        if echo and logprobs is not None:
+            with ctx.lock:  # every prompt position decoded now, so every one is scored
+                self._seq.reset()
+                self._seq.ingest(tokens, self._scores_arr)
+            scored = self._prompt_logprobs(tokens, logprobs)
+        it = self._start(
+            tokens,
+            max_tokens=max_tokens,
+            stop=stop,
+            logprobs=logprobs,
+            options={**sampling, **options},
+            processors=logits_processor,
+            criteria=stopping_criteria,
+            next_seed=True,
+        )
+        it = self._cache_store(it, tokens)
+        model_ = ctx.model
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else detokenize(model_, tokens).decode("utf-8", "ignore")
+        )
         shape = openai.completion_chunks if stream else openai.completion
         return shape(
             it,
             self._outcome,
             model=model or self.model_path,
-            prefix=ctx.model.detokenize(tokens, remove_special=True) if echo else "",
-            suffix=suffix,
+            prefix=text if echo else "",
+            suffix=None if fim else suffix,
             logprobs=logprobs,
-            piece=ctx.model.token_to_piece,
+            piece=model_.token_to_piece,
+            offset=None if echo else len(text),
+            prompt_tokens=scored,
         )
 
-    # -- chat ----------------------------------------------------------------------------
+    def _completion_tokens(
+        self, prompt: str | Sequence[int], suffix: str | None
+    ) -> tuple[list[int], bool]:
+        """The prompt's tokens, and whether ``suffix`` went into them as an infill prompt."""
+        sp = self._special
+        fim = suffix is not None and min(sp["fim_pre"], sp["fim_suf"], sp["fim_mid"]) >= 0
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt.encode(), add_bos=not fim, special=not fim)
+        else:
+            tokens = self._as_tokens(prompt)
+        if fim:
+            assert suffix is not None
+            after = self.tokenize(suffix.encode(), add_bos=False, special=False)
+            pre, suf = [sp["fim_pre"], *tokens], [sp["fim_suf"], *after]
+            bos = [sp["bos"]] if sp["bos"] >= 0 and self._check().model.add_bos else []
+            tokens = bos + (suf + pre if self.spm_infill else pre + suf) + [sp["fim_mid"]]
+        return tokens, fim
 
-    def format_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
-        """Render ``messages`` into a prompt with the chat template.
+    def _prompt_logprobs(self, tokens: list[int], n_top: int) -> list[Token]:
+        """The prompt's tokens with their text and their log-probabilities from the recorded
+        logits (BOS is left out; the first token has no log-probability)."""
+        import codecs
 
-        The template is ``chat_template`` given to the constructor, else the model's own; a
-        short name (``chatml``, ``llama3``, ...) uses llama.cpp's built-in template.
-
-        Raises:
-            TemplateError: The model has no chat template and none was given, or the
-                template refused the messages.
-        """
-        return chat_mod.format_chat(
-            self._check().model,
-            messages,
-            template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-        )
-
-    def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        return chat_mod.prompt_tokens(self._check().model, messages, template=self.chat_template)
-
-    def chat_tokens(self, text: str, seen: tuple[str, Sequence[int]] | None = None) -> list[int]:
-        """Tokenize a prompt :meth:`format_chat` rendered, continuing from what the model saw.
-
-        With ``seen`` (the text of the previous prompt and its reply, and the tokens the model
-        saw for them: the prompt's, then the generated ids) and a ``text`` that starts with
-        that text, the result is those tokens plus only the tokens of what follows, so a
-        follow-up turn passed to :meth:`generate` decodes only its new tokens (see
-        :func:`nexabind.chat.continue_prompt`).
-        """
-        return chat_mod.continue_prompt(self._check().model, text, seen)
-
-    def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
-        """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.
-
-        Args:
-            messages: ``[{"role": ..., "content": ...}, ...]``.
-            **options: As for :meth:`generate` (``max_tokens``, ``stop``, sampling options).
-        """
-        return self.generate(self._chat_tokens(messages), **options)
-
-    def create_chat_completion(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        max_tokens: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stream: bool = False,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        model: str | None = None,
-        **sampling: Any,
-    ) -> Any:
-        """Answer a conversation; returns a ``chat.completion`` dict or an iterator of chunks.
-
-        Args mirror llama-cpp-python's ``Llama.create_chat_completion``; the sampling
-        options are those of :class:`nexabind.sampling.SamplingOptions`, with
-        llama-cpp-python's chat defaults (``temperature=0.2``). ``logprobs=True`` fills each
-        choice's (or chunk's) ``logprobs`` as OpenAI's chat API does: ``content``, one
-        ``{token, logprob, bytes, top_logprobs}`` per generated token, with the
-        ``top_logprobs`` most likely tokens at that position.
-
-        Raises:
-            ValueError: ``top_logprobs`` without ``logprobs=True``, or out of range.
-        """
-        if top_logprobs is not None and not logprobs:
-            msg = "top_logprobs needs logprobs=True"
-            raise ValueError(msg)
-        if top_logprobs is not None and top_logprobs < 0:
-            msg = f"top_logprobs={top_logprobs} is invalid; use a number of tokens >= 0"
-            raise ValueError(msg)
-        tokens = self._chat_tokens(messages)
-        sampling = {**openai.CHAT_DEFAULTS, **sampling}
-        n_top = (top_logprobs or 0) if logprobs else False
-        it = self._start(tokens, max_tokens, stop, n_top, False, sampling)
-        shape = openai.chat_chunks if stream else openai.chat_completion
-        return shape(
-            it,
-            self._outcome,
-            model=model or self.model_path,
-            logprobs=bool(logprobs),
-            piece=self._check().model.token_to_piece,
-        )
+        model = self._check().model
+        dec = codecs.getincrementaldecoder("utf-8")("ignore").decode
+        start = 1 if tokens and tokens[0] == model.bos else 0
+        out = []
+        for i in range(start, len(tokens)):
+            piece = model.token_to_piece(tokens[i])
+            if i == start == 1 and piece[:1] == b" ":
+                piece = piece[1:]  # the space SentencePiece puts after BOS (see detokenize)
+            lp, top = None, None
+            if i > start:
+                lp, top = logprobs_of(self._scores_arr[i - 1], tokens[i], n_top)
+            out.append(Token(tokens[i], dec(piece), lp, top))
+        return out
 
     # -- embeddings ----------------------------------------------------------------------
 
     def embed(
-        self, input: str | Sequence[str], normalize: bool = False, truncate: bool = True
+        self,
+        input: str | Sequence[str],
+        normalize: bool = False,
+        truncate: bool = True,
+        return_count: bool = False,
+        *,
+        as_array: bool = False,
     ) -> Any:
         """Embed one text or a list of texts.
 
@@ -537,79 +362,44 @@ class Llama:
             normalize: Scale each vector to unit L2 norm.
             truncate: Cut texts longer than a ubatch (or a sequence's share of the context)
                 instead of raising.
+            return_count: Also return the number of tokens embedded.
+            as_array: Return one float32 numpy array of shape ``(n_texts, n_embd)`` (no
+                lists built; a text's row is a view), for any ``input``.
 
         Returns:
-            A float32 numpy array of shape ``(n_texts, n_embd)``.
+            As llama-cpp-python: for a str a list of floats, for a list of texts a list of
+            them; with pooling ``none`` each text gives a list per token. With
+            ``return_count``, ``(embeddings, n_tokens)``.
 
         Raises:
             ContextError: The Llama was not created with ``embedding=True``.
-            ContextOverflowError: A text is longer than that and ``truncate`` is False.
+            ContextOverflowError: A text is too long and ``truncate`` is False.
         """
         ctx = self._check()
         if not self.embedding:
             msg = "create the Llama with embedding=True to compute embeddings"
             raise ContextError(msg)
         texts = [input] if isinstance(input, str) else list(input)
+        per_token = ctx.pooling == lowlevel.PoolingType.NONE
         with ctx.lock:
             self._check()
             self._seq.reset()
-            out, n_decoded = _embed.embed(ctx, texts, n_seqs=self._n_seqs, truncate=truncate)
-            self._seq.n_decoded += n_decoded
+            out, n_tok = _embed.embed(
+                ctx, texts, n_seqs=self._n_seqs, truncate=truncate, per_token=per_token
+            )
+            self._seq.n_decoded += n_tok
         if normalize:
-            import numpy as np
-
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out /= np.where(norms == 0, 1, norms)
-        return out
+            _embed.normalize(out)
+        if not as_array:
+            out = [a.tolist() for a in out] if per_token else out.tolist()
+            if isinstance(input, str):
+                out = out[0]
+        return (out, n_tok) if return_count else out
 
     def create_embedding(
         self, input: str | Sequence[str], model: str | None = None
     ) -> dict[str, Any]:
         """Embed texts; returns llama-cpp-python's (OpenAI's) ``list`` of ``embedding`` dict."""
         texts = [input] if isinstance(input, str) else list(input)
-        ctx = self._check()
-        arr = self.embed(texts)
-        n_tok = sum(len(ctx.model.tokenize(t)) for t in texts)
+        arr, n_tok = self.embed(texts, return_count=True, as_array=True)
         return openai.embedding_list(arr, model=model or self.model_path, prompt_tokens=n_tok)
-
-    # -- state ---------------------------------------------------------------------------
-
-    def save_state(self, path: str | os.PathLike[str] | None = None) -> bytes:
-        """Save the context (KV cache and the tokens in it).
-
-        Args:
-            path: Also write the state to this file.
-
-        Returns:
-            The state as bytes (give it to :meth:`load_state`).
-        """
-        ctx = self._check()
-        with ctx.lock:
-            blob = _state.pack(self._seq.tokens[: self._seq.n], ctx.state_get())
-        if path is not None:
-            Path(path).write_bytes(blob)
-        return blob
-
-    def load_state(self, state: bytes | str | os.PathLike[str]) -> None:
-        """Restore a state from :meth:`save_state` (bytes or a file path).
-
-        Raises:
-            StateError: The data is not a nexabind state or llama.cpp refused it.
-        """
-        ctx = self._check()
-        data = state if isinstance(state, (bytes, bytearray)) else Path(state).read_bytes()
-        toks, payload = _state.unpack(data, ctx.n_ctx)
-        with ctx.lock:
-            try:
-                ctx.state_set(payload)
-                held = ctx.seq_pos_max(0) + 1
-                if held != len(toks):
-                    msg = (
-                        f"the state names {len(toks)} tokens but its KV cache holds {held}; "
-                        "it was not saved by Llama.save_state() over this model"
-                    )
-                    raise StateError(msg)
-            except StateError:
-                self.reset()
-                raise
-            self._seq.restore(toks)

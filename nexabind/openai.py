@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from nexabind.tokens import Outcome, Token
+from nexabind.tool_calls import Call, ToolOutput
 
 __all__ = [
     "CHAT_DEFAULTS",
@@ -83,11 +84,14 @@ def _cached(piece: Piece | None) -> Piece:
 
 def _completion_logprobs(toks: Sequence[Token], offset: int, piece: Piece) -> dict[str, Any]:
     offsets = []
-    tops = []
+    tops: list[dict[str, float | None] | None] = []
     pos = offset
     for t in toks:
         offsets.append(pos)
         pos += len(t.text)
+        if t.logprob is None and t.top_logprobs is None:
+            tops.append(None)  # a prompt's first token: nothing came before it
+            continue
         top: dict[str, float | None] = {
             piece(i).decode("utf-8", "replace"): lp for i, lp in (t.top_logprobs or {}).items()
         }
@@ -112,6 +116,8 @@ def completion(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    offset: int | None = None,
+    prompt_tokens: Sequence[Token] | None = None,
 ) -> dict[str, Any]:
     """A ``text_completion``: the prompt's echo (``prefix``), the generated text, ``suffix``.
 
@@ -126,17 +132,22 @@ def completion(
         piece: Bytes of a token, to name the top alternatives.
         id: The response id (default: a new ``cmpl-`` uuid).
         created: Unix time (default: now).
+        offset: The first generated token's ``text_offset`` (default: ``len(prefix)``);
+            llama-cpp-python counts from the start of the prompt, echoed or not.
+        prompt_tokens: The echoed prompt's tokens with their log-probabilities, listed
+            before the generated ones (a token without any gets None, as OpenAI's first).
     """
     head = _head("text_completion", "cmpl", model, id, created)
     parts = [prefix]
-    kept: list[Token] = []
+    kept: list[Token] = list(prompt_tokens or [])
     for t in tokens:
         parts.append(t.text)
         if logprobs is not None:
             kept.append(t)
     if suffix is not None:
         parts.append(suffix)
-    lp = _completion_logprobs(kept, len(prefix), _cached(piece)) if logprobs is not None else None
+    start = (0 if prompt_tokens else len(prefix)) if offset is None else offset
+    lp = _completion_logprobs(kept, start, _cached(piece)) if logprobs is not None else None
     choice = {
         "text": "".join(parts),
         "index": 0,
@@ -157,8 +168,11 @@ def completion_chunks(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    offset: int | None = None,
+    prompt_tokens: Sequence[Token] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The chunks of a streamed ``text_completion`` (arguments as :func:`completion`)."""
+    """The chunks of a streamed ``text_completion`` (arguments as :func:`completion`; the
+    echoed prompt comes first, in one chunk with its tokens' log-probabilities)."""
     head = _head("text_completion", "cmpl", model, id, created)
     named = _cached(piece)
 
@@ -166,9 +180,13 @@ def completion_chunks(
         choice = {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
         return {**head, "choices": [choice]}
 
+    start = len(prefix) if offset is None else offset
     if prefix:
-        yield chunk(prefix, None, None)
-    offset = len(prefix)
+        lp = None
+        if logprobs is not None and prompt_tokens:
+            lp = _completion_logprobs(prompt_tokens, 0, named)
+        yield chunk(prefix, lp, None)
+    offset = start
     for t in tokens:
         if logprobs is not None:
             yield chunk(t.text, _completion_logprobs([t], offset, named), None)
@@ -196,6 +214,22 @@ def _chat_logprobs(toks: Sequence[Token], piece: Piece) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
+def _calls_message(content: str | None, calls: list[Call], legacy: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if legacy:
+        message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+    else:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls
+        ]
+    return message
+
+
+def _calls_finish(legacy: bool) -> str:
+    return "function_call" if legacy else "tool_calls"
+
+
 def chat_completion(
     tokens: Iterable[Token],
     outcome: Outcome,
@@ -205,6 +239,7 @@ def chat_completion(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    tools: ToolOutput | None = None,
 ) -> dict[str, Any]:
     """A ``chat.completion`` with the assistant's message.
 
@@ -217,16 +252,48 @@ def chat_completion(
         piece: Bytes of a token (needed with ``logprobs``).
         id: The response id (default: a new ``chatcmpl-`` uuid).
         created: Unix time (default: now).
+        tools: Read the text for tool calls: when it holds valid ones, the message carries
+            ``tool_calls`` (or the legacy ``function_call``) and the finish reason says so;
+            otherwise the text is the content.
     """
     head = _head("chat.completion", "chatcmpl", model, id, created)
     toks = list(tokens)
+    text = "".join(t.text for t in toks)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = finish_reason(outcome)
+    parsed = tools.parse(text) if tools is not None else None
+    if parsed is not None and tools is not None:
+        message = _calls_message(*parsed, tools.legacy)
+        finish = _calls_finish(tools.legacy)
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": "".join(t.text for t in toks)},
+        "message": message,
         "logprobs": _chat_logprobs(toks, _cached(piece)) if logprobs else None,
-        "finish_reason": finish_reason(outcome),
+        "finish_reason": finish,
     }
     return {**head, "choices": [choice], "usage": _usage(outcome)}
+
+
+def _marker_at(text: str, tools: ToolOutput, at_start: bool) -> tuple[int, int]:
+    """Where held-back text starts in ``text`` (a marker, or a possible start of one), and
+    whether a marker (or a JSON start) was found: ``(index, found)``; ``(len(text), 0)`` when
+    all of it can go out."""
+    if tools.buffer_all:
+        return 0, 1
+    if at_start and tools.json_start and text.lstrip()[:1] in ("{", "["):
+        return 0, 1
+    best = len(text)
+    for m in tools.markers:
+        i = text.find(m)
+        if i >= 0:
+            return i, 1
+        for k in range(min(len(m) - 1, len(text)), 0, -1):
+            if text.endswith(m[:k]):
+                best = min(best, len(text) - k)
+                break
+    if at_start and tools.json_start and not text.strip():
+        best = 0  # only whitespace so far: a JSON call may still come
+    return best, 0
 
 
 def chat_chunks(
@@ -238,10 +305,14 @@ def chat_chunks(
     piece: Piece | None = None,
     id: str | None = None,
     created: int | None = None,
+    tools: ToolOutput | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The chunks of a streamed ``chat.completion`` (arguments as :func:`chat_completion`).
 
-    The first delta carries the role, the last one is empty with the finish reason.
+    The first delta carries the role, the last one is empty with the finish reason. With
+    ``tools``, text is streamed as content until a call's marker appears; what follows is
+    held back and sent at the end as ``tool_calls`` deltas (one per call, arguments whole)
+    when it holds valid calls, else as content.
     """
     head = _head("chat.completion.chunk", "chatcmpl", model, id, created)
     named = _cached(piece)
@@ -251,12 +322,43 @@ def chat_chunks(
         return {**head, "choices": [choice]}
 
     yield chunk({"role": "assistant"}, None)
+    if tools is None:
+        for t in tokens:
+            if logprobs:
+                yield chunk({"content": t.text}, None, _chat_logprobs([t], named))
+            elif t.text:
+                yield chunk({"content": t.text}, None)
+        yield chunk({}, finish_reason(outcome))
+        return
+    sent, pending, held = "", "", False
     for t in tokens:
-        if logprobs:
-            yield chunk({"content": t.text}, None, _chat_logprobs([t], named))
-        elif t.text:
-            yield chunk({"content": t.text}, None)
-    yield chunk({}, finish_reason(outcome))
+        if held:
+            pending += t.text
+            continue
+        pending += t.text
+        cut, found = _marker_at(pending, tools, not sent)
+        if cut:
+            yield chunk({"content": pending[:cut]}, None)
+            sent += pending[:cut]
+            pending = pending[cut:]
+        held = bool(found)
+    parsed = tools.parse(sent + pending) if held else None
+    if parsed is None:
+        if pending:
+            yield chunk({"content": pending}, None)
+        yield chunk({}, finish_reason(outcome))
+        return
+    for i, c in enumerate(parsed[1]):
+        fn = {"name": c.name, "arguments": c.arguments}
+        delta: dict[str, Any] = (
+            {"function_call": fn}
+            if tools.legacy
+            else {"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": fn}]}
+        )
+        yield chunk(delta, None)
+        if tools.legacy:
+            break
+    yield chunk({}, _calls_finish(tools.legacy))
 
 
 # -- embeddings ----------------------------------------------------------------------------------

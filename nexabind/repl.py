@@ -146,8 +146,9 @@ class Conversation:
                 self.messages += [user, {"role": "assistant", "content": reply}]
                 # Continue from the generated ids only when they are exactly the reply's text
                 # (a stop string, cut from the reply, or an end-of-turn token the template
-                # writes again would not be); else the next turn tokenizes the rendering.
-                seen = self.llama.detokenize(ids, special=True).decode("utf-8", "replace")
+                # writes again would not be); else the next turn tokenizes the rendering. Bytes
+                # that are not UTF-8 are dropped, as the decode loop drops them from the text.
+                seen = self.llama.detokenize(ids, special=True).decode("utf-8", "ignore")
                 self._seen = (prompt + reply, tokens + ids) if seen == reply else None
 
     def clear(self) -> None:
@@ -164,7 +165,7 @@ class Conversation:
             "seen": self._seen,
         }
         blob = json.dumps(header).encode()
-        state = self.llama.save_state()
+        state = bytes(self.llama.save_state())  # the checked byte form of the LlamaState
         tmp = Path(f"{path}.{os.getpid()}.tmp")
         tmp.write_bytes(_MAGIC + struct.pack("<Q", len(blob)) + blob + state)
         os.replace(tmp, path)

@@ -1,23 +1,44 @@
 """Build a llama.cpp sampler chain from the usual sampling options.
 
 The chain order follows llama.cpp's common sampler: logit bias, penalties, grammar, then the
-truncation samplers, temperature and the final random draw (or greedy when temperature <= 0).
+truncation samplers, temperature and the final random draw: greedy when the temperature is 0,
+a draw from the whole distribution when it is negative (as llama-cpp-python does), mirostat
+when asked for.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from nexabind import lowlevel
+from nexabind.grammar import LlamaGrammar
 
 __all__ = ["SAMPLING_KEYS", "SamplingOptions", "build_sampler"]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SEED = 0xFFFFFFFF
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", msg)
 
 
 @dataclass
 class SamplingOptions:
     """Sampling settings, validated on creation (llama-cpp-python's names and defaults).
+
+    ``temperature`` 0 is greedy; below 0 draws from the model's distribution untruncated, as
+    in llama-cpp-python. ``seed`` None (or -1, or 0xFFFFFFFF) is a random seed. ``grammar``
+    is GBNF text or a :class:`~nexabind.grammar.LlamaGrammar`. ``mirostat_mode`` 1 or 2
+    replaces the truncation samplers with mirostat (after the temperature, as llama.cpp's
+    common sampler does). ``tfs_z`` and ``penalize_nl`` are accepted for llama-cpp-python's
+    sake and have no effect (llama.cpp removed tail-free sampling and the newline exemption);
+    a value other than the default is logged once as a warning.
 
     Raises:
         ValueError: A setting is out of range (the message names it and its range).
@@ -34,17 +55,39 @@ class SamplingOptions:
     penalty_last_n: int = 64
     seed: int | None = None
     logit_bias: dict[int, float] | None = field(default_factory=dict)
-    grammar: str | None = None
+    grammar: str | LlamaGrammar | None = None
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    tfs_z: float = 1.0
+    penalize_nl: bool = True
 
     def __post_init__(self) -> None:
-        self.logit_bias = dict(self.logit_bias or {})
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.seed is not None and self.seed in (-1, DEFAULT_SEED):
+            self.seed = None  # llama-cpp-python's "random seed"
 
         def bad(name: str, value: object, what: str) -> None:
             msg = f"{name}={value!r} is out of range: {what}"
             raise ValueError(msg)
 
-        if self.temperature < 0:
-            bad("temperature", self.temperature, "use >= 0 (0 means greedy)")
+        if self.mirostat_mode not in (0, 1, 2):
+            bad("mirostat_mode", self.mirostat_mode, "use 0 (off), 1 or 2 (mirostat 2.0)")
+        for name in ("mirostat_tau", "mirostat_eta"):
+            if getattr(self, name) <= 0:
+                bad(name, getattr(self, name), "use > 0")
+        if self.tfs_z != 1.0:
+            _warn_once(
+                "tfs_z",
+                f"tfs_z={self.tfs_z} has no effect: llama.cpp no longer has tail-free sampling "
+                "(llama-cpp-python ignores it too)",
+            )
+        if not self.penalize_nl:
+            _warn_once(
+                "penalize_nl",
+                "penalize_nl=False has no effect: llama.cpp's penalties treat every token alike "
+                "(llama-cpp-python ignores it too)",
+            )
         if self.top_k < 0:
             bad("top_k", self.top_k, "use >= 0 (0 disables it)")
         for name in ("top_p", "min_p", "typical_p"):
@@ -61,7 +104,21 @@ class SamplingOptions:
     @property
     def greedy(self) -> bool:
         """Whether the final pick is the most likely token."""
-        return self.temperature <= 0.0
+        return self.temperature == 0.0
+
+    @property
+    def gbnf(self) -> tuple[str, str] | None:
+        """The GBNF grammar and its start rule for llama.cpp's grammar sampler, if any.
+
+        An llguidance grammar runs outside the chain, as a
+        :class:`~nexabind.grammar.GrammarMatcher`.
+        """
+        g = self.grammar
+        if isinstance(g, LlamaGrammar):
+            return (g._grammar, g._root) if g.engine == "gbnf" else None
+        if g and not g.lstrip().startswith("%llguidance"):
+            return g, "root"
+        return None
 
 
 #: The names :class:`SamplingOptions` takes (the keyword arguments every generating call accepts).
@@ -96,10 +153,19 @@ def build_sampler(
                 opts.frequency_penalty,
                 opts.presence_penalty,
             )
-        if opts.grammar:
-            chain.add_grammar(model, opts.grammar)
+        gbnf = opts.gbnf
+        if gbnf is not None:
+            chain.add_grammar(model, *gbnf)
+        seed = DEFAULT_SEED if opts.seed is None else opts.seed
         if opts.greedy:
             return chain.add_greedy()
+        if opts.temperature < 0.0:
+            return chain.add_dist(seed)  # llama-cpp-python: a draw from the raw distribution
+        if opts.mirostat_mode:
+            chain.add_temp(opts.temperature)
+            if opts.mirostat_mode == 1:
+                return chain.add_mirostat(n_vocab, seed, opts.mirostat_tau, opts.mirostat_eta)
+            return chain.add_mirostat_v2(seed, opts.mirostat_tau, opts.mirostat_eta)
         if opts.top_k > 0:
             chain.add_top_k(opts.top_k)
         if opts.typical_p < 1.0:
@@ -109,7 +175,7 @@ def build_sampler(
         if opts.min_p > 0.0:
             chain.add_min_p(opts.min_p)
         chain.add_temp(opts.temperature)
-        return chain.add_dist(DEFAULT_SEED if opts.seed is None else opts.seed)
+        return chain.add_dist(seed)
     except BaseException:
         chain.close()
         raise

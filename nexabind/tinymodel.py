@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "write_random_model"]
+__all__ = ["ModelSpec", "write_random_lora", "write_random_mamba", "write_random_model"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,24 @@ def _vocab_from(path: str | os.PathLike[str]) -> dict[str, tuple[Any, Any, Any]]
         msg = f"{path} has no tokenizer.ggml.tokens: pass a GGUF file that holds a vocabulary"
         raise ValueError(msg)
     return keys
+
+
+def _finish(writer: Any, path: Path) -> Path:
+    """Write ``writer``'s file (or split parts) and return the path of the first.
+
+    Written in a folder of its own beside the result, then renamed into place: nothing
+    half-written ever has the final name.
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        writer.write_header_to_file(staged)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        parts = writer.format_shard_names(staged)
+        for part in parts:
+            os.replace(part, path.with_name(part.name))
+    return path.with_name(parts[0].name)
 
 
 def write_random_model(
@@ -164,15 +182,129 @@ def write_random_model(
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=1.0))
 
-    # Written in a folder of its own beside the result, then renamed into place: nothing
-    # half-written ever has the final name.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        staged = Path(tmp) / path.name
-        writer.write_header_to_file(staged)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        parts = writer.format_shard_names(staged)
-        for part in parts:
-            os.replace(part, path.with_name(part.name))
-    return path.with_name(parts[0].name)
+    return _finish(writer, path)
+
+
+def write_random_lora(
+    path: str | os.PathLike[str],
+    spec: ModelSpec | None = None,
+    *,
+    rank: int = 4,
+    alpha: float = 4.0,
+    seed: int = 7,
+    scale: float = 0.5,
+) -> Path:
+    """Write a LoRA adapter GGUF with seeded random weights for a model of ``spec``.
+
+    The adapter changes every attention projection (``attn_q/k/v/output``) of every layer, as
+    llama.cpp's ``convert_lora_to_gguf.py`` writes one: ``lora_a`` (``ne = [n_in, rank]``) and
+    ``lora_b`` (``ne = [rank, n_out]``) per tensor, ``general.type = adapter``.
+
+    Args:
+        path: Where to write the adapter.
+        spec: The shape of the model it is for (``ModelSpec()`` when omitted).
+        rank: The LoRA rank.
+        alpha: ``adapter.lora.alpha`` (the update is scaled by alpha / rank).
+        seed: Seed of the random weights.
+        scale: Standard deviation of the weights.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from gguf import GGUFValueType as T
+    from gguf import GGUFWriter
+
+    spec = spec or ModelSpec()
+    rng = np.random.default_rng(seed)
+    kv_dim = spec.n_embd // spec.n_head * spec.n_head_kv
+    path = Path(path)
+    writer = GGUFWriter(None, "llama")
+    writer.add_key_value("general.type", "adapter", T.STRING)
+    writer.add_key_value("adapter.type", "lora", T.STRING)
+    writer.add_key_value("adapter.lora.alpha", float(alpha), T.FLOAT32)
+    outs = {"attn_q": spec.n_embd, "attn_k": kv_dim, "attn_v": kv_dim, "attn_output": spec.n_embd}
+    for i in range(spec.n_layer):
+        for name, n_out in outs.items():
+            a = rng.standard_normal((rank, spec.n_embd), dtype=np.float32) * scale
+            b = rng.standard_normal((n_out, rank), dtype=np.float32) * scale
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    return _finish(writer, path)
+
+
+def write_random_mamba(
+    path: str | os.PathLike[str],
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    d_state: int = 16,
+    d_conv: int = 4,
+    n_ctx_train: int = 2048,
+    seed: int = 11,
+    vocab: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a Mamba (recurrent, no KV cache) GGUF with seeded random weights.
+
+    A recurrent model keeps one state per sequence instead of a cache of positions, so it cannot
+    drop a suffix of what it decoded: what a caller does with a prompt that shares only a prefix
+    with the last one is tested against it.
+
+    Args:
+        path: Where to write the model.
+        n_embd: Width (the inner width is twice that, as llama.cpp requires for Mamba).
+        n_layer: Layers.
+        d_state: SSM state size.
+        d_conv: Convolution kernel size.
+        n_ctx_train: The training context length written to the metadata.
+        seed: Seed of the random weights.
+        vocab: A GGUF file to copy the tokenizer from; a byte-level vocabulary when omitted.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from gguf import GGUFWriter
+
+    tok = _vocab_from(vocab) if vocab is not None else _byte_vocab()
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+    d_inner, dt_rank = 2 * n_embd, max(1, n_embd // 16)
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    writer = GGUFWriter(None, "mamba")
+    writer.add_name(f"nexabind-random-mamba-{n_embd}x{n_layer}-seed{seed}")
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(0)
+    for key, (value, vtype, sub) in tok.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+    def weight(*shape: int, scale: float = 0.02) -> Any:
+        return rng.standard_normal(shape, dtype=np.float32) * scale
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd, scale=1.0))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_in.weight", weight(2 * d_inner, n_embd))
+        writer.add_tensor(f"blk.{i}.ssm_conv1d.weight", weight(d_inner, d_conv, scale=0.5))
+        writer.add_tensor(f"blk.{i}.ssm_conv1d.bias", np.zeros(d_inner, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_x.weight", weight(dt_rank + 2 * d_state, d_inner))
+        writer.add_tensor(f"blk.{i}.ssm_dt.weight", weight(d_inner, dt_rank, scale=0.5))
+        writer.add_tensor(f"blk.{i}.ssm_dt.bias", np.full(d_inner, -4.0, dtype=np.float32))
+        # A = -exp(A_log) with A_log = log(1..d_state), as Mamba initializes it
+        a = -np.tile(np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1))
+        writer.add_tensor(f"blk.{i}.ssm_a", a)
+        writer.add_tensor(f"blk.{i}.ssm_d", np.ones(d_inner, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ssm_out.weight", weight(n_embd, d_inner))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd, scale=1.0))
+    return _finish(writer, path)

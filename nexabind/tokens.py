@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,11 +17,15 @@ if TYPE_CHECKING:
 __all__ = ["Outcome", "StopMatcher", "Token", "logprobs_of"]
 
 
-class Token(NamedTuple):
-    """One generated token.
+class Token(int):
+    """One generated token: its id as an ``int``, with what it produced.
+
+    A ``Token`` is the token id (``token == 42``, ``llm.detokenize([token])``, a dict key, an
+    index), as llama-cpp-python's ``generate`` yields it, and carries its text and
+    log-probabilities as attributes.
 
     Attributes:
-        id: Token id.
+        id: Token id (``int(token)``).
         text: Text this token completes (may be empty while a UTF-8 character or a possible
             stop string is pending; the held text comes with a later token).
         logprob: Log-probability of the token, when asked for (else None).
@@ -29,10 +33,42 @@ class Token(NamedTuple):
             likely first, when asked for with ``logprobs=N`` (else None).
     """
 
-    id: int
+    # An int subclass cannot have __slots__ with fields: the attributes live in the instance
+    # dict, and the two that are usually None are class defaults, so a token stores one.
     text: str
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
+
+    def __new__(
+        cls,
+        id: int,
+        text: str = "",
+        logprob: float | None = None,
+        top_logprobs: dict[int, float] | None = None,
+    ) -> Token:
+        self = int.__new__(cls, id)
+        self.text = text
+        if logprob is not None:
+            self.logprob = logprob
+        if top_logprobs is not None:
+            self.top_logprobs = top_logprobs
+        return self
+
+    @property
+    def id(self) -> int:
+        """The token id as a plain ``int``."""
+        return int(self)
+
+    def __repr__(self) -> str:
+        extra = "" if self.logprob is None else f", logprob={self.logprob!r}"
+        if self.top_logprobs is not None:
+            extra += f", top_logprobs={self.top_logprobs!r}"
+        return f"Token({int(self)}, {self.text!r}{extra})"
+
+    __str__ = int.__repr__  # str(token) and f"{token}" are the number, as for an int
+
+    def __reduce__(self) -> tuple[type[Token], tuple[int, str, float | None, Any]]:
+        return (Token, (int(self), self.text, self.logprob, self.top_logprobs))
 
 
 @dataclass

@@ -86,6 +86,32 @@ def llama_source() -> Path:
     return ensure_source()
 
 
+@pytest.fixture(scope="session")
+def ll(libdir: Path) -> Any:
+    """``nexabind.lowlevel`` with the real library loaded."""
+    from nexabind import lowlevel
+
+    lowlevel.lib(libdir)
+    return lowlevel
+
+
+@pytest.fixture
+def native_log(caplog: pytest.LogCaptureFixture) -> Any:
+    """llama.cpp's log lines captured; the logger's level is put back afterwards."""
+    import logging
+
+    logger = logging.getLogger("nexabind.llama")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield caplog
+    logger.setLevel(old)
+
+
+def native_lines(caplog: pytest.LogCaptureFixture) -> str:
+    """What llama.cpp logged, one line per record."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "nexabind.llama")
+
+
 # -- test models (Llama tests) ----------------------------------------------------------------
 
 CHATML = (

@@ -307,3 +307,15 @@ def test_a_server_build_is_found_only_when_finished(tmp_path: Path) -> None:
     assert server_binary(tmp_path) == exe
     with pytest.raises(BuildError, match="--with-server builds llama-server alone"):
         build(with_server=True, install=True, build_cache=tmp_path)
+
+
+def test_ensure_sdist_checks_the_file_it_is_given(tmp_path: Path, monkeypatch) -> None:
+    from nexabind._source import ensure_sdist
+
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    with pytest.raises(BuildError, match="sha256 is .*; not using it"):
+        ensure_sdist(tmp_path / "cache", sdist=fake)
+    monkeypatch.setenv("NEXABIND_LLAMA_SDIST", str(fake))
+    with pytest.raises(BuildError, match="sha256 is .*; not using it"):
+        ensure_sdist(tmp_path / "cache")

@@ -182,7 +182,7 @@ def test_small_embedding_contexts_work(
     out = child(
         """
         with Llama(sys.argv[1], embedding=True, **json.loads(sys.argv[2])) as m:
-            print(m.embed(["hello world", "a"]).shape)
+            print(m.embed(["hello world", "a"], as_array=True).shape)
         """,
         embed_model,
         json.dumps(kwargs),

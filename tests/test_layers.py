@@ -53,10 +53,22 @@ LAYERS: dict[str, int] = {
             "tokens",
             "_embed",
             "_state",
+            "_hooks",
+            "processors",
+            "prompt_cache",
+            "speculative",
+            "tokenizer",
+            "llama_types",
+            "chat_formats",
+            "tool_calls",
+            "_lcp_formats",
+            "_function_calling",
         ),
         4,
     ),  # fmt: skip
-    **dict.fromkeys(("llama", "_sequence", "_probe"), 5),
+    **dict.fromkeys(
+        ("llama", "_llama_core", "_lcp", "_chat_api", "_llama_args", "_sequence", "_probe"), 5
+    ),
     **dict.fromkeys(("engine", "_scheduler", "doctor"), 6),
     "backends": 7,
     "server": 9,

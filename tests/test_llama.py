@@ -206,7 +206,7 @@ def test_bad_state_is_refused(llm: Llama) -> None:
 
 def test_damaged_states_are_refused_and_lose_nothing(llm: Llama, tmp_path: Path) -> None:
     list(llm.generate("Hello world", max_tokens=5, **GREEDY))
-    state = llm.save_state()
+    state = bytes(llm.save_state())
     n_state = len(llm._seq.tokens[: llm._seq.n])  # noqa: SLF001 - the tokens in the cache
     for cut in (4, 20, 24, 40, len(state) // 2, len(state) - 1):
         with pytest.raises(StateError, match="cut short"):
@@ -225,7 +225,7 @@ def test_damaged_states_are_refused_and_lose_nothing(llm: Llama, tmp_path: Path)
     from nexabind import _state
 
     llm.reset()
-    empty = llm.save_state()
+    empty = bytes(llm.save_state())
     toks, _ = _state.unpack(state, llm.n_ctx())
     _, payload = _state.unpack(empty, llm.n_ctx())
     with pytest.raises(StateError, match=f"names {n_state} tokens but its KV cache holds 0"):
@@ -239,27 +239,29 @@ def test_embeddings_shape_pooling_and_normalize(libdir: Path, embed_model: Path)
     with Llama(
         embed_model, embedding=True, n_ctx=1024, n_batch=64, n_threads=1, lib_path=libdir
     ) as m:
-        e = m.embed(["Hello world", "the cat", "Hello world"])
+        e = m.embed(["Hello world", "the cat", "Hello world"], as_array=True)
         assert e.shape == (3, m.n_embd())
         assert e.dtype == np.float32
         np.testing.assert_allclose(e[0], e[2], rtol=1e-5)
         assert not np.allclose(e[0], e[1])
-        n = m.embed(["Hello world", "the cat"], normalize=True)
+        n = m.embed(["Hello world", "the cat"], normalize=True, as_array=True)
         np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, rtol=1e-5)
         np.testing.assert_allclose(n[0], e[0] / np.linalg.norm(e[0]), rtol=1e-4)
-        assert m.embed("Hello world").shape == (1, m.n_embd())
+        assert m.embed("Hello world", as_array=True).shape == (1, m.n_embd())
         # Texts of one length share a decode, and each pools only its own sequence.
         before = m.n_decoded_tokens
-        one_by_one = np.vstack([m.embed(t) for t in ["Hello world", "the cat", "a b c d", "b c"]])
+        one_by_one = np.vstack(
+            [m.embed(t, as_array=True) for t in ["Hello world", "the cat", "a b c d", "b c"]]
+        )
         n_tok = m.n_decoded_tokens - before
         before, gen = m.n_decoded_tokens, m._ctx.generation  # noqa: SLF001 - decode count
-        packed = m.embed(["Hello world", "the cat", "a b c d", "b c"])
+        packed = m.embed(["Hello world", "the cat", "a b c d", "b c"], as_array=True)
         assert m._ctx.generation - gen < 4  # noqa: SLF001
         assert m.n_decoded_tokens - before == n_tok
         np.testing.assert_allclose(packed, one_by_one, rtol=1e-4, atol=1e-5)
         with pytest.raises(ContextOverflowError, match="truncate=True"):
-            m.embed("word " * 200, truncate=False)
-        assert m.embed("word " * 200).shape == (1, m.n_embd())
+            m.embed("word " * 200, truncate=False, as_array=True)
+        assert m.embed("word " * 200, as_array=True).shape == (1, m.n_embd())
 
 
 def test_embedding_needs_embedding_mode(llm: Llama) -> None:

@@ -13,17 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import native_lines
 
 from nexabind.errors import ClosedError, ContextError, DecodeCancelled, ModelLoadError, StateError
 from nexabind.tinymodel import ModelSpec, write_random_model
-
-
-@pytest.fixture(scope="session")
-def ll(libdir: Path):
-    from nexabind import lowlevel
-
-    lowlevel.lib(libdir)
-    return lowlevel
 
 
 @pytest.fixture(scope="session")
@@ -323,22 +316,6 @@ def test_cancel_flag_is_public(ll, model) -> None:
 
 
 # -- sampler chain, context parameters, per-token steps ---------------------------------------
-
-
-@pytest.fixture
-def native_log(caplog: pytest.LogCaptureFixture):
-    """llama.cpp's INFO lines captured; the logger's level is put back afterwards."""
-    import logging
-
-    logger = logging.getLogger("nexabind.llama")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    yield caplog
-    logger.setLevel(old)
-
-
-def native_lines(caplog: pytest.LogCaptureFixture) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "nexabind.llama")
 
 
 def test_sampler_chain_builder(ll, model) -> None:

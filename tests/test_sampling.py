@@ -19,13 +19,15 @@ def llm(libdir: Path, tiny_model: Path):
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"temperature": -1}, "temperature=-1 is out of range"),
+        ({"mirostat_mode": 3}, "mirostat_mode=3 is out of range"),
+        ({"mirostat_tau": 0}, "mirostat_tau=0 is out of range"),
         ({"top_p": 1.5}, "top_p=1.5 is out of range: use a value in [0, 1]"),
         ({"min_p": -0.1}, "min_p"),
         ({"typical_p": 2}, "typical_p"),
         ({"top_k": -3}, "top_k"),
         ({"repeat_penalty": 0}, "repeat_penalty"),
-        ({"seed": -1}, "unsigned 32-bit"),
+        ({"seed": -2}, "unsigned 32-bit"),
+        ({"seed": 1 << 32}, "unsigned 32-bit"),
     ],
 )
 def test_out_of_range_options(kwargs: dict, fragment: str) -> None:

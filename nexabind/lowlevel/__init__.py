@@ -12,18 +12,28 @@ prints JSON; the exit status is 0 on success (installers use it as a smoke test)
 
 from __future__ import annotations
 
+from nexabind.lowlevel._adapter import LoraAdapter
 from nexabind.lowlevel._batch import Batch
 from nexabind.lowlevel._context import Context, LogitsView, TokenSteps
 from nexabind.lowlevel._lib import (
+    AttentionType,
     DecodeResult,
     FlashAttention,
+    GgmlType,
     LogLevel,
+    NumaStrategy,
     PoolingType,
+    RopeScalingType,
+    SplitMode,
+    builtin_chat_templates,
     chat_template_apply,
     devices,
+    enum_value,
     ggml,
     lib,
+    max_devices,
     nonnull,
+    numa_init,
     raise_decode,
     set_verbose,
     system_info,
@@ -34,21 +44,31 @@ from nexabind.lowlevel._model import Model
 from nexabind.lowlevel._sampler import SamplerChain
 
 __all__ = [
+    "AttentionType",
     "Batch",
     "Context",
     "DecodeResult",
     "FlashAttention",
+    "GgmlType",
     "LogLevel",
     "LogitsView",
+    "LoraAdapter",
     "Model",
+    "NumaStrategy",
     "PoolingType",
+    "RopeScalingType",
     "SamplerChain",
+    "SplitMode",
     "TokenSteps",
+    "builtin_chat_templates",
     "chat_template_apply",
     "devices",
+    "enum_value",
     "ggml",
     "lib",
+    "max_devices",
     "nonnull",
+    "numa_init",
     "raise_decode",
     "set_verbose",
     "system_info",

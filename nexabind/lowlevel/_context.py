@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nexabind._ffi import ffi
 from nexabind.errors import ContextError, DecodeError, StateError
+from nexabind.lowlevel._adapter import LoraAdapter
 from nexabind.lowlevel._batch import Batch
 from nexabind.lowlevel._lib import FlashAttention, PoolingType, lib, nonnull, raise_decode
 from nexabind.lowlevel._model import Model
 from nexabind.lowlevel._owned import Owned
+from nexabind.lowlevel._params import set_params
 from nexabind.lowlevel._sampler import SamplerChain
 
 if TYPE_CHECKING:
@@ -90,6 +92,13 @@ class Context(Owned):
         kv_unified: One KV buffer shared by all sequences, so any sequence may use the whole
             context (None: llama.cpp's default); without it each of the ``n_seq_max``
             sequences gets ``n_ctx / n_seq_max`` cells (see :attr:`n_ctx_seq`).
+        **params: More of llama.cpp's context parameters, by their ``llama_context_params``
+            names (None or absent: llama.cpp's default): ``rope_scaling_type``
+            (:class:`RopeScalingType`), ``rope_freq_base``, ``rope_freq_scale``,
+            ``yarn_ext_factor``, ``yarn_attn_factor``, ``yarn_beta_fast``, ``yarn_beta_slow``,
+            ``yarn_orig_ctx``, ``attention_type`` (:class:`AttentionType`), ``type_k`` and
+            ``type_v`` (the KV cache's :class:`GgmlType`), ``offload_kqv``, ``op_offload``,
+            ``swa_full``, ``no_perf`` (default True: no timings).
 
     Every call that reaches llama.cpp holds :attr:`lock`, so a context may be shared between
     threads and closed from any of them; :meth:`cancel` needs no lock. The callables of
@@ -119,6 +128,7 @@ class Context(Owned):
         n_seq_max: int = 1,
         flash_attn: FlashAttention | bool | str | None = None,
         kv_unified: bool | None = None,
+        **params: Any,
     ) -> None:
         self.lock = threading.RLock()
         """Held by every call into llama.cpp on this context (reentrant)."""
@@ -146,6 +156,7 @@ class Context(Owned):
         if pooling is not None:
             p.pooling_type = PoolingType(pooling)
         p.no_perf = True
+        set_params(p, params)
         # The callback holds the flag, not self: no reference cycle.
         flag = self._cancel = _CancelFlag()
 
@@ -164,7 +175,7 @@ class Context(Owned):
                 L.llama_init_from_model(model_ptr, p),
                 ContextError,
                 f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}); "
-                "try a smaller n_ctx",
+                "try a smaller n_ctx (the 'nexabind.llama' log says why)",
             )
         except BaseException:
             model._release_user()
@@ -185,6 +196,8 @@ class Context(Owned):
         self._has_logits = False  # whether output -1 of the last decode has logits to sample
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith
+        self._loras: list[LoraAdapter] = []
+        self._vocab_only = model.vocab_only
 
     def close(self) -> None:
         """Free the context now (the model stays open); safe to call more than once.
@@ -200,7 +213,58 @@ class Context(Owned):
             ffi.release(self._ptr)
             self._ptr = None
             self.batch.close()
+            for adapter in self._loras:
+                adapter._release_user()
+            self._loras = []
             self.model._release_user()
+
+    @property
+    def ptr(self) -> Any:
+        """The ``llama_context *`` (a cffi pointer) for calls through :func:`lib`; valid until
+        :meth:`close`. Hold :attr:`lock` around such calls.
+
+        Raises:
+            ClosedError: The context is closed.
+        """
+        return self._check()
+
+    ctx = ptr  # llama-cpp-python's name for it (``Llama._ctx.ctx``)
+
+    def set_lora_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        """Apply these LoRA adapters with their scales (replacing any applied before).
+
+        Raises:
+            ClosedError: The context or an adapter is closed.
+            ValueError: An adapter was loaded for another model.
+            ContextError: llama.cpp refused them.
+        """
+        for adapter, _ in adapters:
+            if adapter.model is not self.model:
+                msg = f"the LoRA adapter {adapter.path} was loaded for another model"
+                raise ValueError(msg)
+        with self.lock:
+            ptr = self._check()
+            taken = []
+            try:
+                for adapter, _ in adapters:
+                    taken.append(adapter._add_user())
+            except BaseException:
+                for adapter, _ in adapters[: len(taken)]:
+                    adapter._release_user()
+                raise
+            n = len(adapters)
+            arr = ffi.new("struct llama_adapter_lora *[]", taken or [ffi.NULL])
+            scales = ffi.new("float[]", [float(s) for _, s in adapters] or [0.0])
+            rc = self._lib.llama_set_adapters_lora(ptr, arr if n else ffi.NULL, n, scales)
+            old, self._loras = self._loras, [a for a, _ in adapters]
+            if rc != 0:
+                self._loras = old
+                for adapter, _ in adapters:
+                    adapter._release_user()
+                msg = f"llama.cpp refused the LoRA adapters (status {rc})"
+                raise ContextError(msg)
+            for adapter in old:
+                adapter._release_user()
 
     @property
     def n_threads(self) -> int:
@@ -274,6 +338,7 @@ class Context(Owned):
                 ``feed`` when that happens later).
         """
         ptr = self._check()
+        self._weights()
         chain = sampler._check()
         model = self.model
         vocab = model._checked_vocab()
@@ -355,6 +420,7 @@ class Context(Owned):
         """
         with self.lock:
             ptr = self._check()
+            self._weights()
             b = (batch or self.batch).b
             if self._cancel.on:
                 self._raise_decode(2)
@@ -367,6 +433,14 @@ class Context(Owned):
             if rc != 0:
                 self._raise_decode(rc)
             self._has_logits = n > 0 and ffi.buffer(b.logits, n)[:].count(0) < n
+
+    def _weights(self) -> None:
+        if self._vocab_only:
+            msg = (
+                f"{self.model.path} was loaded with vocab_only=True: it has no weights to "
+                "decode with; load it without vocab_only to generate"
+            )
+            raise ContextError(msg)
 
     def _no_logits(self) -> None:
         if not self._has_logits:
@@ -386,6 +460,7 @@ class Context(Owned):
         """Run an encoder (or embedding model) on a batch; same errors as :meth:`decode`."""
         with self.lock:
             ptr = self._check()
+            self._weights()
             b = (batch or self.batch).b
             if self._cancel.on:
                 self._raise_decode(2)
@@ -531,6 +606,42 @@ class Context(Owned):
     def logits_view(self, i: int = -1) -> LogitsView:
         """Return logits that raise when read after the next decode."""
         return LogitsView(self, self.logits(i), self.generation)
+
+    def logits_rows(self, n: int) -> np.ndarray:
+        """A read-only ``(n, n_vocab)`` view of the logits of the last decode's ``n`` outputs
+        (every token that asked for logits, in batch order); valid until the next decode.
+
+        Raises:
+            DecodeError: The last decode produced fewer than ``n`` outputs.
+        """
+        import numpy as np
+
+        with self.lock:
+            ptr = self._check()
+            if n < 1 or self._get_logits_ith(ptr, n - 1) == ffi.NULL:
+                msg = f"the last decode has fewer than {n} outputs with logits"
+                raise DecodeError(msg)
+            base = self._lib.llama_get_logits(ptr)
+        arr = np.frombuffer(ffi.buffer(base, 4 * n * self.n_vocab), dtype=np.float32)
+        arr = arr.reshape(n, self.n_vocab)
+        arr.flags.writeable = False
+        return arr
+
+    def token_embeddings(self, i: int) -> np.ndarray:
+        """A read-only view of the embedding of output ``i`` of the last decode (an embedding
+        context without pooling gives one per token).
+
+        Raises:
+            DecodeError: Output ``i`` has no embedding.
+        """
+        import numpy as np
+
+        with self.lock:
+            ptr = self._lib.llama_get_embeddings_ith(self._check(), i)
+        ptr = nonnull(ptr, DecodeError, f"no embedding for output {i} of the last decode")
+        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
 
     def embeddings(self, seq_id: int = 0) -> np.ndarray:
         """Return a read-only view of the pooled embedding of sequence ``seq_id``."""

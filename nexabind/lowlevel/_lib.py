@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from nexabind import loader
+from nexabind import _cdef, loader
 from nexabind._ffi import ffi
 from nexabind.errors import (
     ContextOverflowError,
@@ -44,6 +44,75 @@ class PoolingType(enum.IntEnum):
     CLS = ffi.integer_const("LLAMA_POOLING_TYPE_CLS")
     LAST = ffi.integer_const("LLAMA_POOLING_TYPE_LAST")
     RANK = ffi.integer_const("LLAMA_POOLING_TYPE_RANK")
+
+
+class RopeScalingType(enum.IntEnum):
+    """How RoPE frequencies are scaled for contexts longer than the training length."""
+
+    UNSPECIFIED = ffi.integer_const("LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED")
+    NONE = ffi.integer_const("LLAMA_ROPE_SCALING_TYPE_NONE")
+    LINEAR = ffi.integer_const("LLAMA_ROPE_SCALING_TYPE_LINEAR")
+    YARN = ffi.integer_const("LLAMA_ROPE_SCALING_TYPE_YARN")
+    LONGROPE = ffi.integer_const("LLAMA_ROPE_SCALING_TYPE_LONGROPE")
+
+
+class AttentionType(enum.IntEnum):
+    """Causal or non-causal attention (for embeddings), or the model's own."""
+
+    UNSPECIFIED = ffi.integer_const("LLAMA_ATTENTION_TYPE_UNSPECIFIED")
+    CAUSAL = ffi.integer_const("LLAMA_ATTENTION_TYPE_CAUSAL")
+    NON_CAUSAL = ffi.integer_const("LLAMA_ATTENTION_TYPE_NON_CAUSAL")
+
+
+class SplitMode(enum.IntEnum):
+    """How a model is split across several GPUs."""
+
+    NONE = ffi.integer_const("LLAMA_SPLIT_MODE_NONE")
+    LAYER = ffi.integer_const("LLAMA_SPLIT_MODE_LAYER")
+    ROW = ffi.integer_const("LLAMA_SPLIT_MODE_ROW")
+    TENSOR = ffi.integer_const("LLAMA_SPLIT_MODE_TENSOR")
+
+
+#: ggml tensor types (``GGML_TYPE_*``), for the KV cache's ``type_k`` / ``type_v``.
+GgmlType = enum.IntEnum(  # type: ignore[misc]
+    "GgmlType",
+    {
+        name.removeprefix("GGML_TYPE_"): ffi.integer_const(name)
+        for name in _cdef.ENUMS["ggml_type"]
+        if name != "GGML_TYPE_COUNT"
+    },
+)
+
+
+class NumaStrategy(enum.IntEnum):
+    """ggml's NUMA strategies (``llama_numa_init``)."""
+
+    DISABLED = ffi.integer_const("GGML_NUMA_STRATEGY_DISABLED")
+    DISTRIBUTE = ffi.integer_const("GGML_NUMA_STRATEGY_DISTRIBUTE")
+    ISOLATE = ffi.integer_const("GGML_NUMA_STRATEGY_ISOLATE")
+    NUMACTL = ffi.integer_const("GGML_NUMA_STRATEGY_NUMACTL")
+    MIRROR = ffi.integer_const("GGML_NUMA_STRATEGY_MIRROR")
+
+
+def enum_value(kind: type[enum.IntEnum], name: str, value: object) -> int:
+    """``value`` (a member, its int or its name, any case) as a member of ``kind``.
+
+    llama.cpp reads these as C enums and indexes tables with some of them: a value outside the
+    enum is refused here.
+
+    Raises:
+        ValueError: ``value`` is not a member, naming the argument and the members.
+    """
+    if isinstance(value, str) and value.upper() in kind.__members__:
+        return kind[value.upper()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    names = ", ".join(f"{m.name.lower()} ({m.value})" for m in kind)
+    msg = f"{name}={value!r} is invalid; use one of {names}"
+    raise ValueError(msg)
 
 
 class FlashAttention(enum.IntEnum):
@@ -199,6 +268,43 @@ def set_verbose(verbose: bool = True) -> None:
         _native_log.addHandler(_verbose_handler)
 
 
+_numa_done: list[int] = []
+
+
+def numa_init(strategy: NumaStrategy | int | str | bool) -> None:
+    """Set ggml's NUMA strategy; process-wide, set once.
+
+    Args:
+        strategy: A :class:`NumaStrategy`, its value or name; True is ``distribute`` and False
+            ``disabled`` (llama-cpp-python's ``numa=True``).
+
+    Raises:
+        ValueError: ``strategy`` is not a :class:`NumaStrategy`, or differs from the one a
+            previous call set (ggml reads it once).
+    """
+    if isinstance(strategy, bool):
+        strategy = NumaStrategy.DISTRIBUTE if strategy else NumaStrategy.DISABLED
+    value = enum_value(NumaStrategy, "numa", strategy)
+    with _lock:
+        if _numa_done:
+            if _numa_done[0] != value:
+                msg = (
+                    f"numa={NumaStrategy(value).name.lower()} cannot apply: this process "
+                    f"already set numa={NumaStrategy(_numa_done[0]).name.lower()} (ggml "
+                    "reads it once per process)"
+                )
+                raise ValueError(msg)
+            return
+        _numa_done.append(value)
+    if value != NumaStrategy.DISABLED:
+        lib().llama_numa_init(value)
+
+
+def max_devices() -> int:
+    """How many devices a model may be split across (the length of a ``tensor_split``)."""
+    return int(lib().llama_max_devices())
+
+
 def system_info() -> str:
     """Return llama.cpp's system info line (CPU features of the loaded backend)."""
     return ffi.string(lib().llama_print_system_info()).decode()
@@ -227,6 +333,15 @@ def devices() -> list[dict[str, str]]:
             }
         )
     return out
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of llama.cpp's built-in chat templates (``chatml``, ``llama3``, ``phi3``, ...)."""
+    L = lib()
+    n = L.llama_chat_builtin_templates(ffi.NULL, 0)
+    names = ffi.new("const char *[]", max(n, 1))
+    n = L.llama_chat_builtin_templates(names, n)
+    return [ffi.string(names[i]).decode() for i in range(n)]
 
 
 def chat_template_apply(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,23 +10,86 @@ from typing import Any
 from nexabind import _gguf
 from nexabind._ffi import ffi
 from nexabind.errors import ModelLoadError
-from nexabind.lowlevel._lib import lib, nonnull
-from nexabind.lowlevel._owned import Owned
+from nexabind.lowlevel._lib import SplitMode, enum_value, lib, max_devices, nonnull
+from nexabind.lowlevel._owned import Shared
+
+#: What a ``kv_overrides`` value may be: llama.cpp's four override types.
+KvOverride = bool | int | float | str
+_KV_TEXT_MAX = 127  # char key[128] / val_str[128] in llama.h, NUL included
 
 
-class Model(Owned):
+def _kv_overrides(overrides: dict[str, KvOverride]) -> Any:
+    """``overrides`` as llama.cpp's array of ``llama_model_kv_override``, ended by an empty key.
+
+    Raises:
+        ValueError: A key or string value is too long, or a value has another type.
+    """
+    L = lib()
+    arr = ffi.new("struct llama_model_kv_override[]", len(overrides) + 1)
+    for i, (key, value) in enumerate(overrides.items()):
+        kb = str(key).encode()
+        if not kb or len(kb) > _KV_TEXT_MAX or b"\0" in kb:
+            msg = f"kv_overrides key {key!r} is invalid; use 1..{_KV_TEXT_MAX} bytes of text"
+            raise ValueError(msg)
+        o = arr[i]
+        o.key = kb
+        if isinstance(value, bool):
+            o.tag, o.val_bool = L.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int):
+            if not -(1 << 63) <= value < 1 << 63:
+                msg = f"kv_overrides[{key!r}]={value} does not fit a 64-bit integer"
+                raise ValueError(msg)
+            o.tag, o.val_i64 = L.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        elif isinstance(value, float):
+            o.tag, o.val_f64 = L.LLAMA_KV_OVERRIDE_TYPE_FLOAT, value
+        elif isinstance(value, str):
+            vb = value.encode()
+            if len(vb) > _KV_TEXT_MAX or b"\0" in vb:
+                msg = (
+                    f"kv_overrides[{key!r}] is {len(vb)} bytes; llama.cpp takes at most "
+                    f"{_KV_TEXT_MAX} bytes of text without NUL"
+                )
+                raise ValueError(msg)
+            o.tag, o.val_str = L.LLAMA_KV_OVERRIDE_TYPE_STR, vb
+        else:
+            msg = f"kv_overrides[{key!r}] is a {type(value).__name__}; use bool, int, float or str"
+            raise ValueError(msg)
+    return arr
+
+
+def _tensor_split(split: Sequence[float]) -> Any:
+    n = max_devices()
+    values = [float(v) for v in split]
+    if len(values) > n or any(v < 0 for v in values):
+        msg = (
+            f"tensor_split={list(split)!r} is invalid; give at most {n} non-negative "
+            "proportions (one per device)"
+        )
+        raise ValueError(msg)
+    return ffi.new("float[]", values + [0.0] * (n - len(values)))
+
+
+class Model(Shared):
     """A loaded GGUF model (weights and vocabulary).
 
     Args:
         path: The ``.gguf`` file.
         n_gpu_layers: Layers to offload to a GPU device (0: CPU only).
-        vocab_only: Load only the vocabulary.
+        vocab_only: Load only the vocabulary (no weights: tokenizing only, no context).
         use_mmap: Map the file instead of reading it.
         use_mlock: Lock the weights in RAM (no swapping); llama.cpp warns when the system's
             locked-memory limit is too low.
         progress: Called with the load progress in [0, 1]; return False to abort the load.
         check_tensors: Validate every tensor's data while loading (slower; catches NaN/Inf
             and corrupt quantized blocks in a file of unknown origin).
+        split_mode: How to split the model across GPUs (a :class:`SplitMode`, its value or
+            name; None: llama.cpp's default, by layer).
+        main_gpu: The GPU for the whole model (``split_mode`` none) or for intermediate
+            results (row split).
+        tensor_split: Proportion of the model for each GPU (at most
+            :func:`~nexabind.lowlevel.max_devices` values; None: by free memory).
+        kv_overrides: GGUF metadata to override while loading (``{"key": value}``; bool, int,
+            float or str of at most 127 bytes), as llama.cpp's ``--override-kv``.
 
     A model is safe to share between threads: vocabulary calls and :meth:`close` exclude each
     other through the model's lock.
@@ -46,8 +108,12 @@ class Model(Owned):
         use_mlock: bool = False,
         progress: Callable[[float], bool | None] | None = None,
         check_tensors: bool = False,
+        split_mode: SplitMode | int | str | None = None,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+        kv_overrides: dict[str, KvOverride] | None = None,
     ) -> None:
-        self._lock = threading.RLock()
+        super().__init__()
         self._lib = L = lib()
         self.path = Path(path)
         self._what = f"model {self.path}"
@@ -59,6 +125,20 @@ class Model(Owned):
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        if split_mode is not None:
+            params.split_mode = enum_value(SplitMode, "split_mode", split_mode)
+        if not 0 <= main_gpu < (1 << 31):
+            msg = f"main_gpu={main_gpu} is invalid; use a device index >= 0"
+            raise ValueError(msg)
+        params.main_gpu = main_gpu
+        # Kept referenced until the load returns: llama.cpp reads them during the load only.
+        keep = []
+        if tensor_split is not None:
+            keep.append(_tensor_split(tensor_split))
+            params.tensor_split = keep[-1]
+        if kv_overrides:
+            keep.append(_kv_overrides(kv_overrides))
+            params.kv_overrides = keep[-1]
         if use_mlock:
             params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else L.LLAMA_LOAD_MODE_MLOCK
         elif not use_mmap:
@@ -83,43 +163,27 @@ class Model(Owned):
         self.n_embd: int = L.llama_model_n_embd(ptr)
         self.n_ctx_train: int = L.llama_model_n_ctx_train(ptr)
         self.n_layer: int = L.llama_model_n_layer(ptr)
+        # A vocabulary-only model has no layers, and llama.cpp aborts on their head counts.
         self.n_head: int = L.llama_model_n_head(ptr) if self.n_layer else 0
         self.n_head_kv: int = L.llama_model_n_head_kv(ptr) if self.n_layer else 0
+        self.vocab_only = vocab_only
+        self.is_recurrent: bool = bool(L.llama_model_is_recurrent(ptr))
+        """Whether the model keeps a recurrent state (Mamba, RWKV) instead of a KV cache."""
+        self.is_hybrid: bool = bool(L.llama_model_is_hybrid(ptr))
+        """Whether the model mixes attention and recurrent layers."""
         self._piece = ffi.new("char[]", 256)
-        self._users = 0
-        self._closing = False
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._ptr is None or self._closing
 
     def close(self) -> None:
         """Free the model; safe to call more than once.
 
-        While contexts still use the model, the memory is freed when the last one closes.
+        While contexts (or LoRA adapters) still use the model, the memory is freed when the
+        last one closes.
         """
-        if getattr(self, "_ptr", None) is None:
-            return
-        with self._lock:
-            self._closing = True
-            if self._users == 0 and self._ptr is not None:
-                ffi.release(self._ptr)
-                self._ptr = None
-                self._vocab = None
+        super().close()
 
-    def _add_user(self) -> Any:
-        """Count a context that uses the model (it is freed after the last one); return it."""
-        with self._lock:
-            ptr = self._check()
-            self._users += 1
-            return ptr
-
-    def _release_user(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._closing and self._users == 0:
-                self.close()
+    def _free(self) -> None:
+        ffi.release(self._ptr)
+        self._vocab = None
 
     def _checked_vocab(self) -> Any:
         self._check()
@@ -227,6 +291,31 @@ class Model(Owned):
         """End-of-sequence token id (-1 if none)."""
         with self._lock:
             return self._lib.llama_vocab_eos(self._checked_vocab())
+
+    def special_tokens(self) -> dict[str, int]:
+        """The vocabulary's special tokens: ``bos``, ``eos``, ``eot``, ``sep``, ``nl``, ``pad``,
+        ``fim_pre``, ``fim_suf``, ``fim_mid`` (-1 where the vocabulary has none)."""
+        names = ("bos", "eos", "eot", "sep", "nl", "pad", "fim_pre", "fim_suf", "fim_mid")
+        L = self._lib
+        with self._lock:
+            vocab = self._checked_vocab()
+            return {n: int(getattr(L, f"llama_vocab_{n}")(vocab)) for n in names}
+
+    @property
+    def add_eos(self) -> bool:
+        """Whether tokenization adds EOS."""
+        with self._lock:
+            return bool(self._lib.llama_vocab_get_add_eos(self._checked_vocab()))
+
+    @property
+    def ptr(self) -> Any:
+        """The ``llama_model *`` (a cffi pointer) for calls through :func:`lib`; valid until
+        :meth:`close`.
+
+        Raises:
+            ClosedError: The model is closed.
+        """
+        return self._check()
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...).

@@ -143,6 +143,18 @@ class SamplerChain(Owned):
         """Draw the token at random from what is left (the default seed is random)."""
         return self._append(self._lib.llama_sampler_init_dist(seed), "dist sampler")
 
+    def add_mirostat(
+        self, n_vocab: int, seed: int, tau: float, eta: float, m: int = 100
+    ) -> SamplerChain:
+        """Mirostat 1.0: keep the text's surprise near ``tau`` (a final sampler: it draws)."""
+        sampler = self._lib.llama_sampler_init_mirostat(n_vocab, seed, tau, eta, m)
+        return self._append(sampler, "mirostat sampler", n_vocab)
+
+    def add_mirostat_v2(self, seed: int, tau: float, eta: float) -> SamplerChain:
+        """Mirostat 2.0: keep the text's surprise near ``tau`` (a final sampler: it draws)."""
+        sampler = self._lib.llama_sampler_init_mirostat_v2(seed, tau, eta)
+        return self._append(sampler, "mirostat v2 sampler")
+
     def add_greedy(self) -> SamplerChain:
         """Pick the most likely token."""
         return self._append(self._lib.llama_sampler_init_greedy(), "greedy sampler")
