@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from nexabind import chat as chat_mod
-from nexabind import chat_formats, openai, tool_calls
-from nexabind import grammar as grammar_mod
+from nexabind import chat_formats, openai
+from nexabind._chat_plan import plan_chat
 from nexabind._lcp import LlamaCompat
 from nexabind.grammar import LlamaGrammar
 from nexabind.tokens import Token
@@ -98,18 +98,6 @@ class LlamaChat(LlamaCompat):
             return it
         return (Token(t, spelled[int(t)], t.logprob, t.top_logprobs) if int(t) in spelled
                 else t for t in it)  # fmt: skip
-
-    def _tool_setup(
-        self, messages: list[dict[str, Any]], req: tool_calls.ToolRequest | None
-    ) -> tuple[list[dict[str, Any]], dict[str, Any], tool_calls.ToolFormat]:
-        """The messages and template variables for ``req``, and the model's call format."""
-        source = self._template_source()
-        fmt = tool_calls.detect_format(source)
-        active = req is not None and req.choice != "none"
-        has_tools = source is not None and "tools" in source
-        msgs = tool_calls.render_messages(messages, req if active else None, has_tools)
-        extra = {"tools": req.tools} if active and has_tools and req is not None else {}
-        return msgs, extra, fmt
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
         """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.
@@ -204,44 +192,21 @@ class LlamaChat(LlamaCompat):
         if top_logprobs is not None and top_logprobs < 0:
             msg = f"top_logprobs={top_logprobs} is invalid; use a number of tokens >= 0"
             raise ValueError(msg)
-        req = tool_calls.ToolRequest.of(tools, tool_choice, functions, function_call)
-        constraint = grammar_mod.response_format_grammar(response_format)
-        if constraint is not None and sampling.get("grammar") is not None:
-            msg = "give grammar or response_format, not both"
-            raise ValueError(msg)
-        forced = req is not None and (req.named or req.choice == "required")
-        if forced and (constraint is not None or sampling.get("grammar") is not None):
-            msg = (
-                "a required or named tool_choice constrains the reply itself: give no grammar "
-                "or response_format with it"
-            )
-            raise ValueError(msg)
-        if constraint is not None:
-            sampling["grammar"] = constraint
-        msgs, extra, fmt = self._tool_setup(messages, req)
-        tokens, stops, criteria = self._chat_prompt(msgs, formatter, **extra)
-        output = None
-        if req is not None and req.choice != "none":
-            names = req.names
-            if forced:
-                tokens = tokens + self.tokenize(fmt.opener.encode(), add_bos=False, special=True)
-                schema = tool_calls.constraint_schema(req, fmt)
-                sampling["grammar"] = LlamaGrammar.from_json_schema(schema, verbose=False)
-
-                def parse(text: str) -> Any:
-                    return fmt.parse(fmt.opener + text, names)
-
-                output = tool_calls.ToolOutput(parse, buffer_all=True, legacy=req.legacy)
-            else:
-                formats = [fmt, *(f for f in tool_calls.FORMATS if f is not fmt)]
-
-                def parse(text: str) -> Any:
-                    return next((p for f in formats if (p := f.parse(text, names))), None)
-
-                markers = tuple(m for f in formats for m in f.markers)
-                output = tool_calls.ToolOutput(
-                    parse, markers, json_start=fmt.json_start, legacy=req.legacy
-                )
+        plan = plan_chat(
+            chat_mod.check_messages(messages),
+            template=self._template_source(),
+            tools=tools,
+            tool_choice=tool_choice,
+            functions=functions,
+            function_call=function_call,
+            response_format=response_format,
+            grammar=sampling.get("grammar"),
+        )
+        sampling["grammar"] = plan.grammar
+        tokens, stops, criteria = self._chat_prompt(plan.messages, formatter, **plan.extra)
+        if plan.opener:
+            tokens = tokens + self.tokenize(plan.opener.encode(), add_bos=False, special=True)
+        output = plan.output
         stop_list = [stop] if isinstance(stop, str) else list(stop or [])
         n_top = (top_logprobs or 0) if logprobs else False
         it = self._start(
@@ -255,7 +220,7 @@ class LlamaChat(LlamaCompat):
             next_seed=True,
         )
         if output is not None:
-            it = self._marked(it, [m for f in tool_calls.FORMATS for m in f.markers])
+            it = self._marked(it, plan.markers)
         shape = openai.chat_chunks if stream else openai.chat_completion
         return shape(
             it,

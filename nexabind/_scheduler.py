@@ -31,6 +31,7 @@ from nexabind.errors import (
     NexabindError,
     StateError,
 )
+from nexabind.grammar import GrammarMatcher, LlamaGrammar
 from nexabind.sampling import build_sampler
 from nexabind.tokens import Outcome, StopMatcher, Token, logprobs_of
 
@@ -90,6 +91,8 @@ class Task:
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     prompt_text: str = ""
+    output: Any = None  # a chat's ToolOutput (how to read its reply for tool calls)
+    spelled: dict[int, str] = field(default_factory=dict)  # control tokens that spell markers
 
 
 class Slot:
@@ -271,14 +274,29 @@ class Scheduler:
                     left.append(task)
                     continue
                 assert task.req is not None
+                opts = task.req.opts
                 try:
-                    sampler = build_sampler(self.model, task.req.opts, self.n_ctx_slot)
+                    sampler = build_sampler(self.model, opts, self.n_ctx_slot)
+                    g = opts.grammar
+                    matcher = (
+                        g.matcher(self.model)
+                        if isinstance(g, LlamaGrammar) and g.engine == "llguidance"
+                        else None
+                    )
                 except (NexabindError, ValueError) as e:
                     # A logit bias outside the vocabulary, a grammar that does not parse:
                     # that task fails, the slot and every other task go on.
                     self._finish(task, "stop", e)
                     continue
                 self._start(slot, task, sampler)
+                if matcher is not None:
+                    assert slot.sample is not None
+                    penalties = (
+                        opts.repeat_penalty != 1.0
+                        or opts.frequency_penalty
+                        or (opts.presence_penalty)
+                    )
+                    slot.sample = self._constrained(slot.sample, matcher, not penalties)
         return left
 
     def _slot_for(self, task: Task) -> Slot | None:
@@ -441,7 +459,10 @@ class Scheduler:
                 if s.i_prompt == len(s.prompt):
                     s.state = _GEN
             if s.i_batch >= 0:
-                self._sample(s)
+                try:
+                    self._sample(s)
+                except (NexabindError, ValueError, RuntimeError) as e:
+                    self._end(s, "stop", e)  # a grammar at a dead end: this task only
         self.n_generated += generated
         self._rate.append((time.monotonic(), generated))
 
@@ -495,6 +516,35 @@ class Scheduler:
                 idx = self.batch.append(chunk, s.i_prompt, s.id, logits_last=done)
                 s.i_batch = idx if done else -1
 
+    def _constrained(
+        self, base: Callable[[int], int], matcher: GrammarMatcher, reject_first: bool
+    ) -> Callable[[int], int]:
+        """``base`` under an llguidance grammar: the drawn token if the grammar takes it, else
+        a draw from logits where every refused token is -inf (put back afterwards). With
+        penalties in the chain every draw is masked: a refused draw would count once."""
+        import numpy as np
+
+        ctx = self.ctx
+
+        def sample(i: int) -> int:
+            if reject_first:
+                tok = base(i)
+                if matcher.accepts(tok):
+                    matcher.accept(tok)
+                    return tok
+            logits = ctx.logits(i)
+            logits.setflags(write=True)  # llama.cpp's buffer: the chain reads it from there
+            saved = logits.copy()
+            matcher.mask_logits(logits)
+            try:
+                tok = base(i)
+            finally:
+                np.copyto(logits, saved)
+            matcher.accept(tok)  # ValueError if the chain drew a refused token anyway
+            return tok
+
+        return sample
+
     def _sample(self, s: Slot) -> None:
         task, req, sampler = s.task, s.task.req if s.task else None, s.sampler
         assert task is not None and req is not None and sampler is not None
@@ -512,7 +562,7 @@ class Scheduler:
                 self._emit(task, Token(tok, tail, lp, top))
             self._end(s, "stop")
             return
-        text = s.dec(self.piece(tok))
+        text = s.dec(self.piece(tok)) if tok not in task.spelled else task.spelled[tok]
         s.n_gen += 1
         last = s.n_gen >= s.limit
         if s.matcher is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from nexabind import _embed, chat, lowlevel, openai
+from nexabind._chat_plan import ChatPlan, plan_chat
 from nexabind._scheduler import END, Scheduler, Session, Task
 from nexabind._sequence import Request
 from nexabind.errors import (
@@ -36,6 +37,7 @@ from nexabind.errors import (
 )
 from nexabind.sampling import SAMPLING_KEYS, SamplingOptions
 from nexabind.tokens import Outcome, Token
+from nexabind.tool_calls import ToolOutput
 
 __all__ = ["Engine"]
 
@@ -251,6 +253,11 @@ class Engine:
         max_tokens: int | None = 16,
         stop: str | Sequence[str] | None = None,
         logprobs: bool | int = False,
+        response_format: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        functions: list[dict[str, Any]] | None = None,
+        function_call: str | dict[str, Any] | None = None,
         **sampling: Any,
     ) -> int:
         """Queue a task; return its id at once.
@@ -267,7 +274,12 @@ class Engine:
             max_tokens: Most tokens to generate (None or <= 0: as many as the slot holds).
             stop: Stop strings.
             logprobs: True fills ``Token.logprob``; a number also ``Token.top_logprobs``.
-            **sampling: Sampling options (see :class:`nexabind.sampling.SamplingOptions`).
+            response_format: OpenAI's structured output (``json_object``, ``json_schema``):
+                the reply is generated under the schema's grammar.
+            tools, tool_choice, functions, function_call: OpenAI's tool calls (chat tasks;
+                see :meth:`chat_output` for reading the reply).
+            **sampling: Sampling options (see :class:`nexabind.sampling.SamplingOptions`),
+                ``grammar`` among them.
 
         Raises:
             ValueError: A missing or malformed input, an option out of range, or a task
@@ -296,8 +308,13 @@ class Engine:
         else:
             if sess is not None:
                 sampling = {**sess.sampling, **sampling}
+            plan = self._plan(
+                kind, messages, response_format, tools, tool_choice, functions, function_call,
+                sampling.get("grammar"),
+            )  # fmt: skip
+            sampling["grammar"] = plan.grammar
             task.req = self._request(max_tokens, stop, logprobs, sampling)
-            task.tokens = self._prompt(kind, prompt, messages, sess, task)
+            task.tokens = self._prompt(kind, prompt, plan, sess, task)
         with self._lock:
             self._tasks[task.id] = task
             self._last_id = max(self._last_id, task.id)
@@ -333,31 +350,69 @@ class Engine:
             n_top=n_top,
         )
 
+    def _template_source(self) -> str | None:
+        """The jinja text chats render with, if they render with one."""
+        src = self.chat_template or self._model.chat_template()
+        return src if src and "{" in src else None
+
+    def _plan(
+        self,
+        kind: str,
+        messages: list[dict[str, Any]] | None,
+        response_format: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: str | dict[str, Any] | None,
+        functions: list[dict[str, Any]] | None,
+        function_call: str | dict[str, Any] | None,
+        grammar: Any,
+    ) -> ChatPlan:
+        if kind != "chat":
+            if tools or functions or tool_choice or function_call:
+                msg = "tools and functions are for chat tasks; use kind='chat'"
+                raise ValueError(msg)
+            return plan_chat([], template=None, response_format=response_format, grammar=grammar)
+        if messages is None:
+            msg = "a chat task needs messages=[{'role': ..., 'content': ...}, ...]"
+            raise ValueError(msg)
+        return plan_chat(
+            chat.check_messages(messages),
+            template=self._template_source(),
+            tools=tools,
+            tool_choice=tool_choice,
+            functions=functions,
+            function_call=function_call,
+            response_format=response_format,
+            grammar=grammar,
+        )
+
     def _prompt(
         self,
         kind: str,
         prompt: str | Sequence[int] | None,
-        messages: list[dict[str, Any]] | None,
+        plan: ChatPlan,
         session: Session | None,
         task: Task,
     ) -> list[int]:
         model = self._model
         if kind == "chat":
-            if messages is None:
-                msg = "a chat task needs messages=[{'role': ..., 'content': ...}, ...]"
-                raise ValueError(msg)
-            task.messages = chat.check_messages(messages)
+            task.messages = plan.messages
+            task.output = plan.output
+            task.spelled = self._spelled(plan.markers)
             history = []
             if session is not None:
                 if session.system_prompt and not session.messages:
                     task.messages.insert(0, {"role": "system", "content": session.system_prompt})
                 history = session.messages
-            text = chat.format_chat(model, [*history, *task.messages], template=self.chat_template)
+            text = chat.format_chat(
+                model, [*history, *task.messages], template=self.chat_template, **plan.extra
+            )
             task.prompt_text = text
             turn = session.turn if session is not None else None
             # Continue from what the model saw: the last prompt and its reply.
             seen = None if turn is None else (turn[0] + turn[2], turn[1])
             tokens = chat.continue_prompt(model, text, seen)
+            if plan.opener:  # a forced call starts in the prompt
+                tokens += model.tokenize(plan.opener, add_special=False, parse_special=True)
         else:
             if prompt is None:
                 msg = "a completion task needs prompt= (text or token ids)"
@@ -377,6 +432,16 @@ class Engine:
             msg = "the prompt is empty; give at least one token"
             raise ValueError(msg)
         return self._fit(tokens, session)
+
+    def _spelled(self, markers: Sequence[str]) -> dict[int, str]:
+        """Control tokens that spell a tool-call marker, with the text llama.cpp omits."""
+        model = self._model
+        out = {}
+        for m in markers:
+            ids = model.tokenize(m, add_special=False, parse_special=True)
+            if len(ids) == 1 and model.token_to_piece(ids[0]) == b"":
+                out[ids[0]] = m
+        return out
 
     def _fit(self, tokens: list[int], session: Session | None) -> list[int]:
         room = self._scheduler().n_ctx_slot
@@ -535,6 +600,11 @@ class Engine:
             else:
                 self._forget(task)
 
+    def chat_output(self, task_id: int) -> ToolOutput | None:
+        """How to read a chat task's reply for tool calls (for :mod:`nexabind.openai`'s chat
+        shapes, ``tools=``); None when the task asked for no tools."""
+        return self._task(task_id).output
+
     def outcome(self, task_id: int) -> Outcome:
         """How a task ended (filled in once it has): finish reason and token counts."""
         return self._task(task_id).outcome
@@ -575,8 +645,15 @@ class Engine:
     def completion(self, task_id: int, *, model: str | None = None) -> dict[str, Any]:
         """A task's result as an OpenAI ``text_completion`` / ``chat.completion`` dict."""
         task = self._task(task_id)
-        shape = openai.chat_completion if task.kind == "chat" else openai.completion
-        return shape(
+        if task.kind == "chat":
+            return openai.chat_completion(
+                self.stream(task_id),
+                task.outcome,
+                model=model or self.model_path,
+                piece=self._model.token_to_piece,
+                tools=task.output,
+            )
+        return openai.completion(
             self.stream(task_id),
             task.outcome,
             model=model or self.model_path,

@@ -378,3 +378,82 @@ def test_memory_stays_flat_over_10000_tasks(libdir: Path, tiny_model: Path) -> N
     )
     r = json.loads(out)
     assert r["after"] - r["before"] < 8 << 20, r  # no growth per task (9,000 more tasks)
+
+
+def test_structured_output_and_tool_calls_through_the_engine(
+    libdir: Path, tiny_model: Path
+) -> None:
+    from test_grammar import SCHEMAS, validate
+    from test_structured import ASK, HERMES_TEMPLATE, TIME, WEATHER
+
+    from nexabind import openai
+
+    with Engine(
+        tiny_model, n_parallel=4, n_ctx=4 * 1024, n_threads=1, chat_template=HERMES_TEMPLATE,
+        lib_path=libdir,
+    ) as eng:  # fmt: skip
+        # JSON schemas, decoded together in one batch: each reply valid under its own schema.
+        names = list(SCHEMAS)[:8]
+        ids = {
+            name: eng.create_task(
+                "chat",
+                messages=ASK,
+                max_tokens=300,
+                temperature=0.9,
+                seed=3,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": SCHEMAS[name]},
+                },
+            )  # fmt: skip
+            for name in names
+        }
+        for name, tid in ids.items():
+            r = eng.result(tid, timeout=120)
+            assert r["finish_reason"] == "stop", (name, r["text"])
+            validate(json.loads(r["text"]), SCHEMAS[name])
+        # A completion under json_object with a schema (a bounded one: an open object lets a
+        # random model write keys for ever).
+        schema = {
+            "type": "object",
+            "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["a"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_object", "schema": schema}
+        r = eng.result(eng.create_task(prompt="Data:", max_tokens=200, response_format=fmt))
+        assert r["finish_reason"] == "stop"
+        validate(json.loads(r["text"]), schema)
+        # A required call: OpenAI's shape, arguments valid under the function's parameters.
+        tid = eng.create_task(
+            "chat", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", seed=2,
+            max_tokens=200,
+        )  # fmt: skip
+        out = eng.completion(tid)
+        c = out["choices"][0]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
+        call = c["message"]["tool_calls"][0]
+        tool = WEATHER if call["function"]["name"] == "get_weather" else TIME
+        validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+        # Streamed: the calls come as tool_calls deltas.
+        tid = eng.create_task(
+            "chat", messages=ASK, tools=[WEATHER], seed=4, max_tokens=200,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )  # fmt: skip
+        chunks = list(
+            openai.chat_chunks(
+                eng.stream(tid), eng.outcome(tid), model="m", tools=eng.chat_output(tid)
+            )
+        )
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert any(d.get("tool_calls") for d in deltas)
+        with pytest.raises(ValueError, match="give grammar or response_format, not both"):
+            eng.create_task(
+                "chat",
+                messages=ASK,
+                grammar='root ::= "x"',
+                response_format={"type": "json_object"},
+            )
+        with pytest.raises(ValueError, match="tools and functions are for chat tasks"):
+            eng.create_task(prompt="x", tools=[WEATHER])

@@ -101,13 +101,17 @@ def test_close_from_another_thread_during_a_long_prompt(libdir: Path, tiny_model
     out = child(
         """
         llm = Llama(sys.argv[1], n_ctx=4096, n_batch=4096, n_threads=1)
+        # Time one prompt first, then close a tenth of the way into another (no shared prefix),
+        # so that the close lands inside the prompt's decode on a fast machine as on a slow one.
+        t0 = time.perf_counter(); list(llm.generate([1] + [451] * 4000, max_tokens=1))
+        took = time.perf_counter() - t0
         prompt = [1] + [450] * 4000
         result = {}
         def run():
             result["tokens"] = [t.id for t in llm.generate(prompt, max_tokens=5)]
             result["finish"] = llm.last_finish_reason
         th = threading.Thread(target=run); th.start()
-        time.sleep(0.2); llm.close(); th.join(60)
+        time.sleep(took / 10); llm.close(); th.join(60)
         print(json.dumps({"alive": th.is_alive(), **result}))
         """,
         tiny_model,

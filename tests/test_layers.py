@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
             "llama_types",
             "chat_formats",
             "tool_calls",
+            "_chat_plan",
             "_lcp_formats",
             "_function_calling",
         ),

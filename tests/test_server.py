@@ -120,8 +120,11 @@ def test_bad_input_is_a_4xx_naming_the_field_never_a_500(server: Served) -> None
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ({"messages": CHAT, "seed": -1}, 400, "seed"),
         ({"messages": CHAT, "temperature": True}, 400, "temperature"),
-        ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
-        ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"messages": CHAT, "response_format": "json"}, 400, "response_format"),
+        ({"messages": CHAT, "response_format": {"type": "xml"}}, 400, None),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, None),
+        ({"messages": CHAT, "tools": "get_weather"}, 400, "tools"),
+        ({"messages": CHAT, "tool_choice": 3}, 400, "tool_choice"),
     ]  # fmt: skip
     for body, status, param in cases:
         got, _, answer = server.post("/v1/chat/completions", body)
@@ -402,3 +405,39 @@ def test_a_client_that_leaves_the_queue_takes_no_slot(
         before = slots["generated_tokens"]
         time.sleep(0.3)
         assert s.get("/slots")[1]["generated_tokens"] == before  # nothing runs for it
+
+
+def test_structured_output_and_tool_calls_with_the_openai_client(server: Served) -> None:
+    from test_grammar import validate
+    from test_structured import TIME, WEATHER
+
+    client = _client(server)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}},
+        "required": ["city", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=200, seed=1, response_format=fmt
+    )
+    assert r.choices[0].finish_reason == "stop"
+    validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=200, seed=2, tools=[WEATHER, TIME],
+        tool_choice="required",
+    )  # fmt: skip
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    call = c.message.tool_calls[0]
+    tool = WEATHER if call.function.name == "get_weather" else TIME
+    validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=200, seed=3, tools=[WEATHER], stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    ))  # fmt: skip
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    args = "".join(tc.function.arguments or "" for d in deltas for tc in (d.tool_calls or []))
+    validate(json.loads(args), WEATHER["function"]["parameters"])

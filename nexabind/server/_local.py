@@ -46,6 +46,7 @@ DONE = b"data: [DONE]\n\n"
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty",
              "presence_penalty", "frequency_penalty", "seed", "logit_bias")  # fmt: skip
+_STRUCTURED = ("response_format", "tools", "tool_choice", "functions", "function_call")
 
 
 def sse(obj: Any) -> bytes:
@@ -177,6 +178,8 @@ class LocalBackend:
     ) -> tuple[Callable[[], int], Callable[[int], Any]]:
         """What creates the task (in the worker) and what turns it into a response."""
         sampling = {k: body[k] for k in _SAMPLING if k in body}
+        # Structured output and tool calls, as the engine takes them (empty lists: none).
+        asked = {k: body[k] for k in _STRUCTURED if body.get(k) not in (None, [])}
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         stop = body.get("stop")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -212,7 +215,7 @@ class LocalBackend:
                 try:
                     return engine.create_task(
                         "chat", messages=todo, session=session, max_tokens=max_tokens,
-                        stop=stop, logprobs=n_top, **sampling,
+                        stop=stop, logprobs=n_top, **asked, **sampling,
                     )  # fmt: skip
                 except BaseException:
                     if conv is not None:
@@ -226,10 +229,11 @@ class LocalBackend:
                     conv.history = [*_key(messages), ("assistant", text)]
                 conv.lock.release()
 
-            def shaped(tokens: Iterable[Token], outcome: Outcome) -> Any:
+            def shaped(tokens: Iterable[Token], outcome: Outcome, tid: int) -> Any:
                 f = openai.chat_chunks if stream else openai.chat_completion
                 return f(tokens, outcome, model=model, logprobs=logprobs,
-                         piece=engine.token_to_piece, id=rid, created=created)  # fmt: skip
+                         piece=engine.token_to_piece, id=rid, created=created,
+                         tools=engine.chat_output(tid))  # fmt: skip
 
         else:
             prompt = body["prompt"]
@@ -246,13 +250,13 @@ class LocalBackend:
                 lp: bool | int = n_lp if n_lp is not None else False
                 return engine.create_task(
                     "completion", prompt=prompt, max_tokens=max_tokens, stop=stop,
-                    logprobs=lp, **sampling,
+                    logprobs=lp, **asked, **sampling,
                 )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
                 pass
 
-            def shaped(tokens: Iterable[Token], outcome: Outcome) -> Any:
+            def shaped(tokens: Iterable[Token], outcome: Outcome, tid: int) -> Any:
                 f = openai.completion_chunks if stream else openai.completion
                 return f(tokens, outcome, model=model, prefix=prefix, suffix=body.get("suffix"),
                          logprobs=n_lp, piece=engine.token_to_piece, id=rid,
@@ -274,7 +278,7 @@ class LocalBackend:
         def shape(tid: int) -> Any:
             self._attach(engine, call, tid)
             outcome = engine.outcome(tid)
-            out = shaped(tokens_of(tid, outcome, []), outcome)
+            out = shaped(tokens_of(tid, outcome, []), outcome, tid)
             if stream and usage:
                 out = openai.with_usage(out, outcome)
             return out

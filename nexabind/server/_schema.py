@@ -182,18 +182,17 @@ def embed_input(name: str, v: Any) -> list[str]:
     return v
 
 
-def unsupported(what: str) -> Callable[[str, Any], Any]:
-    """A field this server does not serve yet: refused by name rather than ignored."""
+def an_object(name: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _fail(name, "an object", v)
+    return v
 
-    def check(name: str, v: Any) -> Any:
-        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
-            return v
-        if name in ("tools", "functions") and v == []:
-            return v
-        msg = f"'{name}' ({what}) is not supported by this server yet; leave it out"
-        raise SchemaError(name, msg)
 
-    return check
+def choice(name: str, v: Any) -> str | dict[str, Any]:
+    """``tool_choice`` / ``function_call``: a word (``auto``, ``none``...) or an object."""
+    if not isinstance(v, (str, dict)):
+        raise _fail(name, 'a string such as "auto" or an object naming a function', v)
+    return v
 
 
 _GENERATION: dict[str, Field] = {
@@ -220,9 +219,11 @@ _GENERATION: dict[str, Field] = {
 #: ``POST /v1/chat/completions``
 CHAT: dict[str, Field] = {
     **_GENERATION,
-    "response_format": Field(unsupported("structured output")),
-    "tools": Field(unsupported("tool calls")),
-    "functions": Field(unsupported("tool calls")),
+    "response_format": Field(an_object),
+    "tools": Field(objects(0)),
+    "tool_choice": Field(choice),
+    "functions": Field(objects(0)),
+    "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
     "max_completion_tokens": Field(integer(1)),
     "logprobs": Field(boolean),
@@ -233,6 +234,7 @@ CHAT: dict[str, Field] = {
 COMPLETION: dict[str, Field] = {
     **_GENERATION,
     "prompt": Field(prompt, required=True, nullable=False),
+    "response_format": Field(an_object),
     "echo": Field(boolean),
     "logprobs": Field(integer(0, 20)),
     "suffix": Field(string),
