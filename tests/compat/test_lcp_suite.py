@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from _tools import require
 
 from nexabind import pin
 
@@ -166,7 +167,7 @@ def test_the_record_is_llama_cpp_python_s_own(
         env={**os.environ, "PYTHONPATH": ""},
     )
     if probe.stdout.strip() == "None":
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[bench]')")
+        require(False, "llama-cpp-python is not installed (pip install -e '.[bench]')")
     outcomes = run_files(lcp_tree, hub_cache, shim=False, libdir=libdir)
     passed = {t for t, o in outcomes.items() if o == "passed"}
     assert passed == LLAMA_CPP_PYTHON_PASSES, (

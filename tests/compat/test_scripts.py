@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _tools import require
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,7 +114,7 @@ def run(script: str, tiny_model: Path, embed_model: Path, libdir: Path, shim: bo
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )
     if not shim and "ModuleNotFoundError: No module named 'llama_cpp'" in proc.stderr:
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[bench]')")
+        require(False, "llama-cpp-python is not installed (pip install -e '.[bench]')")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
