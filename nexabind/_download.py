@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import posixpath
-import socket
 import stat
 import threading
 import time
@@ -173,6 +172,8 @@ def _cuttable_adapter() -> type[Any]:
 
         def cut(self) -> None:
             """Shut down every open connection: a read blocked in one returns at once."""
+            import socket  # here: a fetch of an installed library imports no socket
+
             with self.lock:
                 live = list(self.live)
             for conn in live:
