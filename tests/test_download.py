@@ -239,6 +239,27 @@ def test_a_file_url_cannot_leave_its_release_folder(tmp_path: Path) -> None:
     assert list((tmp_path / "dl").iterdir()) == []  # nothing copied
 
 
+@pytest.mark.parametrize("system", ["/etc/hostname", "/dev/zero"])
+def test_a_file_url_climbing_to_a_system_file_is_refused(system: str, tmp_path: Path) -> None:
+    """``%2e%2e`` up from the release folder to /etc/hostname (a readable file outside it, which
+    was copied) or /dev/zero (which never ends, and filled the disk): refused, nothing copied."""
+    target = Path(system)
+    if not target.exists():
+        pytest.skip(f"{system} does not exist here")
+    release = tmp_path / "mirror" / "r1"
+    release.mkdir(parents=True)
+    root = release.as_uri()
+    url = f"{root}/{'%2e%2e/' * len(release.parts)}{system.lstrip('/')}"
+    data = target.read_bytes() if target.is_file() else bytes(1 << 20)
+    kw = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "root": root}
+    with pytest.raises(URLRefusedError) as e:
+        download(url, tmp_path / "dl", **kw)
+    assert f"{url} resolves to {target.resolve()}, outside the release folder" in str(e.value)
+    assert str(e.value).endswith("not read. The mirror's manifest names a file it must not:"
+                                 " check --base-url / NEXABIND_BASE_URL")  # fmt: skip
+    assert list((tmp_path / "dl").iterdir()) == []  # nothing copied
+
+
 # --- a full disk ---------------------------------------------------------------------------------
 
 _DOWNLOAD_WITH_A_FILE_SIZE_LIMIT = """
