@@ -2,7 +2,10 @@
 
 :func:`safe_extract` checks every member before it is written (paths, links, kinds, sizes),
 inflates gzip with ISA-L in a second thread when the ``isal`` package is there, and hashes each
-file as it writes it, for the install record.
+file as it writes it, for the install record. Its size limits count what is actually read, not
+what the members declare: tar's long-name, long-link, pax and sparse headers are read into memory
+by :mod:`tarfile`, so every byte it reads goes through a meter that refuses a header (or an
+archive) over its limit before the memory is taken.
 """
 
 from __future__ import annotations
@@ -15,24 +18,42 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
-from nexabind.errors import DownloadError, UnsafeArchiveError
+from nexabind import cache
+from nexabind.errors import DownloadError, NexabindError, UnsafeArchiveError
 
 if TYPE_CHECKING:
     import tarfile
     import zipfile
 
-__all__ = ["MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE", "safe_extract"]
+__all__ = [
+    "MAX_HEADER_SIZE",
+    "MAX_MEMBERS",
+    "MAX_MEMBER_SIZE",
+    "MAX_NAME",
+    "MAX_TOTAL_SIZE",
+    "safe_extract",
+]
 
 #: Largest single file an artifact archive may hold (bytes).
 MAX_MEMBER_SIZE = 2 << 30
-#: Largest total unpacked size of an artifact archive (bytes).
+#: Largest total unpacked size of an artifact archive (bytes), headers included.
 MAX_TOTAL_SIZE = 8 << 30
+#: Most bytes the headers of one tar member may take (its own block and any long-name,
+#: long-link, pax or sparse headers before it). A real one takes a few blocks.
+MAX_HEADER_SIZE = 1 << 20
+#: Most members an artifact archive may hold (a real one holds a few dozen).
+MAX_MEMBERS = 10_000
+#: Longest member name or link target, in characters.
+MAX_NAME = 4096
 
 
 def _check_name(name: str, archive: Path) -> str:
     """Return the normalized relative path of a member, or raise if it could leave the folder."""
+    if len(name) > MAX_NAME:
+        msg = f"{archive}: a member name is {len(name)} characters long, over {MAX_NAME}"
+        raise UnsafeArchiveError(msg + "; not installed")
     if "\x00" in name:
         raise UnsafeArchiveError(f"{archive}: member name {name!r} holds a NUL byte; not installed")
     parts = name.replace("\\", "/").split("/")
@@ -56,6 +77,15 @@ def _inside(base: str, target: str) -> bool:
     return joined != ".." and not joined.startswith("../")
 
 
+class _Limits:
+    """The limits of one extraction (see :func:`safe_extract`)."""
+
+    __slots__ = ("header", "member", "members", "total")
+
+    def __init__(self, member: int, total: int, header: int, members: int) -> None:
+        self.member, self.total, self.header, self.members = member, total, header, members
+
+
 class _Checked:
     """What the member checks have seen so far: links, names and the total size."""
 
@@ -67,9 +97,10 @@ class _Checked:
         self.total = 0
 
 
-def _check_common(
-    name: str, seen: _Checked, archive: Path, size: int, max_member: int, max_total: int
-) -> str:
+def _check_common(name: str, seen: _Checked, archive: Path, size: int, limits: _Limits) -> str:
+    if len(seen.names) >= limits.members:
+        msg = f"{archive}: holds over {limits.members} members; not installed"
+        raise UnsafeArchiveError(msg)
     rel = _check_name(name, archive)
     parents = rel.split("/")[:-1]
     for i in range(len(parents)):
@@ -80,20 +111,24 @@ def _check_common(
         msg = f"{archive}: member {name!r} appears twice; not installed"
         raise UnsafeArchiveError(msg)
     seen.names.add(rel)
-    if size > max_member:
-        msg = f"{archive}: member {name!r} is {size} bytes, over the {max_member} limit"
+    if size > limits.member:
+        msg = f"{archive}: member {name!r} is {size} bytes, over the {limits.member} limit"
         raise UnsafeArchiveError(msg + "; not installed")
     seen.total += size
-    if seen.total > max_total:
-        msg = f"{archive}: unpacks to over {max_total} bytes; not installed"
-        raise UnsafeArchiveError(msg)
+    if seen.total > limits.total:
+        raise _too_big(archive, limits.total)
     return rel
 
 
-def _check_tar_member(
-    m: tarfile.TarInfo, seen: _Checked, archive: Path, max_member: int, max_total: int
-) -> str:
-    rel = _check_common(m.name, seen, archive, m.size, max_member, max_total)
+def _too_big(archive: Path, max_total: int) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"{archive}: unpacks to over {max_total} bytes; not installed")
+
+
+def _check_tar_member(m: tarfile.TarInfo, seen: _Checked, archive: Path, limits: _Limits) -> str:
+    rel = _check_common(m.name, seen, archive, m.size, limits)
+    if len(m.linkname) > MAX_NAME:
+        msg = f"{archive}: member {m.name!r} links to a name over {MAX_NAME} characters"
+        raise UnsafeArchiveError(msg + "; not installed")
     if m.issym():
         if not _inside(rel, m.linkname):
             msg = (
@@ -117,25 +152,49 @@ def _check_tar_member(
 _CHUNK = 1 << 16
 
 
-def _write_member(src: IO[bytes], target: Path, mode: int, size: int, what: str) -> str:
+@contextlib.contextmanager
+def _writing(target: Path, archive: Path) -> Iterator[None]:
+    """Report a failed write (a full disk, a read-only folder) as such, not as a bad archive."""
+    try:
+        yield
+    except OSError as e:
+        raise cache.disk_error(target, e, f"extracting {archive.name}") from e
+
+
+def _write_member(
+    src: IO[bytes], target: Path, mode: int, size: int, what: str, archive: Path
+) -> str:
     """Copy one member of ``size`` bytes into a new file; return its sha256, taken on the way.
 
     One byte more than ``size`` is refused (a zip member may inflate past what it declares).
+    Reading ``src`` may fail as a bad archive; writing fails as :func:`cache.disk_error`.
     """
     import hashlib
 
     digest = hashlib.sha256()
     left = size + 1
-    with target.open("xb") as out:
+    with _writing(target, archive):
+        out = target.open("xb")
+    try:
         while chunk := src.read(min(_CHUNK, left)):
             left -= len(chunk)
             if left <= 0:
                 raise UnsafeArchiveError(f"{what} is larger than it says; not installed")
-            out.write(chunk)
+            with _writing(target, archive):
+                out.write(chunk)
             digest.update(chunk)
+    finally:
+        with _writing(target, archive):
+            out.close()
     if mode:
-        target.chmod(mode & 0o755 | 0o600)
+        with _writing(target, archive):
+            target.chmod(mode & 0o755 | 0o600)
     return digest.hexdigest()
+
+
+def _make_dir(target: Path, archive: Path) -> None:
+    with _writing(target, archive):
+        target.mkdir(parents=True, exist_ok=True)
 
 
 def _gunzip(archive: Path) -> tuple[io.BufferedIOBase, tuple[type[Exception], ...]]:
@@ -156,61 +215,122 @@ def _gunzip(archive: Path) -> tuple[io.BufferedIOBase, tuple[type[Exception], ..
     return opened, (error,)
 
 
+class _Meter:
+    """The tar stream as :mod:`tarfile` reads it, counted: in all, and per member's headers.
+
+    tarfile reads a long-name, long-link, pax or sparse header whole into memory, however large
+    it says it is; counting here, in the reads of at most one buffer each, refuses a header over
+    ``limits.header`` (or an archive over ``limits.total``) before that memory is taken.
+    """
+
+    __slots__ = ("archive", "count", "header_from", "limits", "member", "raw")
+
+    def __init__(self, raw: io.BufferedIOBase | IO[bytes], archive: Path, limits: _Limits) -> None:
+        self.raw, self.archive, self.limits = raw, archive, limits
+        self.count = 0
+        self.header_from: int | None = None  # where the headers being read began
+        self.member = ""  # the last member read, for messages
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(_CHUNK if n < 0 else n)
+        self.count += len(data)
+        if self.count > self.limits.total:
+            raise _too_big(self.archive, self.limits.total)
+        if self.header_from is not None and self.count - self.header_from > self.limits.header:
+            after = f" after {self.member!r}" if self.member else ""
+            msg = (
+                f"{self.archive}: the header of a member{after} is over {self.limits.header}"
+                " bytes (a long name, long link, pax or sparse header); not installed"
+            )
+            raise UnsafeArchiveError(msg)
+        return data
+
+    @contextlib.contextmanager
+    def headers(self) -> Iterator[None]:
+        """What is read meanwhile is one member's headers, under the header limit."""
+        self.header_from = self.count
+        try:
+            yield
+        finally:
+            self.header_from = None
+
+    def open_tar(self) -> tarfile.TarFile:
+        """A streaming tar reader of this stream (opening reads the first member's headers)."""
+        import tarfile
+
+        with self.headers():
+            return tarfile.open(fileobj=cast("IO[bytes]", self), mode="r|", bufsize=_CHUNK)
+
+    def next(self, tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+        """The next member, its headers read under the header limit."""
+        with self.headers():
+            m = tar.next()
+        # A streaming reader keeps every member it read (and its pax headers): drop them.
+        cast("Any", tar).members.clear()
+        if m is not None:
+            self.member = m.name
+        return m
+
+
 @contextlib.contextmanager
-def _tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
-    """The archive as a streaming tar reader; a gzip stream is read to its end.
+def _tar_stream(archive: Path, limits: _Limits) -> Iterator[tuple[tarfile.TarFile, _Meter]]:
+    """The archive (a gzipped or plain tar) as a streaming tar reader that reads through a
+    :class:`_Meter`; a gzip stream is read to its end, through the meter too.
 
     A tar reader stops at the end-of-archive blocks, before the gzip trailer: the stream is
     drained after the last member so that the trailer's CRC-32 and size are checked too.
+    Other compressions are not artifacts: tarfile would inflate them a whole buffer at once.
     """
     import tarfile
 
     with archive.open("rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    if not gzipped:
-        with tarfile.open(archive, mode="r|*", bufsize=_CHUNK) as tar:
-            yield tar
-        return
-    raw, errors = _gunzip(archive)
+    raw: io.BufferedIOBase | IO[bytes]
+    if gzipped:
+        raw, errors = _gunzip(archive)
+    else:
+        raw, errors = archive.open("rb"), ()
+    meter = _Meter(raw, archive, limits)
     try:
-        with raw, tarfile.open(fileobj=raw, mode="r|", bufsize=_CHUNK) as tar:
-            yield tar
-            while raw.read(_CHUNK):
+        with raw, meter.open_tar() as tar:
+            yield tar, meter
+            while meter.read(_CHUNK):
                 pass
     except errors as e:  # corrupt deflate data
         raise tarfile.ReadError(str(e)) from e
 
 
-def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> dict[str, str]:
+def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> dict[str, str]:
     """One streaming pass: check each member, then write it; return each file's sha256."""
     import tarfile
 
     seen = _Checked()
     hashes: dict[str, str] = {}
-    with _tar_stream(archive) as tar:
-        for m in tar:
-            rel = _check_tar_member(m, seen, archive, max_member, max_total)
+    with _tar_stream(archive, limits) as (tar, meter):
+        while (m := meter.next(tar)) is not None:
+            rel = _check_tar_member(m, seen, archive, limits)
             if hasattr(tarfile, "data_filter"):  # tar's own filter, as a second layer
                 m = tarfile.data_filter(m, str(dest))
             target = dest.joinpath(*rel.split("/")) if rel else dest
             if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dir(target, archive)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_dir(target.parent, archive)
             if m.issym():
-                os.symlink(m.linkname, target)
+                with _writing(target, archive):
+                    os.symlink(m.linkname, target)
                 continue
             src = tar.extractfile(m)
             assert src is not None  # a regular file: the checks refused everything else
             what = f"{archive}: member {m.name!r}"
-            hashes[rel] = _write_member(src, target, m.mode, m.size, what)
+            hashes[rel] = _write_member(src, target, m.mode, m.size, what, archive)
     return hashes
 
 
-def _check_zip(z: zipfile.ZipFile, archive: Path, max_member: int, max_total: int) -> None:
+def _check_zip(z: zipfile.ZipFile, archive: Path, limits: _Limits) -> None:
     seen = _Checked()
     for info in z.infolist():
-        _check_common(info.filename, seen, archive, info.file_size, max_member, max_total)
+        _check_common(info.filename, seen, archive, info.file_size, limits)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if kind == stat.S_IFLNK:
             msg = f"{archive}: member {info.filename!r} is a symbolic link; not installed"
@@ -226,13 +346,13 @@ def _extract_zip(z: zipfile.ZipFile, dest: Path, archive: Path) -> dict[str, str
         rel = _check_name(info.filename, archive)
         target = dest.joinpath(*rel.split("/")) if rel else dest
         if info.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
+            _make_dir(target, archive)
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(target.parent, archive)
         with z.open(info) as src:
             what = f"{archive}: member {info.filename!r}"
             mode = (info.external_attr >> 16) & 0o777
-            hashes[rel] = _write_member(src, target, mode, info.file_size, what)
+            hashes[rel] = _write_member(src, target, mode, info.file_size, what, archive)
     return hashes
 
 
@@ -257,6 +377,8 @@ def safe_extract(
     *,
     max_member: int = MAX_MEMBER_SIZE,
     max_total: int = MAX_TOTAL_SIZE,
+    max_header: int = MAX_HEADER_SIZE,
+    max_members: int = MAX_MEMBERS,
 ) -> dict[str, str]:
     """Extract a ``.tar.gz`` or ``.zip`` into ``dest``, refusing anything that could escape it.
 
@@ -264,22 +386,27 @@ def safe_extract(
     paths, ``..``, symbolic links leaving the folder (or members beneath a link), hard links,
     devices and FIFOs, duplicate names and oversize members are refused. Tar archives are read
     in one streaming pass and written with the ``data`` filter as a second layer; zip members
-    are written one by one, capped at their stated size. On refusal, a ``dest`` created here is
-    removed again.
+    are written one by one, capped at their stated size. The limits apply to what is read, not
+    only to what members declare: a tar header (long name, long link, pax, sparse) over
+    ``max_header`` or an inflated stream over ``max_total`` is refused as it is read. On any
+    failure, a ``dest`` created here is removed again.
 
     Args:
         archive: The archive file.
         dest: The folder to extract into (created; should be empty).
         max_member: Largest member in bytes.
-        max_total: Largest total unpacked size in bytes.
+        max_total: Largest total unpacked size in bytes (a tar's headers included).
+        max_header: Most bytes the headers of one tar member may take.
+        max_members: Most members.
 
     Returns:
         The sha256 of every regular file written, by its ``/``-separated path in ``dest``
         (hashed as it was written, for the install record).
 
     Raises:
-        UnsafeArchiveError: A member is unsafe.
+        UnsafeArchiveError: A member is unsafe, or the archive is over a limit.
         DownloadError: The file is not a readable archive.
+        CacheError: Writing into ``dest`` failed (a full disk, no permission): says which.
     """
     # tarfile and zipfile are imported here, not at the top: a fetch of an installed library
     # imports this module but extracts nothing (~12 M instructions of its start-up).
@@ -287,16 +414,19 @@ def safe_extract(
     import zipfile
 
     archive, dest = Path(archive), Path(dest)
+    limits = _Limits(max_member, max_total, max_header, max_members)
     created = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dir(dest, archive)
     try:
         try:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as z:
-                    _check_zip(z, archive, max_member, max_total)
+                    _check_zip(z, archive, limits)
                     hashes = _extract_zip(z, dest, archive)
             else:
-                hashes = _extract_tar(archive, dest, max_member, max_total)
+                hashes = _extract_tar(archive, dest, limits)
+        except NexabindError:
+            raise
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             if isinstance(e, tarfile.FilterError):
                 msg = f"{archive}: {e}; not installed"
@@ -304,7 +434,7 @@ def safe_extract(
             msg = f"{archive} is not a readable artifact archive ({e}); fetch it again"
             raise DownloadError(msg) from e
         _check_extracted(dest, archive)
-    except DownloadError:
+    except BaseException:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -40,7 +40,7 @@ _BUILD_MINUTES = 5
 def _base_url(base_url: str | None) -> str:
     base = settings.BASE_URL.get(base_url) or pin.DEFAULT_BASE_URL
     if "://" not in base:  # a plain folder is a file:// mirror
-        base = Path(base).expanduser().absolute().as_uri()
+        base = Path(base).expanduser().resolve().as_uri()
     return base.rstrip("/")
 
 
@@ -110,6 +110,7 @@ def fetch(
     build: bool = True,
     progress: bool | None = None,
     allow_http: bool | None = None,
+    download_timeout: float | None = None,
 ) -> Path:
     """Make sure the llama.cpp library for this process is installed, and return its folder.
 
@@ -133,16 +134,25 @@ def fetch(
             lines go to the ``nexabind`` logger (``nexabind fetch`` prints them).
         allow_http: Allow plain ``http://`` to hosts other than loopback; default
             ``NEXABIND_ALLOW_HTTP``.
+        download_timeout: Seconds the artifact's download may take, retries included (the
+            manifest read: at most 120 of them); default ``NEXABIND_DOWNLOAD_TIMEOUT``, else
+            1800.
 
     Returns:
         The installed ``lib`` folder (or ``NEXABIND_LIB_PATH``).
 
     Raises:
-        CacheError: Offline and nothing installed.
-        ManifestError: No artifact fits and ``build`` is False, or the manifest is invalid.
-        DownloadError: The host cannot be reached and ``build`` is False; a checksum mismatch
-            (``ChecksumMismatchError``) or an unsafe archive (``UnsafeArchiveError``).
+        CacheError: Offline and nothing installed; or the cache cannot be written (a full
+            disk, its ``tmp/`` on another filesystem), saying what to do.
+        ManifestError: No artifact fits and ``build`` is False, or the manifest is invalid
+            (or over :data:`nexabind.manifest.MAX_BYTES`).
+        DownloadError: The host cannot be reached, or the download ran past its deadline
+            (``DownloadTimeoutError``), and ``build`` is False; a checksum mismatch
+            (``ChecksumMismatchError``), an unsafe archive (``UnsafeArchiveError``) or a URL
+            that may not be followed (a redirect to ``file://``, a ``file://`` URL outside the
+            release folder).
         BuildError: The fallback build failed.
+        ValueError: ``download_timeout`` (or its variable) is not a number of seconds above 0.
     """
     local = settings.LIB_PATH.get()
     if local:
@@ -153,6 +163,7 @@ def fetch(
     variant = settings.VARIANT.get(variant)
     offline = settings.OFFLINE.on(offline)
     allow_http = settings.ALLOW_HTTP.on(allow_http)
+    deadline = settings.DOWNLOAD_TIMEOUT.seconds(download_timeout)
     root = cache.prepare(cache_dir)
     if not force:
         hit = cache.best_installed(release, root, variant=variant, order=targets.variant_order_here)
@@ -171,13 +182,15 @@ def fetch(
     try:
         with contextlib.ExitStack() as stack:  # the children and the HTTP session
             base = _base_url(base_url)
-            return _fetch_online(variant, release, base, root, force, progress, allow_http, stack)
+            return _fetch_online(
+                variant, release, base, root, force, progress, allow_http, deadline, stack
+            )
     except (ChecksumMismatchError, UnsafeArchiveError, _download.URLRefusedError):
         raise
     except _NothingToDownload as e:
         return _build_instead(ManifestError(str(e)), variant, release, root, build, progress)
-    except DownloadError as e:
-        failure = DownloadError(f"nothing could be downloaded: {e}")
+    except DownloadError as e:  # a DownloadTimeoutError stays one
+        failure = type(e)(f"nothing could be downloaded: {e}")
         return _build_instead(failure, variant, release, root, build, progress)
 
 
@@ -193,9 +206,11 @@ def _fetch_online(
     force: bool,
     progress: bool,
     allow_http: bool,
+    deadline: float,
     stack: contextlib.ExitStack,
 ) -> Path:
     timeout = (10.0, 30.0)
+    folder = f"{base}/{release}"  # a file:// mirror's URLs must stay inside it
     # Two children start first, so that their start-up overlaps importing requests: the one
     # that will smoke-load the new library, and the GPU probe (which detect() runs).
     smoke = stack.enter_context(install.smoke_child())
@@ -205,10 +220,12 @@ def _fetch_online(
     session = None if base.startswith("file:") else stack.enter_context(_download.open_session())
     manifest = mf.packaged(release)
     if manifest is None:
-        url = f"{base}/{release}/manifest.json"
-        manifest = mf.Manifest.from_json(
-            _download.read_manifest(url, allow_http, timeout, session), pinned=False, source=url
-        )
+        url = f"{folder}/manifest.json"
+        data = _download.read_manifest(
+            url, allow_http, timeout, session, limit=mf.MAX_BYTES, root=folder,
+            deadline=min(deadline, _download.MANIFEST_DEADLINE),
+        )  # fmt: skip
+        manifest = mf.Manifest.from_json(data, pinned=False, source=url)
         log.info("using the unpinned manifest %s (digests not shipped with nexabind)", url)
     mf.check_compatible(manifest)
     probe.join()
@@ -222,7 +239,7 @@ def _fetch_online(
         if hit is not None:
             log.info("%s of release %s is installed in %s", art.key, release, hit.path)
             return hit.lib
-    url = f"{base}/{release}/{art.url}"
+    url = f"{folder}/{art.url}"
     with cache.file_lock(root, release, art.key):
         if not force:
             hit = cache.find(release, art.key, root)
@@ -239,6 +256,8 @@ def _fetch_online(
             name=art.name,
             allow_http=allow_http,
             timeout=timeout,
+            deadline=deadline,
+            root=folder,
             progress=progress,
             session=session,
         )

@@ -19,6 +19,7 @@ file, so :func:`verify` can tell whether anything changed since.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "best_installed",
     "cache_root",
     "clean",
+    "disk_error",
     "entry_dir",
     "file_lock",
     "find",
@@ -106,6 +108,40 @@ def prepare(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         msg = f"cannot create the nexabind cache in {root}: {e}; set NEXABIND_CACHE_DIR elsewhere"
         raise CacheError(msg) from e
     return root
+
+
+#: What errno says when a disk (or a quota, or a file size limit) has no room left.
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_error(path: Path, e: OSError, doing: str) -> CacheError:
+    """The error to raise when writing ``path`` failed with ``e``: what, and what to do.
+
+    Args:
+        path: The file or folder that could not be written (or moved).
+        e: The operating system's error.
+        doing: What was being done, e.g. ``"extracting x.tar.gz"``.
+    """
+    why = e.strerror or str(e)
+    if e.errno in _FULL:
+        hint = (
+            "the disk is full (or a size limit was reached): free some space there, or set"
+            " NEXABIND_CACHE_DIR (--cache-dir) to a folder on a disk with room, and try again"
+        )
+    elif e.errno == errno.EXDEV:
+        hint = (
+            "the staged install cannot be renamed into place: the cache's tmp/ and libs/ are"
+            " on different filesystems (a link or a mount point); make tmp/ a plain folder"
+            " beside libs/, or set NEXABIND_CACHE_DIR (--cache-dir) to a folder on one disk"
+        )
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = (
+            "check that you may write there, or set NEXABIND_CACHE_DIR (--cache-dir) to a"
+            " folder you can write"
+        )
+    else:
+        hint = "run `nexabind clean` and try again, or set NEXABIND_CACHE_DIR (--cache-dir)"
+    return CacheError(f"{doing}: cannot write {path} ({why}); {hint}")
 
 
 def entry_dir(release: str, key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -183,6 +183,7 @@ _release_option = click.option(
 @click.option("--force", is_flag=True, help="Download and reinstall even when installed.")
 @click.option("--no-build", is_flag=True, help="Do not build from source when nothing fits.")
 @_setting_option(settings.ALLOW_HTTP)
+@_setting_option(settings.DOWNLOAD_TIMEOUT, type=float, metavar="SECONDS")
 @click.option("-q", "--quiet", is_flag=True, help="No status lines or progress bar.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"lib": FOLDER} as JSON.')
 def fetch_cmd(
@@ -194,6 +195,7 @@ def fetch_cmd(
     force: bool,
     no_build: bool,
     allow_http: bool,
+    download_timeout: float | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -216,6 +218,7 @@ def fetch_cmd(
                 build=not no_build,
                 progress=False if quiet else None,
                 allow_http=allow_http or None,
+                download_timeout=download_timeout,
             )
     except (NexabindError, ValueError) as e:
         raise click.ClickException(str(e)) from e

@@ -9,8 +9,10 @@
     ├── ManifestError             a release manifest is malformed or has no artifact for us
     ├── DownloadError             a download failed after its retries
     │   ├── ChecksumMismatchError   size or sha256 differs from the manifest
-    │   └── UnsafeArchiveError      an archive member would land outside its folder
-    ├── CacheError                the cache is missing what was asked for, or is damaged
+    │   ├── UnsafeArchiveError      an archive member would land outside its folder, or is too big
+    │   └── DownloadTimeoutError    a download or manifest read passed its deadline (+ TimeoutError)
+    ├── CacheError                the cache is missing what was asked for, is damaged, or cannot
+    │                             be written (a full disk, staging on another filesystem)
     ├── ModelNotFoundError        no such model on the hub or in its cache           (+ ValueError)
     ├── ClosedError               a model, context, sampler or Llama was used after close()
     ├── ModelLoadError            a model file could not be loaded               (+ ValueError)
@@ -43,6 +45,7 @@ __all__ = [
     "DecodeCancelled",
     "DecodeError",
     "DownloadError",
+    "DownloadTimeoutError",
     "LibraryNotFoundError",
     "ManifestError",
     "ModelLoadError",
@@ -85,11 +88,17 @@ class ChecksumMismatchError(DownloadError):
 
 
 class UnsafeArchiveError(DownloadError):
-    """An archive member would be written outside the extraction folder."""
+    """An archive member would be written outside the extraction folder, or the archive is
+    larger than its limits (in what is actually read, headers included)."""
+
+
+class DownloadTimeoutError(DownloadError, TimeoutError):
+    """A download or a manifest read did not finish within its overall deadline."""
 
 
 class CacheError(NexabindError):
-    """The cache lacks what was asked for, or an installed entry changed."""
+    """The cache lacks what was asked for, an installed entry changed, or the cache cannot be
+    written (a full disk, a staging folder on another filesystem)."""
 
 
 class ModelNotFoundError(NexabindError, ValueError):

@@ -27,6 +27,7 @@ from nexabind.errors import (
     ChecksumMismatchError,
     DownloadError,
     LibraryNotFoundError,
+    NexabindError,
 )
 
 __all__ = ["install_archive", "install_locked", "smoke_child"]
@@ -128,6 +129,30 @@ def _smoke_finish(proc: subprocess.Popen[str], name: str) -> None:
     raise (AbiMismatchError if error.startswith("ABI mismatch") else LibraryNotFoundError)(msg)
 
 
+@contextlib.contextmanager
+def _writing(path: Path, doing: str) -> Iterator[None]:
+    """Report a failed write in the cache (a full disk, another filesystem) as a CacheError."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, NexabindError):  # LibraryNotFoundError is an OSError too
+            raise
+        raise cache.disk_error(path, e, doing) from e
+
+
+def _swap_in(tree: Path, dest: Path, previous: Path) -> None:
+    """Rename the staged ``tree`` to ``dest`` in one step; an entry there before is moved to
+    ``previous`` first, and moved back if the rename fails (nothing half-done is visible)."""
+    if dest.exists():
+        os.replace(dest, previous)
+    try:
+        os.replace(tree, dest)
+    except OSError:
+        if previous.exists():
+            os.replace(previous, dest)
+        raise
+
+
 def install_locked(
     root: Path,
     archive: Path,
@@ -173,21 +198,21 @@ def install_locked(
     cache.remove_stale(root, release, key, keep=archive)
     staging = root / "tmp" / f"{release}{cache.SEP}{key}{cache.SEP}{uuid.uuid4().hex[:12]}"
     tree = staging / "entry"
+    dest = cache.entry_dir(release, key, root)
     smoke = smoke or _smoke_start()
     try:
         hashes = safe_extract(archive, tree)
         _check_tree(tree, name, _field(entry, "os"))
         _smoke_load(smoke, tree / "lib")
-        if discard:  # a download, needed no more: deleted while the child loads the library
-            archive.unlink()
-        info = {"release": release, "key": key, "artifact": name, "sha256": digest}
-        cache.write_record(tree, {**info, "source": source}, hashes)
+        with _writing(archive, f"installing {name}"):
+            if discard:  # a download, needed no more: deleted while the child loads the library
+                archive.unlink()
+            info = {"release": release, "key": key, "artifact": name, "sha256": digest}
+            cache.write_record(tree, {**info, "source": source}, hashes)
         _smoke_finish(smoke, name)
-        dest = cache.entry_dir(release, key, root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            os.replace(dest, staging / "previous")
-        os.replace(tree, dest)
+        with _writing(dest, f"installing {name}"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _swap_in(tree, dest, staging / "previous")
     finally:
         _smoke_stop(smoke)
         shutil.rmtree(staging, ignore_errors=True)
@@ -225,6 +250,8 @@ def install_archive(
         DownloadError: Not an artifact archive.
         LibraryNotFoundError: The libraries do not load (checked in a child process).
         AbiMismatchError: Their ABI differs from the binding's.
+        CacheError: The cache cannot be written (a full disk, its ``tmp/`` on another
+            filesystem than ``libs/``): says what to do; nothing was installed.
     """
     archive = Path(archive)
     root = cache.prepare(cache_dir)

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from nexabind import _cdef, pin, targets
 from nexabind._version import __version__
@@ -28,6 +29,8 @@ from nexabind.errors import ManifestError
 from nexabind.targets import OSES, VARIANTS
 
 __all__ = [
+    "MAX_ARTIFACTS",
+    "MAX_BYTES",
     "SCHEMA",
     "VERSION_SPEC",
     "Artifact",
@@ -38,6 +41,12 @@ __all__ = [
 
 #: The manifest schema this module reads and writes.
 SCHEMA = 1
+#: Largest manifest read from a mirror, in bytes (one takes a few KiB).
+MAX_BYTES = 4 << 20
+#: Most artifacts one release may list.
+MAX_ARTIFACTS = 1000
+#: Most problems one error message lists.
+_MAX_LISTED = 20
 
 # Patterns, compiled on first use (by re's cache), so that importing this module stays cheap.
 _HEX64 = r"[0-9a-fA-F]{64}"
@@ -147,7 +156,7 @@ class Manifest:
         if isinstance(data, (bytes, str)):
             try:
                 data = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 msg = f"manifest {source} is not valid JSON: {e}"
                 raise ManifestError(msg) from e
         if not isinstance(data, dict):
@@ -185,7 +194,9 @@ class Manifest:
         raw = data.get("artifacts")
         artifacts: list[Artifact] = []
         if not isinstance(raw, list) or not raw:
-            errors.append(f"artifacts must be a non-empty list, got {raw!r}")
+            errors.append(f"artifacts must be a non-empty list, got {raw!r:.200}")
+        elif len(raw) > MAX_ARTIFACTS:
+            errors.append(f"artifacts lists {len(raw)} entries, over the {MAX_ARTIFACTS} limit")
         else:
             seen: dict[tuple[str, str, str], int] = {}
             names: dict[str, int] = {}
@@ -207,6 +218,9 @@ class Manifest:
                 names.setdefault(art.name, i)
                 artifacts.append(art)
         if errors:
+            more = len(errors) - _MAX_LISTED
+            if more > 0:
+                errors[_MAX_LISTED:] = [f"... and {more} more"]
             msg = (
                 f"manifest {source} is invalid:\n  "
                 + "\n  ".join(errors)
@@ -254,7 +268,18 @@ def _optional_version(entry: dict[str, Any], key: str, errors: list[str], where:
 
 
 def _relative_url(url: str) -> str | None:
-    """Why ``url`` is not a safe relative URL, or None when it is."""
+    """Why ``url`` is not a safe relative URL, or None when it is.
+
+    The URL is checked as written and with its %-escapes decoded, as a server or a file://
+    mirror reads it: ``%2e%2e`` is ``..``, ``%2f`` a ``/``.
+    """
+    decoded = unquote(url)
+    if decoded != url:
+        return _relative_path(url) or _relative_path(decoded)
+    return _relative_path(url)
+
+
+def _relative_path(url: str) -> str | None:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url):
         return "must be relative to the release (no scheme or drive)"
     if url.startswith(("/", "\\")) or "\\" in url:

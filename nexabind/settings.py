@@ -19,6 +19,7 @@ __all__ = [
     "BASE_URL",
     "BUILD_CACHE",
     "CACHE_DIR",
+    "DOWNLOAD_TIMEOUT",
     "LIB_PATH",
     "LLAMA_SDIST",
     "LLAMA_SOURCE",
@@ -69,6 +70,22 @@ class Setting:
             return given
         return (self.raw() or "").strip().lower() in _ON
 
+    def seconds(self, given: float | None = None) -> float:
+        """For a duration: ``given`` when it is not None, else the variable's, else the default.
+
+        Raises:
+            ValueError: The value is not a number of seconds above 0 (says which setting).
+        """
+        value: float | str = given if given is not None else (self.raw() or self.default)
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
+            msg = f"{self.flag} / {self.env} must be a number of seconds above 0, got {value!r}"
+            raise ValueError(msg)
+        return seconds
+
 
 CACHE_DIR = Setting(
     "NEXABIND_CACHE_DIR", "--cache-dir", "Cache folder of the installed libraries",
@@ -83,6 +100,12 @@ OFFLINE = Setting("NEXABIND_OFFLINE", "--offline", "Never touch the network", "o
 ALLOW_HTTP = Setting(
     "NEXABIND_ALLOW_HTTP", "--allow-http", "Allow plain http:// to hosts other than loopback",
     "off", switch=True,
+)  # fmt: skip
+DOWNLOAD_TIMEOUT = Setting(
+    "NEXABIND_DOWNLOAD_TIMEOUT", "--download-timeout",
+    "Seconds one artifact download may take from its first request to its last byte (a"
+    " manifest read gets at most 120 of them)",
+    "1800",
 )  # fmt: skip
 VARIANT = Setting(
     "NEXABIND_VARIANT", "--variant", "cpu, cuda, vulkan or metal",
@@ -112,6 +135,7 @@ SETTINGS = (
     BASE_URL,
     OFFLINE,
     ALLOW_HTTP,
+    DOWNLOAD_TIMEOUT,
     LIB_PATH,
     VARIANT,
     BUILD_CACHE,

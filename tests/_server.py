@@ -11,7 +11,12 @@ in order, then it serves normally again:
 - ``"tamper"``: flip one byte in the middle of the body;
 - ``"stall:S"``: send the headers, then nothing for S seconds, then the body;
 - ``"slow:BPS"``: send the body at about BPS bytes per second;
-- ``"redirect:URL"``: answer 302 to URL (URL may hold ``{path}``).
+- ``"drip:S"``: send the headers, then one byte of the body every S seconds;
+- ``"drip-headers:S"``: send the status line and headers one byte every S seconds;
+- ``"redirect:URL"``: answer 302 to URL (URL may hold ``{path}``);
+- ``"body:N"``: answer 200 with N bytes of filler (made as they are sent, never held);
+- ``"endless"``: answer 200 with no length and filler until the client hangs up;
+- ``"big-header:N"``: answer 200 with one header line of N bytes.
 
 A plan for ``path`` applies to GET requests; ``"HEAD <path>"`` plans the HEAD requests of a
 server that answers them.
@@ -98,7 +103,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(req, action, len(data), lambda start, n: data[start : start + n], etag)
 
     def _refuse(self, req: Request, kind: str, arg: str) -> bool:
-        """Answer the status and redirect actions; whether one was answered."""
+        """Answer the status, redirect and made-up body actions; whether one was answered."""
+        if kind in ("body", "endless"):
+            size = int(arg) if kind == "body" else None
+            length = {"Content-Length": str(size)} if size is not None else {}
+            self._status(req, 200, {**length, "Connection": "close"})
+            self.close_connection = True
+            filler = b" " * (64 << 10)
+            while size is None or req.sent < size:
+                n = len(filler) if size is None else min(len(filler), size - req.sent)
+                self.wfile.write(filler[:n])
+                req.sent += n
+            return True
+        if kind == "big-header":
+            self._status(req, 200, {"X-Filler": "x" * int(arg), "Content-Length": "0"})
+            return True
+        if kind == "drip-headers":
+            req.status = 200
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(float(arg))
+            return True
         if kind in ("500", "503", "404"):
             body = f"{kind} on purpose\n".encode()
             self._status(req, int(kind), {"Content-Length": str(len(body))})
@@ -146,6 +172,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(float(arg))
         if kind == "truncate":
             n = min(n, int(arg))
+        if kind == "drip":
+            for i in range(n):
+                self.wfile.write(read(start + i, 1))
+                self.wfile.flush()
+                req.sent += 1
+                time.sleep(float(arg))
+            return
         step = 64 << 10
         bps = float(arg) if kind == "slow" else 0.0
         for i in range(0, n, step):

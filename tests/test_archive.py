@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +14,9 @@ import zipfile
 from pathlib import Path
 
 import _artifacts as art
+import _bombs
 import pytest
+from _child import ok, run_child
 
 from nexabind import cache, pin
 from nexabind._archive import _check_extracted, safe_extract
@@ -196,3 +200,83 @@ def test_soname_links_inside_the_folder_are_kept(tmp_path: Path) -> None:
     safe_extract(archive, tmp_path / "x")
     assert (tmp_path / "x" / "lib" / "libx.so").is_symlink()
     assert (tmp_path / "x" / "lib" / "libx.so").read_bytes() == b"lib"
+
+
+# --- limits on what is read, not on what members declare ---------------------------------------
+
+_EXTRACT_EACH = """
+    import json, resource, sys
+    from pathlib import Path
+    from nexabind._archive import safe_extract
+    from nexabind.errors import NexabindError
+    for archive in sys.argv[1:]:
+        dest = Path(archive + ".x")
+        try:
+            safe_extract(archive, dest)
+            print(json.dumps([archive, "extracted", ""]))
+        except NexabindError as e:
+            print(json.dumps([archive, type(e).__name__, str(e), dest.exists()]))
+    print(json.dumps(["maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+def test_headers_that_hold_a_gibibyte_are_refused_as_they_are_read(tmp_path: Path) -> None:
+    """A 1 MiB archive whose long-name (long-link, pax, global pax, sparse) header holds 1 GiB:
+    refused once 1 MiB of header is read, in a child that may not map 512 MiB (it would need
+    several GiB to read the header whole)."""
+    archives = [_bombs.header_bomb(tmp_path / f"{kind}.tar.gz", kind) for kind in _bombs.KINDS]
+    assert max(a.stat().st_size for a in archives) < 8 << 20
+    r = run_child(_EXTRACT_EACH, *archives, memory=512 << 20)
+    *results, (_, maxrss_kib) = [json.loads(line) for line in ok(r).splitlines()]
+    assert [Path(a).stem for a, *_ in results] == [f"{k}.tar" for k in _bombs.KINDS]
+    for _archive, kind, msg, dest_left in results:
+        assert kind == "UnsafeArchiveError", msg
+        assert "the header of a member is over 1048576 bytes" in msg and "not installed" in msg
+        assert not dest_left
+    assert maxrss_kib < 200 << 10  # KiB: what was read stayed small
+
+
+def _pax_padded(path: Path, n: int, pad: int) -> Path:
+    """``n`` small files, each with a pax header of ``pad`` bytes: small members, big headers."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(n):
+            info = _info(f"lib/f{i}.txt")
+            info.pax_headers = {"comment": "x" * pad}
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    return path
+
+
+def test_the_total_limit_counts_headers_and_what_follows_the_archive(tmp_path: Path) -> None:
+    """Members that declare 40 bytes in all, under 40 pax headers of 100 KB: over a 1 MB total
+    as read. And a gzip stream that goes on after the end of the tar: drained under the limit."""
+    padded = _pax_padded(tmp_path / "padded.tar.gz", 40, 100_000)
+    with pytest.raises(UnsafeArchiveError, match="unpacks to over 1000000 bytes; not installed"):
+        safe_extract(padded, tmp_path / "x", max_total=1_000_000)
+    assert not (tmp_path / "x").exists()
+    safe_extract(padded, tmp_path / "y", max_total=5_000_000)  # within the limit it extracts
+    assert len(list((tmp_path / "y" / "lib").iterdir())) == 40
+
+    trailing = tmp_path / "trailing.tar.gz"
+    tail = gzip.compress(bytes(16 << 20), mtime=0)  # 16 MiB of zeros after the archive
+    trailing.write_bytes(_tar(tmp_path / "t.tar.gz", [(_info("lib/a"), b"a")]).read_bytes() + tail)
+    with pytest.raises(UnsafeArchiveError, match="unpacks to over 1000000 bytes"):
+        safe_extract(trailing, tmp_path / "z", max_total=1_000_000)
+
+
+def test_too_many_members_or_too_long_a_name_is_refused(tmp_path: Path) -> None:
+    many = _tar(tmp_path / "many.tar.gz", [(_info(f"lib/{i}"), b"") for i in range(60)])
+    with pytest.raises(UnsafeArchiveError, match="holds over 50 members; not installed"):
+        safe_extract(many, tmp_path / "x", max_members=50)
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(60):
+            z.writestr(f"lib/{i}", b"")
+    with pytest.raises(UnsafeArchiveError, match="holds over 50 members"):
+        safe_extract(path, tmp_path / "y", max_members=50)
+    long = _tar(tmp_path / "long.tar.gz", [(_info("lib/" + "n" * 5000), b"x")])
+    with pytest.raises(UnsafeArchiveError, match="is 5004 characters long, over 4096"):
+        safe_extract(long, tmp_path / "z")
+    link = _tar(tmp_path / "link.tar.gz", [(_info("lib/l", tarfile.SYMTYPE, "t" * 5000), None)])
+    with pytest.raises(UnsafeArchiveError, match="links to a name over 4096 characters"):
+        safe_extract(link, tmp_path / "w")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +18,19 @@ import time
 from pathlib import Path
 
 import _artifacts as art
+import _bombs
 import pytest
+from _child import in_thread, ok, run_child
 from _server import Server
 
 from nexabind import cache, pin
+from nexabind._download import URLRefusedError
 from nexabind._fetch import fetch
 from nexabind.errors import (
     CacheError,
     ChecksumMismatchError,
     DownloadError,
+    DownloadTimeoutError,
     ManifestError,
 )
 
@@ -249,3 +254,113 @@ def test_killed_mid_install_then_next_fetch_recovers(
     assert art.leftovers(_isolated_cache) == []
     # The complete download was kept: it is verified again, not fetched again.
     assert art.served(mirror_server, asset) == size
+
+
+# --- hostile mirrors and a full disk: each a NexabindError that says what to do -----------------
+
+
+def _mirror_with(release_mirror: Path, mirror: Path, artifact: Path, **changes) -> dict:
+    """Write the manifest of a mirror: the real entry with ``changes``, and the size and sha256
+    of ``artifact`` (which the caller puts in place)."""
+    (mirror / pin.RELEASE).mkdir(parents=True, exist_ok=True)
+    data = art.manifest(release_mirror)
+    entry = {**data["artifacts"][0], **changes}
+    entry.update(size=artifact.stat().st_size, sha256=cache.sha256_file(artifact))
+    data["artifacts"] = [entry]
+    (mirror / pin.RELEASE / "manifest.json").write_text(json.dumps(data))
+    return entry
+
+
+_FETCH = """
+    import sys
+    from nexabind import fetch
+    from nexabind.errors import NexabindError
+    try:
+        fetch(base_url=sys.argv[1], build=False, progress=False)
+    except NexabindError as e:
+        print(type(e).__name__, e)
+"""
+
+
+def test_an_artifact_whose_header_holds_a_gibibyte_is_refused(
+    release_mirror: Path, tmp_path: Path, _isolated_cache: Path
+) -> None:
+    """A 1 MiB artifact with a GNU long-name header of 1 GiB, fetched over HTTP in a child that
+    may not map 768 MiB: refused as it is read (it took 7.4 GB), nothing installed or left."""
+    (tmp_path / "mirror" / pin.RELEASE).mkdir(parents=True)
+    bomb = _bombs.header_bomb(tmp_path / "mirror" / pin.RELEASE / "bomb.tar.gz", "longname")
+    entry = _mirror_with(release_mirror, tmp_path / "mirror", bomb, url="bomb.tar.gz")
+    with Server(tmp_path / "mirror") as server:
+        out = ok(run_child(_FETCH, server.url, memory=768 << 20))
+        assert art.served(server, f"/{pin.RELEASE}/bomb.tar.gz") == entry["size"]
+    assert out.startswith("UnsafeArchiveError ")
+    assert "the header of a member is over 1048576 bytes (a long name, long link" in out
+    assert not (_isolated_cache / "libs" / pin.RELEASE).exists()
+    assert art.leftovers(_isolated_cache) == []
+
+
+def test_a_file_mirror_cannot_reach_outside_its_release_folder(
+    release_mirror: Path, tmp_path: Path, _isolated_cache: Path
+) -> None:
+    """``%2e%2e`` in an artifact's url is refused with the manifest; a link that leads out of
+    the release folder is refused when the file is opened. Neither falls back to a build."""
+    outside = tmp_path / "outside.tar.gz"
+    shutil.copy(art.archive(release_mirror), outside)
+    mirror = tmp_path / "mirror"
+    _mirror_with(release_mirror, mirror, outside, url="%2e%2e/%2e%2e/outside.tar.gz")
+    with pytest.raises(ManifestError, match=r"url must not contain '\.', '\.\.'"):
+        fetch(base_url=str(mirror), progress=False)
+    (mirror / pin.RELEASE / "link.tar.gz").symlink_to(outside)
+    _mirror_with(release_mirror, mirror, outside, url="link.tar.gz")
+    with pytest.raises(URLRefusedError) as e:
+        fetch(base_url=str(mirror), progress=False)
+    real = mirror.resolve() / pin.RELEASE
+    assert f"link.tar.gz resolves to {outside}, outside the release folder {real}" in str(e.value)
+    assert cache.installed() == [] and art.leftovers(_isolated_cache) == []
+
+
+def test_a_dripping_mirror_times_out_as_configured(
+    mirror_server: Server, release_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NEXABIND_DOWNLOAD_TIMEOUT (or download_timeout=, or --download-timeout) bounds the
+    download; the error is a DownloadTimeoutError that says how to allow more time."""
+    asset = art.asset(release_mirror)
+    mirror_server.plan(asset, "drip:0.2")
+    monkeypatch.setenv("NEXABIND_DOWNLOAD_TIMEOUT", "1.5")
+    with pytest.raises(DownloadTimeoutError) as e:
+        in_thread(lambda: fetch(base_url=mirror_server.url, build=False, progress=False))
+    msg = str(e.value)
+    assert msg.startswith("nothing could be downloaded: downloading ")
+    assert "did not finish within 1.5 s" in msg and "--download-timeout" in msg
+    mirror_server.plan(asset, "drip:0.2")
+    with pytest.raises(DownloadTimeoutError, match="did not finish within 1 s"):
+        in_thread(lambda: fetch(base_url=mirror_server.url, build=False, download_timeout=1))
+    monkeypatch.setenv("NEXABIND_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="NEXABIND_DOWNLOAD_TIMEOUT must be a number of seconds"):
+        fetch(base_url=mirror_server.url, build=False)
+
+
+def test_a_full_disk_is_one_clear_line_from_the_command(
+    mirror_server: Server, release_mirror: Path, _isolated_cache: Path
+) -> None:
+    """`nexabind fetch` on a disk that fills up (a file size limit): one error line that says
+    what to do, no traceback; run again with room, it resumes and installs."""
+    import resource
+
+    size = art.entry(release_mirror)["size"]
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 3, size // 3))
+
+    r = subprocess.run(_fetch_cmd(mirror_server.url), capture_output=True, text=True,
+                       preexec_fn=small_files, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("Error: downloading nexabind-llama-")
+    assert "(File too large); the disk is full" in r.stderr
+    assert "bytes received are kept" in r.stderr
+    fetch(base_url=mirror_server.url, progress=False)
+    assert mirror_server.requests_for(art.asset(release_mirror))[-1].headers["Range"] == (
+        f"bytes={size // 3}-"
+    )
+    assert [r.ok for r in cache.verify()] == [True] and art.leftovers(_isolated_cache) == []

@@ -6,20 +6,25 @@ same way; the archive is the real artifact ``nexabind build --out`` made (``rele
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
 import _artifacts as art
 import pytest
+from _child import ok, run_child
 
 from nexabind import cache, pin
 from nexabind._archive import safe_extract
 from nexabind.errors import (
+    CacheError,
     ChecksumMismatchError,
     LibraryNotFoundError,
 )
@@ -114,3 +119,74 @@ def test_a_zip_artifact_installs_too(
     lib = install_archive(archive, entry, pin.RELEASE)
     assert not any(p.is_symlink() for p in lib.iterdir())
     assert [r.ok for r in cache.verify()] == [True]
+
+
+# --- a full disk, a tmp/ on another filesystem: a CacheError, nothing half-done left -----------
+
+_INSTALL_WITH_A_FILE_SIZE_LIMIT = """
+    import json, resource, signal, sys
+    from nexabind.errors import NexabindError
+    from nexabind.install import install_archive
+    archive, limit = sys.argv[1], int(sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    entry = {"name": "big.tar.gz", "os": "linux", "arch": "x86_64", "variant": "cpu"}
+    try:
+        install_archive(archive, entry, "r1")
+    except NexabindError as e:
+        print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_while_extracting_is_a_cache_error(
+    tmp_path: Path, _isolated_cache: Path
+) -> None:
+    """The disk fills up while a 4 MiB member is written (a file size limit in a child): the
+    error says so (it said "not a readable artifact archive"), and nothing is left behind."""
+    archive = tmp_path / "big.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("lib/big.bin")
+        info.size = 4 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    out = ok(run_child(_INSTALL_WITH_A_FILE_SIZE_LIMIT, archive, 1 << 20))
+    assert out.startswith("CacheError extracting big.tar.gz: cannot write ")
+    assert "lib/big.bin (File too large); the disk is full (or a size limit was reached)" in out
+    assert "not a readable" not in out
+    assert not (_isolated_cache / "libs" / "r1").exists()
+    assert art.leftovers(_isolated_cache) == []
+
+
+def _on_another_filesystem(cache_root: Path) -> Path:
+    """A folder on a filesystem other than the cache's (/dev/shm); skips when there is none."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == cache_root.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's tmp folder")
+    return Path(tempfile.mkdtemp(dir=shm, prefix="nexabind-test-"))
+
+
+def test_a_tmp_on_another_filesystem_is_a_cache_error(
+    release_mirror: Path, _isolated_cache: Path
+) -> None:
+    """The cache's tmp/ links to another filesystem: the staged install cannot be renamed into
+    libs/. A CacheError says why and what to do; a library installed before is kept whole."""
+    entry = art.entry(release_mirror)
+    lib = install_archive(art.archive(release_mirror), entry, pin.RELEASE)
+    elsewhere = _on_another_filesystem(_isolated_cache)
+    try:
+        (_isolated_cache / "tmp").rmdir()
+        (_isolated_cache / "tmp").symlink_to(elsewhere)
+        with pytest.raises(CacheError) as e:
+            install_archive(art.archive(release_mirror), entry, pin.RELEASE, force=True)
+        msg = str(e.value)
+        assert msg.startswith(f"installing {entry['name']}: cannot write {lib.parent} (")
+        assert "the cache's tmp/ and libs/ are on different filesystems" in msg
+        assert "set NEXABIND_CACHE_DIR (--cache-dir) to a folder on one disk" in msg
+        assert [r.ok for r in cache.verify()] == [True]  # the earlier install, untouched
+        assert list(elsewhere.iterdir()) == []  # the staging folder removed
+        shutil.rmtree(lib.parent)  # a first install: nothing at all in libs/ afterwards
+        with pytest.raises(CacheError, match="different filesystems"):
+            install_archive(art.archive(release_mirror), entry, pin.RELEASE)
+        assert cache.installed() == [] and list(elsewhere.iterdir()) == []
+    finally:
+        shutil.rmtree(elsewhere)

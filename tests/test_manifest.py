@@ -156,6 +156,11 @@ def _set(path: tuple[Any, ...], value: Any) -> Any:
         (_set(("artifacts", 2, "url"), "a/../../x"), "must not contain '.', '..'"),
         (_set(("artifacts", 2, "url"), "C:\\x.zip"), "url must be relative"),
         (_set(("artifacts", 2, "url"), "x.tar.gz?sig=1"), "no query"),
+        # %-escapes are read as a server or a file:// mirror reads them
+        (_set(("artifacts", 2, "url"), "%2e%2e/%2E%2E/etc/hostname"), "must not contain '.', '..'"),
+        (_set(("artifacts", 2, "url"), "a%2f..%2f..%2fx"), "must not contain '.', '..'"),
+        (_set(("artifacts", 2, "url"), "%2fetc%2fpasswd"), "url must be a relative path"),
+        (_set(("artifacts", 2, "url"), "x.tar.gz%00.zip"), "no query, fragment or control"),
         (_set(("artifacts", 3, "os"), "freebsd"), "os must be one of linux, macos, windows"),
         (_set(("artifacts", 3, "arch"), "ARM 64"), "arch must be a lowercase name"),
         (_set(("artifacts", 3, "variant"), "rocm"), "variant must be one of cuda, vulkan"),
@@ -190,6 +195,21 @@ def test_every_error_is_reported_at_once() -> None:
     assert "artifacts[1] (linux-x86_64-vulkan).sha256" in text
     assert "abi_fingerprint must be a non-empty string" in text
     assert text.splitlines()[-1].startswith("write it with `nexabind build --out DIR`")
+
+
+def test_a_hostile_manifest_gets_a_short_error() -> None:
+    """Too many artifacts, too many errors, nesting too deep for the parser: each a
+    ManifestError of a few lines, not a huge message or a RecursionError."""
+    data = _six_targets()
+    data["artifacts"] = data["artifacts"] * 200
+    with pytest.raises(ManifestError, match="artifacts lists 2200 entries, over the 1000 limit"):
+        Manifest.from_json(data, pinned=False, source="m")
+    data["artifacts"] = [{}] * 900
+    with pytest.raises(ManifestError) as e:
+        Manifest.from_json(data, pinned=False, source="m")
+    assert "... and " in str(e.value) and len(str(e.value).splitlines()) < 30
+    with pytest.raises(ManifestError, match="manifest m is not valid JSON"):
+        Manifest.from_json("[" * 100_000, pinned=False, source="m")
 
 
 def test_duplicates_and_schema_and_json_errors() -> None:

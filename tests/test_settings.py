@@ -37,6 +37,24 @@ def test_switches(value: str, on: bool, monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.OFFLINE.on(False) is False and settings.OFFLINE.on(True) is True
 
 
+def test_durations(monkeypatch: pytest.MonkeyPatch, runner: CliRunner) -> None:
+    s = settings.DOWNLOAD_TIMEOUT
+    monkeypatch.delenv(s.env, raising=False)
+    assert s.seconds() == 1800.0 == float(s.default) and s.seconds(2.5) == 2.5
+    monkeypatch.setenv(s.env, " 90 ")
+    assert s.seconds() == 90.0 and s.seconds(3) == 3.0
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        monkeypatch.setenv(s.env, bad)
+        with pytest.raises(ValueError) as e:
+            s.seconds()
+        assert str(e.value) == (
+            "--download-timeout / NEXABIND_DOWNLOAD_TIMEOUT must be a number of seconds above 0,"
+            f" got {bad!r}"
+        )
+    r = runner.invoke(cli, ["fetch", "--download-timeout", "0", "--base-url", "https://x.invalid"])
+    assert r.exit_code == 1 and "must be a number of seconds above 0, got 0.0" in r.output
+
+
 def test_every_setting_is_named_once_with_a_flag_twin() -> None:
     envs = [s.env for s in settings.SETTINGS]
     assert len(set(envs)) == len(envs) and all(e.startswith("NEXABIND_") for e in envs)
@@ -45,7 +63,7 @@ def test_every_setting_is_named_once_with_a_flag_twin() -> None:
     assert {s.env for s in settings.SETTINGS} >= {
         "NEXABIND_ALLOW_HTTP", "NEXABIND_BUILD_CACHE", "NEXABIND_LLAMA_SOURCE",
         "NEXABIND_LLAMA_SDIST", "NEXABIND_LIB_PATH", "NEXABIND_CACHE_DIR", "NEXABIND_BASE_URL",
-        "NEXABIND_OFFLINE", "NEXABIND_VARIANT",
+        "NEXABIND_OFFLINE", "NEXABIND_VARIANT", "NEXABIND_DOWNLOAD_TIMEOUT",
     }  # fmt: skip
 
 
