@@ -28,6 +28,8 @@ from pathlib import Path
 
 from _server import Request, Server, _Handler
 
+from nexabind import hub
+
 
 @dataclass
 class _File:
@@ -232,3 +234,9 @@ class Hub(Server):
     def downloads(self) -> list[Request]:
         """The GET requests for file contents."""
         return [r for r in self.log if "/resolve/" in r.path and r.method == "GET"]
+
+
+def cached_blobs(repo_id: str) -> list[str]:
+    """The blobs of ``repo_id`` in the hub cache (the client's side), by name."""
+    folder = hub.hub_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []

@@ -40,7 +40,9 @@ LAYERS: dict[str, int] = {
         ("manifest", "choice", "cache", "_archive", "_download", "install", "_source", "_cross"),
         1,
     ),
-    **dict.fromkeys(("_fetch", "_build", "info", "hub"), 2),
+    **dict.fromkeys(
+        ("_fetch", "_build", "info", "hub", "_hub_names", "_hub_cache", "_hub_pull"), 2
+    ),
     **dict.fromkeys(("_ffi", "loader", "lowlevel"), 3),
     **dict.fromkeys(
         (

@@ -1,4 +1,5 @@
-"""hub: names, the choice of file, pulls through huggingface_hub from a hub on 127.0.0.1.
+"""hub's downloads (nexabind._hub_pull): pulls and from_pretrained through huggingface_hub,
+from a hub on 127.0.0.1.
 
 The hub (tests/_hub.py, the ``hf_hub`` fixture) speaks the endpoints huggingface_hub uses and
 logs every request, so a test can tell what was asked of it, and nothing, when a model resolves
@@ -11,96 +12,13 @@ import os
 from pathlib import Path
 
 import pytest
-from _hub import Hub
+from _hub import Hub, cached_blobs
 
 from nexabind import hub
 from nexabind.errors import ChecksumMismatchError, DownloadError, ModelNotFoundError
-from nexabind.hub import ModelRef
 
 TINY = "acme/tiny-GGUF"
 SPLIT = "acme/split-GGUF"
-
-
-def _blobs(repo: str) -> list[str]:
-    folder = hub.hub_cache_dir() / f"models--{repo.replace('/', '--')}" / "blobs"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-# -- names and the choice of file ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "ref"),
-    [
-        ("Qwen/Qwen3-0.6B-GGUF", ModelRef("Qwen/Qwen3-0.6B-GGUF")),
-        ("Qwen/Qwen3-0.6B-GGUF:q8_0", ModelRef("Qwen/Qwen3-0.6B-GGUF", quant="Q8_0")),
-        ("a/b:sub/m-Q4_K_M.gguf", ModelRef("a/b", file="sub/m-Q4_K_M.gguf")),
-        ("hf.co/a/b:UD-Q4_K_XL", ModelRef("a/b", quant="UD-Q4_K_XL")),
-        ("https://huggingface.co/a/b", ModelRef("a/b")),
-        ("gemma-GGUF", ModelRef("gemma-GGUF")),
-    ],
-)
-def test_names_parse(text: str, ref: ModelRef) -> None:
-    assert ModelRef.parse(text) == ref
-
-
-@pytest.mark.parametrize("bad", ["", "a/b/c", "a--b/c", "../x", "a/b c", ":Q4_K_M"])
-def test_bad_names_say_the_form(bad: str) -> None:
-    with pytest.raises(ValueError, match="OWNER/REPO:QUANT"):
-        ModelRef.parse(bad)
-
-
-FILES = [
-    "README.md",
-    "m-F16.gguf",
-    "m-IQ4_XS.gguf",
-    "m-Q8_0.gguf",
-    "m-UD-Q4_K_XL.gguf",
-    "mmproj-m-Q4_K_M.gguf",
-    "big/m-Q4_K_M-00002-of-00002.gguf",
-    "big/m-Q4_K_M-00001-of-00002.gguf",
-]
-
-
-def test_choice_follows_llama_cpp() -> None:
-    # Q4_K_M first (the projector of that name is not a model), a split model whole, in order.
-    assert hub.choose("r", FILES, ModelRef("r")) == [
-        "big/m-Q4_K_M-00001-of-00002.gguf",
-        "big/m-Q4_K_M-00002-of-00002.gguf",
-    ]
-    without = [f for f in FILES if "big/" not in f]
-    assert hub.choose("r", without, ModelRef("r")) == ["m-Q8_0.gguf"]  # then Q8_0
-    assert hub.choose("r", ["b-F16.gguf", "a-BF16.gguf"], ModelRef("r")) == ["a-BF16.gguf"]
-    assert hub.choose("r", FILES, ModelRef("r", quant="IQ4_XS")) == ["m-IQ4_XS.gguf"]
-    assert hub.choose("r", FILES, ModelRef("r", quant="UD-Q4_K_XL")) == ["m-UD-Q4_K_XL.gguf"]
-    assert hub.choose("r", FILES, ModelRef("r", quant="Q4_K_XL")) == ["m-UD-Q4_K_XL.gguf"]
-    # A part names its model; a file by its base name.
-    two = ["big/m-Q4_K_M-00001-of-00002.gguf", "big/m-Q4_K_M-00002-of-00002.gguf"]
-    assert hub.choose("r", FILES, ModelRef("r", file="m-Q4_K_M-00002-of-00002.gguf")) == two
-
-
-def test_choice_errors_list_what_exists() -> None:
-    sizes = {"m-Q8_0.gguf": 8_000_000, "m-F16.gguf": 16_000_000}
-    with pytest.raises(ModelNotFoundError, match=r"no Q2_K model; it has: .*Q8_0 \(8\.0 MB\)"):
-        hub.choose("r", FILES, ModelRef("r", quant="Q2_K"), sizes)
-    with pytest.raises(ModelNotFoundError, match="no file 'x.gguf'; its models: Q4_K_M, F16"):
-        hub.choose("r", FILES, ModelRef("r", file="x.gguf"))
-    with pytest.raises(ModelNotFoundError, match="holds no GGUF model .*convert_hf_to_gguf"):
-        hub.choose("r", ["model.safetensors", "mmproj-x.gguf"], ModelRef("r"))
-    with pytest.raises(ModelNotFoundError, match="lists 1 of the 2 parts"):
-        hub.choose("r", ["m-Q4_K_M-00001-of-00002.gguf"], ModelRef("r"))
-
-
-def test_settings_are_read_when_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert hub.hub_cache_dir() == Path(os.environ["HF_HOME"]) / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
-    assert hub.hub_cache_dir() == tmp_path / "elsewhere"
-    assert hub.endpoint() == "https://huggingface.co"
-    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example/")
-    assert hub.endpoint() == "http://mirror.example"
-    assert not hub.offline()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.offline()
 
 
 # -- pulling -------------------------------------------------------------------------------------
@@ -209,24 +127,15 @@ def test_an_interrupted_download_is_a_clear_error_and_leaves_nothing(hf_hub: Hub
     with pytest.raises(DownloadError, match=r"HTTP 500 when asked to download acme/tiny-GGUF"):
         hub.pull(TINY)
     assert hub.models() == []
-    assert not [b for b in _blobs(TINY) if not b.endswith(".lock")]  # no partial file left
+    assert not [b for b in cached_blobs(TINY) if not b.endswith(".lock")]  # no partial file left
     assert hub.pull(TINY).quant == "Q4_K_M"  # and a pull again completes it
-
-
-def test_a_split_model_missing_a_part_is_not_listed(hf_hub: Hub) -> None:
-    hf_hub.plan(hf_hub.resolve_path(SPLIT, "Q4_K_M/split-Q4_K_M-00003-of-00003.gguf"), "404")
-    with pytest.raises((DownloadError, ModelNotFoundError)):
-        hub.pull(SPLIT)
-    snap = hub.hub_cache_dir() / "models--acme--split-GGUF" / "snapshots"
-    assert len(list(snap.rglob("*.gguf"))) == 2  # two parts arrived
-    assert hub.models() == [] and hub.find(SPLIT) is None
 
 
 def test_a_damaged_download_is_deleted(hf_hub: Hub) -> None:
     hf_hub.plan(hf_hub.resolve_path(TINY, "tiny-Q4_K_M.gguf"), "tamper")
     with pytest.raises(ChecksumMismatchError, match="arrived damaged: the hub lists [0-9a-f]{64}"):
         hub.pull(TINY)
-    assert hub.models() == [] and _blobs(TINY) == []
+    assert hub.models() == [] and cached_blobs(TINY) == []
 
 
 def test_bad_requests_are_clear_errors(hf_hub: Hub) -> None:
@@ -263,43 +172,6 @@ def test_an_unreachable_hub_is_a_clear_error(hf_hub: Hub) -> None:
     hf_hub.stop()
     with pytest.raises(DownloadError, match=r"could not list the files of acme/tiny-GGUF from"):
         hub.pull(TINY)
-
-
-# -- the cache: listing, last use, removal --------------------------------------------------------
-
-
-def test_models_lists_complete_models_with_their_headers(hf_hub: Hub) -> None:
-    q4, q8, split = hub.pull(TINY), hub.pull(f"{TINY}:Q8_0"), hub.pull(SPLIT)
-    listed = hub.models()
-    assert [m.name for m in listed] == [f"{SPLIT}:Q4_K_M", f"{TINY}:Q4_K_M", f"{TINY}:Q8_0"]
-    d = listed[1].to_dict()
-    assert d["size"] == q4.size == q4.path.stat().st_size
-    assert (d["architecture"], d["context_length"], d["file_type"]) == ("llama", 2048, "F32")
-    assert d["parameters"] > 100_000 and d["last_used"] is None
-    assert listed[0].size == sum(p.stat().st_size for p in split.paths)
-    hub.mark_used(q8)
-    (used,) = [m for m in hub.models() if m.last_used is not None]
-    assert used.name == f"{TINY}:Q8_0"
-
-
-def test_remove_takes_what_it_names_and_only_that(hf_hub: Hub) -> None:
-    from huggingface_hub import hf_hub_download
-
-    hub.pull(TINY)
-    q8 = hub.pull(f"{TINY}:Q8_0")
-    # Another tool's file in the same repository stays.
-    readme = hf_hub_download(TINY, "README.md", endpoint=hf_hub.url, cache_dir=hub.hub_cache_dir())
-    assert hub.remove(f"{TINY}:Q4_K_M") == [q8.path.with_name("tiny-Q4_K_M.gguf")]
-    assert [m.name for m in hub.models()] == [f"{TINY}:Q8_0"]
-    assert len(_blobs(TINY)) == 2  # the Q8_0 model's and the README's
-    hub.remove(TINY)
-    assert hub.models() == [] and Path(readme).exists()
-    with pytest.raises(ModelNotFoundError, match="not in the hub cache .* it holds: nothing"):
-        hub.remove(TINY)
-    # A repository left with nothing goes entirely.
-    hub.pull(SPLIT)
-    hub.remove(SPLIT)
-    assert not (hub.hub_cache_dir() / "models--acme--split-GGUF").exists()
 
 
 # -- llama-cpp-python's from_pretrained ------------------------------------------------------------

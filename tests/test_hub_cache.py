@@ -1,0 +1,61 @@
+"""hub's cache (nexabind._hub_cache): listing complete models, last use, removal.
+
+Models get into the hub cache through pulls from the loopback hub (tests/_hub.py, the
+``hf_hub`` fixture), as they do for a user.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _hub import Hub, cached_blobs
+
+from nexabind import hub
+from nexabind.errors import DownloadError, ModelNotFoundError
+
+TINY = "acme/tiny-GGUF"
+SPLIT = "acme/split-GGUF"
+
+
+def test_models_lists_complete_models_with_their_headers(hf_hub: Hub) -> None:
+    q4, q8, split = hub.pull(TINY), hub.pull(f"{TINY}:Q8_0"), hub.pull(SPLIT)
+    listed = hub.models()
+    assert [m.name for m in listed] == [f"{SPLIT}:Q4_K_M", f"{TINY}:Q4_K_M", f"{TINY}:Q8_0"]
+    d = listed[1].to_dict()
+    assert d["size"] == q4.size == q4.path.stat().st_size
+    assert (d["architecture"], d["context_length"], d["file_type"]) == ("llama", 2048, "F32")
+    assert d["parameters"] > 100_000 and d["last_used"] is None
+    assert listed[0].size == sum(p.stat().st_size for p in split.paths)
+    hub.mark_used(q8)
+    (used,) = [m for m in hub.models() if m.last_used is not None]
+    assert used.name == f"{TINY}:Q8_0"
+
+
+def test_remove_takes_what_it_names_and_only_that(hf_hub: Hub) -> None:
+    from huggingface_hub import hf_hub_download
+
+    hub.pull(TINY)
+    q8 = hub.pull(f"{TINY}:Q8_0")
+    # Another tool's file in the same repository stays.
+    readme = hf_hub_download(TINY, "README.md", endpoint=hf_hub.url, cache_dir=hub.hub_cache_dir())
+    assert hub.remove(f"{TINY}:Q4_K_M") == [q8.path.with_name("tiny-Q4_K_M.gguf")]
+    assert [m.name for m in hub.models()] == [f"{TINY}:Q8_0"]
+    assert len(cached_blobs(TINY)) == 2  # the Q8_0 model's and the README's
+    hub.remove(TINY)
+    assert hub.models() == [] and Path(readme).exists()
+    with pytest.raises(ModelNotFoundError, match="not in the hub cache .* it holds: nothing"):
+        hub.remove(TINY)
+    # A repository left with nothing goes entirely.
+    hub.pull(SPLIT)
+    hub.remove(SPLIT)
+    assert not (hub.hub_cache_dir() / "models--acme--split-GGUF").exists()
+
+
+def test_a_split_model_missing_a_part_is_not_listed(hf_hub: Hub) -> None:
+    hf_hub.plan(hf_hub.resolve_path(SPLIT, "Q4_K_M/split-Q4_K_M-00003-of-00003.gguf"), "404")
+    with pytest.raises((DownloadError, ModelNotFoundError)):
+        hub.pull(SPLIT)
+    snap = hub.hub_cache_dir() / "models--acme--split-GGUF" / "snapshots"
+    assert len(list(snap.rglob("*.gguf"))) == 2  # two parts arrived
+    assert hub.models() == [] and hub.find(SPLIT) is None
