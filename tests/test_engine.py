@@ -383,7 +383,7 @@ def test_memory_stays_flat_over_10000_tasks(libdir: Path, tiny_model: Path) -> N
 def test_structured_output_and_tool_calls_through_the_engine(
     libdir: Path, tiny_model: Path
 ) -> None:
-    from test_grammar import SCHEMAS, validate
+    from test_llguidance import SCHEMAS, validate
     from test_structured import ASK, HERMES_TEMPLATE, TIME, WEATHER
 
     from nexabind import openai

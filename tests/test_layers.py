@@ -48,6 +48,8 @@ LAYERS: dict[str, int] = {
         (
             "sampling",
             "grammar",
+            "_gbnf",
+            "_llguidance",
             "_json_schema",
             "chat",
             "_sandbox",

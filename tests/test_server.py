@@ -408,7 +408,7 @@ def test_a_client_that_leaves_the_queue_takes_no_slot(
 
 
 def test_structured_output_and_tool_calls_with_the_openai_client(server: Served) -> None:
-    from test_grammar import validate
+    from test_llguidance import validate
     from test_structured import TIME, WEATHER
 
     client = _client(server)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_grammar import SCHEMAS, validate
+from test_llguidance import SCHEMAS, validate
 
 from nexabind import Llama
 
