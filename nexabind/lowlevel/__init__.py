@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from nexabind.lowlevel._adapter import LoraAdapter
 from nexabind.lowlevel._batch import Batch
-from nexabind.lowlevel._context import Context, LogitsView, TokenSteps
+from nexabind.lowlevel._context import Context, TokenSteps
 from nexabind.lowlevel._lib import (
     AttentionType,
     DecodeResult,
@@ -41,6 +41,7 @@ from nexabind.lowlevel._lib import (
     version,
 )
 from nexabind.lowlevel._model import Model
+from nexabind.lowlevel._outputs import LogitsView
 from nexabind.lowlevel._sampler import SamplerChain
 
 __all__ = [

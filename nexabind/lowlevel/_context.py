@@ -1,54 +1,29 @@
-"""``Context``: the KV cache, decoding, logits and embeddings over a ``Model``."""
+"""``Context``: a llama.cpp context over a ``Model``: creating and closing it, threads, LoRA
+adapters, cancelling, and decoding (the one-token hot path of :meth:`Context.token_steps`).
+
+Its other calls come from its parts: the KV cells and saved states (:mod:`._memory`), the logits
+and embeddings a decode produced (:mod:`._outputs`); what it may be asked for is checked before
+llama.cpp sees it (:mod:`._limits`).
+"""
 
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from nexabind._ffi import ffi
-from nexabind.errors import ContextError, DecodeError, StateError
+from nexabind.errors import ContextError, DecodeError
 from nexabind.lowlevel._adapter import LoraAdapter
 from nexabind.lowlevel._batch import Batch
 from nexabind.lowlevel._lib import FlashAttention, PoolingType, lib, nonnull, raise_decode
+from nexabind.lowlevel._limits import check_context, check_threads
+from nexabind.lowlevel._memory import ContextMemory
 from nexabind.lowlevel._model import Model
-from nexabind.lowlevel._owned import Owned
+from nexabind.lowlevel._outputs import ContextOutputs
 from nexabind.lowlevel._params import set_params
 from nexabind.lowlevel._sampler import SamplerChain
-
-if TYPE_CHECKING:
-    import numpy as np
-
-#: ggml's limit on threads (GGML_MAX_N_THREADS); more aborts inside llama.cpp.
-MAX_THREADS = 512
-#: llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ).
-MAX_SEQUENCES = 256
-_UINT32_MAX = 0xFFFFFFFF
-
-
-def _physical_memory() -> int | None:
-    """Bytes of RAM on this machine, or None when the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _device_memory() -> int:
-    """Bytes of memory on the GPU devices ggml registered (0 on a CPU-only build)."""
-    from nexabind.lowlevel._lib import ggml
-
-    g = ggml()
-    total = 0
-    props = ffi.new("struct ggml_backend_dev_props *")
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        if g.ggml_backend_dev_type(dev) != g.GGML_BACKEND_DEVICE_TYPE_CPU:
-            g.ggml_backend_dev_get_props(dev, props)
-            total += props.memory_total
-    return total
 
 
 class TokenSteps(NamedTuple):
@@ -73,7 +48,7 @@ class _CancelFlag:
         self.on = False
 
 
-class Context(Owned):
+class Context(ContextMemory, ContextOutputs):
     """An inference context (KV cache, threads) over a :class:`Model`.
 
     Args:
@@ -137,7 +112,7 @@ class Context(Owned):
         p = L.llama_context_default_params()
         if n_ubatch is None:
             n_ubatch = min(n_batch, p.n_ubatch) if p.n_ubatch else n_batch
-        _validate(model, n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, n_seq_max,
+        check_context(model, n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, n_seq_max,
                   embeddings, kv_unified)  # fmt: skip
         self.model = model
         p.n_ctx = n_ctx
@@ -285,8 +260,8 @@ class Context(Owned):
             ValueError: A count is below 1.
         """
         n_batch = n_threads if n_threads_batch is None else n_threads_batch
-        _check_threads("n_threads", n_threads)
-        _check_threads("n_threads_batch", n_batch)
+        check_threads("n_threads", n_threads)
+        check_threads("n_threads_batch", n_batch)
         with self.lock:
             self._lib.llama_set_n_threads(self._check(), n_threads, n_batch)
 
@@ -471,265 +446,3 @@ class Context(Owned):
             rc = self._lib.llama_encode(ptr, b)
             if rc != 0:
                 self._raise_decode(rc)
-
-    def _memory(self) -> Any:
-        return self._lib.llama_get_memory(self._check())
-
-    def _seq(self, seq_id: int) -> int:
-        if not 0 <= seq_id < self.n_seq_max:
-            msg = f"sequence {seq_id} does not exist; this context has 0..{self.n_seq_max - 1}"
-            raise ValueError(msg)
-        return seq_id
-
-    def clear(self) -> None:
-        """Clear the KV cache (all sequences)."""
-        with self.lock:
-            self._lib.llama_memory_clear(self._memory(), True)
-
-    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        """Remove positions ``[p0, p1)`` of a sequence (-1: open end); False if impossible."""
-        with self.lock:
-            return bool(self._lib.llama_memory_seq_rm(self._memory(), self._seq(seq_id), p0, p1))
-
-    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Copy positions ``[p0, p1)`` of sequence ``src`` to ``dst``."""
-        with self.lock:
-            mem = self._memory()
-            self._lib.llama_memory_seq_cp(mem, self._seq(src), self._seq(dst), p0, p1)
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
-        """Shift positions ``[p0, p1)`` of a sequence by ``delta`` (-1 ends: open)."""
-        with self.lock:
-            self._lib.llama_memory_seq_add(self._memory(), self._seq(seq_id), p0, p1, delta)
-
-    def seq_keep(self, seq_id: int) -> None:
-        """Drop every sequence but ``seq_id``."""
-        with self.lock:
-            self._lib.llama_memory_seq_keep(self._memory(), self._seq(seq_id))
-
-    def seq_pos_max(self, seq_id: int = 0) -> int:
-        """Highest position stored for a sequence (-1 when empty)."""
-        with self.lock:
-            return self._lib.llama_memory_seq_pos_max(self._memory(), self._seq(seq_id))
-
-    def state_get(self) -> bytes:
-        """Serialize the context state (KV cache, logits, RNG).
-
-        Raises:
-            StateError: llama.cpp wrote fewer bytes than it announced.
-        """
-        L = self._lib
-        with self.lock:
-            ptr = self._check()
-            size = L.llama_state_get_size(ptr)
-            buf = ffi.new("uint8_t[]", size)
-            n = L.llama_state_get_data(ptr, buf, size)
-        if n == 0 and size:
-            msg = f"saving the context state failed ({size} bytes announced)"
-            raise StateError(msg)
-        return ffi.unpack(ffi.cast("char *", buf), n)
-
-    def state_set(self, data: bytes) -> None:
-        """Restore a state from :meth:`state_get` of a context over the same model.
-
-        Raises:
-            StateError: llama.cpp rejected the data.
-        """
-        src = ffi.from_buffer("uint8_t[]", data)
-        with self.lock:
-            ptr = self._check()
-            self.generation += 1
-            self._has_logits = False
-            n = self._lib.llama_state_set_data(ptr, src, len(data))
-        if n != len(data):
-            msg = (
-                f"restoring the context state failed (read {n} of {len(data)} bytes); "
-                "the state must come from a context over the same model"
-            )
-            raise StateError(msg)
-
-    def state_seq_get(self, seq_id: int) -> bytes:
-        """Serialize one sequence's KV cells (to move it out of the cache and back later).
-
-        Raises:
-            StateError: llama.cpp wrote fewer bytes than it announced.
-        """
-        L = self._lib
-        with self.lock:
-            ptr = self._check()
-            seq = self._seq(seq_id)
-            size = L.llama_state_seq_get_size(ptr, seq)
-            buf = ffi.new("uint8_t[]", size)
-            n = L.llama_state_seq_get_data(ptr, buf, size, seq)
-        if n != size:
-            msg = f"saving sequence {seq_id} failed ({n} of {size} bytes written)"
-            raise StateError(msg)
-        return ffi.unpack(ffi.cast("char *", buf), n)
-
-    def state_seq_set(self, data: bytes, seq_id: int) -> None:
-        """Restore :meth:`state_seq_get` data into sequence ``seq_id`` (emptied first).
-
-        Raises:
-            StateError: llama.cpp refused the data (another model, or no room in the cache).
-        """
-        src = ffi.from_buffer("uint8_t[]", data)
-        with self.lock:
-            ptr = self._check()
-            seq = self._seq(seq_id)
-            self._lib.llama_memory_seq_rm(self._memory(), seq, -1, -1)
-            n = self._lib.llama_state_seq_set_data(ptr, src, len(data), seq)
-        if n != len(data):
-            msg = (
-                f"restoring sequence {seq_id} failed (read {n} of {len(data)} bytes); the "
-                "data must come from a context over the same model, with room in its cache"
-            )
-            raise StateError(msg)
-
-    def logits(self, i: int = -1) -> np.ndarray:
-        """Return a read-only float32 view of the logits of batch token ``i`` (default: last).
-
-        The view aliases llama.cpp memory and is only valid until the next decode; use
-        :class:`LogitsView` through :meth:`logits_view` to detect stale use.
-        """
-        import numpy as np
-
-        with self.lock:
-            ptr = nonnull(
-                self._get_logits_ith(self._check(), i),
-                DecodeError,
-                f"no logits for output {i}; request logits for that token in the batch",
-            )
-        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
-        arr.flags.writeable = False
-        return arr
-
-    def logits_view(self, i: int = -1) -> LogitsView:
-        """Return logits that raise when read after the next decode."""
-        return LogitsView(self, self.logits(i), self.generation)
-
-    def logits_rows(self, n: int) -> np.ndarray:
-        """A read-only ``(n, n_vocab)`` view of the logits of the last decode's ``n`` outputs
-        (every token that asked for logits, in batch order); valid until the next decode.
-
-        Raises:
-            DecodeError: The last decode produced fewer than ``n`` outputs.
-        """
-        import numpy as np
-
-        with self.lock:
-            ptr = self._check()
-            if n < 1 or self._get_logits_ith(ptr, n - 1) == ffi.NULL:
-                msg = f"the last decode has fewer than {n} outputs with logits"
-                raise DecodeError(msg)
-            base = self._lib.llama_get_logits(ptr)
-        arr = np.frombuffer(ffi.buffer(base, 4 * n * self.n_vocab), dtype=np.float32)
-        arr = arr.reshape(n, self.n_vocab)
-        arr.flags.writeable = False
-        return arr
-
-    def token_embeddings(self, i: int) -> np.ndarray:
-        """A read-only view of the embedding of output ``i`` of the last decode (an embedding
-        context without pooling gives one per token).
-
-        Raises:
-            DecodeError: Output ``i`` has no embedding.
-        """
-        import numpy as np
-
-        with self.lock:
-            ptr = self._lib.llama_get_embeddings_ith(self._check(), i)
-        ptr = nonnull(ptr, DecodeError, f"no embedding for output {i} of the last decode")
-        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
-        arr.flags.writeable = False
-        return arr
-
-    def embeddings(self, seq_id: int = 0) -> np.ndarray:
-        """Return a read-only view of the pooled embedding of sequence ``seq_id``."""
-        import numpy as np
-
-        L = self._lib
-        with self.lock:
-            ptr = L.llama_get_embeddings_seq(self._check(), self._seq(seq_id))
-            if ptr == ffi.NULL:
-                ptr = L.llama_get_embeddings_ith(self._ptr, -1)
-        ptr = nonnull(ptr, DecodeError, "no embeddings: create the context with embeddings=True")
-        arr = np.frombuffer(ffi.buffer(ptr, 4 * self.model.n_embd), dtype=np.float32)
-        arr.flags.writeable = False
-        return arr
-
-
-class LogitsView:
-    """Logits tied to the decode that produced them; :attr:`array` raises once stale."""
-
-    def __init__(self, ctx: Context, arr: np.ndarray, generation: int) -> None:
-        self._ctx = ctx
-        self._arr = arr
-        self._gen = generation
-
-    @property
-    def array(self) -> np.ndarray:
-        """The zero-copy view. Raises ContextError after the next decode or close."""
-        if self._ctx.closed or self._ctx.generation != self._gen:
-            msg = (
-                "these logits are stale (a later decode or close overwrote them); "
-                "copy them with .copy() to keep them"
-            )
-            raise ContextError(msg)
-        return self._arr
-
-
-def _check_threads(name: str, value: int | None) -> None:
-    if value is not None and not 1 <= value <= MAX_THREADS:
-        msg = f"{name}={value} is invalid; use 1..{MAX_THREADS} threads, or None"
-        raise ValueError(msg)
-
-
-def _validate(
-    model: Model,
-    n_ctx: int,
-    n_batch: int,
-    n_ubatch: int,
-    n_threads: int | None,
-    n_threads_batch: int | None,
-    n_seq_max: int,
-    embeddings: bool,
-    kv_unified: bool | None,
-) -> None:
-    """Refuse what llama.cpp would abort on, or spend minutes allocating, before the call."""
-
-    def bad(name: str, value: object, what: str) -> ValueError:
-        return ValueError(f"{name}={value!r} is invalid; {what}")
-
-    if not 0 <= n_ctx <= _UINT32_MAX:
-        raise bad("n_ctx", n_ctx, "use 0 (the model's training length) or a positive length")
-    if not 1 <= n_batch <= _UINT32_MAX:
-        raise bad("n_batch", n_batch, "use a positive number of tokens per decode")
-    if not 1 <= n_ubatch <= _UINT32_MAX:
-        raise bad("n_ubatch", n_ubatch, "use a positive number (at most n_batch)")
-    _check_threads("n_threads", n_threads)
-    _check_threads("n_threads_batch", n_threads_batch)
-    cells = n_ctx or model.n_ctx_train or 4096
-    if not 1 <= n_seq_max <= MAX_SEQUENCES:
-        raise bad("n_seq_max", n_seq_max, f"use 1..{MAX_SEQUENCES} sequences")
-    # Each sequence takes at least one output row of a decode: more sequences than a batch
-    # holds (llama.cpp caps n_batch at n_ctx) fail an assertion in llama.cpp.
-    room = min(n_batch, cells)
-    if n_seq_max > room:
-        msg = f"use n_seq_max <= {room} (n_batch and n_ctx), or a larger n_batch / n_ctx"
-        raise bad("n_seq_max", n_seq_max, msg)
-    # Pooling reads one row per sequence from one ubatch.
-    if embeddings and n_seq_max > min(n_ubatch, n_batch):
-        msg = f"an embedding context needs n_ubatch >= n_seq_max ({n_seq_max})"
-        raise bad("n_ubatch", n_ubatch, msg)
-    # The KV cache is allocated at once: estimate it (f16 keys and values) before asking.
-    if not kv_unified:
-        cells = max(cells, 256 * n_seq_max)  # each sequence's share is padded to 256 cells
-    need = cells * model.kv_bytes_per_cell()
-    ram = _physical_memory()
-    if ram is not None and need > ram + _device_memory():
-        gib = 1 << 30
-        msg = (
-            f"n_ctx={n_ctx or cells} needs about {need / gib:.1f} GiB of KV cache, more than "
-            f"this machine's {ram / gib:.1f} GiB of memory; use a smaller n_ctx"
-        )
-        raise ContextError(msg)
