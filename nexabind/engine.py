@@ -6,7 +6,8 @@ thread (:mod:`nexabind._scheduler`) that decodes every active sequence in one
 results (blocking with a timeout), stream them (an iterator, or a callback that stops the task
 by returning a true value) or cancel them. Sessions keep their KV cells between tasks, so a
 follow-up turn decodes only its new tokens; when sessions outnumber slots, an idle session's
-cells move to host memory and come back when it resumes.
+cells move to host memory and come back when it resumes. :mod:`nexabind._tasks` turns
+:meth:`Engine.create_task`'s arguments into a task.
 
 ::
 
@@ -25,23 +26,21 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from nexabind import _embed, chat, lowlevel, openai
-from nexabind._chat_plan import ChatPlan, plan_chat
+from nexabind import _embed, lowlevel, openai
 from nexabind._scheduler import END, Scheduler, Session, Task
-from nexabind._sequence import Request
-from nexabind.errors import (
-    ClosedError,
-    ContextOverflowError,
-    SessionNotFoundError,
-    TaskTimeoutError,
+from nexabind._tasks import (
+    KINDS,
+    embedding_inputs,
+    plan_task,
+    prompt_tokens,
+    sampling_options,
+    task_request,
 )
-from nexabind.sampling import SAMPLING_KEYS, SamplingOptions
+from nexabind.errors import ClosedError, SessionNotFoundError, TaskTimeoutError
 from nexabind.tokens import Outcome, Token
 from nexabind.tool_calls import ToolOutput
 
 __all__ = ["Engine"]
-
-_KINDS = ("completion", "chat", "embedding", "rerank")
 
 
 class Engine:
@@ -193,7 +192,7 @@ class Engine:
             ValueError: ``n_keep`` is negative or a sampling option is out of range.
         """
         self._scheduler()
-        _sampling_options(sampling)
+        sampling_options(sampling)
         if n_keep < 0:
             msg = f"n_keep={n_keep} is invalid; use 0 or more tokens"
             raise ValueError(msg)
@@ -291,8 +290,8 @@ class Engine:
             ClosedError: The engine is closed.
         """
         sched = self._scheduler()
-        if kind not in _KINDS:
-            msg = f"kind={kind!r} is invalid; use one of {', '.join(_KINDS)}"
+        if kind not in KINDS:
+            msg = f"kind={kind!r} is invalid; use one of {', '.join(KINDS)}"
             raise ValueError(msg)
         if (kind in ("embedding", "rerank")) != self.embedding:
             what = "an embedding engine" if self.embedding else "a generation engine"
@@ -303,18 +302,23 @@ class Engine:
             raise ValueError(msg)
         sess = self._session(session) if session is not None else None
         task = Task(next(self._ids), kind, session=sess)
+        model = self._model
         if kind in ("embedding", "rerank"):
-            task.inputs = self._embedding_inputs(kind, input, query, documents)
+            limit = _embed.max_tokens(self._ctx)
+            task.inputs = embedding_inputs(model, limit, kind, input, query, documents)
         else:
             if sess is not None:
                 sampling = {**sess.sampling, **sampling}
-            plan = self._plan(
-                kind, messages, response_format, tools, tool_choice, functions, function_call,
-                sampling.get("grammar"),
+            plan = plan_task(
+                model, self.chat_template, kind, messages, response_format=response_format,
+                tools=tools, tool_choice=tool_choice, functions=functions,
+                function_call=function_call, grammar=sampling.get("grammar"),
             )  # fmt: skip
             sampling["grammar"] = plan.grammar
-            task.req = self._request(max_tokens, stop, logprobs, sampling)
-            task.tokens = self._prompt(kind, prompt, plan, sess, task)
+            task.req = task_request(model, self.seed, max_tokens, stop, logprobs, sampling)
+            task.tokens = prompt_tokens(
+                model, self.chat_template, sched.n_ctx_slot, kind, prompt, plan, sess, task
+            )
         with self._lock:
             self._tasks[task.id] = task
             self._last_id = max(self._last_id, task.id)
@@ -325,162 +329,6 @@ class Engine:
                 del self._tasks[task.id]
             raise
         return task.id
-
-    def _request(
-        self,
-        max_tokens: int | None,
-        stop: str | Sequence[str] | None,
-        logprobs: bool | int,
-        sampling: dict[str, Any],
-    ) -> Request:
-        if sampling.get("seed") is None and self.seed is not None:
-            sampling["seed"] = self.seed
-        n_top = None if isinstance(logprobs, bool) else int(logprobs)
-        if n_top is not None and n_top < 0:
-            msg = f"logprobs={logprobs!r} is invalid; use True/False or a number >= 0"
-            raise ValueError(msg)
-        opts = _sampling_options(sampling)
-        if opts.logit_bias:
-            self._model.check_tokens(list(opts.logit_bias), "logit_bias token")
-        return Request(
-            opts,
-            max_tokens=max_tokens,
-            stops=[stop] if isinstance(stop, str) else list(stop or []),
-            want_logprobs=n_top is not None or bool(logprobs),
-            n_top=n_top,
-        )
-
-    def _template_source(self) -> str | None:
-        """The jinja text chats render with, if they render with one."""
-        src = self.chat_template or self._model.chat_template()
-        return src if src and "{" in src else None
-
-    def _plan(
-        self,
-        kind: str,
-        messages: list[dict[str, Any]] | None,
-        response_format: dict[str, Any] | None,
-        tools: list[dict[str, Any]] | None,
-        tool_choice: str | dict[str, Any] | None,
-        functions: list[dict[str, Any]] | None,
-        function_call: str | dict[str, Any] | None,
-        grammar: Any,
-    ) -> ChatPlan:
-        if kind != "chat":
-            if tools or functions or tool_choice or function_call:
-                msg = "tools and functions are for chat tasks; use kind='chat'"
-                raise ValueError(msg)
-            return plan_chat([], template=None, response_format=response_format, grammar=grammar)
-        if messages is None:
-            msg = "a chat task needs messages=[{'role': ..., 'content': ...}, ...]"
-            raise ValueError(msg)
-        return plan_chat(
-            chat.check_messages(messages),
-            template=self._template_source(),
-            tools=tools,
-            tool_choice=tool_choice,
-            functions=functions,
-            function_call=function_call,
-            response_format=response_format,
-            grammar=grammar,
-        )
-
-    def _prompt(
-        self,
-        kind: str,
-        prompt: str | Sequence[int] | None,
-        plan: ChatPlan,
-        session: Session | None,
-        task: Task,
-    ) -> list[int]:
-        model = self._model
-        if kind == "chat":
-            task.messages = plan.messages
-            task.output = plan.output
-            task.spelled = self._spelled(plan.markers)
-            history = []
-            if session is not None:
-                if session.system_prompt and not session.messages:
-                    task.messages.insert(0, {"role": "system", "content": session.system_prompt})
-                history = session.messages
-            text = chat.format_chat(
-                model, [*history, *task.messages], template=self.chat_template, **plan.extra
-            )
-            task.prompt_text = text
-            turn = session.turn if session is not None else None
-            # Continue from what the model saw: the last prompt and its reply.
-            seen = None if turn is None else (turn[0] + turn[2], turn[1])
-            tokens = chat.continue_prompt(model, text, seen)
-            if plan.opener:  # a forced call starts in the prompt
-                tokens += model.tokenize(plan.opener, add_special=False, parse_special=True)
-        else:
-            if prompt is None:
-                msg = "a completion task needs prompt= (text or token ids)"
-                raise ValueError(msg)
-            if isinstance(prompt, (str, bytes)):
-                start = session is None or not session.tokens
-                words = prompt if isinstance(prompt, str) else prompt.decode("utf-8", "replace")
-                if session is not None and start and session.system_prompt:
-                    words = session.system_prompt + words
-                tokens = model.tokenize(words, add_special=start)
-            else:
-                tokens = [int(t) for t in prompt]
-                model.check_tokens(tokens, "prompt token")
-            if session is not None:
-                tokens = session.tokens + tokens
-        if not tokens:
-            msg = "the prompt is empty; give at least one token"
-            raise ValueError(msg)
-        return self._fit(tokens, session)
-
-    def _spelled(self, markers: Sequence[str]) -> dict[int, str]:
-        """Control tokens that spell a tool-call marker, with the text llama.cpp omits."""
-        model = self._model
-        out = {}
-        for m in markers:
-            ids = model.tokenize(m, add_special=False, parse_special=True)
-            if len(ids) == 1 and model.token_to_piece(ids[0]) == b"":
-                out[ids[0]] = m
-        return out
-
-    def _fit(self, tokens: list[int], session: Session | None) -> list[int]:
-        room = self._scheduler().n_ctx_slot
-        if len(tokens) < room:
-            return tokens
-        if session is not None:
-            # A long conversation keeps its first n_keep tokens and its recent half.
-            keep = min(session.n_keep, room // 2)
-            return tokens[:keep] + tokens[len(tokens) - (room // 2 - keep) :]
-        msg = (
-            f"the prompt has {len(tokens)} tokens but a slot holds {room}; shorten it, or "
-            "create the Engine with a larger n_ctx (or fewer n_parallel)"
-        )
-        raise ContextOverflowError(msg)
-
-    def _embedding_inputs(
-        self,
-        kind: str,
-        input: str | Sequence[str] | None,
-        query: str | None,
-        documents: Sequence[str] | None,
-    ) -> list[list[int]]:
-        model = self._model
-        limit = _embed.max_tokens(self._ctx)
-        if kind == "embedding":
-            if input is None:
-                msg = "an embedding task needs input= (a text or a list of texts)"
-                raise ValueError(msg)
-            texts = [input] if isinstance(input, str) else list(input)
-            seqs = [model.tokenize(t, add_special=True)[:limit] for t in texts]
-        else:
-            if query is None or documents is None:
-                msg = "a rerank task needs query= and documents="
-                raise ValueError(msg)
-            seqs = [_rerank_tokens(model, query, d)[:limit] for d in documents]
-        if not seqs or not all(seqs):
-            msg = f"an {kind} task needs at least one non-empty text"
-            raise ValueError(msg)
-        return seqs
 
     def _task(self, task_id: int) -> Task:
         with self._lock:
@@ -659,30 +507,3 @@ class Engine:
             model=model or self.model_path,
             piece=self._model.token_to_piece,
         )
-
-
-def _sampling_options(sampling: dict[str, Any]) -> SamplingOptions:
-    unknown = set(sampling) - SAMPLING_KEYS
-    if unknown:
-        msg = f"unknown sampling options {sorted(unknown)}; known: {sorted(SAMPLING_KEYS)}"
-        raise TypeError(msg)
-    return SamplingOptions(**sampling)
-
-
-def _rerank_tokens(model: lowlevel.Model, query: str, document: str) -> list[int]:
-    """The sequence a rank-pooling model scores, as llama.cpp's server builds it."""
-    template = model.chat_template("rerank")
-    if template is not None:
-        text = template.replace("{query}", query).replace("{document}", document)
-        return model.tokenize(text, add_special=False, parse_special=True)
-    out: list[int] = []
-    if model.add_bos and model.bos >= 0:
-        out.append(model.bos)
-    out += model.tokenize(query, add_special=False)
-    eos = model.eos
-    if eos >= 0:
-        out.append(eos)
-    out += model.tokenize(document, add_special=False)
-    if eos >= 0:
-        out.append(eos)
-    return out
