@@ -5,7 +5,8 @@ read into ONE batch, runs ONE ``llama_decode``, then samples every slot that has
 own sampler chain (continuous batching: a task joins at the next step, a finished one leaves
 without stalling the others). Only this thread touches the context; callers talk to it through
 the task queue and each task's output queue, so a cancel lands at the next step and no lock is
-held across a decode by anyone else.
+held across a decode by anyone else. Which slot a task takes and how a session's KV cells move
+between slots and host memory is :mod:`nexabind._slots`.
 """
 
 from __future__ import annotations
@@ -13,110 +14,35 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
-import queue
 import threading
 import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from nexabind import _embed, lowlevel
-from nexabind._sequence import Request
-from nexabind.errors import (
-    BusyError,
-    ClosedError,
-    ContextOverflowError,
-    NexabindError,
-    StateError,
+from nexabind._slots import (
+    END,
+    GEN,
+    IDLE,
+    PROMPT,
+    Session,
+    Slot,
+    Task,
+    choose,
+    claim,
+    drop_session,
+    free_cells,
 )
+from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
 from nexabind.grammar import GrammarMatcher, LlamaGrammar
 from nexabind.sampling import build_sampler
-from nexabind.tokens import Outcome, StopMatcher, Token, logprobs_of
+from nexabind.tokens import StopMatcher, Token, logprobs_of
 
-__all__ = ["END", "Scheduler", "Session", "Task"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
-
-#: What a task's output queue holds last.
-END = object()
-
-_IDLE, _PROMPT, _GEN = "idle", "prompt", "generating"
-
-
-@dataclass(eq=False)
-class Session:
-    """A conversation that keeps its KV cells between tasks (see ``Engine.create_session``)."""
-
-    id: str
-    n_keep: int = 0
-    cache_prompt: bool = True
-    sampling: dict[str, Any] = field(default_factory=dict)
-    system_prompt: str | None = None
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    slot: Slot | None = None
-    saved: tuple[bytes, array[int]] | None = None  # its KV cells, while it has no slot
-    # The last chat turn as the model saw it: its prompt text, the prompt's tokens and the
-    # ids it generated, and the reply's text. The next turn's prompt reuses these tokens and
-    # only tokenizes what the template adds after the reply.
-    turn: tuple[str, list[int], str] | None = None
-    busy: bool = False
-    closed: bool = False
-    n_tasks: int = 0
-    used: float = 0.0
-
-
-@dataclass(eq=False)
-class Task:
-    """One unit of work and the channel its results come back on."""
-
-    id: int
-    kind: str  # completion | chat | embedding | rerank
-    tokens: list[int] = field(default_factory=list)
-    req: Request | None = None
-    inputs: list[list[int]] = field(default_factory=list)  # embedding / rerank sequences
-    session: Session | None = None
-    messages: list[dict[str, Any]] = field(default_factory=list)  # a session's new turn
-    outcome: Outcome = field(default_factory=Outcome)
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    vectors: Any = None
-    cancelled: bool = False
-    created: float = field(default_factory=time.monotonic)
-    started: float | None = None
-    first_token: float | None = None
-    text: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    prompt_text: str = ""
-    output: Any = None  # a chat's ToolOutput (how to read its reply for tool calls)
-    spelled: dict[int, str] = field(default_factory=dict)  # control tokens that spell markers
-
-
-class Slot:
-    """One sequence of the context and what it is doing."""
-
-    def __init__(self, seq_id: int, n_ctx: int) -> None:
-        self.id = seq_id
-        self.tokens = array("i", bytes(4 * n_ctx))  # what its KV cells hold, in order
-        self.n = 0
-        self.task: Task | None = None
-        self.session: Session | None = None
-        self.state = _IDLE
-        self.used = 0.0
-        self.prompt: Any = None  # int32 numpy array of the task's prompt
-        self.i_prompt = 0
-        self.i_batch = -1
-        self.pending = 0  # prompt tokens in the batch being decoded
-        self.last = -1  # the token to feed at the next step
-        self.sampler: lowlevel.SamplerChain | None = None
-        self.sample: Callable[[int], int] | None = None  # the sampler, bound for the hot path
-        self.dec: Callable[..., str] | None = None
-        self.matcher: StopMatcher | None = None
-        self.n_gen = 0
-        self.limit = 0
 
 
 class Scheduler:
@@ -269,7 +195,7 @@ class Scheduler:
             elif left:  # first come, first served: nothing overtakes a waiting task
                 left.append(task)
             else:
-                slot = self._slot_for(task)
+                slot = choose(self.slots, task, self.ctx)
                 if slot is None:
                     left.append(task)
                     continue
@@ -299,97 +225,15 @@ class Scheduler:
                     slot.sample = self._constrained(slot.sample, matcher, not penalties)
         return left
 
-    def _slot_for(self, task: Task) -> Slot | None:
-        free = [s for s in self.slots if s.task is None]
-        if not free:
-            return None
-        session = task.session
-        if session is not None and session.slot is not None:
-            return session.slot if session.slot.task is None else None
-        unowned = [s for s in free if s.session is None]
-        if session is None and unowned:
-            # The slot whose cache shares the longest prefix with the prompt, when that prefix
-            # is a real part of it (llama-server's prompt similarity, 10%); else an empty slot,
-            # else the least recently used one: a cache that helps no one goes first.
-            best = max(unowned, key=lambda s: (self._common(s, task.tokens), -s.used))
-            if self._common(best, task.tokens) > max(1, len(task.tokens) // 10):
-                return best
-        if unowned:
-            return min(unowned, key=lambda s: (s.n > 0, s.used))
-        idle = [s for s in free if s.session is not None and not s.session.busy]
-        if not idle:
-            return None
-        slot = min(idle, key=lambda s: s.used)
-        self._evict(slot)
-        return slot
-
-    def _common(self, slot: Slot, tokens: list[int]) -> int:
-        import numpy as np
-
-        n = min(slot.n, len(tokens))
-        if not n:
-            return 0
-        held = np.frombuffer(slot.tokens, dtype=np.int32, count=n)
-        diff = np.flatnonzero(held != np.asarray(tokens[:n], dtype=np.int32))
-        return int(diff[0]) if diff.size else n
-
-    def _evict(self, slot: Slot) -> None:
-        """Move a session's KV cells to host memory, freeing its slot."""
-        session = slot.session
-        assert session is not None
-        if slot.n:
-            session.saved = (self.ctx.state_seq_get(slot.id), slot.tokens[: slot.n])
-        self.ctx.seq_rm(slot.id, -1, -1)
-        slot.n = 0
-        slot.session = None
-        session.slot = None
-
-    def _restore(self, slot: Slot, session: Session) -> None:
-        saved, session.saved = session.saved, None
-        session.slot, slot.session = slot, session
-        self.ctx.seq_rm(slot.id, -1, -1)
-        slot.n = 0
-        if saved is None:
-            return
-        data, tokens = saved
-        try:
-            self.ctx.state_seq_set(data, slot.id)
-        except StateError:
-            log.warning(
-                "session %s: its saved cache did not restore; decoding it again", session.id
-            )
-            self.ctx.seq_rm(slot.id, -1, -1)
-            return
-        slot.tokens[: len(tokens)] = tokens
-        slot.n = len(tokens)
-
     def _start(self, slot: Slot, task: Task, sampler: lowlevel.SamplerChain) -> None:
         import numpy as np
 
-        session = task.session
-        if session is not None and session.slot is not slot:
-            if slot.session is not None:
-                self._evict(slot)
-            self._restore(slot, session)
-        elif session is None and slot.session is not None:
-            self._evict(slot)
-        if session is not None:
-            session.busy = True
-            if not session.cache_prompt:
-                self.ctx.seq_rm(slot.id, -1, -1)
-                slot.n = 0
+        n = claim(self.ctx, slot, task)
         tokens = task.tokens
-        n = self._common(slot, tokens)
-        n = min(n, len(tokens) - 1)  # decode at least one token, for its logits
-        if n < slot.n:
-            if not self.ctx.seq_rm(slot.id, n, -1):
-                self.ctx.seq_rm(slot.id, -1, -1)
-                n = 0
-            slot.n = n
         req = task.req
         assert req is not None
         slot.task = task
-        slot.state = _PROMPT
+        slot.state = PROMPT
         slot.prompt = np.asarray(tokens, dtype=np.int32)
         slot.i_prompt = n
         slot.sampler = sampler
@@ -416,11 +260,11 @@ class Scheduler:
                 self._end(s, "cancelled")
                 continue
             active.append(s)
-            if s.state == _GEN:
+            if s.state == GEN:
                 s.i_batch = batch.add(s.last, s.n, s.id, True)
         budget = batch.capacity - batch.n_tokens
         prompts = sorted(
-            (s for s in active if s.state == _PROMPT),
+            (s for s in active if s.state == PROMPT),
             key=lambda s: s.task.created if s.task else 0.0,
         )
         for s in prompts:
@@ -444,7 +288,7 @@ class Scheduler:
         for s in active:
             if s.task is None:
                 continue
-            if s.state == _GEN:
+            if s.state == GEN:
                 s.tokens[s.n] = s.last
                 s.n += 1
                 generated += 1
@@ -457,7 +301,7 @@ class Scheduler:
                 s.i_prompt += k
                 self.n_prompt += k
                 if s.i_prompt == len(s.prompt):
-                    s.state = _GEN
+                    s.state = GEN
             if s.i_batch >= 0:
                 try:
                     self._sample(s)
@@ -473,7 +317,7 @@ class Scheduler:
                 self.ctx.decode(self.batch)
                 return True
             except ContextOverflowError as e:
-                if self._free_cells():
+                if free_cells(self.ctx, self.slots):
                     continue
                 victim = next((s for s in reversed(active) if s.task and s.pending), None)
                 victim = victim or next((s for s in reversed(active) if s.task), None)
@@ -489,26 +333,13 @@ class Scheduler:
                         self._end(s, "stop", e)
                 return False
 
-    def _free_cells(self) -> bool:
-        """Drop the cache of slots that run nothing (saving sessions' to host memory)."""
-        freed = False
-        for s in self.slots:
-            if s.task is None and s.n:
-                if s.session is not None:
-                    self._evict(s)
-                else:
-                    self.ctx.seq_rm(s.id, -1, -1)
-                    s.n = 0
-                freed = True
-        return freed
-
     def _rebuild(self, active: list[Slot]) -> None:
         """Refill the batch without the slots that just ended."""
         self.batch.clear()
         for s in active:
             if s.task is None:
                 continue
-            if s.state == _GEN:
+            if s.state == GEN:
                 s.i_batch = self.batch.add(s.last, s.n, s.id, True)
             elif s.pending:
                 done = s.i_prompt + s.pending == len(s.prompt)
@@ -597,7 +428,7 @@ class Scheduler:
             s.sampler = None
             s.sample = None
         s.task = None
-        s.state = _IDLE
+        s.state = IDLE
         s.used = time.monotonic()
         s.prompt = None
         session = task.session
@@ -616,24 +447,15 @@ class Scheduler:
                         None if by_stop else (task.prompt_text, task.tokens + task.ids, reply)
                     )
             if session.closed:
-                self._drop_session(session)
+                drop_session(self.ctx, session)
         self._finish(task, reason, error)
-
-    def _drop_session(self, session: Session) -> None:
-        slot = session.slot
-        if slot is not None and slot.task is None:
-            self.ctx.seq_rm(slot.id, -1, -1)
-            slot.n = 0
-            slot.session = None
-        session.slot = None
-        session.saved = None
 
     def close_session(self, session: Session) -> None:
         """Forget a session's cells (now if it is idle, else when its task ends)."""
         session.closed = True
         if not session.busy:
             with self.ctx.lock:
-                self._drop_session(session)
+                drop_session(self.ctx, session)
 
     def _finish(self, task: Task, reason: str, error: BaseException | None = None) -> None:
         task.outcome.finish_reason = reason

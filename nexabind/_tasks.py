@@ -14,8 +14,8 @@ from typing import Any
 
 from nexabind import chat, lowlevel
 from nexabind._chat_plan import ChatPlan, plan_chat
-from nexabind._scheduler import Session, Task
 from nexabind._sequence import Request
+from nexabind._slots import Session, Task
 from nexabind.errors import ContextOverflowError
 from nexabind.sampling import SAMPLING_KEYS, SamplingOptions
 

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from nexabind import _embed, lowlevel, openai
-from nexabind._scheduler import END, Scheduler, Session, Task
+from nexabind._scheduler import Scheduler
+from nexabind._slots import END, Session, Task
 from nexabind._tasks import (
     KINDS,
     embedding_inputs,

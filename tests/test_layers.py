@@ -74,7 +74,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         ("llama", "_llama_core", "_lcp", "_chat_api", "_llama_args", "_sequence", "_probe"), 5
     ),
-    **dict.fromkeys(("engine", "_tasks", "_scheduler", "doctor"), 6),
+    **dict.fromkeys(("engine", "_tasks", "_scheduler", "_slots", "doctor"), 6),
     "backends": 7,
     "server": 9,
     **dict.fromkeys(("cli", "cli_models", "cli_serve", "repl", "__main__"), 10),
