@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nexabind import _cdef  # noqa: E402
-from nexabind._build import probe_source  # noqa: E402
+from nexabind._artifact import probe_source  # noqa: E402
 
 if __name__ == "__main__":
     sys.stdout.write(probe_source(_cdef.STRUCTS, _cdef.ENUMS))

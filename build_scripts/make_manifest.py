@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nexabind._build import _update_manifest  # noqa: E402
+from nexabind._artifact import update_manifest  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     for manifest in sorted(parts.glob("*/manifest.json")):
         for entry in json.loads(manifest.read_text())["artifacts"]:
             shutil.copy2(manifest.parent / entry["url"], out / entry["url"])
-            _update_manifest(out, entry)
+            update_manifest(out, entry)
             count += 1
     if count == 0:
         sys.exit(f"make_manifest: no */manifest.json under {parts}")

@@ -22,7 +22,8 @@ import pytest
 from click.testing import CliRunner
 
 from nexabind import _cdef, pin
-from nexabind._build import _pack, build, probe_source
+from nexabind._artifact import pack, probe_source
+from nexabind._build import build
 from nexabind._source import build_cache_dir
 from nexabind.cli import cli
 from nexabind.errors import BuildError
@@ -148,8 +149,8 @@ def test_second_variant_adds_to_manifest(dist: Path, tmp_path: Path) -> None:
 
 def test_archives_are_deterministic(dist: Path, tmp_path: Path) -> None:
     stage = build()
-    _pack(stage, tmp_path / "a.tar.gz")
-    _pack(stage, tmp_path / "b.tar.gz")
+    pack(stage, tmp_path / "a.tar.gz")
+    pack(stage, tmp_path / "b.tar.gz")
     assert _sha256(tmp_path / "a.tar.gz") == _sha256(tmp_path / "b.tar.gz")
 
 
@@ -163,7 +164,7 @@ def test_zip_artifact_holds_links_as_copies(tmp_path: Path) -> None:
     (stage / "lib" / "libx.so.0").write_bytes(b"library bytes")
     (stage / "lib" / "libx.so").symlink_to("libx.so.0")
     archive = tmp_path / "a.zip"
-    _pack(stage, archive)
+    pack(stage, archive)
     with zipfile.ZipFile(archive) as z:
         assert z.namelist() == ["lib/libx.so", "lib/libx.so.0"]
         assert z.read("lib/libx.so") == b"library bytes"

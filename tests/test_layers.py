@@ -41,7 +41,18 @@ LAYERS: dict[str, int] = {
         1,
     ),
     **dict.fromkeys(
-        ("_fetch", "_build", "info", "hub", "_hub_names", "_hub_cache", "_hub_pull"), 2
+        (
+            "_fetch",
+            "_build",
+            "_cmake",
+            "_artifact",
+            "info",
+            "hub",
+            "_hub_names",
+            "_hub_cache",
+            "_hub_pull",
+        ),
+        2,
     ),
     **dict.fromkeys(("_ffi", "loader", "lowlevel"), 3),
     **dict.fromkeys(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from nexabind import _cdef, pin
-from nexabind._build import _artifact_entry, _update_manifest
+from nexabind._artifact import artifact_entry, update_manifest
 from nexabind.errors import ManifestError
 from nexabind.manifest import (
     Artifact,
@@ -100,7 +100,7 @@ def test_reads_what_the_build_writes(tmp_path: Path) -> None:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(stage, "lib")
     info = {"os": "linux", "arch": "x86_64", "variant": "cpu", "min_glibc": "2.34"}
-    path = _update_manifest(archive.parent, _artifact_entry(archive, info))
+    path = update_manifest(archive.parent, artifact_entry(archive, info))
     m = Manifest.from_json(path.read_bytes(), pinned=False, source=str(path))
     (a,) = m.artifacts
     assert (a.key, a.min_glibc, a.size) == ("linux-x86_64-cpu", "2.34", archive.stat().st_size)
