@@ -12,24 +12,24 @@ and which library folder this process loads (:func:`library_dir`).
       CACHEDIR.TAG
 
 An entry in ``libs/`` exists only once it is complete: installs are staged in ``tmp/`` and
-renamed into place. Its install record (``.nexabind-install.json``) holds the sha256 of every
-file, so :func:`verify` can tell whether anything changed since.
+renamed into place. Its install record (``.nexabind-install.json``,
+:mod:`nexabind._install_record`) holds the sha256 of every file, so :func:`verify` can tell
+whether anything changed since.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nexabind import pin, settings, targets
+from nexabind._install_record import INSTALL_RECORD, compare, sha256_file, write_record
 from nexabind.errors import CacheError, LibraryNotFoundError
 from nexabind.platform import target
 
@@ -52,9 +52,6 @@ __all__ = [
     "verify",
     "write_record",
 ]
-
-#: Name of the install record inside each installed entry.
-INSTALL_RECORD = ".nexabind-install.json"
 
 # https://bford.info/cachedir/ : backup and archiving tools skip folders holding this file.
 _CACHEDIR_TAG = (
@@ -341,52 +338,6 @@ def _missing(folder: Path) -> str | None:
     return f"missing {', '.join(absent)}" if absent else None
 
 
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _walk(tree: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
-        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
-            yield Path(dirpath, name)
-
-
-def write_record(
-    tree: Path, info: dict[str, Any], hashes: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Hash every file of a staged tree and write its install record there.
-
-    Args:
-        tree: The staged entry folder.
-        info: What to record besides the files (release, key, artifact, sha256, source).
-        hashes: sha256 already known (taken while extracting), by ``/``-separated path;
-            files not in it are read and hashed.
-
-    Returns:
-        The record written.
-    """
-    files: dict[str, str] = {}
-    links: dict[str, str] = {}
-    for p in _walk(tree):
-        rel = p.relative_to(tree).as_posix()
-        if rel == INSTALL_RECORD:
-            continue
-        if p.is_symlink():
-            links[rel] = os.readlink(p)
-        else:
-            files[rel] = (hashes or {}).get(rel) or sha256_file(p)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = {**info, "installed": now, "files": files, "links": links}
-    (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    return record
-
-
 @dataclass
 class VerifyReport:
     """What :func:`verify` found in one installed entry.
@@ -445,22 +396,7 @@ def verify(
         except CacheError as e:
             rep.error = str(e)
             continue
-        files: dict[str, str] = rec.get("files", {})
-        links: dict[str, str] = rec.get("links", {})
-        seen = set()
-        for p in _walk(inst.path):
-            rel = p.relative_to(inst.path).as_posix()
-            if rel == INSTALL_RECORD:
-                continue
-            seen.add(rel)
-            if p.is_symlink():
-                if links.get(rel) != os.readlink(p):
-                    (rep.changed if rel in links else rep.added).append(rel)
-            elif rel not in files:
-                rep.added.append(rel)
-            elif sha256_file(p) != files[rel]:
-                rep.changed.append(rel)
-        rep.missing = sorted((set(files) | set(links)) - seen)
+        rep.changed, rep.missing, rep.added = compare(inst.path, rec)
     return reports
 
 

@@ -37,7 +37,17 @@ LAYERS: dict[str, int] = {
         0,
     ),
     **dict.fromkeys(
-        ("manifest", "choice", "cache", "_archive", "_download", "install", "_source", "_cross"),
+        (
+            "manifest",
+            "choice",
+            "cache",
+            "_install_record",
+            "_archive",
+            "_download",
+            "install",
+            "_source",
+            "_cross",
+        ),
         1,
     ),
     **dict.fromkeys(

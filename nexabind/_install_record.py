@@ -1,0 +1,89 @@
+"""The install record of an installed entry: the sha256 of every file and the target of every
+link, written once the entry is staged (:func:`write_record`), compared with the tree later
+(:func:`compare`) to tell whether anything changed since."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["INSTALL_RECORD", "compare", "sha256_file", "write_record"]
+
+#: Name of the install record inside each installed entry.
+INSTALL_RECORD = ".nexabind-install.json"
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _walk(tree: Path) -> Iterator[tuple[str, Path]]:
+    """Every file and link of ``tree`` but the record, sorted, with its ``/``-separated path."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
+            p = Path(dirpath, name)
+            rel = p.relative_to(tree).as_posix()
+            if rel != INSTALL_RECORD:
+                yield rel, p
+
+
+def write_record(
+    tree: Path, info: dict[str, Any], hashes: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Hash every file of a staged tree and write its install record there.
+
+    Args:
+        tree: The staged entry folder.
+        info: What to record besides the files (release, key, artifact, sha256, source).
+        hashes: sha256 already known (taken while extracting), by ``/``-separated path;
+            files not in it are read and hashed.
+
+    Returns:
+        The record written.
+    """
+    files: dict[str, str] = {}
+    links: dict[str, str] = {}
+    for rel, p in _walk(tree):
+        if p.is_symlink():
+            links[rel] = os.readlink(p)
+        else:
+            files[rel] = (hashes or {}).get(rel) or sha256_file(p)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    record = {**info, "installed": now, "files": files, "links": links}
+    (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def compare(tree: Path, record: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Re-hash ``tree`` and compare it with its ``record``.
+
+    Returns:
+        The paths changed (a sha256 or a link target differs), missing (recorded, gone) and
+        added (not recorded).
+    """
+    files: dict[str, str] = record.get("files", {})
+    links: dict[str, str] = record.get("links", {})
+    changed: list[str] = []
+    added: list[str] = []
+    seen = set()
+    for rel, p in _walk(tree):
+        seen.add(rel)
+        if p.is_symlink():
+            if links.get(rel) != os.readlink(p):
+                (changed if rel in links else added).append(rel)
+        elif rel not in files:
+            added.append(rel)
+        elif sha256_file(p) != files[rel]:
+            changed.append(rel)
+    return changed, sorted((set(files) | set(links)) - seen), added
