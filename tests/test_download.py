@@ -19,13 +19,8 @@ from _child import in_thread, ok, run_child
 from _server import Server
 
 from nexabind import cache
-from nexabind._download import (
-    URLRefusedError,
-    _unresolvable,
-    download,
-    open_session,
-    read_manifest,
-)
+from nexabind._download import URLRefusedError, download, open_session, read_manifest
+from nexabind._http import unresolvable
 from nexabind.errors import (
     ChecksumMismatchError,
     DownloadError,
@@ -100,9 +95,9 @@ def test_a_name_that_does_not_resolve_is_not_retried() -> None:
 
     with pytest.raises(requests.ConnectionError) as e:
         requests.get("https://releases.nexabind.invalid/manifest.json", timeout=10)
-    assert _unresolvable(e.value)
+    assert unresolvable(e.value)
     server_down = requests.ConnectionError(OSError("connection refused"))
-    assert not _unresolvable(server_down)
+    assert not unresolvable(server_down)
 
 
 def _partial(folder: Path, prefix: str, data: bytes, sha256: str) -> Path:

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
             "cache",
             "_install_record",
             "_archive",
+            "_http",
             "_download",
             "install",
             "_source",
