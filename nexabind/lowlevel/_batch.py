@@ -1,8 +1,10 @@
-"""``Batch``: a reusable ``llama_batch`` whose arrays are ours, filled in bulk through numpy."""
+"""``Batch``: a reusable ``llama_batch`` whose arrays are ours, filled in bulk."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from nexabind._ffi import ffi
@@ -13,8 +15,8 @@ class Batch:
     """A reusable ``llama_batch`` of up to ``capacity`` tokens, allocated once.
 
     The token, position, sequence and logits arrays are allocated here (cffi owns and frees
-    them), and numpy views over them fill a chunk of a prompt in a few vectorized copies. Each
-    token belongs to one sequence.
+    them), and a chunk of a prompt goes in with a few ``memmove`` copies (numpy views of the
+    arrays are there for callers that want them). Each token belongs to one sequence.
 
     Args:
         capacity: Maximum number of tokens.
@@ -26,8 +28,6 @@ class Batch:
     """
 
     def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
-        import numpy as np
-
         lib()  # the struct's layout was checked against the library when it loaded
         if capacity < 1:
             msg = f"batch capacity must be >= 1, got {capacity}"
@@ -50,20 +50,35 @@ class Batch:
         self.b = b = self._struct[0]
         b.token, b.pos, b.n_seq_id, b.seq_id, b.logits = token, pos, n_seq, seq_ptr, logits
         b.embd = ffi.NULL
-
-        def view(arr: Any, dtype: Any) -> Any:
-            return np.frombuffer(ffi.buffer(arr), dtype=dtype)
-
-        self.tokens = view(token, np.int32)
-        """int32 view of the token ids (the first ``n_tokens`` are in the batch)."""
-        self.positions = view(pos, np.int32)
-        """int32 view of the positions."""
-        self.seq_ids = view(seq, np.int32)
-        """int32 view of each token's sequence."""
-        self.logits = view(logits, np.int8)
-        """int8 view: 1 where llama.cpp computes logits for the token."""
-        view(n_seq, np.int32)[:] = 1
+        ffi.memmove(n_seq, array("i", [1]) * n, 4 * n)
         self._open = True
+
+    # numpy views for callers that index the arrays; made on first use, so that a Llama that
+    # never asks for them does not import numpy (most of a first Llama(...)'s Python time).
+    def _view(self, i: int, dtype: str) -> Any:
+        import numpy as np
+
+        return np.frombuffer(ffi.buffer(self._arrays[i]), dtype=dtype)
+
+    @cached_property
+    def tokens(self) -> Any:
+        """int32 view of the token ids (the first ``n_tokens`` are in the batch)."""
+        return self._view(0, "int32")
+
+    @cached_property
+    def positions(self) -> Any:
+        """int32 view of the positions."""
+        return self._view(1, "int32")
+
+    @cached_property
+    def seq_ids(self) -> Any:
+        """int32 view of each token's sequence."""
+        return self._view(3, "int32")
+
+    @cached_property
+    def logits(self) -> Any:
+        """int8 view: 1 where llama.cpp computes logits for the token."""
+        return self._view(5, "int8")
 
     @property
     def closed(self) -> bool:
@@ -104,18 +119,17 @@ class Batch:
         Raises:
             ValueError: No tokens, more than the batch has room for, or the batch is closed.
         """
-        import numpy as np
-
         at = self.b.n_tokens
         n = len(tokens)
         self._room(at, n)
         end = at + n
-        self.tokens[at:end] = tokens
-        self.positions[at:end] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self.seq_ids[at:end] = seq_id
-        self.logits[at:end] = 0
+        token, pos, _, seq, _, logits = self._arrays
+        ffi.memmove(token + at, _int32(tokens), 4 * n)
+        ffi.memmove(pos + at, array("i", range(pos0, pos0 + n)), 4 * n)
+        ffi.memmove(seq + at, array("i", [seq_id]) * n, 4 * n)
+        ffi.memmove(logits + at, bytes(n), n)
         if logits_last:
-            self.logits[end - 1] = 1
+            logits[end - 1] = 1
         self.b.n_tokens = end
         return end - 1
 
@@ -136,7 +150,7 @@ class Batch:
         self.b.n_tokens = 0
         self.append(tokens, pos0, seq_id)
         if not logits_last:
-            self.logits[: self.b.n_tokens] = 1
+            ffi.memmove(self._arrays[5], b"\x01" * self.b.n_tokens, self.b.n_tokens)
 
     def set_array(self, tokens: Any, pos0: int, *, seq_id: int = 0) -> None:
         """Fill the batch from an int32 buffer (numpy int32, ``array('i')``); only the last
@@ -183,3 +197,14 @@ class Batch:
         b.seq_id[0][0] = seq_id
         b.logits[0] = True
         b.n_tokens = 1
+
+
+def _int32(tokens: Any) -> Any:
+    """``tokens`` as a buffer of C ints: an int32 buffer as it is, anything else converted."""
+    try:
+        view = memoryview(tokens)
+    except TypeError:
+        return array("i", tokens)
+    if view.format in ("i", "=i", "<i") and view.itemsize == 4 and view.c_contiguous:
+        return view
+    return array("i", view.tolist())
