@@ -274,6 +274,24 @@ def _messages(k: int, j: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Request {k}.{j}: tell me a story about {topic}."}]
 
 
+def _run_together(
+    side: Any, threads: list[threading.Thread], barrier: threading.Barrier
+) -> tuple[float, float, float]:
+    """Start the client threads, release them together at ``barrier`` and wait for them all.
+
+    Returns when they were released, the seconds until the last one ended, and the CPU
+    seconds ``side`` spent meanwhile.
+    """
+    for t in threads:
+        t.start()
+    c0 = side.cpu()
+    barrier.wait()
+    t0 = perf()
+    for t in threads:
+        t.join()
+    return t0, perf() - t0, side.cpu() - c0
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -301,20 +319,13 @@ def load(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
                 errors.append(err)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    c0 = side.cpu()
-    barrier.wait()
-    t0 = perf()
-    for t in threads:
-        t.join()
-    seconds = perf() - t0
+    _t0, seconds, cpu_s = _run_together(side, threads, barrier)
     kinds: dict[str, int] = {}
     for e in errors:
         kinds[e] = kinds.get(e, 0) + 1
     return {
         "seconds": seconds,
-        "cpu_s": side.cpu() - c0,
+        "cpu_s": cpu_s,
         "requests": clients * per,
         "tokens": sum(tokens),
         "short": sum(1 for n in tokens if n != n_gen),
@@ -369,17 +380,10 @@ def throughput(side: Any, cfg: dict[str, Any]) -> dict[str, Any]:
         counts.append(side.stream(p, n_gen, firsts))
 
     threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    c0 = side.cpu()
-    barrier.wait()
-    t0 = perf()
-    for t in threads:
-        t.join()
-    seconds = perf() - t0
+    t0, seconds, cpu_s = _run_together(side, threads, barrier)
     return {
         "seconds": seconds,
-        "cpu_s": side.cpu() - c0,
+        "cpu_s": cpu_s,
         "tokens": sum(counts),
         "tok_per_s": sum(counts) / seconds,
         "ttft_s": max(firsts) - t0 if firsts else None,
