@@ -51,9 +51,10 @@ def _key_parts(
     flags: list[str],
     compiler: str,
 ) -> list[Any]:
-    """What a build's cache key hashes: the source (the pinned commit, or a tree's path),
-    target, variant, flags and compiler."""
-    source_id = pin.LLAMA_COMMIT if _source.origin(src) is not None or source is None else str(src)
+    """What a build's cache key hashes: the source (the pinned commit and its patches, or a
+    tree's path), target, variant, flags and compiler."""
+    pinned = _source.origin(src) is not None or source is None
+    source_id = [pin.LLAMA_COMMIT, _source.patches()] if pinned else str(src)
     return [source_id, os_name, arch, variant, flags, compiler]
 
 
@@ -178,6 +179,8 @@ def build(
                 "cmake_flags": flags,
                 "compiler": compiler,
                 "source": fetched or str(src),
+                # A --source tree is built as it is; the pinned source carries our patches.
+                "patches": _source.patches() if fetched else [],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
                 "min_glibc": min_glibc(stage / "lib") if os_name == "linux" else None,

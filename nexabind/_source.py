@@ -2,9 +2,10 @@
 
 :func:`ensure_source` tries git, then GitHub's archive of the commit, then the
 llama-cpp-python sdist (which vendors llama.cpp at the pinned commit; its sha256 is pinned),
-each failing fast, and keeps the tree under ``<build cache>/src/``. The build cache
-(:func:`build_cache_dir`) also holds the builds; it is deliberately not the user cache of
-installed libraries.
+each failing fast, applies this package's patches (``nexabind/patches/*.patch``, see
+:func:`patches`) and keeps the tree under ``<build cache>/src/``, named by commit and patch
+set. The build cache (:func:`build_cache_dir`) also holds the builds; it is deliberately not the
+user cache of installed libraries.
 """
 
 from __future__ import annotations
@@ -22,11 +23,52 @@ from nexabind import pin, settings
 from nexabind.cache import sha256_file
 from nexabind.errors import BuildError
 
-__all__ = ["build_cache_dir", "ensure_sdist", "ensure_source", "origin"]
+__all__ = ["build_cache_dir", "ensure_sdist", "ensure_source", "origin", "patches"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE_MARKER = ".nexabind-source.json"
+_PATCHES = Path(__file__).parent / "patches"
+
+
+def patches() -> list[dict[str, str]]:
+    """The patches applied to the pinned source, in order: ``{"file", "sha256"}`` each.
+
+    They live in ``nexabind/patches/`` (each file says what it fixes and why); builds of the
+    pinned source record them in ``build-info.json``, and they are part of the build's cache
+    key. A ``--source`` tree is built as it is, unpatched.
+    """
+    return [{"file": p.name, "sha256": sha256_file(p)} for p in sorted(_PATCHES.glob("*.patch"))]
+
+
+def _patch_set_id() -> str:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(patches()).encode()).hexdigest()
+    return digest[:8]
+
+
+def _apply_patches(dest: Path) -> None:
+    """Apply :func:`patches` to the fresh tree ``dest`` with ``git apply`` (else ``patch``)."""
+    git, patch = shutil.which("git"), shutil.which("patch")
+    if git is None and patch is None:
+        msg = "applying nexabind's patches to the llama.cpp source needs git or patch: install one"
+        raise BuildError(msg)
+    # No repository above the tree is ever consulted: git apply inside one would take the
+    # patch's paths relative to that repository's top.
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(dest.parent)}
+    gitlink = dest / ".git"  # the sdist's vendor/llama.cpp holds a submodule's .git file
+    if gitlink.is_file():
+        gitlink.unlink()
+    for p in patches():
+        path = _PATCHES / p["file"]
+        cmd = ([git, "apply", "--whitespace=nowarn", str(path)] if git else
+               [str(patch), "-p1", "--forward", "--batch", "-i", str(path)])  # fmt: skip
+        r = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            msg = f"patch {p['file']} does not apply to {dest}: {(r.stderr or r.stdout).strip()}"
+            raise BuildError(msg)
+        log.info("applied %s", p["file"])
 
 
 def build_cache_dir(build_cache: str | os.PathLike[str] | None = None) -> Path:
@@ -154,7 +196,8 @@ def ensure_source(
 
     Tried in order, each failing fast: git (GitHub), the GitHub archive of the commit, the
     llama-cpp-python sdist (``sdist``, else ``NEXABIND_LLAMA_SDIST``, else ``pip download``),
-    whose sha256 is pinned. The tree is cached under ``<build cache>/src/``.
+    whose sha256 is pinned. The fetched tree gets :func:`patches` applied and is cached under
+    ``<build cache>/src/llama.cpp-<commit>-p<patch set>``.
 
     Args:
         source: An existing source tree to use instead (or ``NEXABIND_LLAMA_SOURCE``).
@@ -180,7 +223,7 @@ def ensure_source(
             raise BuildError(msg)
         return path
     root = build_cache_dir(build_cache) / "src"
-    dest = root / f"llama.cpp-{pin.LLAMA_COMMIT}"
+    dest = root / f"llama.cpp-{pin.LLAMA_COMMIT}-p{_patch_set_id()}"
     if (dest / _SOURCE_MARKER).is_file():
         return dest
     root.mkdir(parents=True, exist_ok=True)
@@ -212,7 +255,8 @@ def ensure_source(
                 failures.append(f"{name}: no include/llama.h in the fetched tree")
                 shutil.rmtree(dest, ignore_errors=True)
                 continue
-            marker = {"commit": pin.LLAMA_COMMIT, "from": name}
+            _apply_patches(dest)
+            marker = {"commit": pin.LLAMA_COMMIT, "from": name, "patches": patches()}
             (dest / _SOURCE_MARKER).write_text(json.dumps(marker) + "\n")
             log.info("llama.cpp source from %s in %s", name, dest)
             return dest

@@ -4,7 +4,7 @@ A manifest (schema 1, written by ``nexabind build --out`` and ``build_scripts/ma
 names the llama.cpp commit, the ABI fingerprint of the generated declarations and, per artifact,
 its target, requirements, relative URL, size and sha256::
 
-    {"schema": 1, "release": "llama-0c1e57098-r1", "llama_commit": "0c1e57098",
+    {"schema": 1, "release": "llama-0c1e57098-r2", "llama_commit": "0c1e57098",
      "llama_build": null, "abi_fingerprint": "<64 hex>",
      "artifacts": [{"name": "...tar.gz", "os": "linux", "arch": "x86_64", "variant": "cuda",
                     "min_glibc": "2.35", "min_macos": null, "requires": {"cuda_driver": ">=12.4"},
@@ -118,7 +118,7 @@ class Manifest:
     """A release manifest.
 
     Attributes:
-        release: Release tag, e.g. ``llama-0c1e57098-r1``.
+        release: Release tag, e.g. ``llama-0c1e57098-r2``.
         llama_commit: llama.cpp commit the libraries were built from.
         llama_build: llama.cpp build number, or None.
         abi_fingerprint: sha256 of the generated cdef the libraries match.

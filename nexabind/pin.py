@@ -16,7 +16,8 @@ LLAMA_COMMIT_FULL = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 LLAMA_BUILD: int | None = None
 
 #: Release tag of the prebuilt libraries; bump the ``-rN`` suffix to rebuild the same commit.
-RELEASE = f"llama-{LLAMA_COMMIT}-r1"
+#: r2: the source carries ``nexabind/patches`` (the AMX tile-config fix); r1 was unpatched.
+RELEASE = f"llama-{LLAMA_COMMIT}-r2"
 
 #: Where ``nexabind fetch`` downloads from: ``<base>/<release>/<artifact url>``.
 DEFAULT_BASE_URL = "https://github.com/nexabind/nexabind/releases/download"

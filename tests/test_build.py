@@ -49,7 +49,7 @@ def _sha256(path: Path) -> str:
 
 def test_pin_is_consistent() -> None:
     assert pin.LLAMA_COMMIT == _cdef.LLAMA_COMMIT
-    assert f"llama-{pin.LLAMA_COMMIT}-r1" == pin.RELEASE
+    assert f"llama-{pin.LLAMA_COMMIT}-r2" == pin.RELEASE
     assert pin.DEFAULT_BASE_URL.startswith("https://")
 
 
