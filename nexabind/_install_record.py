@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INSTALL_RECORD", "compare", "sha256_file", "write_record"]
+__all__ = [
+    "INSTALL_RECORD",
+    "compare",
+    "read_record",
+    "sha256_file",
+    "update_record",
+    "write_record",
+]
 
 #: Name of the install record inside each installed entry.
 INSTALL_RECORD = ".nexabind-install.json"
@@ -63,6 +70,40 @@ def write_record(
     record = {**info, "installed": now, "files": files, "links": links}
     (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def read_record(tree: Path) -> dict[str, Any] | None:
+    """The install record of the entry ``tree``, or None when it has none (a local build
+    folder) or it is unreadable."""
+    try:
+        record = json.loads((tree / INSTALL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def update_record(tree: Path, fields: dict[str, Any]) -> bool:
+    """Set ``fields`` in the install record of the entry ``tree`` (replaced in one step).
+
+    Returns:
+        False when ``tree`` holds no install record (a local build folder): nothing written.
+    """
+    import tempfile
+
+    path = tree / INSTALL_RECORD
+    record = read_record(tree)
+    if record is None:
+        return False
+    record.update(fields)
+    fd, tmp = tempfile.mkstemp(dir=tree, prefix=f"{INSTALL_RECORD}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
 
 
 def compare(tree: Path, record: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:

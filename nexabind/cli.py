@@ -333,11 +333,38 @@ def info_cmd(
 @cli.command("doctor")
 @_setting_option(settings.LIB_PATH, type=_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
-    """Load llama.cpp, show what it found, and generate a few tokens with a tiny random model."""
-    # Imported here, not at the top: it loads the binding, which no other command needs.
-    from nexabind.doctor import diagnose
+@click.option(
+    "--all-variants",
+    is_flag=True,
+    help="Decode every weight type with every CPU variant this CPU can run (a child each) and "
+    "compare each with the baseline variant x64; exit 1 if one crashes or diverges.",
+)
+def doctor_cmd(lib_path: str | None, as_json: bool, all_variants: bool) -> None:
+    """Load llama.cpp, show what it found, and decode random models of real weight types.
 
+    The quantized decodes (q4_0, q8_0) run in a child first: if ggml's pick of CPU variant
+    crashes there, the best variant that works is recorded and used from then on.
+    """
+    # Imported here, not at the top: it loads the binding, which no other command needs.
+    from nexabind.doctor import check_all_variants, diagnose
+
+    if all_variants:
+        try:
+            rows = check_all_variants(lib_path)
+        except NexabindError as e:
+            raise click.ClickException(str(e)) from e
+        if as_json:
+            table = [{"variant": r.variant, "score": r.score, "ok": r.ok, "error": r.error,
+                      "verdicts": r.verdicts} for r in rows]  # fmt: skip
+            click.echo(json.dumps(table, indent=1))
+        else:
+            for r in rows:
+                verdict = r.error or ", ".join(f"{d}: {v}" for d, v in r.verdicts.items())
+                click.echo(f"{r.variant:<15} {'ok    ' if r.ok else 'FAILED'} {verdict}")
+        if not all(r.ok for r in rows):
+            raise click.ClickException("a CPU variant crashed or diverged from x64 (above)")
+        click.echo(f"nexabind doctor: OK, {len(rows)} CPU variants agree", err=True)
+        return
     try:
         report = diagnose(lib_path)
     except NexabindError as e:
@@ -351,8 +378,12 @@ def doctor_cmd(lib_path: str | None, as_json: bool) -> None:
         click.echo(f"ABI checked: {'yes' if report['abi_checked'] else 'no (no abi.json)'}")
         click.echo(f"system:      {report['system_info']}")
         click.echo(f"CPU variant: {report['cpu_variant']}")
+        for variant, why in report["cpu_variants_skipped"].items():
+            click.echo(f"skipped:     CPU variant {variant}: {why}")
         for dev in report["devices"]:
             click.echo(f"device:      {dev['name']} ({dev['description']})")
+        for dtype, tokens in report["decoded"].items():
+            click.echo(f"decoded:     {dtype:<6} {tokens} (in a child process)")
         click.echo(f"generated:   {report['tokens']} ({report['tok_per_s']} tok/s)")
     click.echo("nexabind doctor: OK", err=True)
 

@@ -3,8 +3,11 @@
 Both ``nexabind fetch`` and ``nexabind build --install`` install through here, under the
 artifact's lock (:func:`nexabind.cache.file_lock`): the archive is extracted safely into
 ``tmp/`` (:mod:`nexabind._archive`), checked to hold the libraries, ``abi.json`` and
-``build-info.json``, loaded in a child process (a library that crashes or whose ABI differs
-fails there, not here), recorded, and renamed into ``libs/<release>/<key>/`` in one step.
+``build-info.json``, loaded in a child process that also decodes quantized random models (a
+library that crashes or whose ABI differs fails there, not here), recorded, and renamed into
+``libs/<release>/<key>/`` in one step. When ggml's pick of CPU variant crashes in that decode,
+the best variant that decodes is recorded instead (:mod:`nexabind._variants`), and the loader
+loads only that one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nexabind import cache, settings, targets
+from nexabind import _variants, cache, settings, targets
 from nexabind._archive import safe_extract
 from nexabind.errors import (
     AbiMismatchError,
@@ -63,7 +66,12 @@ _SMOKE = (
     "from nexabind import _cdef, _ffi\n"
     "from nexabind.lowlevel import __main__ as smoke\n"
     "folder = sys.stdin.readline().rstrip('\\n')\n"
+    "workdir = sys.stdin.readline().rstrip('\\n')\n"
     "code = smoke.main([folder]) if folder else 2\n"
+    "sys.stdout.flush()\n"
+    "if code == 0:\n"
+    "    from nexabind import _selfcheck, _variants\n"
+    "    code = _selfcheck.main(['decode', folder, workdir, *_variants.CHECK_DTYPES])\n"
     "gc.freeze()\n"
     "sys.exit(code)\n"
 )
@@ -78,11 +86,12 @@ def _smoke_start() -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _smoke_load(proc: subprocess.Popen[str], lib: Path) -> None:
-    """Hand the staged ``lib`` folder to the child: a broken build crashes the child only."""
+def _smoke_load(proc: subprocess.Popen[str], lib: Path, workdir: Path) -> None:
+    """Hand the staged ``lib`` folder (and a folder for the check models) to the child: a
+    broken build crashes the child only."""
     assert proc.stdin is not None
     try:
-        proc.stdin.write(f"{lib}\n")
+        proc.stdin.write(f"{lib}\n{workdir}\n")
         proc.stdin.flush()  # not closed: communicate() in _smoke_finish closes it
     except OSError:
         pass  # the child died already; _smoke_finish reports how
@@ -109,22 +118,30 @@ def smoke_child() -> Iterator[subprocess.Popen[str]]:
         _smoke_stop(proc)
 
 
-def _smoke_finish(proc: subprocess.Popen[str], name: str) -> None:
-    """Wait for :func:`_smoke_start`'s child; raise saying why it failed."""
+def _smoke_finish(proc: subprocess.Popen[str], name: str) -> _variants.Check:
+    """Wait for :func:`_smoke_start`'s child; raise saying why the library failed to load.
+
+    Returns:
+        The decode check of ggml's own pick of CPU variant: failed (``error`` set) when the
+        library loaded but the child died decoding, which :func:`_variants.choose` then
+        works around.
+    """
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired as e:
         _smoke_stop(proc)
         msg = f"loading artifact {name} in a test process did not finish in 300 s; not installed"
         raise LibraryNotFoundError(msg) from e
+    lines = _variants.json_lines(out)
     if proc.returncode == 0:
-        return
-    try:
-        error = json.loads(out.strip().splitlines()[-1])["error"]
-    except (ValueError, IndexError, KeyError, TypeError):
-        code = proc.returncode
-        how = f"signal {-code}" if code < 0 else f"exit status {code}"
-        error = f"the test process ended with {how}: {err.strip()[-500:]}"
+        return _variants.Check(None, lines[-1].get("cpu_variant"), lines[-1].get("results", {}))
+    loaded = bool(lines) and lines[0].get("ok") is True
+    error = lines[-1].get("error") if lines and not lines[-1].get("ok", True) else None
+    if loaded:  # loaded, then failed in the decode: a CPU variant's fault, worked around
+        why = error or f"{_variants.died(proc.returncode)}: {err.strip()[-300:]}"
+        return _variants.Check(None, error=why)
+    if error is None:
+        error = f"the test process {_variants.died(proc.returncode)}: {err.strip()[-500:]}"
     msg = f"artifact {name} does not load on this machine; not installed: {error}"
     raise (AbiMismatchError if error.startswith("ABI mismatch") else LibraryNotFoundError)(msg)
 
@@ -203,13 +220,18 @@ def install_locked(
     try:
         hashes = safe_extract(archive, tree)
         _check_tree(tree, name, _field(entry, "os"))
-        _smoke_load(smoke, tree / "lib")
+        checks = staging / "check-models"
+        checks.mkdir()
+        _smoke_load(smoke, tree / "lib", checks)
         with _writing(archive, f"installing {name}"):
             if discard:  # a download, needed no more: deleted while the child loads the library
                 archive.unlink()
-            info = {"release": release, "key": key, "artifact": name, "sha256": digest}
-            cache.write_record(tree, {**info, "source": source}, hashes)
-        _smoke_finish(smoke, name)
+        choice = _variants.choose(tree / "lib", checks, _smoke_finish(smoke, name))
+        info = {"release": release, "key": key, "artifact": name, "sha256": digest,
+                "source": source, "cpu_variant": choice.variant,
+                "cpu_variant_checked": choice.loaded, "cpu_variants_skipped": choice.skipped}  # fmt: skip
+        with _writing(archive, f"installing {name}"):
+            cache.write_record(tree, info, hashes)
         with _writing(dest, f"installing {name}"):
             dest.parent.mkdir(parents=True, exist_ok=True)
             _swap_in(tree, dest, staging / "previous")

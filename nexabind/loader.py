@@ -13,11 +13,24 @@ import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nexabind import settings
+from nexabind._install_record import INSTALL_RECORD, read_record
 from nexabind.cache import library_dir
 from nexabind.errors import AbiMismatchError, LibraryNotFoundError
-from nexabind.targets import library_names
+from nexabind.targets import cpu_variant_of, library_names
 
-__all__ = ["Handles", "Modules", "abi_file", "check_abi", "library_dir", "load", "loaded_dir"]
+__all__ = [
+    "Handles",
+    "Modules",
+    "abi_file",
+    "backend_modules",
+    "check_abi",
+    "cpu_variant_choice",
+    "library_dir",
+    "load",
+    "loaded_cpu_variant",
+    "loaded_dir",
+]
 
 log = logging.getLogger("nexabind.loader")
 
@@ -193,3 +206,52 @@ def load(lib_path: str | os.PathLike[str] | None = None) -> Handles:
 def loaded_dir() -> Path | None:
     """Return the folder the library was loaded from, or None before :func:`load`."""
     return None if _handles is None else _handles.libdir
+
+
+def backend_modules(libdir: Path) -> tuple[dict[str, Path], list[Path]]:
+    """The ggml backend modules of a library folder: CPU variants by name, and the others
+    (CUDA, Vulkan, RPC, ...). Empty in a build without ``GGML_BACKEND_DL``."""
+    core = set(library_names())
+    cpu: dict[str, Path] = {}
+    others = []
+    for path in sorted(libdir.iterdir()) if libdir.is_dir() else []:
+        name = path.name
+        if name in core or not name.startswith(("libggml-", "ggml-")):
+            continue
+        if not name.endswith((".so", ".dylib", ".dll")):
+            continue  # versioned soname links (libggml-base.so.0) and the like
+        variant = cpu_variant_of(name)
+        if variant is not None:
+            cpu[variant] = path
+        else:
+            others.append(path)
+    return cpu, others
+
+
+def cpu_variant_choice(libdir: Path) -> tuple[str | None, str]:
+    """The CPU variant to load from ``libdir`` instead of ggml's best, and why.
+
+    ``NEXABIND_CPU_VARIANT`` wins; else the variant the install recorded when ggml's own pick
+    failed its decode check (``cpu_variant`` in the install record). ``(None, ...)``: let ggml
+    pick.
+    """
+    given = settings.CPU_VARIANT.get()
+    if given:
+        return str(given), settings.CPU_VARIANT.env
+    chosen = (read_record(libdir.parent) or {}).get("cpu_variant")
+    if isinstance(chosen, str) and chosen:
+        return chosen, f"the install record ({libdir.parent / INSTALL_RECORD})"
+    return None, "ggml's best for this CPU"
+
+
+def loaded_cpu_variant() -> str | None:
+    """The ggml CPU variant this process has loaded (``haswell``, ``zen4``, ``cpu`` for a
+    plain build), read from the mapped module files; None before loading, or off Linux."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    for line in maps.read_text().splitlines():
+        variant = cpu_variant_of(line.rsplit("/", 1)[-1])
+        if variant:
+            return variant
+    return None

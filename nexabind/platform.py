@@ -31,6 +31,7 @@ from typing import Any
 __all__ = [
     "PROBE_TIMEOUT",
     "Platform",
+    "cpu_flags",
     "detect",
     "format_cuda_version",
     "parse_musl_version",
@@ -120,6 +121,19 @@ def _process_arch(os_name: str) -> str:
 
 
 @functools.cache
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        return None
+    return None
+
+
 def target() -> tuple[str, str]:
     """Return ``(os, arch)`` of this process in the names artifacts use; probes no GPU.
 

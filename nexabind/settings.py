@@ -19,6 +19,7 @@ __all__ = [
     "BASE_URL",
     "BUILD_CACHE",
     "CACHE_DIR",
+    "CPU_VARIANT",
     "DOWNLOAD_TIMEOUT",
     "LIB_PATH",
     "LLAMA_SDIST",
@@ -111,6 +112,11 @@ VARIANT = Setting(
     "NEXABIND_VARIANT", "--variant", "cpu, cuda, vulkan or metal",
     "the best variant for this machine",
 )  # fmt: skip
+CPU_VARIANT = Setting(
+    "NEXABIND_CPU_VARIANT", "--cpu-variant",
+    "ggml CPU variant to load (x64, haswell, zen4, ...) instead of the usual choice",
+    "the variant the install checked, else ggml's best for this CPU",
+)  # fmt: skip
 LIB_PATH = Setting(
     "NEXABIND_LIB_PATH", "--lib-path", "Library folder to use instead of the cache (a local build)",
     "none: the library installed in the cache",
@@ -138,6 +144,7 @@ SETTINGS = (
     DOWNLOAD_TIMEOUT,
     LIB_PATH,
     VARIANT,
+    CPU_VARIANT,
     BUILD_CACHE,
     LLAMA_SOURCE,
     LLAMA_SDIST,

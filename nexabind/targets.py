@@ -8,6 +8,8 @@ the cache folder :func:`key`, whose ``lib/`` holds :func:`library_names`.
 
 from __future__ import annotations
 
+import re
+
 from nexabind import pin
 from nexabind.errors import BuildError
 from nexabind.platform import Platform, detect, target
@@ -19,14 +21,17 @@ __all__ = [
     "SERVER_FLAGS",
     "OSES",
     "VARIANTS",
+    "X86_CPU_VARIANTS",
     "artifact_name",
     "cmake_flags",
+    "cpu_variant_of",
     "key",
     "library_names",
     "parse_target",
     "variant_order",
     "variant_order_here",
     "variants_for",
+    "x86_variant_scores",
 ]
 
 #: Operating systems artifacts are built for.
@@ -122,6 +127,58 @@ def library_names(os_name: str | None = None) -> tuple[str, str, str]:
             Unix gets the Linux names).
     """
     return LIBRARY_NAMES.get(os_name or target()[0], LIBRARY_NAMES["linux"])
+
+
+# libggml-cpu-haswell.so, ggml-cpu-armv8.2_1.dll (dots in the tag), or the plain libggml-cpu.so.
+_CPU_MODULE = re.compile(r"(?:lib)?ggml-cpu(?:-([\w.]+?))?\.(?:so|dylib|dll)")
+
+#: The x86 CPU variants that ``GGML_CPU_ALL_VARIANTS`` builds and the features each needs,
+#: from ggml/src/CMakeLists.txt at the pinned commit; the names of /proc/cpuinfo's flags.
+X86_CPU_VARIANTS: dict[str, tuple[str, ...]] = {
+    "x64": (),
+    "sse42": ("sse4_2",),
+    "sandybridge": ("sse4_2", "avx"),
+    "ivybridge": ("sse4_2", "avx", "f16c"),
+    "piledriver": ("sse4_2", "avx", "f16c", "fma"),
+    "haswell": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"),
+    "skylakex": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512"),
+    "cannonlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512vbmi"),
+    "cascadelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512_vnni"),
+    "icelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512vbmi",
+                "avx512_vnni"),
+    "cooperlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512_vnni",
+                   "avx512_bf16"),
+    "zen4": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512vbmi",
+             "avx512_vnni", "avx512_bf16"),
+    "alderlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni"),
+    "sapphirerapids": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512", "avx512vbmi",
+                       "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
+}  # fmt: skip
+# ggml's score weights, lowest first (ggml-cpu/arch/x86/cpu-feats.cpp); "avx512" is ggml's
+# AVX512 level: F, CD, VL, DQ and BW together.
+_X86_SCORE = ("fma", "f16c", "sse4_2", "bmi2", "avx", "avx2", "avx_vnni", "avx512",
+              "avx512vbmi", "avx512_bf16", "avx512_vnni", "amx_int8")  # fmt: skip
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+
+
+def cpu_variant_of(filename: str) -> str | None:
+    """The CPU variant a ggml CPU module's file name says (``cpu`` for the plain one), or None
+    for another file."""
+    m = _CPU_MODULE.fullmatch(filename)
+    return (m.group(1) or "cpu") if m else None
+
+
+def x86_variant_scores(cpu_flags: set[str]) -> dict[str, int]:
+    """ggml's score of each x86 CPU variant on a CPU with ``cpu_flags`` (/proc/cpuinfo's
+    names), for the variants it can run (score above 0), best first."""
+    have = set(cpu_flags)
+    if all(f in have for f in _AVX512):
+        have.add("avx512")
+    scores = {}
+    for name, needs in X86_CPU_VARIANTS.items():
+        if all(f in have for f in needs):
+            scores[name] = 1 + sum(1 << i for i, f in enumerate(_X86_SCORE) if f in needs)
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
 def artifact_name(os_name: str, arch: str, variant: str) -> str:

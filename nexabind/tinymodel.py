@@ -7,6 +7,11 @@ same code path as a real model: tokenizer, embedding, attention with a KV cache,
 A tokenizer either comes from an existing GGUF (every ``tokenizer.*`` key is copied with its
 value type, so llama.cpp's SPM, BPE or WPM tokenizers come along) or is a built-in byte-level
 SPM vocabulary, which needs no file at all.
+
+Quantized models (``ModelSpec(dtype="q4_k")``, ``q4_0``, ``q8_0``, ``iq4_nl``, ``bf16``, ...)
+are written in f32 and then quantized by llama.cpp's own ``llama_model_quantize``
+(:func:`nexabind.lowlevel.quantize`), so they need the library: real models are quantized, and
+the quantized kernels (per-variant SIMD, REPACK, AMX) are different code from f32's.
 """
 
 from __future__ import annotations
@@ -17,23 +22,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "write_random_lora", "write_random_mamba", "write_random_model"]
+from nexabind.lowlevel import QUANT_FTYPES, quantize
+
+__all__ = ["DTYPES", "ModelSpec", "write_random_lora", "write_random_mamba", "write_random_model"]
+
+
+#: Row size (``ne0``) that each weight type's blocks need.
+_BLOCK = {"f32": 1, "f16": 1, "bf16": 1, "q4_0": 32, "q8_0": 32, "iq4_nl": 32,
+          "q4_k": 256, "q5_k": 256, "q6_k": 256}  # fmt: skip
+#: Every weight type :func:`write_random_model` writes.
+DTYPES = tuple(_BLOCK)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of a random llama model. The defaults give a model of a few MB."""
+    """Shape of a random llama model. The defaults give a model of a few MB.
 
-    n_embd: int = 64
+    ``n_embd`` and ``n_ff`` left at 0 pick the smallest widths the weight type's blocks fit:
+    64 and 128, or 256 and 512 for the K-quants (whose blocks hold 256 values).
+    """
+
+    n_embd: int = 0
     n_layer: int = 2
     n_head: int = 4
     n_head_kv: int = 2
-    n_ff: int = 128
+    n_ff: int = 0
     n_ctx_train: int = 2048
     seed: int = 42
-    dtype: str = "f32"  # "f32" or "f16"
+    #: Weight type, one of :data:`DTYPES`: ``f32``, ``f16``, or (through llama.cpp's quantizer)
+    #: ``bf16``, ``q4_0``, ``q4_k``, ``q5_k``, ``q6_k``, ``q8_0``, ``iq4_nl``.
+    dtype: str = "f32"
     pooling: str | None = None  # None, "mean", "cls", "last" or "rank": an embedding model
     chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _BLOCK:
+            msg = f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            raise ValueError(msg)
+        block = _BLOCK[self.dtype]
+        n_embd = self.n_embd or max(64, block)
+        object.__setattr__(self, "n_embd", n_embd)
+        object.__setattr__(self, "n_ff", self.n_ff or 2 * n_embd)
+        if self.n_embd % block or self.n_ff % block:
+            msg = (
+                f"{self.dtype} needs n_embd and n_ff that are multiples of {block} (its block "
+                f"size), got {self.n_embd} and {self.n_ff}; leave them at 0 to pick a fit"
+            )
+            raise ValueError(msg)
 
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3, "rank": 4}
@@ -133,7 +168,7 @@ def write_random_model(
     tok = _vocab_from(vocab) if vocab is not None else _byte_vocab()
     n_vocab = len(tok["tokenizer.ggml.tokens"][0])
     head_dim = spec.n_embd // spec.n_head
-    dtype = {"f32": np.float32, "f16": np.float16}[spec.dtype]
+    dtype = np.float16 if spec.dtype == "f16" else np.float32
     rng = np.random.default_rng(spec.seed)
 
     path = Path(path)
@@ -182,7 +217,17 @@ def write_random_model(
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=1.0))
 
-    return _finish(writer, path)
+    if spec.dtype not in QUANT_FTYPES or spec.dtype == "f16":
+        return _finish(writer, path)
+    if split_max_tensors:
+        msg = "a quantized random model is written as one file (split_max_tensors=0)"
+        raise ValueError(msg)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        f32 = _finish(writer, Path(tmp) / "f32.gguf")
+        staged = Path(tmp) / path.name
+        quantize(f32, staged, spec.dtype)
+        os.replace(staged, path)
+    return path
 
 
 def write_random_lora(

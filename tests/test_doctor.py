@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nexabind.doctor import _variant_of
+from nexabind.targets import cpu_variant_of as _variant_of
 
 
 def _doctor(*args: str) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,6 @@ LAYERS: dict[str, int] = {
             "targets",
             "settings",
             "_version",
-            "tinymodel",
             "_cdef",
             "_gguf",
         ),
@@ -48,6 +47,7 @@ LAYERS: dict[str, int] = {
             "install",
             "_source",
             "_cross",
+            "_variants",
         ),
         1,
     ),
@@ -90,11 +90,12 @@ LAYERS: dict[str, int] = {
             "_chat_plan",
             "_lcp_formats",
             "_function_calling",
+            "tinymodel",
         ),
         4,
     ),  # fmt: skip
     **dict.fromkeys(
-        ("llama", "_llama_core", "_lcp", "_chat_api", "_llama_args", "_sequence", "_probe"), 5
+        ("llama", "_llama_core", "_lcp", "_chat_api", "_llama_args", "_sequence", "_probe", "_selfcheck"), 5
     ),
     **dict.fromkeys(("engine", "_tasks", "_scheduler", "_slots", "doctor"), 6),
     "backends": 7,

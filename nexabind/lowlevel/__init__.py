@@ -40,7 +40,7 @@ from nexabind.lowlevel._lib import (
     time_us,
     version,
 )
-from nexabind.lowlevel._model import Model
+from nexabind.lowlevel._model import QUANT_FTYPES, Model, quantize
 from nexabind.lowlevel._outputs import LogitsView
 from nexabind.lowlevel._sampler import SamplerChain
 
@@ -57,6 +57,7 @@ __all__ = [
     "Model",
     "NumaStrategy",
     "PoolingType",
+    "QUANT_FTYPES",
     "RopeScalingType",
     "SamplerChain",
     "SplitMode",
@@ -70,6 +71,7 @@ __all__ = [
     "max_devices",
     "nonnull",
     "numa_init",
+    "quantize",
     "raise_decode",
     "set_verbose",
     "system_info",

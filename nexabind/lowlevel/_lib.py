@@ -8,16 +8,20 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-from nexabind import _cdef, loader
+from nexabind import _cdef, loader, settings
 from nexabind._ffi import ffi
 from nexabind.errors import (
     ContextOverflowError,
     DecodeCancelled,
     DecodeError,
+    LibraryNotFoundError,
     NexabindError,
 )
+
+log = logging.getLogger(__name__)
 
 _native_log = logging.getLogger("nexabind.llama")
 # Quiet unless the application configures logging: no "last resort" printing of warnings.
@@ -232,11 +236,38 @@ def lib(lib_path: str | os.PathLike[str] | None = None) -> Any:
             L, ggml = handles.lib, handles.ggml
             _state.log_cb = _log_callback()
             L.llama_log_set(_state.log_cb, ffi.NULL)
-            ggml.ggml_backend_load_all_from_path(str(handles.libdir).encode())
+            _load_backends(ggml, handles.libdir)
             L.llama_backend_init()
             _state.ggml = ggml
             _state.lib = L
         return _state.lib
+
+
+def _load_backends(ggml: Any, libdir: Path) -> None:
+    """Load the backend modules of ``libdir``: ggml's best CPU variant, or the one
+    :func:`nexabind.loader.cpu_variant_choice` names, plus every other backend."""
+    variant, why = loader.cpu_variant_choice(libdir)
+    if variant is None:
+        ggml.ggml_backend_load_all_from_path(str(libdir).encode())
+        return
+    cpu, others = loader.backend_modules(libdir)
+    if variant not in cpu:
+        have = ", ".join(sorted(cpu)) or "none (a build without GGML_BACKEND_DL)"
+        msg = (
+            f"CPU variant {variant!r} (from {why}) is not in {libdir}; it has: {have}. Unset "
+            f"{settings.CPU_VARIANT.env} or name one of those"
+        )
+        raise LibraryNotFoundError(msg)
+    if ggml.ggml_backend_load(str(cpu[variant]).encode()) == ffi.NULL:
+        msg = (
+            f"CPU variant {variant!r} (from {why}) does not run on this CPU (ggml scores it 0, "
+            f"or it failed to load: {cpu[variant]}); unset {settings.CPU_VARIANT.env} or name "
+            "a variant this CPU has the instructions for"
+        )
+        raise LibraryNotFoundError(msg)
+    log.info("CPU variant %s (from %s)", variant, why)
+    for path in others:
+        ggml.ggml_backend_load(str(path).encode())  # NULL: a GPU backend without its runtime
 
 
 def ggml() -> Any:

@@ -404,3 +404,57 @@ class Model(Shared):
                 buf = ffi.new("char[]", cap)
                 n = detok(vocab, toks, len(ids), buf, cap, remove_special, unparse_special)
         return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+
+#: The ``llama_ftype`` of each weight type :func:`quantize` writes (every 2-D weight in it).
+QUANT_FTYPES = {
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+}
+
+
+def quantize(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str, *, n_threads: int = 0
+) -> None:
+    """Quantize the GGUF model ``src`` into ``dst`` with llama.cpp's ``llama_model_quantize``.
+
+    Every 2-D weight becomes ``dtype`` (``pure``: token embedding and output too, so each
+    quantized kernel is exercised on its own); norms stay f32.
+
+    Args:
+        src: An f32/f16 GGUF model.
+        dst: Where to write the quantized model.
+        dtype: One of :data:`QUANT_FTYPES` (``q4_0``, ``q4_k``, ``q8_0``, ``iq4_nl``, ...).
+        n_threads: Threads (0: llama.cpp's choice).
+
+    Raises:
+        ValueError: An unknown ``dtype``.
+        ModelLoadError: llama.cpp could not quantize the file (its log says why; a row size
+            that the type's blocks do not divide is the usual cause).
+    """
+    if dtype not in QUANT_FTYPES:
+        msg = f"dtype must be one of {sorted(QUANT_FTYPES)}, got {dtype!r}"
+        raise ValueError(msg)
+    src_path = os.fspath(src)
+    if not os.path.isfile(src_path):
+        msg = f"no model file at {src_path}"
+        raise ModelLoadError(msg)
+    L = lib()
+    params = ffi.new("llama_model_quantize_params *", L.llama_model_quantize_default_params())
+    params.ftype = getattr(L, QUANT_FTYPES[dtype])
+    params.nthread = n_threads
+    params.pure = True
+    rc = L.llama_model_quantize(src_path.encode(), os.fspath(dst).encode(), params)
+    if rc != 0:
+        msg = (
+            f"llama_model_quantize({src_path} -> {dtype}) failed (status {rc}): check that "
+            "every weight's row size is a multiple of the type's block (256 for K-quants, 32 "
+            "for the others)"
+        )
+        raise ModelLoadError(msg)
