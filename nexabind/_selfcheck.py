@@ -102,7 +102,14 @@ def main(argv: list[str]) -> int:
     except (NexabindError, OSError, ValueError) as e:
         print(json.dumps({"ok": False, "error": str(e)}))
         return 1
-    print(json.dumps({"ok": False, "error": f"usage: decode LIBDIR WORKDIR DTYPE... | scores LIBDIR, got {argv}"}))
+    print(
+        json.dumps(
+            {
+                "ok": False,
+                "error": f"usage: decode LIBDIR WORKDIR DTYPE... | scores LIBDIR, got {argv}",
+            }
+        )
+    )
     return 2
 
 

@@ -91,7 +91,9 @@ def _child(args: list[str], variant: str | None, timeout: float) -> tuple[int, d
         return 1, {"error": f"did not finish in {timeout:.0f} s"}
     lines = json_lines(r.stdout)
     report = lines[-1] if lines else {}
-    if r.returncode != 0 and "error" not in report:
+    if r.returncode < 0:  # a signal says it all; stderr holds only the log before it
+        report["error"] = died(r.returncode)
+    elif r.returncode != 0 and "error" not in report:
         report["error"] = f"{died(r.returncode)}: {r.stderr.strip()[-300:]}".rstrip(": ")
     return r.returncode, report
 
@@ -172,7 +174,7 @@ def compare(base: dict[str, Any], other: dict[str, Any]) -> str:
     """One variant's greedy tokens against the baseline's, in words: ``agrees``, ``near tie at
     token k`` (the baseline's margin there was under :data:`NEAR_TIE`), or ``diverges at token
     k (margin m)``."""
-    for k, (a, b) in enumerate(zip(base["tokens"], other["tokens"])):
+    for k, (a, b) in enumerate(zip(base["tokens"], other["tokens"], strict=False)):
         if a != b:
             margin = base["gaps"][k]
             if margin < NEAR_TIE:
@@ -192,7 +194,9 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(not v.startswith("diverges") for v in self.verdicts.values())
+        return self.error is None and all(
+            not v.startswith("diverges") for v in self.verdicts.values()
+        )
 
 
 def check_all(libdir: Path, workdir: Path, dtypes: tuple[str, ...]) -> list[Row]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -332,6 +333,7 @@ def info_cmd(
 
 @cli.command("doctor")
 @_setting_option(settings.LIB_PATH, type=_folder)
+@_setting_option(settings.CPU_VARIANT)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--all-variants",
@@ -339,7 +341,9 @@ def info_cmd(
     help="Decode every weight type with every CPU variant this CPU can run (a child each) and "
     "compare each with the baseline variant x64; exit 1 if one crashes or diverges.",
 )
-def doctor_cmd(lib_path: str | None, as_json: bool, all_variants: bool) -> None:
+def doctor_cmd(
+    lib_path: str | None, cpu_variant: str | None, as_json: bool, all_variants: bool
+) -> None:
     """Load llama.cpp, show what it found, and decode random models of real weight types.
 
     The quantized decodes (q4_0, q8_0) run in a child first: if ggml's pick of CPU variant
@@ -348,6 +352,8 @@ def doctor_cmd(lib_path: str | None, as_json: bool, all_variants: bool) -> None:
     # Imported here, not at the top: it loads the binding, which no other command needs.
     from nexabind.doctor import check_all_variants, diagnose
 
+    if cpu_variant:  # read where the library loads, here and in the check children
+        os.environ[settings.CPU_VARIANT.env] = cpu_variant
     if all_variants:
         try:
             rows = check_all_variants(lib_path)

@@ -13,7 +13,6 @@ loads only that one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -133,12 +132,15 @@ def _smoke_finish(proc: subprocess.Popen[str], name: str) -> _variants.Check:
         msg = f"loading artifact {name} in a test process did not finish in 300 s; not installed"
         raise LibraryNotFoundError(msg) from e
     lines = _variants.json_lines(out)
+    last = lines[-1] if lines else {}
     if proc.returncode == 0:
-        return _variants.Check(None, lines[-1].get("cpu_variant"), lines[-1].get("results", {}))
-    loaded = bool(lines) and lines[0].get("ok") is True
-    error = lines[-1].get("error") if lines and not lines[-1].get("ok", True) else None
-    if loaded:  # loaded, then failed in the decode: a CPU variant's fault, worked around
-        why = error or f"{_variants.died(proc.returncode)}: {err.strip()[-300:]}"
+        return _variants.Check(None, last.get("cpu_variant"), last.get("results", {}))
+    error = None if last.get("ok", True) else last.get("error")
+    # Loaded, then failed in the decode, or killed by a signal while loading the backends: a
+    # CPU variant's fault, which _variants.choose works around.
+    if (lines and lines[0].get("ok") is True) or proc.returncode < 0:
+        why = _variants.died(proc.returncode) if proc.returncode < 0 else error
+        why = why or f"{_variants.died(proc.returncode)}: {err.strip()[-300:]}"
         return _variants.Check(None, error=why)
     if error is None:
         error = f"the test process {_variants.died(proc.returncode)}: {err.strip()[-500:]}"
@@ -227,9 +229,11 @@ def install_locked(
             if discard:  # a download, needed no more: deleted while the child loads the library
                 archive.unlink()
         choice = _variants.choose(tree / "lib", checks, _smoke_finish(smoke, name))
-        info = {"release": release, "key": key, "artifact": name, "sha256": digest,
-                "source": source, "cpu_variant": choice.variant,
-                "cpu_variant_checked": choice.loaded, "cpu_variants_skipped": choice.skipped}  # fmt: skip
+        info = {
+            "release": release, "key": key, "artifact": name, "sha256": digest, "source": source,
+            "cpu_variant": choice.variant, "cpu_variant_checked": choice.loaded,
+            "cpu_variants_skipped": choice.skipped,
+        }  # fmt: skip
         with _writing(archive, f"installing {name}"):
             cache.write_record(tree, info, hashes)
         with _writing(dest, f"installing {name}"):

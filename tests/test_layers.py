@@ -95,7 +95,17 @@ LAYERS: dict[str, int] = {
         4,
     ),  # fmt: skip
     **dict.fromkeys(
-        ("llama", "_llama_core", "_lcp", "_chat_api", "_llama_args", "_sequence", "_probe", "_selfcheck"), 5
+        (
+            "llama",
+            "_llama_core",
+            "_lcp",
+            "_chat_api",
+            "_llama_args",
+            "_sequence",
+            "_probe",
+            "_selfcheck",
+        ),
+        5,
     ),
     **dict.fromkeys(("engine", "_tasks", "_scheduler", "_slots", "doctor"), 6),
     "backends": 7,
