@@ -320,3 +320,32 @@ def test_ensure_sdist_checks_the_file_it_is_given(tmp_path: Path, monkeypatch) -
     monkeypatch.setenv("NEXABIND_LLAMA_SDIST", str(fake))
     with pytest.raises(BuildError, match="sha256 is .*; not using it"):
         ensure_sdist(tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("cc", "cxx"),
+    [
+        ("/usr/bin/clang", "/usr/bin/clang++"),
+        ("/opt/llvm-19/bin/clang-19", "/opt/llvm-19/bin/clang++-19"),
+        ("clang", "clang++"),
+    ],
+)
+def test_the_arm64_toolchain_names_clang_plus_plus_on_this_cmake(
+    tmp_path: Path, cc: str, cxx: str
+) -> None:
+    """The toolchain file is read again inside try_compile; CMake 3.25 (Debian 12) refused its
+    old regex back-reference ("out-of-range escape") when the compiler had no version suffix."""
+    import nexabind
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("no cmake")
+    toolchain = Path(nexabind.__file__).parent / "toolchains" / "linux-arm64.cmake"
+    script = tmp_path / "probe.cmake"
+    script.write_text(
+        f'set(CMAKE_C_COMPILER "{cc}")\ninclude("{toolchain}")\n'
+        'message(STATUS "CXX=${CMAKE_CXX_COMPILER}")\n'
+    )
+    r = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"CXX={cxx}" in r.stdout
