@@ -58,6 +58,20 @@ def _key_parts(
     return [source_id, os_name, arch, variant, flags, compiler]
 
 
+def _local_cpu_variants(all_variants: bool | None, out: object) -> list[str] | None:
+    """The CPU variants a build for this machine makes: ggml's pick for this CPU and ``x64``
+    (the baseline, for ``doctor --all-variants`` and the install's fallback); None: all."""
+    if all_variants or (all_variants is None and out is not None):
+        return None
+    from nexabind.platform import cpu_flags
+
+    flags = cpu_flags()
+    if host_target() != ("linux", "x86_64") or flags is None:
+        return None
+    ranked = list(targets.x86_variant_scores(flags))
+    return sorted({ranked[0], "x64"})
+
+
 def _build_dir(
     build_cache: str | os.PathLike[str] | None,
     target: tuple[str, str, str],
@@ -85,6 +99,7 @@ def build(
     progress: bool | None = None,
     target: str | None = None,
     with_server: bool = False,
+    all_variants: bool | None = None,
 ) -> Path:
     """Build llama.cpp for this host (or reuse the cached build) and stage an artifact.
 
@@ -109,6 +124,11 @@ def build(
             :data:`nexabind.targets.SERVER_FLAGS`, a build of its own in the cache) and return
             its folder: ``bin/llama-server`` beside the library build's libraries (see
             :func:`server_binary`). Not with ``out``, ``install`` or ``target``.
+        all_variants: Build every CPU variant of the target (what a release artifact needs to
+            run on every CPU), or only this CPU's best and the baseline ``x64`` (a build for
+            this machine: a third of the compile). Default: every variant with ``out`` (an
+            artifact to publish), this CPU's otherwise. Only x86_64 Linux hosts know their
+            CPU's variants; other builds make every variant.
 
     Returns:
         The staged artifact folder (``lib/``, ``include/``, ``abi.json``, ...); with
@@ -143,6 +163,11 @@ def build(
         cc = cross.cc
     compiler = compiler_version(cc)
     fetched = _source.origin(src)
+    # The subset needs patches/0002, so a --source tree (built as it is) makes every variant.
+    pinned = fetched is not None and cross is None
+    cpu_variants = _local_cpu_variants(all_variants, out) if pinned else None
+    if cpu_variants is not None:  # patches/0002: only these of GGML_CPU_ALL_VARIANTS
+        flags.append(f"-DGGML_CPU_VARIANTS={';'.join(cpu_variants)}")
     key_parts = _key_parts(source, src, os_name, arch, variant, flags, compiler)
     if cross is not None:
         # The toolchain's content is part of the key, not its path (one per checkout).
@@ -181,6 +206,7 @@ def build(
                 "source": fetched or str(src),
                 # A --source tree is built as it is; the pinned source carries our patches.
                 "patches": _source.patches() if fetched else [],
+                "cpu_variants": cpu_variants or "all",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
                 "min_glibc": min_glibc(stage / "lib") if os_name == "linux" else None,

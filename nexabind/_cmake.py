@@ -1,16 +1,21 @@
 """CMake and the C compiler: finding them, and configuring and building llama.cpp with them,
-the output appended to a log and ninja's progress shown as a bar (on request)."""
+the output appended to a log and ninja's progress shown as a bar on a terminal, or as a log
+line at each tenth of the steps elsewhere."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 
 from nexabind.errors import BuildError
+
+log = logging.getLogger("nexabind.build")
 
 __all__ = ["cmake_build", "compiler_version", "require_tools", "run_logged"]
 
@@ -52,10 +57,24 @@ def compiler_version(cc: str) -> str:
     return out[0] if out else cc
 
 
+def _log_progress(
+    label: str, done: int, total: int, reported: tuple[int, float]
+) -> tuple[int, float]:
+    """Without a terminal for a bar, a log line at each tenth of the steps (a log file, CI)."""
+    tenth = done * 10 // max(total, 1)
+    if tenth <= reported[0]:
+        return reported
+    elapsed = time.monotonic() - reported[1]
+    log.info("%s: %d/%d steps (%d%%), %dm%02ds", label, done, total, 100 * done // max(total, 1),
+             elapsed // 60, elapsed % 60)  # fmt: skip
+    return tenth, reported[1]
+
+
 def run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> None:
     """Run ``cmd`` appending to ``log``, drive a bar from ninja's ``[n/N]``, raise on failure."""
     tail: deque[str] = deque(maxlen=40)
     bar = None
+    reported = (-1, time.monotonic())  # (last tenth logged, start)
     with log.open("a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -68,6 +87,8 @@ def run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> None
                 f.write(line)
                 tail.append(line.rstrip("\n"))
                 m = re.match(_PROGRESS, line)
+                if m and not progress:
+                    reported = _log_progress(label, int(m.group(1)), int(m.group(2)), reported)
                 if m and progress:
                     if bar is None:
                         from tqdm import tqdm

@@ -90,7 +90,7 @@ def _build_instead(
             return hit.lib
         prefix = f"{release}{cache.SEP}{key}{cache.SEP}build-"
         with tempfile.TemporaryDirectory(dir=root / "tmp", prefix=prefix) as out:
-            _build.build(variant, out=out, progress=progress)
+            _build.build(variant, out=out, progress=progress, all_variants=False)
             data = json.loads((Path(out) / "manifest.json").read_text())
             entry = next(a for a in data["artifacts"] if a["variant"] == variant)
             archive = Path(out) / entry["name"]

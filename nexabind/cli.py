@@ -124,6 +124,13 @@ def cli() -> None:
     help="Cross-build for linux-arm64 or windows-x86_64 (cpu, with --out) [default: this machine].",
 )
 @click.option(
+    "--all-variants",
+    is_flag=True,
+    default=None,
+    help="Build every CPU variant (what a published artifact needs) [default: with --out; "
+    "else this CPU's best variant and the baseline x64].",
+)
+@click.option(
     "--with-server",
     is_flag=True,
     help="Build llama-server instead (after the library; for serve --engine llama-server) and "
@@ -139,6 +146,7 @@ def build_cmd(
     jobs: int | None,
     cmake_args: tuple[str, ...],
     target: str | None,
+    all_variants: bool | None,
     with_server: bool,
 ) -> None:
     """Build llama.cpp from source for this machine (cached), like the release CI does.
@@ -160,6 +168,7 @@ def build_cmd(
                 jobs=jobs,
                 target=target,
                 with_server=with_server,
+                all_variants=all_variants,
             )
     except NexabindError as e:
         raise click.ClickException(str(e)) from e

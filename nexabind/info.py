@@ -6,12 +6,14 @@ here downloads or loads a library.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from nexabind import manifest as _manifest
 from nexabind import pin, settings, targets
+from nexabind._install_record import read_record
 from nexabind._source import build_cache_dir
 from nexabind._version import __version__
 from nexabind.cache import cache_root, installed, library_dir
@@ -123,14 +125,39 @@ def gather(
         }
     report["settings"] = _settings(cache_dir, variant)
     try:
-        report["library"] = {"path": str(library_dir()), "error": None}
+        lib = library_dir()
+        report["library"] = {"path": str(lib), "error": None, "cpu": _cpu_variants(lib)}
     except NexabindError as e:
-        report["library"] = {"path": None, "error": str(e)}
+        report["library"] = {"path": None, "error": str(e), "cpu": None}
     report["installed"] = [
         dict(i.to_dict(), in_use=str(i.lib.resolve()) == report["library"]["path"])
         for i in installed(cache_dir)
     ]
     return report
+
+
+def _cpu_variants(lib: Path) -> dict[str, Any]:
+    """Which CPU variants ``lib`` holds, which one loads and why, and which were skipped."""
+    record = read_record(lib.parent) or {}
+    try:
+        built = json.loads((lib.parent / "build-info.json").read_text()).get("cpu_variants")
+    except (OSError, ValueError, AttributeError):
+        built = None
+    forced = settings.CPU_VARIANT.get()
+    if forced:
+        loads = f"{forced} ({settings.CPU_VARIANT.env})"
+    elif record.get("cpu_variant"):
+        loads = f"{record['cpu_variant']} (the install record: ggml's pick failed its check)"
+    else:
+        checked = record.get("cpu_variant_checked")
+        loads = "ggml's best for this CPU" + (
+            f" ({checked}, checked at install)" if checked else ""
+        )
+    return {
+        "built": built or "all",
+        "loads": loads,
+        "skipped": record.get("cpu_variants_skipped") or {},
+    }
 
 
 def render(report: dict[str, Any]) -> str:
@@ -183,6 +210,10 @@ def render(report: dict[str, Any]) -> str:
     lib = report["library"]
     if lib["path"]:
         lines.append(f"library:        {lib['path']}")
+        cpu = lib["cpu"]
+        built = cpu["built"] if isinstance(cpu["built"], str) else ", ".join(cpu["built"])
+        lines.append(f"  CPU variants: {built}; loads {cpu['loads']}")
+        lines += [f"  skipped:      {v}: {why}" for v, why in cpu["skipped"].items()]
     else:
         lines.append("library:        none yet")
         lines += [f"  {line}" for line in lib["error"].splitlines()]

@@ -122,23 +122,25 @@ CHATML = (
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
-    """A small random llama model with llama.cpp's SPM tokenizer and a ChatML template."""
+    """A small random llama model with llama.cpp's SPM tokenizer and a ChatML template, its
+    weights quantized to q8_0 as real models' are (the quantized kernels, REPACK included, are
+    other code than f32's): the Llama, Engine, server and structured-output tests run on it."""
     from nexabind.tinymodel import ModelSpec, write_random_model
 
-    path = tmp_path_factory.mktemp("models") / "tiny-llama.gguf"
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-q8_0.gguf"
     vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
-    write_random_model(path, ModelSpec(chat_template=CHATML), vocab=vocab)
+    write_random_model(path, ModelSpec(chat_template=CHATML, dtype="q8_0"), vocab=vocab)
     return path
 
 
 @pytest.fixture(scope="session")
 def embed_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
-    """A small random llama model with mean pooling (an embedding model)."""
+    """A small random llama model with mean pooling (an embedding model), quantized to q4_0."""
     from nexabind.tinymodel import ModelSpec, write_random_model
 
-    path = tmp_path_factory.mktemp("models") / "tiny-embed.gguf"
+    path = tmp_path_factory.mktemp("models") / "tiny-embed-q4_0.gguf"
     vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
-    write_random_model(path, ModelSpec(pooling="mean", seed=7), vocab=vocab)
+    write_random_model(path, ModelSpec(pooling="mean", seed=7, dtype="q4_0"), vocab=vocab)
     return path
 
 

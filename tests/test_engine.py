@@ -61,17 +61,28 @@ def _ids(tokens) -> list[int]:
     return [t.id for t in tokens]
 
 
+def _near_tie(llm: Llama, prompt: str, want: list[int], got: list[int]) -> bool:
+    """Whether ``got`` leaves ``want`` where the two tokens' logits (run alone) are within a
+    hundredth: a quantized model's kernels differ with the batch's shape (one row or many,
+    REPACK's gemm or gemv), which can flip a near tie but never a clear choice."""
+    k = next(i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b)
+    llm.reset()
+    llm.eval(llm.tokenize(prompt.encode()) + want[:k])
+    row = llm.scores[llm.n_tokens - 1]
+    return bool(abs(row[want[k]] - row[got[k]]) < 1e-2)
+
+
 def test_32_threads_over_4_slots_each_get_their_own_tokens(
     engine: Engine, tiny_model: Path
 ) -> None:
     rng = random.Random(0)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) for _ in range(96)]
     want = {}
-    with Llama(tiny_model, n_ctx=512, n_threads=1) as llm:
-        for p in set(prompts):
-            llm.reset()
-            want[p] = _ids(llm.generate(p, max_tokens=32, **GREEDY))
-    wrong: list[str] = []
+    llm = Llama(tiny_model, n_ctx=512, n_threads=1)
+    for p in set(prompts):
+        llm.reset()
+        want[p] = _ids(llm.generate(p, max_tokens=32, **GREEDY))
+    wrong: list[tuple[str, list[int]]] = []
 
     def client(k: int) -> None:
         for j in range(3):
@@ -82,13 +93,15 @@ def test_32_threads_over_4_slots_each_get_their_own_tokens(
                 tid = engine.create_task(prompt=p, max_tokens=32, **GREEDY)
                 got = _ids(engine.result(tid, timeout=120)["tokens"])
             if got != want[p]:
-                wrong.append(p)
+                wrong.append((p, got))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    with llm:
+        wrong = [(p, got) for p, got in wrong if not _near_tie(llm, p, want[p], got)]
     assert not wrong, f"{len(wrong)} of 96 results differ from the prompt run alone"
     status = engine.status()
     assert status["slots_busy"] == 0 and status["queue"] == 0

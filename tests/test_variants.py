@@ -126,7 +126,7 @@ def test_doctor_works_around_a_variant_that_dies_and_records_the_choice(
 
 
 def test_install_records_the_best_variant_that_decodes(
-    release_mirror: Path, tmp_path: Path, libdir: Path, _isolated_cache: Path
+    release_mirror: Path, tmp_path: Path, libdir: Path, _isolated_cache: Path, monkeypatch
 ) -> None:
     tree = tmp_path / "tree"
     safe_extract(art.archive(release_mirror), tree)
@@ -142,6 +142,12 @@ def test_install_records_the_best_variant_that_decodes(
     assert record["cpu_variant"] == next(iter(targets.x86_variant_scores(cpu_flags() or set())))
     assert record["cpu_variants_skipped"] == {"zzpoison": "died of SIGILL (Illegal instruction)"}
     assert record["cpu_variant_checked"] == record["cpu_variant"]
+    from nexabind.info import gather, render
+
+    monkeypatch.delenv("NEXABIND_LIB_PATH", raising=False)
+    text = render(gather())
+    assert f"loads {record['cpu_variant']} (the install record" in text
+    assert "skipped:      zzpoison: died of SIGILL (Illegal instruction)" in text
 
 
 def test_an_unknown_or_unrunnable_cpu_variant_is_a_clear_error(libdir: Path) -> None:
