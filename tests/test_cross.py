@@ -10,14 +10,13 @@ tiny test model greedily; its tokens are compared with the same program's on thi
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _greedy import greedy_exe, run_greedy
 from conftest import CrossBuild
 
 from nexabind import _cdef, _cross, build, loader
@@ -25,10 +24,6 @@ from nexabind._source import ensure_source
 from nexabind.errors import BuildError
 from nexabind.targets import LIBRARY_NAMES, parse_target
 
-ROOT = Path(__file__).resolve().parent.parent
-GREEDY = ROOT / "build_scripts" / "greedy.c"
-PROMPT = "Once upon a time, in a small village by the sea,"
-N_TOKENS = 24
 # What ggml picks on qemu's "max" arm64 CPU: SVE2 (armv8.6_2), plus SME from qemu 7.1 (armv9.2_2).
 MAX_VARIANTS = {"libggml-cpu-armv8.6_2.so", "libggml-cpu-armv9.2_2.so"}
 
@@ -69,35 +64,15 @@ def test_probe_ran_on_the_target(cross: CrossBuild) -> None:
     loader.check_abi(abi, str(cross.tree / "abi.json"))
 
 
-def _greedy_exe(tools: _cross.Cross | None, src: Path, dest: Path) -> list[str]:
-    """Compile build_scripts/greedy.c for the target (None: this host); return how to run it."""
-    exe = dest / ("greedy" + (tools.exe_suffix if tools else ""))
-    if not exe.exists():
-        incs = [f"-I{src / 'include'}", f"-I{src / 'ggml' / 'include'}"]
-        cc = [tools.cc, *tools.cc_args] if tools else ["cc"]
-        libs = ["-lpsapi"] if tools and tools.os == "windows" else ["-ldl"]
-        subprocess.run([*cc, "-O2", *incs, str(GREEDY), "-o", str(exe), *libs], check=True)
-    return [*(tools.runner if tools else ()), str(exe)]
-
-
-def _run_greedy(cmd: list[str], libdir: Path, model: Path, env: dict[str, str]) -> dict:
-    r = subprocess.run(
-        [*cmd, str(libdir), str(model), str(N_TOKENS), PROMPT],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
-
-
 def test_generates_under_emulation_like_this_host(
     cross: CrossBuild, libdir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     target, tools, out, extracted = cross.target, cross.tools, cross.out, cross.tree
     src = ensure_source()
-    here = _run_greedy(
-        _greedy_exe(None, src, tmp_path_factory.mktemp("native")), libdir, tiny_model, {}
+    here = run_greedy(
+        greedy_exe(None, src, tmp_path_factory.mktemp("native")), libdir, tiny_model, {}
     )
-    there = _run_greedy(_greedy_exe(tools, src, out), extracted / "lib", tiny_model, tools.env)
+    there = run_greedy(greedy_exe(tools, src, out), extracted / "lib", tiny_model, tools.env)
     assert there["backends"] == ["CPU"] and there["devices"]
     if target == "windows-x86_64":
         assert there["cpu_variant"].startswith("ggml-cpu-")
@@ -116,9 +91,9 @@ def test_arm64_dispatch_follows_the_cpu(
     """ggml_backend_load_all_from_path picks the variant the (emulated) CPU can run."""
     arm = cross_build("linux-arm64")
     extracted = arm.tree
-    exe = _greedy_exe(arm.tools, ensure_source(), arm.out)
+    exe = greedy_exe(arm.tools, ensure_source(), arm.out)
     picked = {
-        cpu: _run_greedy(exe, extracted / "lib", tiny_model, {"QEMU_CPU": cpu})["cpu_variant"]
+        cpu: run_greedy(exe, extracted / "lib", tiny_model, {"QEMU_CPU": cpu})["cpu_variant"]
         for cpu in ("cortex-a53", "cortex-a76", "max")
     }
     assert picked["cortex-a53"] == "libggml-cpu-armv8.0_1.so"  # armv8.0: no dotprod
