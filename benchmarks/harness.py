@@ -58,6 +58,14 @@ def model_specs() -> dict[str, Any]:
             n_embd=512, n_layer=8, n_head=8, n_head_kv=4, n_ff=1408, dtype="f16", seed=4
         ),
         "embed": ModelSpec(pooling="mean", seed=7),
+        # The same shape quantized by llama.cpp, for the CPU variant suite: q8_0 and q4_0 are the
+        # types AMX and REPACK take.
+        **{
+            f"100mb-{q}": ModelSpec(
+                n_embd=512, n_layer=8, n_head=8, n_head_kv=4, n_ff=1408, dtype=q, seed=4
+            )
+            for q in ("q8_0", "q4_0")
+        },
     }
 
 

@@ -34,6 +34,7 @@ SECTIONS = [
     "decode",
     "decode vs llama-cpp-python",
     "prefill",
+    "CPU variants",
     "per-token cost in Python",
     "per-token instructions (valgrind)",
     "embeddings",
