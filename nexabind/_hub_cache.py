@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nexabind import _gguf, cache
+from nexabind._files import write_atomic
 from nexabind._hub_names import (
     ModelRef,
     choose,
@@ -212,9 +213,7 @@ def write_ref(repo_dir: Path, revision: str, commit: str) -> None:
     if _read_ref(repo_dir, revision) == commit:
         return
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    write_atomic(ref, commit)
 
 
 def _snapshot_files(snap: Path) -> dict[str, Path]:
@@ -422,9 +421,7 @@ def read_used() -> dict[str, float]:
 def _write_used(used: dict[str, float]) -> None:
     path = _used_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(used, indent=0, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(used, indent=0, sort_keys=True))
 
 
 def mark_used(model: CachedModel | str | os.PathLike[str]) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nexabind._files import write_atomic
+
 __all__ = ["INSTALL_RECORD", "compare", "sha256_file", "write_record"]
 
 #: Name of the install record inside each installed entry.
@@ -61,7 +63,7 @@ def write_record(
             files[rel] = (hashes or {}).get(rel) or sha256_file(p)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {**info, "installed": now, "files": files, "links": links}
-    (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    write_atomic(tree / INSTALL_RECORD, json.dumps(record, indent=1) + "\n")
     return record
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from nexabind._files import write_atomic
 from nexabind.errors import ContextOverflowError, NexabindError, StateError
 from nexabind.llama import Llama
 
@@ -166,9 +167,7 @@ class Conversation:
         }
         blob = json.dumps(header).encode()
         state = bytes(self.llama.save_state())  # the checked byte form of the LlamaState
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        tmp.write_bytes(_MAGIC + struct.pack("<Q", len(blob)) + blob + state)
-        os.replace(tmp, path)
+        write_atomic(path, _MAGIC + struct.pack("<Q", len(blob)) + blob + state)
 
     def load(self, path: str | os.PathLike[str]) -> bool:
         """Read what :meth:`save` wrote; return whether the model's state came with it.

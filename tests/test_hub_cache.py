@@ -6,12 +6,13 @@ Models get into the hub cache through pulls from the loopback hub (tests/_hub.py
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from _hub import Hub, cached_blobs
 
-from nexabind import hub
+from nexabind import _hub_cache, cache, hub
 from nexabind.errors import DownloadError, ModelNotFoundError
 
 TINY = "acme/tiny-GGUF"
@@ -59,3 +60,19 @@ def test_a_split_model_missing_a_part_is_not_listed(hf_hub: Hub) -> None:
     snap = hub.hub_cache_dir() / "models--acme--split-GGUF" / "snapshots"
     assert len(list(snap.rglob("*.gguf"))) == 2  # two parts arrived
     assert hub.models() == [] and hub.find(SPLIT) is None
+
+
+def test_writes_never_follow_a_link_planted_at_a_temp_name(tmp_path: Path) -> None:
+    # The names the writes used before: .<name>.<pid>.tmp beside the file.
+    canary = tmp_path / "canary"
+    canary.write_text("keep")
+    repo = tmp_path / "models--acme--x"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / f".main.{os.getpid()}.tmp").symlink_to(canary)
+    _hub_cache.write_ref(repo, "main", "abc")
+    assert (repo / "refs" / "main").read_text() == "abc"
+    cache.cache_root().mkdir(parents=True)
+    (cache.cache_root() / f".models-used.json.{os.getpid()}.tmp").symlink_to(canary)
+    hub.mark_used(tmp_path / "m.gguf")
+    assert str(tmp_path / "m.gguf") in _hub_cache.read_used()
+    assert canary.read_text() == "keep"

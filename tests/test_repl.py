@@ -90,6 +90,28 @@ def test_save_and_load_bring_back_the_conversation_and_the_cache(
         conv.load(tmp_path / "junk")
 
 
+def test_save_writes_through_a_fresh_temp_file_and_leaves_nothing_behind(
+    llm: Llama, tmp_path: Path
+) -> None:
+    conv = Conversation(llm, max_tokens=4, **GREEDY)
+    list(conv.reply("Hello"))
+    canary = tmp_path / "canary"
+    canary.write_text("keep")
+    target = tmp_path / "chat.bin"
+    planted = Path(f"{target}.{os.getpid()}.tmp")  # the temp name /save used before
+    planted.symlink_to(canary)
+    conv.save(target)
+    assert canary.read_text() == "keep"
+    assert Conversation(llm).load(target) is True
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="Is a directory"):
+        conv.save(tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["canary", "chat.bin", planted.name, "folder"]
+    )
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
 def test_the_commands(llm: Llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [
         "/help", "/system Answer in French.", "/system", "Hello", "/save", f"/save {tmp_path}/c",
