@@ -5,6 +5,11 @@ huggingface_hub: a model whose files are all in a snapshot is a :class:`CachedMo
 else is listed. :func:`remove` deletes a model's snapshot files and the blobs no other snapshot
 uses. When each model was last loaded is kept in nexabind's cache (``models-used.json``).
 Nothing here reaches the network.
+
+A folder of the cache that is a link (a repository, a snapshot) is not followed: what it holds
+is not listed, and nothing is removed through it. A removal stays in the repository: a snapshot
+file in its ``snapshots/``, a blob in its own ``blobs/``; a link that points elsewhere is removed
+as a link, and what it points to stays.
 """
 
 from __future__ import annotations
@@ -13,14 +18,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from nexabind import _gguf, cache
-from nexabind._files import write_atomic
+from nexabind._files import remove_within, write_atomic
 from nexabind._hub_names import (
     ModelRef,
     choose,
@@ -39,6 +43,7 @@ __all__ = [
     "models",
     "read_used",
     "remove",
+    "remove_copy",
     "repo_folder",
     "repo_models",
     "snapshots",
@@ -181,11 +186,21 @@ def _repo_of(folder: str) -> str | None:
     return folder[len("models--") :].replace("--", "/")
 
 
+def _folder(p: Path) -> bool:
+    """``p`` is a folder, not a link to one (the cache's folders are never followed)."""
+    return p.is_dir() and not p.is_symlink()
+
+
 def snapshots(repo_dir: Path) -> list[Path]:
-    """The repository's snapshots, the one ``refs/main`` names first, then newest first."""
+    """The repository's snapshots, the one ``refs/main`` names first, then newest first.
+
+    A repository, snapshots folder or snapshot that is a link has none (it is not followed).
+    """
     snaps = repo_dir / "snapshots"
+    if not (_folder(repo_dir) and _folder(snaps)):
+        return []
     try:
-        found = [p for p in snaps.iterdir() if p.is_dir()]
+        found = [p for p in snaps.iterdir() if _folder(p)]
     except OSError:
         return []
     main = _read_ref(repo_dir, "main")
@@ -261,7 +276,7 @@ def models(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedModel]
     """
     root = hub_cache_dir(cache_dir)
     try:
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        folders = sorted(p for p in root.iterdir() if _folder(p))
     except OSError:
         return []
     used = read_used()
@@ -344,15 +359,12 @@ def remove(ref: ModelRef | str, cache_dir: str | os.PathLike[str] | None = None)
     if not targets:
         have = ", ".join(m.name for m in models(cache_dir)) or "nothing"
         msg = f"{ref} is not in the hub cache ({root}); it holds: {have}"
+        if repo_dir.is_symlink():
+            msg += f". {repo_dir} is a link, and links to folders are not followed"
         raise ModelNotFoundError(msg)
     removed = []
     for m in targets:
-        for p in _all_copies(repo_dir, m.files):
-            blob = p.resolve() if p.is_symlink() else None
-            p.unlink(missing_ok=True)
-            removed.append(p)
-            if blob is not None and not _linked(repo_dir, blob):
-                blob.unlink(missing_ok=True)
+        removed += [p for p in _all_copies(repo_dir, m.files) if remove_copy(repo_dir, p)]
     _prune(repo_dir)
     used = read_used()
     if any(str(p) in used for p in removed):
@@ -374,33 +386,75 @@ def _all_copies(repo_dir: Path, files: Iterable[str]) -> list[Path]:
     return out
 
 
+def _real(repo_dir: Path) -> Path:
+    """The repository's folder, its hub cache resolved (the cache may be a link; nothing in it
+    may)."""
+    return Path(os.path.realpath(repo_dir.parent)) / repo_dir.name
+
+
+def _blob_of(p: Path) -> Path | None:
+    """The path the snapshot link ``p`` names (one step, not resolved further), or None."""
+    try:
+        target = os.readlink(p)
+    except OSError:
+        return None  # not a link: a copy, its own content
+    return Path(os.path.normpath(os.path.join(os.path.realpath(p.parent), target)))
+
+
+def remove_copy(repo_dir: Path, path: Path) -> bool:
+    """Delete one snapshot file of ``repo_dir``, and its blob when no other snapshot links it.
+
+    The file must lie in the repository's ``snapshots/`` and the blob in its ``blobs/`` (both
+    resolved); a link is removed as a link. A blob elsewhere (outside the cache, in another
+    repository) stays, and a warning says so.
+
+    Returns:
+        Whether the file was removed (False: it lies outside the repository's snapshots).
+
+    Raises:
+        OSError: It could not be removed.
+    """
+    real = _real(repo_dir)
+    blob = _blob_of(path)
+    if not remove_within(path, real / "snapshots"):
+        log.warning("left %s in place: it lies outside %s", path, real / "snapshots")
+        return False
+    blobs = real / "blobs"
+    if blob is not None and not _linked(repo_dir, blob) and not remove_within(blob, blobs):
+        log.warning("left %s in place: %s links outside %s", blob, path, blobs)
+    return True
+
+
 def _linked(repo_dir: Path, blob: Path) -> bool:
     for dirpath, _dirs, names in os.walk(repo_dir / "snapshots"):
         for name in names:
-            p = Path(dirpath) / name
-            if p.is_symlink() and p.resolve() == blob:
+            if _blob_of(Path(dirpath) / name) == blob:
                 return True
     return False
 
 
 def _prune(repo_dir: Path) -> None:
-    """Remove empty snapshot folders, refs to them, and the repository when nothing is left."""
+    """Remove empty snapshot folders, refs to them, and the repository when nothing is left.
+
+    Nothing is removed through a link: a linked folder stays (and keeps its repository).
+    """
+    real = _real(repo_dir)
     snaps = repo_dir / "snapshots"
-    for dirpath, _dirs, _names in sorted(os.walk(snaps), key=lambda t: -len(t[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(dirpath)  # only when empty
+    if _folder(snaps):
+        for dirpath, _dirs, _names in sorted(os.walk(snaps), key=lambda t: -len(t[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)  # only when empty
     left = {p.name for p in snaps.iterdir()} if snaps.is_dir() else set()
     refs = repo_dir / "refs"
-    if refs.is_dir():
+    if _folder(refs):
         for ref in [p for p in refs.rglob("*") if p.is_file()]:
             if ref.read_text().strip() not in left:
-                ref.unlink()
+                remove_within(ref, real / "refs")
     blobs = repo_dir / "blobs"
     busy = blobs.is_dir() and any(p.name.endswith(".incomplete") for p in blobs.iterdir())
     if not left and not busy:  # (a download in progress keeps the repository)
-        shutil.rmtree(repo_dir, ignore_errors=True)
-        locks = repo_dir.parent / ".locks" / repo_dir.name
-        shutil.rmtree(locks, ignore_errors=True)
+        remove_within(repo_dir, real.parent)
+        remove_within(repo_dir.parent / ".locks" / repo_dir.name, real.parent / ".locks")
 
 
 # -- last used --------------------------------------------------------------------------------
