@@ -12,6 +12,7 @@ without following the links it holds.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -20,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_writer", "remove_within", "within", "write_atomic"]
+__all__ = ["atomic_writer", "removable", "remove_within", "write_atomic"]
+
+log = logging.getLogger(__name__)
 
 # O_NOFOLLOW is redundant beside O_EXCL (which already refuses a link at the name) but says it;
 # O_BINARY: no newline translation on Windows.
@@ -70,8 +73,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-def within(path: str | os.PathLike[str], tree: Path) -> Path | None:
-    """``path`` with its folder resolved, when that is ``tree`` or lies inside it; else None.
+def removable(path: str | os.PathLike[str], tree: Path) -> Path | None:
+    """What to remove for ``path``: the path with its folder resolved, when that folder is
+    ``tree`` or lies inside it; else None, and a warning says what was left in place.
 
     ``path`` itself is not resolved (a link stays the link). ``tree`` is taken as it is: build
     it from a resolved root (``root.resolve() / "blobs"``) so that a link on the way counts as
@@ -79,13 +83,16 @@ def within(path: str | os.PathLike[str], tree: Path) -> Path | None:
     """
     path = Path(os.path.abspath(path))  # (no "..": what is removed is what is checked)
     real = Path(os.path.realpath(path.parent)) / path.name
-    return real if path.name and real.parent.is_relative_to(tree) else None
+    if path.name and real.parent.is_relative_to(tree):
+        return real
+    log.warning("left %s in place: it lies outside %s", real, tree)
+    return None
 
 
 def remove_within(path: str | os.PathLike[str], tree: Path) -> bool:
     """Remove ``path`` (a file, a link or a folder and all it holds) when it lies in ``tree``.
 
-    See :func:`within` for what lies in ``tree``. A link is removed as a link; a folder's links
+    See :func:`removable` for what lies in ``tree``. A link is removed as a link; a folder's links
     are removed, never followed. A ``path`` that is not there counts as removed.
 
     Returns:
@@ -94,7 +101,7 @@ def remove_within(path: str | os.PathLike[str], tree: Path) -> bool:
     Raises:
         OSError: It could not be removed.
     """
-    real = within(path, tree)
+    real = removable(path, tree)
     if real is None:
         return False
     try:

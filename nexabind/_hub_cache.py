@@ -406,7 +406,7 @@ def remove_copy(repo_dir: Path, path: Path) -> bool:
 
     The file must lie in the repository's ``snapshots/`` and the blob in its ``blobs/`` (both
     resolved); a link is removed as a link. A blob elsewhere (outside the cache, in another
-    repository) stays, and a warning says so.
+    repository) stays, and a warning says so (:func:`nexabind._files.removable`).
 
     Returns:
         Whether the file was removed (False: it lies outside the repository's snapshots).
@@ -417,11 +417,9 @@ def remove_copy(repo_dir: Path, path: Path) -> bool:
     real = _real(repo_dir)
     blob = _blob_of(path)
     if not remove_within(path, real / "snapshots"):
-        log.warning("left %s in place: it lies outside %s", path, real / "snapshots")
         return False
-    blobs = real / "blobs"
-    if blob is not None and not _linked(repo_dir, blob) and not remove_within(blob, blobs):
-        log.warning("left %s in place: %s links outside %s", blob, path, blobs)
+    if blob is not None and not _linked(repo_dir, blob):
+        remove_within(blob, real / "blobs")
     return True
 
 

@@ -103,7 +103,7 @@ def test_rm_removes_a_snapshot_link_to_a_file_outside_as_a_link(
     assert hub.remove(f"{TINY}:Q8_0") == [q8.path]
     assert canary.stat().st_size == q8.size
     assert not q8.path.is_symlink() and q4.path.exists()
-    assert f"left {canary} in place: {q8.path} links outside" in caplog.text
+    assert f"left {canary} in place: it lies outside " in caplog.text
 
 
 def test_rm_removes_a_blob_that_is_a_link_as_a_link(hf_hub: Hub, tmp_path: Path) -> None:
@@ -147,4 +147,4 @@ def test_rm_leaves_another_repositorys_blob(hf_hub: Hub, caplog: pytest.LogCaptu
     hub.remove(SPLIT)
     assert other.stat().st_size == q8.size
     assert [m.name for m in hub.models()] == [f"{TINY}:Q8_0"]
-    assert f"left {other} in place: {split.paths[0]} links outside" in caplog.text
+    assert f"left {other} in place: it lies outside " in caplog.text
