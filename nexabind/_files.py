@@ -1,4 +1,7 @@
-"""Files on disk, written and removed safely: :func:`write_atomic` and :func:`remove_within`.
+"""Files on disk, read, written and removed safely: :func:`open_regular`, :func:`write_atomic`
+and :func:`remove_within`.
+
+A file read whole is a regular file (not a device or a FIFO), opened without blocking.
 
 A file is written whole or not at all: through a temp file of a random name, created where
 nothing was (``O_EXCL``; a link planted there is never followed), in the target's own folder,
@@ -21,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_writer", "removable", "remove_within", "write_atomic"]
+__all__ = ["atomic_writer", "open_regular", "removable", "remove_within", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,34 @@ _FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 )  # fmt: skip
+
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[IO[bytes], int]:
+    """Open ``path`` to read, when it is a regular file; return the file and its size.
+
+    It is opened with ``O_NONBLOCK``, so a FIFO never hangs, and checked on the open file
+    (``fstat``), so what is read is what was checked.
+
+    Raises:
+        OSError: It cannot be opened, or it is not a regular file (a device such as
+            ``/dev/zero``, a FIFO, a folder): the message says which.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
+            msg = f"{os.fspath(path)} is {kind}, not a regular file"
+            raise OSError(msg)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager

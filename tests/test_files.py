@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nexabind._files import atomic_writer, remove_within, write_atomic
+from nexabind._files import atomic_writer, open_regular, remove_within, write_atomic
 
 
 def _names(folder: Path) -> list[str]:
@@ -64,3 +64,15 @@ def test_remove_within_removes_links_as_links(tmp_path: Path) -> None:
     assert remove_within(tree / "..", real) is False
     assert remove_within(tree / "dirlink" / "..", real) is False  # (the tree itself)
     assert canary.read_text() == "keep" and _names(tree) == ["dirlink"]
+
+
+def test_open_regular_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    f, size = open_regular(tmp_path / "f")
+    with f:
+        assert (f.read(), size) == (b"abc", 3)
+    os.mkfifo(tmp_path / "fifo")  # opened without blocking: no writer needed
+    for path, kind in [("/dev/zero", "a character device"), (tmp_path / "fifo", "a FIFO"),
+                       (tmp_path, "a folder")]:  # fmt: skip
+        with pytest.raises(OSError, match=f"^{path} is {kind}, not a regular file$"):
+            open_regular(path)
