@@ -83,6 +83,8 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             fd = os.open(tmp, _FLAGS, 0o666)
         except FileExistsError:  # (a name taken by chance, or planted: another one)
             continue
+        except OSError as e:  # said of the file asked for, not of the temp name
+            raise type(e)(e.errno, e.strerror, os.fspath(path)) from e
         break
     try:
         with os.fdopen(fd, "wb") as f:

@@ -33,6 +33,8 @@ def test_a_write_is_whole_and_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError, match="Is a directory"):
         write_atomic(tmp_path / "d", "x")
     assert _names(tmp_path) == ["d", "f.json"] and _names(tmp_path / "d") == []
+    with pytest.raises(FileNotFoundError, match=f"No such file or directory: '{tmp_path}/d/x/f'"):
+        write_atomic(tmp_path / "d" / "x" / "f", "x")
 
 
 def test_a_link_at_the_target_is_replaced_not_written_through(tmp_path: Path) -> None:
