@@ -6,10 +6,10 @@ else is listed. :func:`remove` deletes a model's snapshot files and the blobs no
 uses. When each model was last loaded is kept in nexabind's cache (``models-used.json``).
 Nothing here reaches the network.
 
-A folder of the cache that is a link (a repository, a snapshot) is not followed: what it holds
-is not listed, and nothing is removed through it. A removal stays in the repository: a snapshot
-file in its ``snapshots/``, a blob in its own ``blobs/``; a link that points elsewhere is removed
-as a link, and what it points to stays.
+A removal stays in the repository: a snapshot file in its ``snapshots/``, a blob in its own
+``blobs/``, both resolved. A folder of the cache that is a link (a repository, a snapshot) is
+listed through but never removed through; a link that points elsewhere is removed as a link,
+and what it points to stays.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from nexabind._hub_names import (
     quant_of,
     split_name,
 )
-from nexabind.errors import ModelLoadError, ModelNotFoundError
+from nexabind.errors import CacheError, ModelLoadError, ModelNotFoundError
 
 __all__ = [
     "CachedModel",
@@ -186,21 +186,11 @@ def _repo_of(folder: str) -> str | None:
     return folder[len("models--") :].replace("--", "/")
 
 
-def _folder(p: Path) -> bool:
-    """``p`` is a folder, not a link to one (the cache's folders are never followed)."""
-    return p.is_dir() and not p.is_symlink()
-
-
 def snapshots(repo_dir: Path) -> list[Path]:
-    """The repository's snapshots, the one ``refs/main`` names first, then newest first.
-
-    A repository, snapshots folder or snapshot that is a link has none (it is not followed).
-    """
+    """The repository's snapshots, the one ``refs/main`` names first, then newest first."""
     snaps = repo_dir / "snapshots"
-    if not (_folder(repo_dir) and _folder(snaps)):
-        return []
     try:
-        found = [p for p in snaps.iterdir() if _folder(p)]
+        found = [p for p in snaps.iterdir() if p.is_dir()]
     except OSError:
         return []
     main = _read_ref(repo_dir, "main")
@@ -276,7 +266,7 @@ def models(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedModel]
     """
     root = hub_cache_dir(cache_dir)
     try:
-        folders = sorted(p for p in root.iterdir() if _folder(p))
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError:
         return []
     used = read_used()
@@ -339,11 +329,14 @@ def remove(ref: ModelRef | str, cache_dir: str | os.PathLike[str] | None = None)
     one; return the snapshot paths removed.
 
     Blobs no other snapshot file uses are deleted with them; a repository left with nothing
-    goes entirely. Files other tools put there (not GGUF models) stay.
+    goes entirely. Files other tools put there (not GGUF models) stay, and so do copies reached
+    through a linked folder (a warning names each).
 
     Raises:
         ValueError: ``ref`` is not a model name.
         ModelNotFoundError: Nothing in the cache matches ``ref`` (the message lists what is).
+        CacheError: Every copy of it lies outside the repository's folder (its repository or
+            snapshot is a link): nothing was removed.
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     root = hub_cache_dir(cache_dir)
@@ -359,12 +352,17 @@ def remove(ref: ModelRef | str, cache_dir: str | os.PathLike[str] | None = None)
     if not targets:
         have = ", ".join(m.name for m in models(cache_dir)) or "nothing"
         msg = f"{ref} is not in the hub cache ({root}); it holds: {have}"
-        if repo_dir.is_symlink():
-            msg += f". {repo_dir} is a link, and links to folders are not followed"
         raise ModelNotFoundError(msg)
     removed = []
     for m in targets:
         removed += [p for p in _all_copies(repo_dir, m.files) if remove_copy(repo_dir, p)]
+    if not removed:
+        msg = (
+            f"{ref}: nothing removed; its files lie outside {_real(repo_dir) / 'snapshots'}, "
+            "through a linked folder, and nexabind never deletes through a link: remove the "
+            "link (or what it points to) by hand"
+        )
+        raise CacheError(msg)
     _prune(repo_dir)
     used = read_used()
     if any(str(p) in used for p in removed):
@@ -437,14 +435,18 @@ def _prune(repo_dir: Path) -> None:
     Nothing is removed through a link: a linked folder stays (and keeps its repository).
     """
     real = _real(repo_dir)
+
+    def inside(p: Path) -> bool:  # a folder of the repository, neither of them a link
+        return p.is_dir() and Path(os.path.realpath(p)) == real / p.name
+
     snaps = repo_dir / "snapshots"
-    if _folder(snaps):
+    if inside(snaps):
         for dirpath, _dirs, _names in sorted(os.walk(snaps), key=lambda t: -len(t[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)  # only when empty
     left = {p.name for p in snaps.iterdir()} if snaps.is_dir() else set()
     refs = repo_dir / "refs"
-    if _folder(refs):
+    if inside(refs):
         for ref in [p for p in refs.rglob("*") if p.is_file()]:
             if ref.read_text().strip() not in left:
                 remove_within(ref, real / "refs")

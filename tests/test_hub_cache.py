@@ -13,7 +13,7 @@ import pytest
 from _hub import Hub, cached_blobs
 
 from nexabind import _hub_cache, cache, hub
-from nexabind.errors import DownloadError, ModelNotFoundError
+from nexabind.errors import CacheError, DownloadError, ModelNotFoundError
 
 TINY = "acme/tiny-GGUF"
 SPLIT = "acme/split-GGUF"
@@ -116,28 +116,33 @@ def test_rm_removes_a_blob_that_is_a_link_as_a_link(hf_hub: Hub, tmp_path: Path)
     assert not (hub.hub_cache_dir() / "models--acme--tiny-GGUF").exists()
 
 
-def test_rm_does_not_follow_a_snapshot_folder_that_is_a_link(hf_hub: Hub, tmp_path: Path) -> None:
+def test_rm_does_not_delete_through_a_snapshot_folder_that_is_a_link(
+    hf_hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     q4 = hub.pull(TINY)
     canary = _outside(tmp_path, q4.path).rename(tmp_path / "outside" / "tiny-Q8_0.gguf")
-    (q4.path.parents[1] / ("0" * 40)).symlink_to(canary.parent)
-    assert [m.name for m in hub.models()] == [f"{TINY}:Q4_K_M"]  # nothing through the link
-    assert hub.remove(TINY) == [q4.path]
+    linked = q4.path.parents[1] / ("0" * 40)
+    linked.symlink_to(canary.parent)
+    assert [m.name for m in hub.models()] == [f"{TINY}:Q4_K_M", f"{TINY}:Q8_0"]
+    assert hub.remove(TINY) == [q4.path]  # the copy in the linked snapshot stays
     assert canary.stat().st_size == q4.size
+    assert f"left {canary} in place: it lies outside " in caplog.text
+    assert [m.path for m in hub.models()] == [linked / "tiny-Q8_0.gguf"]
 
 
-def test_rm_does_not_follow_a_repository_folder_that_is_a_link(hf_hub: Hub, tmp_path: Path) -> None:
+def test_rm_does_not_delete_through_a_repository_folder_that_is_a_link(
+    hf_hub: Hub, tmp_path: Path
+) -> None:
     q4 = hub.pull(TINY)
     repo = hub.hub_cache_dir() / "models--acme--tiny-GGUF"
     moved = repo.rename(tmp_path / "elsewhere")
     repo.symlink_to(moved)
-    canary = moved / "blobs" / q4.path.resolve().name
-    assert hub.models() == [] and hub.find(TINY) is None
-    with pytest.raises(
-        ModelNotFoundError, match="is a link, and links to folders are not followed"
-    ):
+    blob = moved / "blobs" / q4.path.resolve().name
+    assert hub.find(TINY) == q4  # listed and used through the link
+    with pytest.raises(CacheError, match="nothing removed; its files lie outside .* by hand"):
         hub.remove(TINY)
-    assert canary.stat().st_size == q4.size
-    assert (moved / "snapshots" / q4.commit / q4.file).exists()
+    assert blob.stat().st_size == q4.size and (moved / "snapshots" / q4.commit / q4.file).exists()
+    assert repo.is_symlink() and hub.find(TINY) == q4
 
 
 def test_rm_leaves_another_repositorys_blob(hf_hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
