@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nexabind import _cdef, _cross, pin
+from nexabind._files import atomic_writer, write_atomic
 from nexabind.cache import sha256_file
 from nexabind.errors import BuildError
 
@@ -171,37 +172,35 @@ def stage_server(cdir: Path, libs: Path, stage: Path) -> None:
 
 def pack(stage: Path, archive: Path) -> None:
     """Pack ``stage`` deterministically: sorted members, fixed mtime/owner/mode."""
+    import gzip
     import tarfile
     import zipfile
 
+    def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+        if ti.isfile():
+            ti.mode = 0o755 if ti.name.startswith("lib/") else 0o644
+        elif ti.isdir():
+            ti.mode = 0o755
+        return ti
+
     members = sorted(p for p in stage.rglob("*") if p.name != BUILD_MARKER)
-    tmp = archive.with_name(archive.name + ".part")
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in members:
-                if p.is_file():
-                    info = zipfile.ZipInfo(p.relative_to(stage).as_posix(), (1980, 1, 1, 0, 0, 0))
-                    info.external_attr = 0o644 << 16
-                    z.writestr(info, p.read_bytes(), zipfile.ZIP_DEFLATED)
-    else:
-        import gzip
-
-        def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
-            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
-            if ti.isfile():
-                ti.mode = 0o755 if ti.name.startswith("lib/") else 0o644
-            elif ti.isdir():
-                ti.mode = 0o755
-            return ti
-
-        with (
-            tmp.open("wb") as raw,
-            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            for p in members:
-                tar.add(p, p.relative_to(stage).as_posix(), recursive=False, filter=clean)
-    os.replace(tmp, archive)
+    with atomic_writer(archive) as raw:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in members:
+                    if p.is_file():
+                        name = p.relative_to(stage).as_posix()
+                        info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
+                        info.external_attr = 0o644 << 16
+                        z.writestr(info, p.read_bytes(), zipfile.ZIP_DEFLATED)
+        else:
+            with (
+                gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for p in members:
+                    tar.add(p, p.relative_to(stage).as_posix(), recursive=False, filter=clean)
 
 
 def artifact_entry(archive: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +237,5 @@ def update_manifest(out: Path, entry: dict[str, Any]) -> Path:
         if (a["os"], a["arch"], a["variant"]) != (entry["os"], entry["arch"], entry["variant"])
     ]
     data["artifacts"] = sorted([*keep, entry], key=lambda a: (a["os"], a["arch"], a["variant"]))
-    tmp = path.with_name("manifest.json.part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return path

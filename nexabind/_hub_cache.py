@@ -5,6 +5,11 @@ huggingface_hub: a model whose files are all in a snapshot is a :class:`CachedMo
 else is listed. :func:`remove` deletes a model's snapshot files and the blobs no other snapshot
 uses. When each model was last loaded is kept in nexabind's cache (``models-used.json``).
 Nothing here reaches the network.
+
+A removal stays in the repository: a snapshot file in its ``snapshots/``, a blob in its own
+``blobs/``, both resolved. A folder of the cache that is a link (a repository, a snapshot) is
+listed through but never removed through; a link that points elsewhere is removed as a link,
+and what it points to stays.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from nexabind import _gguf, cache
+from nexabind._files import remove_within, write_atomic
 from nexabind._hub_names import (
     ModelRef,
     choose,
@@ -29,7 +34,7 @@ from nexabind._hub_names import (
     quant_of,
     split_name,
 )
-from nexabind.errors import ModelLoadError, ModelNotFoundError
+from nexabind.errors import CacheError, ModelLoadError, ModelNotFoundError
 
 __all__ = [
     "CachedModel",
@@ -38,6 +43,7 @@ __all__ = [
     "models",
     "read_used",
     "remove",
+    "remove_copy",
     "repo_folder",
     "repo_models",
     "snapshots",
@@ -212,9 +218,7 @@ def write_ref(repo_dir: Path, revision: str, commit: str) -> None:
     if _read_ref(repo_dir, revision) == commit:
         return
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    write_atomic(ref, commit)
 
 
 def _snapshot_files(snap: Path) -> dict[str, Path]:
@@ -325,11 +329,14 @@ def remove(ref: ModelRef | str, cache_dir: str | os.PathLike[str] | None = None)
     one; return the snapshot paths removed.
 
     Blobs no other snapshot file uses are deleted with them; a repository left with nothing
-    goes entirely. Files other tools put there (not GGUF models) stay.
+    goes entirely. Files other tools put there (not GGUF models) stay, and so do copies reached
+    through a linked folder (a warning names each).
 
     Raises:
         ValueError: ``ref`` is not a model name.
         ModelNotFoundError: Nothing in the cache matches ``ref`` (the message lists what is).
+        CacheError: Every copy of it lies outside the repository's folder (its repository or
+            snapshot is a link): nothing was removed.
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     root = hub_cache_dir(cache_dir)
@@ -348,12 +355,14 @@ def remove(ref: ModelRef | str, cache_dir: str | os.PathLike[str] | None = None)
         raise ModelNotFoundError(msg)
     removed = []
     for m in targets:
-        for p in _all_copies(repo_dir, m.files):
-            blob = p.resolve() if p.is_symlink() else None
-            p.unlink(missing_ok=True)
-            removed.append(p)
-            if blob is not None and not _linked(repo_dir, blob):
-                blob.unlink(missing_ok=True)
+        removed += [p for p in _all_copies(repo_dir, m.files) if remove_copy(repo_dir, p)]
+    if not removed:
+        msg = (
+            f"{ref}: nothing removed; its files lie outside {_real(repo_dir) / 'snapshots'}, "
+            "through a linked folder, and nexabind never deletes through a link: remove the "
+            "link (or what it points to) by hand"
+        )
+        raise CacheError(msg)
     _prune(repo_dir)
     used = read_used()
     if any(str(p) in used for p in removed):
@@ -375,33 +384,77 @@ def _all_copies(repo_dir: Path, files: Iterable[str]) -> list[Path]:
     return out
 
 
+def _real(repo_dir: Path) -> Path:
+    """The repository's folder, its hub cache resolved (the cache may be a link; nothing in it
+    may)."""
+    return Path(os.path.realpath(repo_dir.parent)) / repo_dir.name
+
+
+def _blob_of(p: Path) -> Path | None:
+    """The path the snapshot link ``p`` names (one step, not resolved further), or None."""
+    try:
+        target = os.readlink(p)
+    except OSError:
+        return None  # not a link: a copy, its own content
+    return Path(os.path.normpath(os.path.join(os.path.realpath(p.parent), target)))
+
+
+def remove_copy(repo_dir: Path, path: Path) -> bool:
+    """Delete one snapshot file of ``repo_dir``, and its blob when no other snapshot links it.
+
+    The file must lie in the repository's ``snapshots/`` and the blob in its ``blobs/`` (both
+    resolved); a link is removed as a link. A blob elsewhere (outside the cache, in another
+    repository) stays, and a warning says so (:func:`nexabind._files.removable`).
+
+    Returns:
+        Whether the file was removed (False: it lies outside the repository's snapshots).
+
+    Raises:
+        OSError: It could not be removed.
+    """
+    real = _real(repo_dir)
+    blob = _blob_of(path)
+    if not remove_within(path, real / "snapshots"):
+        return False
+    if blob is not None and not _linked(repo_dir, blob):
+        remove_within(blob, real / "blobs")
+    return True
+
+
 def _linked(repo_dir: Path, blob: Path) -> bool:
     for dirpath, _dirs, names in os.walk(repo_dir / "snapshots"):
         for name in names:
-            p = Path(dirpath) / name
-            if p.is_symlink() and p.resolve() == blob:
+            if _blob_of(Path(dirpath) / name) == blob:
                 return True
     return False
 
 
 def _prune(repo_dir: Path) -> None:
-    """Remove empty snapshot folders, refs to them, and the repository when nothing is left."""
+    """Remove empty snapshot folders, refs to them, and the repository when nothing is left.
+
+    Nothing is removed through a link: a linked folder stays (and keeps its repository).
+    """
+    real = _real(repo_dir)
+
+    def inside(p: Path) -> bool:  # a folder of the repository, neither of them a link
+        return p.is_dir() and Path(os.path.realpath(p)) == real / p.name
+
     snaps = repo_dir / "snapshots"
-    for dirpath, _dirs, _names in sorted(os.walk(snaps), key=lambda t: -len(t[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(dirpath)  # only when empty
+    if inside(snaps):
+        for dirpath, _dirs, _names in sorted(os.walk(snaps), key=lambda t: -len(t[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)  # only when empty
     left = {p.name for p in snaps.iterdir()} if snaps.is_dir() else set()
     refs = repo_dir / "refs"
-    if refs.is_dir():
+    if inside(refs):
         for ref in [p for p in refs.rglob("*") if p.is_file()]:
             if ref.read_text().strip() not in left:
-                ref.unlink()
+                remove_within(ref, real / "refs")
     blobs = repo_dir / "blobs"
     busy = blobs.is_dir() and any(p.name.endswith(".incomplete") for p in blobs.iterdir())
     if not left and not busy:  # (a download in progress keeps the repository)
-        shutil.rmtree(repo_dir, ignore_errors=True)
-        locks = repo_dir.parent / ".locks" / repo_dir.name
-        shutil.rmtree(locks, ignore_errors=True)
+        remove_within(repo_dir, real.parent)
+        remove_within(repo_dir.parent / ".locks" / repo_dir.name, real.parent / ".locks")
 
 
 # -- last used --------------------------------------------------------------------------------
@@ -422,9 +475,7 @@ def read_used() -> dict[str, float]:
 def _write_used(used: dict[str, float]) -> None:
     path = _used_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(used, indent=0, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(used, indent=0, sort_keys=True))
 
 
 def mark_used(model: CachedModel | str | os.PathLike[str]) -> None:

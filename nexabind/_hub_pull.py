@@ -24,6 +24,7 @@ from nexabind._hub_cache import (
     CachedModel,
     find,
     read_used,
+    remove_copy,
     repo_folder,
     repo_models,
     snapshots,
@@ -172,8 +173,9 @@ def _check_room(root: Path, need: int, what: str) -> None:
         raise DownloadError(msg)
 
 
-def _verify(path: Path, remote: _Remote, file: str, repo_id: str) -> None:
-    """Check a freshly downloaded file against the hub's sha256 (or git blob id)."""
+def _verify(path: Path, remote: _Remote, file: str, repo_id: str, repo_dir: Path | None) -> None:
+    """Check a freshly downloaded file against the hub's sha256 (or git blob id); a damaged
+    one is deleted (from ``repo_dir``, its repository in the hub cache; None: a plain file)."""
     import hashlib
 
     want = remote.sha256.get(file)
@@ -189,9 +191,10 @@ def _verify(path: Path, remote: _Remote, file: str, repo_id: str) -> None:
                 digest.update(chunk)
         got = digest.hexdigest()
     if got != want:
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+        if repo_dir is None:
+            path.unlink(missing_ok=True)
+        else:
+            remove_copy(repo_dir, path)
         msg = (
             f"{repo_id}/{file} arrived damaged: the hub lists {want} but the file hashes to "
             f"{got}. Deleted it; run the pull again"
@@ -271,7 +274,7 @@ def pull(
             )
         except _net_errors() as e:
             raise _hub_error(e, ref.repo_id, what) from e
-        _verify(Path(path), remote, part, ref.repo_id)
+        _verify(Path(path), remote, part, ref.repo_id, repo_dir)
     if revision != remote.commit:
         write_ref(repo_dir, revision, remote.commit)
     found = next((m for m in repo_models(ref.repo_id, repo_dir) if m.file == parts[0]), None)
@@ -384,7 +387,7 @@ def from_pretrained(
             )
         except _net_errors() as e:
             raise _hub_error(e, repo_id, f"download {repo_id}/{f}") from e
-        _verify(Path(p), remote, f, repo_id)
+        _verify(Path(p), remote, f, repo_id, None if local_dir else repo_dir)
         paths.append(Path(p))
     if local_dir is None:
         write_ref(repo_dir, "main", remote.commit)

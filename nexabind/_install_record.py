@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nexabind._files import write_atomic
+
 __all__ = [
     "INSTALL_RECORD",
     "compare",
@@ -68,7 +70,7 @@ def write_record(
             files[rel] = (hashes or {}).get(rel) or sha256_file(p)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {**info, "installed": now, "files": files, "links": links}
-    (tree / INSTALL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    write_atomic(tree / INSTALL_RECORD, json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -88,21 +90,12 @@ def update_record(tree: Path, fields: dict[str, Any]) -> bool:
     Returns:
         False when ``tree`` holds no install record (a local build folder): nothing written.
     """
-    import tempfile
-
     path = tree / INSTALL_RECORD
     record = read_record(tree)
     if record is None:
         return False
     record.update(fields)
-    fd, tmp = tempfile.mkstemp(dir=tree, prefix=f"{INSTALL_RECORD}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
     return True
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nexabind import pin, settings, targets
+from nexabind._files import removable, remove_within
 from nexabind._install_record import INSTALL_RECORD, compare, sha256_file, write_record
 from nexabind.errors import CacheError, LibraryNotFoundError
 from nexabind.platform import target
@@ -429,19 +429,28 @@ def remove_stale(root: Path, release: str, key: str, keep: Path | None = None) -
         keep: A file (with its ``.json`` sidecar) or a folder in use, kept with its parents.
 
     Returns:
-        What was removed.
+        What was removed. Each must lie in the cache's own ``tmp/`` or ``downloads/``: a link
+        is removed as a link, and nothing is removed through a linked folder.
     """
     removed = []
     prefix = f"{release}{SEP}{key}{SEP}"
+    real = root.resolve()
     for p in sorted((root / "tmp").glob(f"{prefix}*")):
-        if keep is None or not keep.is_relative_to(p):
-            shutil.rmtree(p, ignore_errors=True)
+        if (keep is None or not keep.is_relative_to(p)) and _remove(p, real / "tmp"):
             removed.append(p)
     for p in sorted((root / "downloads").glob(f"{prefix}*")):
-        if keep is None or p.name not in (keep.name, keep.name + ".json"):
-            p.unlink(missing_ok=True)
+        keeps = keep is not None and p.name in (keep.name, keep.name + ".json")
+        if not keeps and _remove(p, real / "downloads"):
             removed.append(p)
     return removed
+
+
+def _remove(path: Path, tree: Path) -> bool:
+    """:func:`nexabind._files.remove_within`, best effort (what cannot be removed stays)."""
+    try:
+        return remove_within(path, tree)
+    except OSError:
+        return False
 
 
 def clean(
@@ -454,7 +463,9 @@ def clean(
     """Remove leftovers of interrupted fetches and, on request, installed entries.
 
     Partial downloads and staging folders are removed only when no running fetch holds their
-    artifact's lock. The build cache is never touched.
+    artifact's lock. The build cache is never touched. Nothing is removed outside the cache's
+    own ``libs/``, ``tmp/`` and ``downloads/``: a link is removed as a link, and an entry in a
+    linked release folder stays.
 
     Args:
         cache_dir: See :func:`cache_root`.
@@ -486,21 +497,25 @@ def clean(
         finally:
             lock.release()
     targets = installed(root) if all else installed(root, release) if release else []
+    real = root.resolve()
     for inst in targets:
         if not all and keep is not None and inst.path.resolve() == keep.resolve():
+            continue
+        entry = removable(inst.path, real / "libs" / inst.release)
+        if entry is None:
             continue
         lock = file_lock(root, inst.release, inst.key)
         with lock:
             # Move away first so the entry disappears at once, then delete.
-            trash = root / "tmp" / f"{inst.release}{SEP}{inst.key}{SEP}removed-{os.getpid()}"
+            trash = real / "tmp" / f"{inst.release}{SEP}{inst.key}{SEP}removed-{os.getpid()}"
             try:
-                os.replace(inst.path, trash)
+                os.replace(entry, trash)
             except OSError as e:
                 msg = f"cannot remove {inst.path}: {e}"
                 raise CacheError(msg) from e
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash, real / "tmp")
         removed.append(inst.path)
     for rdir in (root / "libs").iterdir() if (root / "libs").is_dir() else ():
-        if rdir.is_dir() and not any(rdir.iterdir()):
+        if rdir.is_dir() and not rdir.is_symlink() and not any(rdir.iterdir()):
             rdir.rmdir()
     return removed

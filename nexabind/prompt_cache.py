@@ -17,12 +17,12 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from nexabind._files import atomic_writer
 from nexabind._state import LlamaState
 
 __all__ = ["BaseLlamaCache", "LlamaCache", "LlamaDiskCache", "LlamaRAMCache", "longest_prefix"]
@@ -194,15 +194,9 @@ class LlamaDiskCache(BaseLlamaCache):
         name = hashlib.sha256(struct.pack(f"<{len(key)}i", *key)).hexdigest()[:32]
         path = self.cache_dir / f"{name}.state"
         head = _MAGIC + _COUNT.pack(len(key)) + struct.pack(f"<{len(key)}i", *key)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                f.write(bytes(value))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as f:
+            f.write(head)
+            f.write(bytes(value))
         self._index[key] = path
         self._trim()
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from nexabind._files import open_regular, write_atomic
 from nexabind.errors import ContextOverflowError, NexabindError, StateError
 from nexabind.llama import Llama
 
@@ -35,6 +36,10 @@ FALLBACK_TEMPLATE = "chatml"
 FALLBACK_STOPS = ("<|im_end|>", "<|im_start|>")
 
 _MAGIC = b"NEXABIND-CHAT\n"
+#: The most bytes /load reads of a conversation (its messages, system prompt and token ids);
+#: the model's state after it is read only for the same model, and checked whole.
+MAX_CONVERSATION = 16 << 20
+_ROLES = ("user", "assistant")
 _HELP = """\
 /clear         forget the conversation (the system prompt stays)
 /system [TEXT] show the system prompt, or set it
@@ -166,40 +171,103 @@ class Conversation:
         }
         blob = json.dumps(header).encode()
         state = bytes(self.llama.save_state())  # the checked byte form of the LlamaState
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        tmp.write_bytes(_MAGIC + struct.pack("<Q", len(blob)) + blob + state)
-        os.replace(tmp, path)
+        write_atomic(path, _MAGIC + struct.pack("<Q", len(blob)) + blob + state)
 
     def load(self, path: str | os.PathLike[str]) -> bool:
         """Read what :meth:`save` wrote; return whether the model's state came with it.
 
         A file saved with another model brings the conversation only: its tokens are decoded
-        at the next turn.
+        at the next turn. The whole file is checked before anything changes: a file that is
+        refused leaves the conversation and the model's state as they were.
 
         Raises:
-            StateError: Not a file :meth:`save` wrote, or a damaged one.
-            OSError: The file cannot be read.
+            StateError: Not a file :meth:`save` wrote, a damaged one (a field of the wrong
+                type, token ids outside the vocabulary), or one whose conversation is larger
+                than :data:`MAX_CONVERSATION`.
+            OSError: The file cannot be read, or it is not a regular file (a device, a FIFO).
         """
-        data = Path(path).read_bytes()
-        head = len(_MAGIC) + 8
-        if not data.startswith(_MAGIC) or len(data) < head:
-            msg = f"{path} is not a conversation saved with /save"
-            raise StateError(msg)
-        (n,) = struct.unpack_from("<Q", data, len(_MAGIC))
-        try:
-            header = json.loads(data[head : head + n])
-            messages = list(header["messages"])
-            seen = header.get("seen")
-        except (ValueError, KeyError, TypeError) as e:
-            msg = f"{path} is damaged: its header does not parse ({e})"
-            raise StateError(msg) from e
-        same = header.get("model") == _model_id(self.llama)
+        f, size = open_regular(path)
+        with f:
+            head = f.read(len(_MAGIC) + 8)
+            if not head.startswith(_MAGIC) or len(head) < len(_MAGIC) + 8:
+                msg = f"{path} is not a conversation saved with /save"
+                raise StateError(msg)
+            (n,) = struct.unpack_from("<Q", head, len(_MAGIC))
+            if n > min(MAX_CONVERSATION, size - len(head)):
+                msg = (
+                    f"{path} is damaged: its conversation claims {n} bytes, more than the file "
+                    f"holds or the {MAX_CONVERSATION >> 20} MiB /load reads"
+                )
+                raise StateError(msg)
+            header = _conversation(f.read(n), path, self.llama)
+            same = header.get("model") == _model_id(self.llama)
+            state = f.read() if same else b""
         if same:
-            self.llama.load_state(data[head + n :])
-        self.messages = messages
+            self.llama.load_state(state)
+        seen = header.get("seen")
+        self.messages = header["messages"]
         self.system = header.get("system")
-        self._seen = (seen[0], list(seen[1])) if same and seen else None
+        self._seen = (seen[0], seen[1]) if same and seen else None
         return same
+
+
+def _conversation(data: bytes, path: str | os.PathLike[str], llama: Llama) -> dict[str, Any]:
+    """The header :meth:`Conversation.save` wrote, every field checked (``seen``'s token ids
+    against ``llama``'s vocabulary when it is the model that saved it).
+
+    Raises:
+        StateError: It does not parse, or a field has the wrong type or value.
+    """
+    try:
+        header = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        msg = f"{path} is damaged: its header does not parse ({str(e)[:200]})"
+        raise StateError(msg) from e
+    bad = _bad_field(header, llama)
+    if bad:
+        msg = f"{path} is damaged: {bad}; not loaded, the conversation is as it was"
+        raise StateError(msg)
+    return header
+
+
+def _bad_field(header: Any, llama: Llama) -> str | None:
+    """What is wrong with a saved header, or None."""
+    if not isinstance(header, dict):
+        return "its header is not an object"
+    messages = header.get("messages")
+    if not isinstance(messages, list):
+        return f"'messages' is {type(messages).__name__}, not a list"
+    for i, m in enumerate(messages):
+        if not (
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and m["role"] in _ROLES
+            and isinstance(m["content"], str)
+        ):
+            return f"messages[{i}] is not {{'role': 'user' or 'assistant', 'content': str}}"
+    system = header.get("system")
+    if system is not None and not isinstance(system, str):
+        return f"'system' is {type(system).__name__}, not a string"
+    seen = header.get("seen")
+    if seen is None:
+        return None
+    if not (
+        isinstance(seen, list)
+        and len(seen) == 2
+        and isinstance(seen[0], str)
+        and isinstance(seen[1], list)
+        and all(type(t) is int for t in seen[1])
+    ):
+        return "'seen' is not [text, [token ids]]"
+    if header.get("model") != _model_id(llama):
+        return None  # (another model's ids: not used)
+    n_vocab, n_ctx = llama.n_vocab(), llama.n_ctx()
+    if len(seen[1]) > n_ctx:
+        return f"'seen' holds {len(seen[1])} token ids, more than this context's {n_ctx}"
+    out = next((t for t in seen[1] if not 0 <= t < n_vocab), None)
+    if out is not None:
+        return f"'seen' holds token id {out}, outside this model's vocabulary (0 to {n_vocab - 1})"
+    return None
 
 
 def _model_id(llama: Llama) -> dict[str, Any]:

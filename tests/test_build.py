@@ -174,6 +174,20 @@ def test_zip_artifact_holds_links_as_copies(tmp_path: Path) -> None:
     assert not copy.is_symlink() and copy.read_bytes() == b"library bytes"
 
 
+def test_pack_writes_through_a_temp_name_nobody_planted(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    canary.write_text("keep")
+    stage = tmp_path / "stage"
+    (stage / "lib").mkdir(parents=True)
+    (stage / "lib" / "libx.so").write_bytes(b"library bytes")
+    for name in ("a.zip", "a.tar.gz"):
+        (tmp_path / f"{name}.part").symlink_to(canary)  # the temp name pack used before
+        pack(stage, tmp_path / name)
+    assert canary.read_text() == "keep"
+    with zipfile.ZipFile(tmp_path / "a.zip") as z, tarfile.open(tmp_path / "a.tar.gz") as t:
+        assert (z.namelist(), t.getnames()) == (["lib/libx.so"], ["lib", "lib/libx.so"])
+
+
 def test_bad_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="not a llama.cpp source tree"):
         build(source=tmp_path, build_cache=tmp_path / "bc")

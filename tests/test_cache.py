@@ -107,6 +107,36 @@ def test_clean_removes_leftovers_that_no_fetch_is_using(_isolated_cache: Path) -
     assert busy.exists() and not staging.exists()
 
 
+def test_clean_removes_links_as_links_and_nothing_outside(
+    _isolated_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = cache.prepare()
+    out = tmp_path / "outside"
+    canaries = [
+        out / "staged" / "c",
+        out / "part",
+        out / "r" / "linux-x86_64-cpu" / "c",
+        out / "e" / "c",
+    ]
+    for c in canaries:
+        c.parent.mkdir(parents=True, exist_ok=True)
+        c.write_text("keep")
+    staged = root / "tmp" / f"{pin.RELEASE}+linux-x86_64-cpu+abc"
+    part = root / "downloads" / f"{pin.RELEASE}+linux-x86_64-cpu+abc.part"
+    staged.symlink_to(out / "staged")
+    part.symlink_to(out / "part")
+    (root / "libs" / pin.RELEASE).symlink_to(out / "r")  # a linked release folder
+    (root / "libs" / "other").mkdir()
+    (root / "libs" / "other" / "linux-x86_64-cpu").symlink_to(out / "e")  # a linked entry
+    removed = cache.clean(all=True)
+    assert sorted(removed) == sorted([part, staged, root / "libs" / "other" / "linux-x86_64-cpu"])
+    assert all(c.read_text() == "keep" for c in canaries)
+    assert sorted(p.name for p in (root / "tmp").iterdir()) == []
+    assert [p.name for p in (root / "libs").iterdir()] == [pin.RELEASE]  # left, not followed
+    where = _isolated_cache.resolve() / "libs" / pin.RELEASE
+    assert f"left {out / 'r' / 'linux-x86_64-cpu'} in place: it lies outside {where}" in caplog.text
+
+
 def test_clean_all_removes_installs_but_never_the_build_cache(
     release_mirror: Path, _isolated_cache: Path
 ) -> None:

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
             "_version",
             "_cdef",
             "_gguf",
+            "_files",
         ),
         0,
     ),

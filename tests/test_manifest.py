@@ -113,6 +113,16 @@ def test_reads_what_the_build_writes(tmp_path: Path) -> None:
     check_compatible(m)
 
 
+def test_the_manifest_is_written_through_a_temp_name_nobody_planted(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    canary.write_text("keep")
+    (tmp_path / "manifest.json.part").symlink_to(canary)  # the temp name used before
+    entry = {"os": "linux", "arch": "x86_64", "variant": "cpu", "name": "a.tar.gz"}
+    path = update_manifest(tmp_path, entry)
+    assert json.loads(path.read_text())["artifacts"] == [entry]
+    assert canary.read_text() == "keep"
+
+
 def _broken(change: Any) -> dict[str, Any]:
     data = copy.deepcopy(_six_targets())
     change(data)

@@ -4,9 +4,12 @@ the REPL in a real pseudo-terminal (typing, streaming, Ctrl-C, /clear, history).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import struct
 import sys
+import threading
 from pathlib import Path
 
 import pexpect
@@ -14,7 +17,7 @@ import pytest
 
 from nexabind import Llama
 from nexabind.errors import StateError
-from nexabind.repl import Conversation, Turn, repl
+from nexabind.repl import _MAGIC, MAX_CONVERSATION, Conversation, Turn, repl
 
 GREEDY = {"temperature": 0.0}
 
@@ -90,6 +93,28 @@ def test_save_and_load_bring_back_the_conversation_and_the_cache(
         conv.load(tmp_path / "junk")
 
 
+def test_save_writes_through_a_fresh_temp_file_and_leaves_nothing_behind(
+    llm: Llama, tmp_path: Path
+) -> None:
+    conv = Conversation(llm, max_tokens=4, **GREEDY)
+    list(conv.reply("Hello"))
+    canary = tmp_path / "canary"
+    canary.write_text("keep")
+    target = tmp_path / "chat.bin"
+    planted = Path(f"{target}.{os.getpid()}.tmp")  # the temp name /save used before
+    planted.symlink_to(canary)
+    conv.save(target)
+    assert canary.read_text() == "keep"
+    assert Conversation(llm).load(target) is True
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="Is a directory"):
+        conv.save(tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["canary", "chat.bin", planted.name, "folder"]
+    )
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
 def test_the_commands(llm: Llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [
         "/help", "/system Answer in French.", "/system", "Hello", "/save", f"/save {tmp_path}/c",
@@ -115,6 +140,85 @@ def test_the_commands(llm: Llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert text in said, text
     assert len(re.findall(r"\[prompt \d+ tokens: \d+ decoded", said)) == 2
     assert conv.messages[-2] == {"role": "user", "content": "two \nlines"}
+
+
+def _resaved(saved: Path, path: Path, change: dict[str, object] | bytes) -> Path:
+    """``saved`` (what /save wrote) with its header updated by ``change``, or replaced by it
+    (bytes); the model's state after it stays."""
+    data = saved.read_bytes()
+    (n,) = struct.unpack_from("<Q", data, len(_MAGIC))
+    head = len(_MAGIC) + 8
+    if isinstance(change, bytes):
+        blob = change
+    else:
+        blob = json.dumps({**json.loads(data[head : head + n]), **change}).encode()
+    path.write_bytes(_MAGIC + struct.pack("<Q", len(blob)) + blob + data[head + n :])
+    return path
+
+
+#: Saved files with a bad header, and what /load says of each.
+BAD = {
+    "messages-str": ({"messages": "abc"}, "'messages' is str, not a list"),
+    "messages-ints": ({"messages": [1, 2]}, "messages[0] is not {'role'"),
+    "message-without-content": ({"messages": [{"role": "user"}]}, "messages[0] is not"),
+    "message-role": ({"messages": [{"role": 5, "content": "x"}]}, "messages[0] is not"),
+    "system-int": ({"system": 5}, "'system' is int, not a string"),
+    "seen-int": ({"seen": 5}, "'seen' is not [text, [token ids]]"),
+    "seen-str": ({"seen": "x"}, "'seen' is not [text, [token ids]]"),
+    "seen-floats": ({"seen": ["x", [1.5]]}, "'seen' is not [text, [token ids]]"),
+    "seen-out-of-vocab": ({"seen": ["x", [1, 10**9]]}, "'seen' holds token id 1000000000, "
+                          "outside this model's vocabulary (0 to "),
+    "seen-negative": ({"seen": ["x", [-1]]}, "'seen' holds token id -1, outside"),
+    "not-an-object": (b"[1, 2]", "its header is not an object"),
+    "nested": (b"[" * 100_000, "its header does not parse"),
+}  # fmt: skip
+
+
+def test_a_bad_file_is_one_line_of_error_and_the_conversation_goes_on(
+    llm: Llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = Conversation(llm, system="S", max_tokens=4, **GREEDY)
+    list(conv.reply("Hello"))
+    t1 = conv.last
+    assert t1 is not None
+    saved = tmp_path / "saved"
+    conv.save(saved)
+    before = (list(conv.messages), conv.system, conv._seen)
+    files = {name: _resaved(saved, tmp_path / name, change) for name, (change, _) in BAD.items()}
+    said = {
+        name: f"/load failed: {files[name]} is damaged: {text}" for name, (_, text) in BAD.items()
+    }
+    # A conversation larger than /load reads (a sparse file: nothing is written to disk).
+    big = tmp_path / "big"
+    with big.open("wb") as f:
+        f.write(_MAGIC + struct.pack("<Q", MAX_CONVERSATION + 1))
+        f.truncate(MAX_CONVERSATION + 100)
+    said["big"] = f"/load failed: {big} is damaged: its conversation claims {MAX_CONVERSATION + 1}"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    said["fifo"] = f"/load failed: {fifo} is a FIFO, not a regular file"
+    said["zero"] = "/load failed: /dev/zero is a character device, not a regular file"
+    said["folder"] = f"/load failed: {tmp_path} is a folder, not a regular file"
+    # Had /load opened the FIFO to block on it, this writer lets it go on (and it fails).
+    writer = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)  # noqa: SIM115
+    writer.start()
+    loads = [f"/load {p}" for p in [*files.values(), big, fifo, "/dev/zero", tmp_path]]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(loads) + "\n/exit\n"))
+    err = io.StringIO()
+    try:
+        repl(conv, out=io.StringIO(), err=err)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # the writer's open returns
+        writer.join(10)
+    lines = err.getvalue().splitlines()[1:]
+    assert len(lines) == len(said) and "Traceback" not in err.getvalue()
+    for name, text in said.items():
+        assert any(line.startswith(text) for line in lines), (name, lines)
+    assert (conv.messages, conv.system, conv._seen) == before
+    # The conversation goes on from where it was, the model's cache too.
+    list(conv.reply("Next"))
+    assert len(conv.messages) == 4 and conv.last is not None
+    assert conv.last.prompt_tokens - conv.last.decoded == _kv_after(t1)
 
 
 # -- in a pseudo-terminal -----------------------------------------------------------------------
