@@ -58,23 +58,31 @@ def compiler_version(cc: str) -> str:
 
 
 def _log_progress(
-    label: str, done: int, total: int, reported: tuple[int, float]
-) -> tuple[int, float]:
-    """Without a terminal for a bar, a log line at each tenth of the steps (a log file, CI)."""
-    tenth = done * 10 // max(total, 1)
-    if tenth <= reported[0]:
-        return reported
-    elapsed = time.monotonic() - reported[1]
-    log.info("%s: %d/%d steps (%d%%), %dm%02ds", label, done, total, 100 * done // max(total, 1),
-             elapsed // 60, elapsed % 60)  # fmt: skip
-    return tenth, reported[1]
+    label: str, line: str, done: int, total: int, last: tuple[int, float, float]
+) -> tuple[int, float, float]:
+    """Without a terminal for a bar: a log line at each tenth of the steps or every 30 s, with
+    what is being built and the time left estimated from the steps done so far.
+
+    ``last``: (tenth last logged, monotonic time of the start, of the last line).
+    """
+    tenth, start, logged = last
+    now = time.monotonic()
+    if done * 10 // max(total, 1) <= tenth and now - logged < 30:
+        return last
+    m = re.search(r"CMakeFiles/([\w.+-]+?)\.dir/", line)
+    what = f" building {m.group(1)}," if m else ""
+    elapsed = now - start
+    left = elapsed / done * (total - done) if done else 0.0
+    log.info("%s: [%d/%d]%s %dm%02ds so far, about %dm%02ds left", label, done, total, what,
+             elapsed // 60, elapsed % 60, left // 60, left % 60)  # fmt: skip
+    return done * 10 // max(total, 1), start, now
 
 
 def run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> None:
     """Run ``cmd`` appending to ``log``, drive a bar from ninja's ``[n/N]``, raise on failure."""
     tail: deque[str] = deque(maxlen=40)
     bar = None
-    reported = (-1, time.monotonic())  # (last tenth logged, start)
+    last = (-1, time.monotonic(), time.monotonic())  # for _log_progress
     with log.open("a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -88,7 +96,7 @@ def run_logged(cmd: list[str], log: Path, *, label: str, progress: bool) -> None
                 tail.append(line.rstrip("\n"))
                 m = re.match(_PROGRESS, line)
                 if m and not progress:
-                    reported = _log_progress(label, int(m.group(1)), int(m.group(2)), reported)
+                    last = _log_progress(label, line, int(m.group(1)), int(m.group(2)), last)
                 if m and progress:
                     if bar is None:
                         from tqdm import tqdm

@@ -13,6 +13,7 @@ loads only that one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -229,10 +230,14 @@ def install_locked(
             if discard:  # a download, needed no more: deleted while the child loads the library
                 archive.unlink()
         choice = _variants.choose(tree / "lib", checks, _smoke_finish(smoke, name))
+        try:  # what the artifact says it holds; a file it did not write well says nothing
+            built = json.loads((tree / "build-info.json").read_text()).get("cpu_variants", "all")
+        except (OSError, ValueError, AttributeError):
+            built = None
         info = {
             "release": release, "key": key, "artifact": name, "sha256": digest, "source": source,
             "cpu_variant": choice.variant, "cpu_variant_checked": choice.loaded,
-            "cpu_variants_skipped": choice.skipped,
+            "cpu_variants_skipped": choice.skipped, "cpu_variants_built": built,
         }  # fmt: skip
         with _writing(archive, f"installing {name}"):
             cache.write_record(tree, info, hashes)
