@@ -213,7 +213,7 @@ def fetch_cmd(
 
     Installed already: returns at once, offline. Otherwise downloads, verifies and installs the
     release's artifact for this platform; when none fits or the host is unreachable, builds it
-    from source (about 5 minutes) unless --no-build.
+    from source for this CPU (about 3 minutes on 2 cores) unless --no-build.
     """
     try:
         with _status_lines(quiet):

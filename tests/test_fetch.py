@@ -101,7 +101,7 @@ def test_persistent_404_names_the_url_and_the_artifact(
         fetch(base_url=mirror_server.url, build=False, progress=False)
     msg = str(e.value)
     assert f"{mirror_server.url}{asset} answered 404" in msg and name in msg
-    assert "nexabind build --install" in msg and "about 5 minutes" in msg
+    assert "nexabind build --install" in msg and "about 3 minutes" in msg
     assert len(mirror_server.requests_for(asset)) == 1  # a 404 is not retried
     assert art.leftovers(Path(os.environ["NEXABIND_CACHE_DIR"])) == []
 
@@ -173,7 +173,7 @@ def test_unreachable_host_builds_from_source(
     lib = fetch(base_url=url)
     warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
     assert warning.getMessage().startswith("nothing could be downloaded")
-    assert "about 5 minutes" in caplog.text
+    assert "about 3 minutes" in caplog.text
     assert lib.is_relative_to(_isolated_cache)
     assert json.loads((lib.parent / cache.INSTALL_RECORD).read_text())["source"] == (
         "nexabind build"
