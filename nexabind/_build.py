@@ -35,6 +35,7 @@ from nexabind._artifact import (
 from nexabind._cmake import cmake_build, compiler_version, require_tools
 from nexabind.errors import BuildError
 from nexabind.install import install_archive
+from nexabind.platform import cpu_flags
 from nexabind.platform import target as host_target
 
 __all__ = ["build", "probe_source", "server_binary"]
@@ -63,8 +64,6 @@ def _local_cpu_variants(all_variants: bool | None, out: object) -> list[str] | N
     (the baseline, for ``doctor --all-variants`` and the install's fallback); None: all."""
     if all_variants or (all_variants is None and out is not None):
         return None
-    from nexabind.platform import cpu_flags
-
     flags = cpu_flags()
     if host_target() != ("linux", "x86_64") or flags is None:
         return None

@@ -134,6 +134,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> 
 
 
 @pytest.fixture(scope="session")
+def tiny_model_f32(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
+    """:func:`tiny_model` with f32 weights, for the tests whose point is that two runs with
+    different batch shapes give equal text: quantized kernels quantize the activations per
+    path (one row or many), which can flip a near tie."""
+    from nexabind.tinymodel import ModelSpec, write_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-f32.gguf"
+    vocab = llama_source / "models" / "ggml-vocab-llama-spm.gguf"
+    write_random_model(path, ModelSpec(chat_template=CHATML), vocab=vocab)
+    return path
+
+
+@pytest.fixture(scope="session")
 def embed_model(tmp_path_factory: pytest.TempPathFactory, llama_source: Path) -> Path:
     """A small random llama model with mean pooling (an embedding model), quantized to q4_0."""
     from nexabind.tinymodel import ModelSpec, write_random_model

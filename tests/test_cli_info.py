@@ -180,7 +180,13 @@ def test_info_shows_the_fetched_library_in_use(
         entry["release"] == pin.RELEASE
         and entry["artifact"] == report["choice"]["artifact"]["name"]
     )
+    cpu = report["library"].pop("cpu")
     assert report["library"] == {"path": str(lib.resolve()), "error": None}
+    assert cpu["built"] == "all" and cpu["skipped"] == {}
+    assert (
+        cpu["loads"].startswith("ggml's best for this CPU (")
+        and "checked at install" in cpu["loads"]
+    )
     r = runner.invoke(cli, ["info"])
     assert f" *{pin.RELEASE}  {entry['key']}  {entry['path']}" in r.stdout
     assert f"library:        {lib.resolve()}" in r.stdout

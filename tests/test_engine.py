@@ -130,8 +130,9 @@ def test_a_task_reuses_the_slot_with_the_longest_common_prefix(engine: Engine) -
 
 
 def test_sessions_keep_their_conversation_and_survive_eviction(
-    libdir: Path, tiny_model: Path
+    libdir: Path, tiny_model_f32: Path
 ) -> None:
+    tiny_model = tiny_model_f32  # the replay below must give equal text (see the fixture)
     turns = ["Hello there", "tell me more", "and after that", "thanks"]
     n_sessions = 5
     with Engine(tiny_model, n_parallel=2, n_ctx=2 * 512, n_threads=1, lib_path=libdir) as eng:

@@ -80,7 +80,7 @@ def test_json_schema_response_format_is_valid(llm: Llama, name: str) -> None:
 
 def test_json_object_with_and_without_a_schema(llm: Llama) -> None:
     seen = 0
-    for seed in range(4):
+    for seed in range(16):
         out = llm.create_chat_completion(
             ASK, response_format={"type": "json_object"}, max_tokens=300, seed=seed
         )

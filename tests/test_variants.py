@@ -198,7 +198,10 @@ def test_the_amx_tile_config_is_whole_in_the_sapphirerapids_binary(libdir: Path)
 def test_builds_record_the_patches_they_carry(libdir: Path) -> None:
     info = json.loads((libdir.parent / "build-info.json").read_text())
     assert info["patches"] == _source.patches()
-    assert [p["file"] for p in info["patches"]] == ["0001-amx-tile-config-static-storage.patch"]
+    assert [p["file"] for p in info["patches"]] == [
+        "0001-amx-tile-config-static-storage.patch",
+        "0002-ggml-cpu-variants-subset.patch",
+    ]
     assert pin.RELEASE.endswith("-r2")
 
 
