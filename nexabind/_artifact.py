@@ -28,6 +28,7 @@ __all__ = [
     "min_glibc",
     "pack",
     "probe_source",
+    "rpc_protocol",
     "stage_artifact",
     "stage_server",
     "update_manifest",
@@ -106,9 +107,22 @@ def write_abi_json(
     if r.returncode != 0:
         msg = f"the ABI probe {exe} failed with exit code {r.returncode}: {r.stderr[-1000:]}"
         raise BuildError(msg)
-    abi = {"llama_commit": pin.LLAMA_COMMIT, "cdef_sha256": _cdef.CDEF_SHA256}
+    abi = {"llama_commit": pin.LLAMA_COMMIT, "cdef_sha256": _cdef.CDEF_SHA256,
+           "rpc_protocol": rpc_protocol(src)}  # fmt: skip
     abi.update(json.loads(r.stdout))
     dest.write_text(json.dumps(abi, indent=1, sort_keys=False) + "\n")
+
+
+def rpc_protocol(src: Path) -> str | None:
+    """The RPC protocol version of the tree's ggml-rpc.h (``7.0.0``): an RPC client and server
+    talk only when theirs match. None without the header."""
+    try:
+        text = (src / "ggml" / "include" / "ggml-rpc.h").read_text()
+    except OSError:
+        return None
+    parts = [re.search(rf"#define\s+RPC_PROTO_{p}_VERSION\s+(\d+)", text) for p in
+             ("MAJOR", "MINOR", "PATCH")]  # fmt: skip
+    return ".".join(m.group(1) for m in parts if m) if all(parts) else None
 
 
 def min_glibc(lib: Path) -> str | None:

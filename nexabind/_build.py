@@ -27,6 +27,7 @@ from nexabind._artifact import (
     min_glibc,
     pack,
     probe_source,
+    rpc_protocol,
     stage_artifact,
     stage_server,
     update_manifest,
@@ -206,6 +207,7 @@ def build(
                 # A --source tree is built as it is; the pinned source carries our patches.
                 "patches": _source.patches() if fetched else [],
                 "cpu_variants": cpu_variants or "all",
+                "rpc_protocol": rpc_protocol(src),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
                 "min_glibc": min_glibc(stage / "lib") if os_name == "linux" else None,

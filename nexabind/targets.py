@@ -59,6 +59,9 @@ COMMON_FLAGS = (
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_CURL=OFF",
     f"-DLLAMA_BUILD_COMMIT={pin.LLAMA_COMMIT}",
+    # The RPC backend (one more backend module): remote devices over TCP, and the server side
+    # that `nexabind rpc-server` runs.
+    "-DGGML_RPC=ON",
 )
 
 _CPU_ALL = ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF")
