@@ -153,6 +153,14 @@ class Engine:
         self._ctx.close()
         self._model.close()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler thread stopped, if an error stopped it (a bug: it then runs no
+        task again, and every call raises ``ClosedError``); None while it runs or once closed.
+        """
+        sched = self._sched
+        return None if sched is None else sched.failure
+
     def __enter__(self) -> Engine:
         return self
 
