@@ -20,7 +20,7 @@ from typing import Any
 from nexabind.server._local import sse
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
-from nexabind.server.gateway import Call, HTTPError
+from nexabind.server.gateway import Call, Held, HTTPError
 from nexabind.server.supervisor import Supervisor, find_binary
 
 __all__ = ["ForwardBackend"]
@@ -54,6 +54,9 @@ class ForwardBackend:
     def degraded(self) -> bool:
         return self.supervisor.state != "ready"
 
+    def failure(self) -> str | None:
+        return None  # the supervisor restarts a child that dies
+
     def status(self) -> dict[str, Any]:
         sup = self.supervisor
         return {"engine": "llama-server", "state": sup.state, "pid": sup.pid,
@@ -78,6 +81,9 @@ class ForwardBackend:
             self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
                                             limits=limits)  # fmt: skip
         return self.client
+
+    async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> Held | None:
+        return None  # llama-server keeps no conversations
 
     async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Call) -> Any:
         import httpx

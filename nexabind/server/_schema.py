@@ -8,11 +8,16 @@ send some that a local server has no use for.
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHAT", "COMPLETION", "EMBEDDING", "RERANK", "SchemaError", "validate"]
+__all__ = [
+    "CHAT", "COMPLETION", "EMBEDDING", "FIELDS", "RERANK", "SchemaError", "field_of", "validate",
+]  # fmt: skip
 
 
 class SchemaError(ValueError):
@@ -23,8 +28,12 @@ class SchemaError(ValueError):
         self.param = param
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded: a huge or deep value is not written out in full
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -67,11 +76,12 @@ def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any]
 def number(lo: float | None = None, hi: float | None = None, *, above: bool = False
            ) -> Callable[[str, Any], float]:  # fmt: skip
     def check(name: str, v: Any) -> float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if ok and above and lo is not None and v <= lo:
             ok = False
         if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f" above {lo:g}" if above else _range(lo, hi)
+            top = f" and at most {hi:g}" if hi is not None else ""
+            rng = f" above {lo:g}{top}" if above else _range(lo, hi)
             raise _fail(name, f"a number{rng}", v)
         return float(v)
 
@@ -139,12 +149,14 @@ def logit_bias(name: str, v: Any) -> dict[int, float]:
     """``{"token id": bias}`` (JSON keys are strings) with biases from -100 to 100."""
     if not isinstance(v, dict):
         raise _fail(name, 'an object such as {"50256": -100}', v)
+    if len(v) > MAX_LOGIT_BIAS:
+        msg = f"'{name}' has {len(v)} entries; at most {MAX_LOGIT_BIAS} are taken"
+        raise SchemaError(name, msg)
     out: dict[int, float] = {}
     for key, bias in v.items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise _fail(f"{name}.{key}", "keyed by a token id", key) from None
+        tok = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else -1
+        if not 0 <= tok <= INT32_MAX:
+            raise _fail(f"{name}.{key:.40}", "keyed by a token id (0 to 2147483647)", key)
         out[tok] = number(-100, 100)(f"{name}.{key}", bias)
     return out
 
@@ -195,15 +207,20 @@ def choice(name: str, v: Any) -> str | dict[str, Any]:
     return v
 
 
+#: The largest int32: what llama.cpp's counts fit in.
+INT32_MAX = 0x7FFFFFFF
+#: Entries a ``logit_bias`` may have (the model's vocabulary bounds it again).
+MAX_LOGIT_BIAS = 1 << 18
+
 _GENERATION: dict[str, Field] = {
     "model": Field(string),
-    "max_tokens": Field(integer(1)),
+    "max_tokens": Field(integer(1, INT32_MAX)),
     "temperature": Field(number(0, 2)),
     "top_p": Field(number(0, 1)),
-    "top_k": Field(integer(0)),
+    "top_k": Field(integer(0, INT32_MAX)),
     "min_p": Field(number(0, 1)),
     "typical_p": Field(number(0, 1)),
-    "repeat_penalty": Field(number(0, above=True)),
+    "repeat_penalty": Field(number(0, 1e6, above=True)),
     "presence_penalty": Field(number(-2, 2)),
     "frequency_penalty": Field(number(-2, 2)),
     "logit_bias": Field(logit_bias),
@@ -225,7 +242,7 @@ CHAT: dict[str, Field] = {
     "functions": Field(objects(0)),
     "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
-    "max_completion_tokens": Field(integer(1)),
+    "max_completion_tokens": Field(integer(1, INT32_MAX)),
     "logprobs": Field(boolean),
     "top_logprobs": Field(integer(0, 20)),
 }
@@ -253,9 +270,21 @@ RERANK: dict[str, Field] = {
     "model": Field(string),
     "query": Field(string, required=True, nullable=False),
     "documents": Field(strings(1), required=True, nullable=False),
-    "top_n": Field(integer(1)),
+    "top_n": Field(integer(1, INT32_MAX)),
     "return_documents": Field(boolean),
 }
+
+
+#: Every field of every endpoint.
+FIELDS = frozenset({*CHAT, *COMPLETION, *EMBEDDING, *RERANK})
+_NAMED = re.compile(r"([a-z_]+)((?:\[\d+\]|\.[a-z_]+)*)(?=[ =])")
+
+
+def field_of(message: str) -> str | None:
+    """The request field an error message starts with (``top_k=...``, ``stop[1] must...``),
+    if it names one."""
+    m = _NAMED.match(message)
+    return m.group(1) + m.group(2) if m and m.group(1) in FIELDS else None
 
 
 def validate(body: Any, schema: Mapping[str, Field]) -> dict[str, Any]:

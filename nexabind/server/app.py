@@ -121,7 +121,7 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         kind, schema = _ENDPOINTS[request.url.path]
         receive = request.receive
         try:
-            gateway.check_key(request.headers)
+            owner = gateway.check_key(request.headers)
             raw = await _read_body(receive, request.headers, options.max_body)
             try:
                 parsed = json.loads(raw)
@@ -132,7 +132,16 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
                 body = _schema.validate(parsed, schema)
             except _schema.SchemaError as e:
                 raise HTTPError(400, str(e), param=e.param) from None
-            call = await _unless_gone(receive, gateway.admit())
+            # A busy conversation is waited for here, before a slot is taken: the wait holds
+            # neither a slot nor a thread, and ends when the client leaves.
+            held = await _unless_gone(receive, backend.reserve(kind, body, owner))
+            try:
+                call = await _unless_gone(receive, gateway.admit(owner))
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
+            call.permit.held = held
             try:
                 result = await _unless_gone(receive, backend.run(kind, body, raw, call))
             except BaseException:

@@ -1,0 +1,203 @@
+"""`nexabind serve` against clients that mean harm, each attack beside an ordinary user.
+
+Every test runs a real server on 127.0.0.1 with two API keys: the attacker's and an ordinary
+user's. After each attack the user's next request must still be answered.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _serve import Served, read_events
+
+ATTACKER = {"Authorization": "Bearer attacker-key"}
+USER = {"Authorization": "Bearer user-key"}
+KEYS = ("--api-key", "attacker-key", "--api-key", "user-key")
+GREEDY: dict[str, Any] = {"temperature": 0}
+NO_EOS = {"2": -100}  # the tiny model's end-of-sequence token: generate until told to stop
+CHAT = [{"role": "user", "content": "Tell me about birds"}]
+
+
+@pytest.fixture(scope="module")
+def server(libdir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with Served(tiny_model, "-np", "2", "-c", "4096", *KEYS, log=log) as s:
+        yield s
+
+
+def _ordinary(server: Served) -> None:
+    """The other user's plain chat still gets its answer."""
+    status, _, body = server.post(
+        "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, **GREEDY}, headers=USER
+    )
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 2
+    assert server.get("/health")[0] == 200
+
+
+def _drop(conn: Any) -> None:
+    """Go away without a word."""
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.sock.close()
+    conn.close()
+
+
+def _open(server: Served, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """Send a request and leave its answer unread; return the connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", **headers})  # fmt: skip
+    return conn
+
+
+# -- no request value can hurt the scheduler ----------------------------------------------------
+
+_NUMBERS: list[Any] = [2**31, -(2**31), 2**63, float("nan"), float("inf"), float("-inf")]
+_WRONG: list[Any] = ["1", [1], {"a": 1}, True]
+_OPTIONS = (
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n",
+)  # fmt: skip
+
+
+def test_every_sampling_option_at_its_extremes_is_a_400_and_the_next_request_a_200(
+    server: Served,
+) -> None:
+    for name in _OPTIONS:
+        for value in _NUMBERS + _WRONG:
+            if name == "seed" and value == 2**31:  # in range: answered
+                continue
+            body = {"messages": CHAT, "max_tokens": 2, name: value}
+            status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+            assert status == 400, (name, value, answer)
+            assert answer["error"]["param"] == name, (name, value, answer)
+        _ordinary(server)
+    for value in _NUMBERS + _WRONG + [None]:
+        for bias in ({"1": value}, {str(value): 1}):
+            if bias == {"1": 1}:  # str("1"): a valid bias
+                continue
+            body = {"messages": CHAT, "max_tokens": 2, "logit_bias": bias}
+            status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+            assert status == 400, (bias, answer)
+            assert answer["error"]["param"].startswith("logit_bias"), (bias, answer)
+    for stop in ([1], [None], [["x"]], {"a": 1}, 5, ["a"] * 17):
+        body = {"messages": CHAT, "max_tokens": 2, "stop": stop}
+        status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+        assert status == 400 and answer["error"]["param"].startswith("stop"), (stop, answer)
+    # Token ids past the vocabulary (32000 tokens), and more entries than it has.
+    for bias in ({"2147483647": 1}, {"32000": 1}, {str(i): 1 for i in range(32_001)}):
+        body = {"messages": CHAT, "max_tokens": 2, "logit_bias": bias}
+        status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+        assert status == 400 and answer["error"]["param"] == "logit_bias", answer
+    _ordinary(server)
+    assert "Traceback" not in server.output()
+
+
+class _Stops:
+    """A backend whose engine loads, then stops for good when told (a scheduler that died)."""
+
+    def __init__(self) -> None:
+        self.why: str | None = None
+
+    def load(self) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def degraded(self) -> bool:
+        return False
+
+    def failure(self) -> str | None:
+        return self.why
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def tokens_per_second(self) -> float:
+        return 0.0
+
+    def cancel_all(self) -> None:
+        pass
+
+    async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> None:
+        return None
+
+    async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Any) -> Any:
+        call.permit.release()
+        return {}
+
+
+def test_a_dead_engine_is_a_503_in_health_and_stops_the_server() -> None:
+    import asyncio
+
+    from nexabind.server._metrics import Metrics
+    from nexabind.server._options import ServeOptions
+    from nexabind.server.gateway import Gateway, HTTPError
+
+    async def scenario() -> None:
+        backend = _Stops()
+        gateway = Gateway(backend, ServeOptions("model.gguf"), Metrics())
+        fatal: list[str] = []
+        gateway.on_fatal = fatal.append
+        await gateway.start()
+        while gateway.state != "ok":
+            await asyncio.sleep(0.01)
+        assert gateway.health()[0] == 200
+        (await gateway.admit()).permit.release()
+        backend.why = "OverflowError: int too big to convert"
+        status, body = gateway.health()
+        assert status == 503 and body["status"] == "failed"
+        assert "OverflowError" in body["error"]
+        with pytest.raises(HTTPError, match="the engine stopped") as e:
+            await gateway.admit()
+        assert e.value.status == 503
+        assert len(fatal) == 1  # told once: the server exits non-zero
+        await gateway.close()
+
+    asyncio.run(scenario())
+
+
+# -- sessions cannot starve others ---------------------------------------------------------------
+
+
+def _until(server: Served, what: str, value: int, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (slots := server.get("/slots", headers=USER)[1])[what] != value:
+        assert time.monotonic() < deadline, slots
+        time.sleep(0.02)
+    return slots  # type: ignore[no-any-return]
+
+
+def test_a_busy_session_starves_no_one(libdir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    args = ("-np", "2", "-c", "8192", "--queue-timeout", "20", *KEYS)
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        long = {"messages": CHAT, "max_tokens": 100_000, "logit_bias": NO_EOS, "stream": True,
+                "session_id": "s", **GREEDY}  # fmt: skip
+        holder = _open(s, long, ATTACKER)
+        resp = holder.getresponse()
+        assert resp.status == 200 and len(read_events(resp, 2)) == 2
+        more = {"messages": CHAT, "max_tokens": 2, "session_id": "s"}
+        waiting = [_open(s, more, ATTACKER) for _ in range(5)]
+        _until(s, "session_waiting", 5)  # they wait for "s", holding no slot
+        _ordinary(s)
+        # The same session id under the other key is another conversation.
+        status, _, body = s.post("/v1/chat/completions", more, headers=USER)
+        assert status == 200, body
+        for conn in waiting:  # abandoned: they stop waiting
+            _drop(conn)
+        slots = _until(s, "session_waiting", 0)
+        assert slots["in_flight"] == 1  # only the stream
+        _ordinary(s)
+        _drop(holder)
+        _until(s, "in_flight", 0)
+        status, _, body = s.post("/v1/chat/completions", more, headers=ATTACKER)
+        assert status == 200, body  # the session's lock went with its stream
+        gone = 'nexabind_requests_total{endpoint="/v1/chat/completions",status="499"}'
+        assert s.metric(gone, headers=USER) >= 5
