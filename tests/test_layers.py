@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
             "tinymodel",
             "_cdef",
             "_gguf",
+            "_nesting",
         ),
         0,
     ),
