@@ -201,3 +201,100 @@ def test_a_busy_session_starves_no_one(libdir: Path, tiny_model: Path, tmp_path:
         assert status == 200, body  # the session's lock went with its stream
         gone = 'nexabind_requests_total{endpoint="/v1/chat/completions",status="499"}'
         assert s.metric(gone, headers=USER) >= 5
+
+
+# -- bad input is a 400 naming the field, never a 500 ---------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+
+
+def _schema_format(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def test_malformed_bodies_schemas_and_histories_are_400s(server: Served) -> None:
+    call = {"role": "assistant", "content": None}
+    cases: list[tuple[Any, str]] = [
+        (b"[" * 1500 + b"]" * 1500, "body"),
+        (b'{"messages": ' + b"[" * 70 + b"]" * 70 + b"}", "body"),
+        ({"messages": CHAT, "response_format": _schema_format(_nested(40))}, "response_format"),
+        ({"messages": CHAT, "response_format": _schema_format({"$ref": "#"})}, "response_format"),
+        ({"messages": CHAT, "response_format": _schema_format(
+            {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+             "$ref": "#/$defs/a"})}, "response_format"),
+        ({"messages": CHAT, "response_format": _schema_format({"type": "object", "properties": {
+            f"p{i}": {"type": "integer"} for i in range(30_000)}})}, "response_format"),
+        ({"messages": CHAT, "response_format": _schema_format({"x-guidance": 5})},
+         "response_format"),
+        ({"messages": CHAT, "response_format": _schema_format(
+            {"type": "string", "x-guidance": {"lenient": True}})}, "response_format"),
+        ({"messages": CHAT, "tools": [{**WEATHER, "function": {**WEATHER["function"],
+          "parameters": {"type": "object", "x-guidance": {"whitespace_pattern": " *"}}}}]},
+         "tools"),
+        ({"messages": CHAT, "tools": [WEATHER], "tool_choice": {"function": 5}}, "tool_choice"),
+        ({"messages": CHAT, "tools": [WEATHER], "tool_choice": {"function": {"name": 5}}},
+         "tool_choice"),
+        ({"messages": CHAT, "tools": [WEATHER], "tool_choice": {"type": "function"}},
+         "tool_choice"),
+        ({"messages": [*CHAT, {**call, "tool_calls": "get_weather"}]}, "messages"),
+        ({"messages": [*CHAT, {**call, "tool_calls": [5]}]}, "messages"),
+        ({"messages": [*CHAT, {**call, "tool_calls": [{"id": "c1"}]}]}, "messages"),
+        ({"messages": [*CHAT, {**call, "tool_calls": [{"function": {"name": "f",
+          "arguments": 5}}]}]}, "messages"),
+        ({"messages": [*CHAT, {**call, "function_call": 5}]}, "messages"),
+    ]  # fmt: skip
+    for body, param in cases:
+        status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+        assert status == 400, (str(body)[:200], answer)
+        assert answer["error"]["param"] == param, (str(body)[:200], answer)
+    _ordinary(server)
+    assert "Traceback" not in server.output()
+
+
+def test_a_model_that_writes_brackets_without_end_gets_its_text_back(server: Served) -> None:
+    """The tool-call parser once recursed into 1,500 '[' and answered 500 (RecursionError)."""
+    body = {"messages": CHAT, "tools": [WEATHER], "max_tokens": 1500, "logit_bias": {"29961": 100},
+            **GREEDY}  # fmt: skip
+    status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == "[" * 1500
+    _ordinary(server)
+
+
+def test_what_a_llama_server_child_answers_is_relayed_well(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error object that is a string, and text with a lone surrogate (a JSON escape any
+    upstream may send), once broke the forwarder (AttributeError) and the encoder."""
+    import stat
+    import sys
+
+    fake = Path(__file__).with_name("_fake_llama_server.py")
+    exe = tmp_path / "llama-server"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{fake}" "$@"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    answer = tmp_path / "answer"
+    monkeypatch.setenv("FAKE_ANSWER", str(answer))
+    args = ("--engine", "llama-server", "--server-bin", str(exe), *KEYS)
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        answer.write_bytes(b'500\n{"error": "the child says no"}')
+        status, _, body = s.post("/v1/chat/completions", {"messages": CHAT}, headers=USER)
+        assert status == 500 and body["error"]["message"] == "the child says no", body
+        answer.write_bytes(b'400\n{"error": {"message": 5, "type": 7}}')
+        status, _, body = s.post("/v1/chat/completions", {"messages": CHAT}, headers=USER)
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+        answer.write_bytes(b'200\n{"choices": [{"message": {"content": "a\\ud800b"}}]}')
+        status, _, raw = s.request("POST", "/v1/chat/completions", {"messages": CHAT},
+                                   headers=USER)  # fmt: skip
+        assert status == 200 and b"\\ud800" in raw, raw
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "a\ud800b"
+        assert "Traceback" not in s.output()

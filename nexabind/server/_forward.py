@@ -35,6 +35,11 @@ _PATHS = {
 }
 
 
+def _count(value: Any) -> int:
+    """A token count from the child's answer (anything else: 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 class ForwardBackend:
     """A :class:`~nexabind.server.supervisor.Supervisor`'s llama-server, over HTTP."""
 
@@ -125,13 +130,17 @@ class ForwardBackend:
             msg = f"the llama-server engine answered {status} with no JSON body"
             raise HTTPError(502, msg) from None
         if status != 200:
-            err = obj.get("error", {}) if isinstance(obj, dict) else {}
-            message = err.get("message") if isinstance(err, dict) else None
-            raise HTTPError(status, str(message or obj), type=err.get("type"))
+            err = obj.get("error") if isinstance(obj, dict) else None
+            if not isinstance(err, dict):  # {"error": "text"}, or no error object at all
+                err = {"message": err if isinstance(err, str) and err else None}
+            message = err.get("message")
+            kind = err.get("type")
+            raise HTTPError(status, str(message or obj)[:2000],
+                            type=kind if isinstance(kind, str) else None)  # fmt: skip
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if isinstance(usage, dict):
-            self.metrics.tokens(int(usage.get("prompt_tokens") or 0),
-                                int(usage.get("completion_tokens") or 0))  # fmt: skip
+            self.metrics.tokens(_count(usage.get("prompt_tokens")),
+                                _count(usage.get("completion_tokens")))  # fmt: skip
         return obj
 
     async def _relay(self, resp: Any, call: Call) -> AsyncIterator[bytes]:

@@ -37,7 +37,7 @@ from nexabind.server._schema import field_of
 from nexabind.server.gateway import Call, HTTPError
 from nexabind.tokens import Outcome, Token
 
-__all__ = ["LocalBackend", "sse"]
+__all__ = ["LocalBackend", "encode_json", "sse"]
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,19 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_pena
 _STRUCTURED = ("response_format", "tools", "tool_choice", "functions", "function_call")
 
 
+def encode_json(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON; text holding a lone surrogate (a model's ``"\\ud800"``
+    in call arguments) is written with ``\\u`` escapes instead, which JSON allows."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def sse(obj: Any) -> bytes:
     """One server-sent event: ``data: {json}`` and a blank line."""
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + encode_json(obj) + b"\n\n"
 
 
 def to_http(e: BaseException, param: str | None = None) -> HTTPError:

@@ -207,6 +207,38 @@ def choice(name: str, v: Any) -> str | dict[str, Any]:
     return v
 
 
+def _find_key(value: Any, key: str) -> str | None:
+    """Where ``key`` is a key of an object inside ``value`` (a JSON pointer), if anywhere."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if key in node:
+                return path or "/"
+            stack.extend((v, f"{path}/{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}/{i}") for i, v in enumerate(node))
+    return None
+
+
+def server_grammar(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, and no ``x-guidance`` anywhere inside: how a schema compiles (lenient
+    keywords, whitespace) is the server's choice, not a client's."""
+
+    def checked(name: str, v: Any) -> Any:
+        v = check(name, v)
+        where = _find_key(v, "x-guidance")
+        if where is not None:
+            msg = (
+                f"'{name}' holds \"x-guidance\" (at {where[:60]}); grammar options are the "
+                "server's: remove it"
+            )
+            raise SchemaError(name, msg)
+        return v
+
+    return checked
+
+
 #: The largest int32: what llama.cpp's counts fit in.
 INT32_MAX = 0x7FFFFFFF
 #: Entries a ``logit_bias`` may have (the model's vocabulary bounds it again).
@@ -236,10 +268,10 @@ _GENERATION: dict[str, Field] = {
 #: ``POST /v1/chat/completions``
 CHAT: dict[str, Field] = {
     **_GENERATION,
-    "response_format": Field(an_object),
-    "tools": Field(objects(0)),
+    "response_format": Field(server_grammar(an_object)),
+    "tools": Field(server_grammar(objects(0))),
     "tool_choice": Field(choice),
-    "functions": Field(objects(0)),
+    "functions": Field(server_grammar(objects(0))),
     "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
     "max_completion_tokens": Field(integer(1, INT32_MAX)),
@@ -251,7 +283,7 @@ CHAT: dict[str, Field] = {
 COMPLETION: dict[str, Field] = {
     **_GENERATION,
     "prompt": Field(prompt, required=True, nullable=False),
-    "response_format": Field(an_object),
+    "response_format": Field(server_grammar(an_object)),
     "echo": Field(boolean),
     "logprobs": Field(integer(0, 20)),
     "suffix": Field(string),

@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+from nexabind import _nesting
 from nexabind.server import _schema
 from nexabind.server._forward import ForwardBackend
-from nexabind.server._local import LocalBackend, to_http
+from nexabind.server._local import LocalBackend, encode_json, to_http
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
 from nexabind.server.gateway import Backend, Gateway, HTTPError
@@ -93,6 +94,21 @@ async def _unless_gone(receive: Callable[[], Awaitable[Any]], coro: Awaitable[An
     raise _ClientGone
 
 
+def _parse(raw: bytes, schema: Mapping[str, _schema.Field]) -> dict[str, Any]:
+    """A request body, read (within the depth limit) and checked against its schema."""
+    try:
+        parsed = _nesting.loads(raw, what="the request body")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"the request body is not valid JSON: {e}"
+        raise HTTPError(400, msg, code="invalid_json") from None
+    except ValueError as e:
+        raise HTTPError(400, str(e), param="body", code="invalid_json") from None
+    try:
+        return _schema.validate(parsed, schema)
+    except _schema.SchemaError as e:
+        raise HTTPError(400, str(e), param=e.param) from None
+
+
 def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     """The ASGI application for ``options`` (a Starlette app with the access log around it).
 
@@ -115,7 +131,7 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     started = int(time.time())
 
     def error(e: HTTPError) -> Response:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return Response(encode_json(e.body()), e.status, e.headers, "application/json")
 
     async def generate(request: Request) -> Response:
         kind, schema = _ENDPOINTS[request.url.path]
@@ -123,15 +139,7 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         try:
             owner = gateway.check_key(request.headers)
             raw = await _read_body(receive, request.headers, options.max_body)
-            try:
-                parsed = json.loads(raw)
-            except ValueError as e:
-                msg = f"the request body is not valid JSON: {e}"
-                raise HTTPError(400, msg, code="invalid_json") from None
-            try:
-                body = _schema.validate(parsed, schema)
-            except _schema.SchemaError as e:
-                raise HTTPError(400, str(e), param=e.param) from None
+            body = await asyncio.to_thread(_parse, raw, schema)
             # A busy conversation is waited for here, before a slot is taken: the wait holds
             # neither a slot nor a thread, and ends when the client leaves.
             held = await _unless_gone(receive, backend.reserve(kind, body, owner))
@@ -153,8 +161,9 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a 500 without the traceback (it goes to the log)
             return error(to_http(e))
-        if isinstance(result, dict):
-            return JSONResponse(result)
+        if isinstance(result, dict):  # encoded off the loop: it may be large
+            data = await asyncio.to_thread(encode_json, result)
+            return Response(data, media_type="application/json")
         return StreamingResponse(
             _guarded(result), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
