@@ -64,6 +64,20 @@ def _number(flag: str, default: float, kind: type, help: str) -> Any:
 @click.option("-t", "--threads", type=int, help="CPU threads of the engine.")
 @_number("--max-body", 8 << 20, int, "Largest request body in bytes (larger: 413).")
 @_number("--grace", 10.0, float, "Seconds in-flight requests get to finish after SIGTERM.")
+@_number("--max-messages", 2048, int, "Messages one chat may hold (more: 413).")
+@_number(
+    "--max-prompt-chars",
+    1 << 17,
+    int,
+    "Characters a chat's messages or a prompt may hold in all, checked before templating and "
+    "tokenizing (more: 413).",
+)
+@_number(
+    "--max-inputs", 2048, int, "Texts per embedding request, documents per rerank (more: 413)."
+)
+@_number(
+    "--max-input-chars", 1 << 21, int, "Characters per embedding or rerank request (more: 413)."
+)
 @click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
 @click.option(
     "--lib-path",

@@ -298,3 +298,53 @@ def test_what_a_llama_server_child_answers_is_relayed_well(
         assert status == 200 and b"\\ud800" in raw, raw
         assert json.loads(raw)["choices"][0]["message"]["content"] == "a\ud800b"
         assert "Traceback" not in s.output()
+
+
+# -- sizes are bounded before the work ------------------------------------------------------------
+
+
+def test_sizes_beyond_the_limits_are_413s_before_any_work(server: Served) -> None:
+    many = [{"role": "user", "content": "hi"}] * 2049
+    long = [{"role": "user", "content": chr(0x20000) * 140_000}]  # CJK Extension B
+    cases: list[tuple[str, Any, str]] = [
+        ("/v1/chat/completions", {"messages": many, "max_tokens": 1}, "messages"),
+        ("/v1/chat/completions", {"messages": long, "max_tokens": 1}, "messages"),
+        ("/v1/completions", {"prompt": "a" * 140_000, "max_tokens": 1}, "prompt"),
+    ]
+    for path, body, param in cases:
+        status, _, answer = server.post(path, body, headers=ATTACKER)
+        assert status == 413, (param, answer)
+        assert answer["error"]["param"] == param and "--max-" in answer["error"]["message"]
+    status, _, _ = server.post(
+        "/v1/chat/completions", {"messages": many[:2048], "max_tokens": 1}, headers=ATTACKER
+    )
+    assert status in (200, 400)  # within the limits: it is worked on (and may not fit a slot)
+    _ordinary(server)
+
+
+def test_embedding_inputs_are_capped_per_request(
+    libdir: Path, embed_model: Path, tmp_path: Path
+) -> None:
+    args = ("--embedding", "-c", "1024", "--max-inputs", "8", "--max-input-chars", "1000")
+    with Served(embed_model, *args, log=tmp_path / "log") as s:
+        for body, what in (({"input": ["a"] * 1_000_000}, "--max-inputs"),
+                           ({"input": ["a"] * 9}, "--max-inputs"),
+                           ({"input": ["a" * 600, "b" * 600]}, "--max-input-chars")):  # fmt: skip
+            status, _, answer = s.post("/v1/embeddings", body)
+            assert status == 413 and answer["error"]["param"] == "input", answer
+            assert what in answer["error"]["message"]
+        status, _, answer = s.post("/v1/embeddings", {"input": ["a"] * 8})
+        assert status == 200 and len(answer["data"]) == 8
+
+
+def test_rerank_documents_count_against_the_same_caps() -> None:
+    from nexabind.server._options import ServeOptions
+    from nexabind.server._schema import SchemaError, check_sizes
+
+    options = ServeOptions("m.gguf", rerank=True, max_inputs=3, max_input_chars=20)
+    check_sizes("rerank", {"query": "q", "documents": ["a", "b", "c"]}, options)
+    for body in ({"query": "q", "documents": ["a"] * 4},
+                 {"query": "q" * 19, "documents": ["ab"]}):  # fmt: skip
+        with pytest.raises(SchemaError) as e:
+            check_sizes("rerank", body, options)
+        assert e.value.status == 413 and e.value.param == "documents"

@@ -279,13 +279,14 @@ class LocalBackend:
         else:
             prompt = body["prompt"]
             n_lp = body.get("logprobs")
-            prefix = ""
-            if body.get("echo"):
+
+            def echoed() -> str:  # in the worker, once the task has checked the prompt
+                if not body.get("echo"):
+                    return ""
                 if isinstance(prompt, str):
-                    prefix = prompt
-                else:
-                    pieces = b"".join(engine.token_to_piece(t) for t in prompt)
-                    prefix = pieces.decode("utf-8", "replace")
+                    return prompt
+                pieces = b"".join(engine.token_to_piece(t) for t in prompt)
+                return pieces.decode("utf-8", "replace")
 
             def start() -> int:
                 lp: bool | int = n_lp if n_lp is not None else False
@@ -299,7 +300,7 @@ class LocalBackend:
 
             def shaped(tokens: Iterable[Token], outcome: Outcome, tid: int) -> Any:
                 f = openai.completion_chunks if stream else openai.completion
-                return f(tokens, outcome, model=model, prefix=prefix, suffix=body.get("suffix"),
+                return f(tokens, outcome, model=model, prefix=echoed(), suffix=body.get("suffix"),
                          logprobs=n_lp, piece=engine.token_to_piece, id=rid,
                          created=created)  # fmt: skip
 

@@ -40,6 +40,14 @@ class ServeOptions:
         lib_path: Folder of the llama.cpp libraries (the in-process engine).
         max_sessions: Conversations (``session_id`` / ``user``) kept at once; the least recently
             used one is closed beyond that.
+        max_messages: Messages a chat may hold; more get 413 before any templating.
+        max_prompt_chars: Characters a chat's messages (or a completion's prompt) may hold in
+            all; more get 413 before any templating or tokenizing (some tokenizers take
+            time that grows with the square of a run of unusual characters).
+        max_inputs: Texts one embedding request (or documents one rerank request) may hold;
+            more get 413.
+        max_input_chars: Characters the texts of one embedding or rerank request may hold in
+            all; more get 413.
     """
 
     model: str
@@ -62,6 +70,10 @@ class ServeOptions:
     chat_template: str | None = None
     lib_path: str | None = None
     max_sessions: int = 64
+    max_messages: int = 2048
+    max_prompt_chars: int = 1 << 17
+    max_inputs: int = 2048
+    max_input_chars: int = 1 << 21
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -81,6 +93,9 @@ class ServeOptions:
             bad("embedding and rerank are exclusive; a server runs one kind of model")
         if not 0 <= self.port <= 65535:
             bad(f"port={self.port} is invalid; use 0 to 65535")
+        for name in ("max_messages", "max_prompt_chars", "max_inputs", "max_input_chars"):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")
         if self.ctx_size is not None and self.ctx_size < self.parallel:
             bad(f"ctx_size={self.ctx_size} is invalid; give each of {self.parallel} slots a cell")
 

@@ -15,17 +15,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nexabind.server._options import ServeOptions
+
 __all__ = [
-    "CHAT", "COMPLETION", "EMBEDDING", "FIELDS", "RERANK", "SchemaError", "field_of", "validate",
+    "CHAT", "COMPLETION", "EMBEDDING", "FIELDS", "RERANK", "SchemaError", "check_sizes",
+    "field_of", "text_size", "validate",
 ]  # fmt: skip
 
 
 class SchemaError(ValueError):
     """A body field is missing or malformed; ``param`` names it (``messages[2].role``...)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 _REPR = reprlib.Repr()
@@ -317,6 +321,48 @@ def field_of(message: str) -> str | None:
     if it names one."""
     m = _NAMED.match(message)
     return m.group(1) + m.group(2) if m and m.group(1) in FIELDS else None
+
+
+def text_size(value: Any) -> int:
+    """Characters of every string inside ``value`` (keys too), counted in a loop."""
+    total = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def check_sizes(kind: str, body: Mapping[str, Any], options: ServeOptions) -> None:
+    """Refuse a checked body whose size is beyond the server's limits, before any work.
+
+    Raises:
+        SchemaError: Too many messages, inputs or documents, or too many characters (``status``
+            413; ``param`` names the field, the message the flag).
+    """
+    o = options
+    field, texts, count, chars = {
+        "chat": ("messages", body.get("messages"), ("--max-messages", o.max_messages),
+                 ("--max-prompt-chars", o.max_prompt_chars)),
+        "completion": ("prompt", body.get("prompt"), None,
+                       ("--max-prompt-chars", o.max_prompt_chars)),
+        "embedding": ("input", body.get("input"), ("--max-inputs", o.max_inputs),
+                      ("--max-input-chars", o.max_input_chars)),
+        "rerank": ("documents", [body.get("query"), *body.get("documents", ())],
+                   ("--max-inputs", o.max_inputs), ("--max-input-chars", o.max_input_chars)),
+    }[kind]  # fmt: skip
+    if count is not None and len(body[field]) > count[1]:
+        msg = f"'{field}' holds {len(body[field])} items; this server takes {count[1]} ({count[0]})"
+        raise SchemaError(field, msg, 413)
+    if (n := text_size(texts)) > chars[1]:
+        msg = f"'{field}' holds {n} characters; this server takes {chars[1]} ({chars[0]})"
+        raise SchemaError(field, msg, 413)
 
 
 def validate(body: Any, schema: Mapping[str, Field]) -> dict[str, Any]:

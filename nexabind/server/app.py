@@ -34,13 +34,19 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("nexabind.server.access")
 
-_ENDPOINTS = {
-    "/v1/chat/completions": ("chat", _schema.CHAT),
-    "/v1/completions": ("completion", _schema.COMPLETION),
-    "/v1/embeddings": ("embedding", _schema.EMBEDDING),
-    "/v1/rerank": ("rerank", _schema.RERANK),
+_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/rerank": "rerank",
 }
-_KNOWN = {*_ENDPOINTS, "/v1/models", "/health", "/slots", "/metrics"}
+_ENDPOINTS = {
+    "chat": _schema.CHAT,
+    "completion": _schema.COMPLETION,
+    "embedding": _schema.EMBEDDING,
+    "rerank": _schema.RERANK,
+}
+_KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics"}
 
 
 class _ClientGone(Exception):
@@ -94,8 +100,9 @@ async def _unless_gone(receive: Callable[[], Awaitable[Any]], coro: Awaitable[An
     raise _ClientGone
 
 
-def _parse(raw: bytes, schema: Mapping[str, _schema.Field]) -> dict[str, Any]:
-    """A request body, read (within the depth limit) and checked against its schema."""
+def _parse(raw: bytes, kind: str, options: ServeOptions) -> dict[str, Any]:
+    """A request body, read (within the depth limit), checked against its schema and the
+    server's size limits."""
     try:
         parsed = _nesting.loads(raw, what="the request body")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -104,9 +111,12 @@ def _parse(raw: bytes, schema: Mapping[str, _schema.Field]) -> dict[str, Any]:
     except ValueError as e:
         raise HTTPError(400, str(e), param="body", code="invalid_json") from None
     try:
-        return _schema.validate(parsed, schema)
+        body = _schema.validate(parsed, _ENDPOINTS[kind])
+        _schema.check_sizes(kind, body, options)
     except _schema.SchemaError as e:
-        raise HTTPError(400, str(e), param=e.param) from None
+        code = "request_too_large" if e.status == 413 else None
+        raise HTTPError(e.status, str(e), param=e.param, code=code) from None
+    return body
 
 
 def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
@@ -134,12 +144,12 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         return Response(encode_json(e.body()), e.status, e.headers, "application/json")
 
     async def generate(request: Request) -> Response:
-        kind, schema = _ENDPOINTS[request.url.path]
+        kind = _ROUTES[request.url.path]
         receive = request.receive
         try:
             owner = gateway.check_key(request.headers)
             raw = await _read_body(receive, request.headers, options.max_body)
-            body = await asyncio.to_thread(_parse, raw, schema)
+            body = await asyncio.to_thread(_parse, raw, kind, options)
             # A busy conversation is waited for here, before a slot is taken: the wait holds
             # neither a slot nor a thread, and ends when the client leaves.
             held = await _unless_gone(receive, backend.reserve(kind, body, owner))
@@ -240,7 +250,7 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             if aclose is not None:
                 await aclose()
 
-    routes = [Route(path, generate, methods=["POST"]) for path in _ENDPOINTS]
+    routes = [Route(path, generate, methods=["POST"]) for path in _ROUTES]
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
