@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -16,6 +17,34 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 def _number(flag: str, default: float, kind: type, help: str) -> Any:
     return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
+_NO_KEYS = "to serve without keys, give no key option (or --no-auth)"
+_NO_KEYS_ENV = "unset it and give no key option (or --no-auth)"
+
+
+def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
+    """The API keys to serve with; a key option that gives none is an error, never "no keys"
+    (an empty NEXABIND_API_KEY once let every client in)."""
+    env = os.environ.get("NEXABIND_API_KEY")
+    if env is not None and not env.strip() and not no_auth:
+        msg = f"NEXABIND_API_KEY is set but empty: it names no key; set one, or {_NO_KEYS_ENV}"
+        raise click.ClickException(msg)
+    if any(not k.strip() for k in given):
+        raise click.ClickException(f"--api-key '' names no key; {_NO_KEYS}")
+    keys = [k.strip() for k in given]
+    if key_file is not None:
+        lines = [line.strip() for line in key_file]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            name = getattr(key_file, "name", "the key file")
+            msg = f"--api-key-file {name} holds no key (only blank or comment lines); {_NO_KEYS}"
+            raise click.ClickException(msg)
+        keys += found
+    if keys and no_auth:
+        msg = "--no-auth and API keys contradict each other; give one or the other"
+        raise click.ClickException(msg)
+    return keys
 
 
 @click.command("serve", context_settings=CONTEXT_SETTINGS)
@@ -38,7 +67,16 @@ def _number(flag: str, default: float, kind: type, help: str) -> Any:
     envvar="NEXABIND_API_KEY",
     help="A key requests must carry (repeat for several) [env: NEXABIND_API_KEY].",
 )
-@click.option("--api-key-file", type=click.File("r"), help="A file of keys, one per line.")
+@click.option(
+    "--api-key-file",
+    type=click.File("r"),
+    help="A file of keys, one per line ('#' starts a comment line).",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without keys, on purpose (the same as giving no key option).",
+)
 @_number("--max-queue", 128, int, "Requests that may wait for a slot; more get 429.")
 @_number(
     "--queue-timeout", 60.0, float, "Seconds a request may wait for a slot before it gets 429."
@@ -90,6 +128,7 @@ def serve_cmd(
     model: str,
     api_keys: tuple[str, ...],
     api_key_file: Any,
+    no_auth: bool,
     quiet: bool,
     verbose: bool,
     **options: Any,
@@ -112,10 +151,8 @@ def serve_cmd(
     except ImportError as e:
         msg = f"nexabind serve needs the server extra ({e}); pip install 'nexabind[server]'"
         raise click.ClickException(msg) from e
+    keys = _keys(api_keys, api_key_file, no_auth)
     path = _resolve(model, yes=False, quiet=True)
-    keys = list(api_keys)
-    if api_key_file is not None:
-        keys += [line.strip() for line in api_key_file if line.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if quiet:
         logging.getLogger("nexabind.server.access").setLevel(logging.WARNING)

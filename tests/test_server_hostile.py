@@ -348,3 +348,49 @@ def test_rerank_documents_count_against_the_same_caps() -> None:
         with pytest.raises(SchemaError) as e:
             check_sizes("rerank", body, options)
         assert e.value.status == 413 and e.value.param == "documents"
+
+
+# -- auth cannot turn off by accident -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "file", "fragment"),
+    [
+        ((), {"NEXABIND_API_KEY": ""}, None, "NEXABIND_API_KEY is set but empty"),
+        ((), {"NEXABIND_API_KEY": "  "}, None, "NEXABIND_API_KEY is set but empty"),
+        (("--api-key", ""), {}, None, "--api-key '' names no key"),
+        ((), {}, "", "holds no key"),
+        ((), {}, "# the keys\n\n   \n# none yet\n", "holds no key"),
+        (("--api-key", "k", "--no-auth"), {}, None, "contradict"),
+    ],
+)
+def test_a_key_option_that_names_no_key_is_a_start_up_error(
+    runner: Any, tmp_path: Path, args: tuple[str, ...], env: dict[str, str], file: str | None,
+    fragment: str,
+) -> None:  # fmt: skip
+    from nexabind.cli import cli
+
+    argv = ["serve", str(tmp_path / "model.gguf"), *args]
+    if file is not None:
+        (tmp_path / "keys").write_text(file)
+        argv += ["--api-key-file", str(tmp_path / "keys")]
+    result = runner.invoke(cli, argv, env=env)
+    assert result.exit_code == 1, result.output
+    assert fragment in result.output
+    assert "--no-auth" in result.output  # how to run without keys, said
+
+
+def test_the_server_says_whether_keys_are_on(
+    server: Served, libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    assert "API keys: on (2 keys)" in server.output()
+    keys = tmp_path / "keys"
+    keys.write_text("# ops team\nfile-key\n")
+    with Served(tiny_model, "--api-key-file", str(keys), log=tmp_path / "log1") as s:
+        assert "API keys: on (1 key)" in s.output()
+        assert s.get("/v1/models")[0] == 401
+        assert s.get("/v1/models", headers={"X-Api-Key": "file-key"})[0] == 200
+        assert s.get("/v1/models", headers={"X-Api-Key": "# ops team"})[0] == 401
+    with Served(tiny_model, "--host", "0.0.0.0", "--no-auth", log=tmp_path / "log2") as s:
+        out = s.output()
+        assert "API keys: off" in out and "listening on 0.0.0.0 without API keys" in out

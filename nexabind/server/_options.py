@@ -93,6 +93,8 @@ class ServeOptions:
             bad("embedding and rerank are exclusive; a server runs one kind of model")
         if not 0 <= self.port <= 65535:
             bad(f"port={self.port} is invalid; use 0 to 65535")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            bad("api_keys holds an empty key; to serve without keys, give no keys at all")
         for name in ("max_messages", "max_prompt_chars", "max_inputs", "max_input_chars"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -304,6 +305,22 @@ class _AccessLog:
             self.metrics.request_done(endpoint, status or 499)
 
 
+def _log_auth(options: ServeOptions) -> None:
+    """Say once whether requests need a key; warn when no key guards more than loopback."""
+    n = len(options.api_keys)
+    if n:
+        log.info("API keys: on (%d key%s)", n, "" if n == 1 else "s")
+        return
+    log.info("API keys: off: every client may use /v1/*, /slots and /metrics")
+    try:
+        loopback = ipaddress.ip_address(options.host).is_loopback
+    except ValueError:
+        loopback = options.host == "localhost"
+    if not loopback:
+        log.warning("listening on %s without API keys: anyone who reaches this address may use "
+                    "the model; give --api-key or --api-key-file", options.host)  # fmt: skip
+
+
 def serve(options: ServeOptions) -> int:
     """Serve until SIGTERM or SIGINT; return the exit status (0, or 1 when the model fails to load).
 
@@ -313,6 +330,7 @@ def serve(options: ServeOptions) -> int:
     """
     import uvicorn
 
+    _log_auth(options)
     app = create_app(options)
     gateway: Gateway = app.state.gateway
     failed: list[str] = []
