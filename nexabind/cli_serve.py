@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import click
@@ -116,6 +117,14 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
 @_number(
     "--max-input-chars", 1 << 21, int, "Characters per embedding or rerank request (more: 413)."
 )
+@_number("--max-connections", 4096, int, "Open connections; requests beyond get 503.")
+@_number(
+    "--read-timeout",
+    30.0,
+    float,
+    "Seconds a request's headers may take to arrive (else the connection is closed), then its "
+    "body (else 408).",
+)
 @click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
 @click.option(
     "--lib-path",
@@ -160,8 +169,18 @@ def serve_cmd(
         logging.getLogger("nexabind.llama").setLevel(logging.WARNING)
     try:
         opts = ServeOptions(str(path), api_keys=tuple(keys), **options)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    try:
         code = serve(opts)
     except (NexabindError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        click.echo(f"Error: {e}", err=True)
+        code = 1
     if code:
-        raise click.ClickException(f"could not serve {model}; see the log above")
+        click.echo(f"Error: could not serve {model}; see the log above", err=True)
+    # The server has stopped. A worker thread may still be inside a long tokenization that
+    # nothing can interrupt (and the interpreter would wait for it at exit): leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if code else 0)

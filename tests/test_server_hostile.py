@@ -394,3 +394,97 @@ def test_the_server_says_whether_keys_are_on(
     with Served(tiny_model, "--host", "0.0.0.0", "--no-auth", log=tmp_path / "log2") as s:
         out = s.output()
         assert "API keys: off" in out and "listening on 0.0.0.0 without API keys" in out
+
+
+# -- connections are bounded -----------------------------------------------------------------------
+
+
+def test_idle_connections_at_the_file_limit_lock_no_one_out(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """1,100 half-sent requests against a server started at the common limit of 1024 files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files is {hard}; the test needs 4096")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:  # the server starts at 1024 files; this process goes back to its own limit
+        s = Served(tiny_model, "-np", "1", *KEYS, ready=False, log=tmp_path / "log")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle: list[socket.socket] = []
+    with s:
+        s.wait_health(200)
+        try:
+            for _ in range(1100):
+                c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+                c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                idle.append(c)
+            _ordinary(s)
+        finally:
+            for c in idle:
+                c.close()
+
+
+def _closed_by_server(c: socket.socket, drip: bytes, every: float, within: float) -> bool:
+    """Send ``drip`` a byte at a time; whether the server closes the connection meanwhile."""
+    deadline = time.monotonic() + within
+    i = 0
+    c.settimeout(every)
+    while time.monotonic() < deadline:
+        try:
+            if c.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            pass
+        except OSError:
+            return True
+        try:
+            c.sendall(drip[i % len(drip) : i % len(drip) + 1])
+        except OSError:
+            return True
+        i += 1
+    return False
+
+
+def test_headers_and_bodies_that_come_too_slowly_are_cut(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    with Served(tiny_model, "-np", "1", "--read-timeout", "1", *KEYS, log=tmp_path / "log") as s:
+        c = socket.create_connection(("127.0.0.1", s.port))
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 10_000
+        assert _closed_by_server(c, head, 0.2, 30)  # slowloris: a byte every 0.2 s
+        c.close()
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                  b"Authorization: Bearer user-key\r\n\r\n" + b"{" * 10)  # fmt: skip
+        answer = c.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        c.close()
+        _ordinary(s)
+
+
+def test_sigterm_ends_the_server_while_a_request_tokenizes(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """One huge prompt (minutes of tokenizing with an SPM vocabulary) cannot hold the server
+    past its grace period."""
+    args = ("-np", "1", "--grace", "1", "--max-prompt-chars", "2000000", "--max-body", "33554432",
+            *KEYS)  # fmt: skip
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        text = chr(0x20000) * 1_000_000  # CJK Extension B: tokenized in quadratic time
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 1},
+                          ensure_ascii=False).encode()  # fmt: skip
+        conn = _open_raw(s, body)
+        time.sleep(2)  # it is tokenizing now
+        s.proc.send_signal(15)
+        assert s.proc.wait(timeout=60) == 0
+        conn.close()
+
+
+def _open_raw(server: Served, body: bytes) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", body,
+                 {"Content-Type": "application/json", **USER})  # fmt: skip
+    return conn

@@ -48,6 +48,10 @@ class ServeOptions:
             more get 413.
         max_input_chars: Characters the texts of one embedding or rerank request may hold in
             all; more get 413.
+        max_connections: Open connections; a request beyond them gets 503 at once.
+        read_timeout: Seconds a request's headers may take to arrive (from the connection's
+            start, or the end of its previous answer: else it is closed), and then its body
+            (else 408).
     """
 
     model: str
@@ -74,6 +78,8 @@ class ServeOptions:
     max_prompt_chars: int = 1 << 17
     max_inputs: int = 2048
     max_input_chars: int = 1 << 21
+    max_connections: int = 4096
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -95,7 +101,10 @@ class ServeOptions:
             bad(f"port={self.port} is invalid; use 0 to 65535")
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             bad("api_keys holds an empty key; to serve without keys, give no keys at all")
-        for name in ("max_messages", "max_prompt_chars", "max_inputs", "max_input_chars"):
+        if self.read_timeout <= 0:
+            bad(f"read_timeout={self.read_timeout} is invalid; use a number of seconds > 0")
+        limits = ("max_messages", "max_prompt_chars", "max_inputs", "max_input_chars")
+        for name in (*limits, "max_connections"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")
         if self.ctx_size is not None and self.ctx_size < self.parallel:

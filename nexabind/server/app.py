@@ -24,6 +24,7 @@ from typing import Any
 
 from nexabind import _nesting
 from nexabind.server import _schema
+from nexabind.server._conn import protocol, raise_file_limit
 from nexabind.server._forward import ForwardBackend
 from nexabind.server._local import LocalBackend, encode_json, to_http
 from nexabind.server._metrics import Metrics
@@ -149,7 +150,13 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         receive = request.receive
         try:
             owner = gateway.check_key(request.headers)
-            raw = await _read_body(receive, request.headers, options.max_body)
+            try:
+                raw = await asyncio.wait_for(
+                    _read_body(receive, request.headers, options.max_body), options.read_timeout
+                )
+            except asyncio.TimeoutError:
+                msg = f"the request body did not arrive within {options.read_timeout:g} s"
+                raise HTTPError(408, msg, code="timeout") from None
             body = await asyncio.to_thread(_parse, raw, kind, options)
             # A busy conversation is waited for here, before a slot is taken: the wait holds
             # neither a slot nor a thread, and ends when the client leaves.
@@ -346,9 +353,15 @@ def serve(options: ServeOptions) -> int:
                 # killed by it); a graceful stop on SIGTERM exits 0 instead.
                 self._captured_signals.remove(sig)
 
+    files = raise_file_limit()
+    if files is not None and files < options.max_connections + 64:
+        log.warning("the process may open %d files, fewer than --max-connections %d needs; "
+                    "connections beyond will fail", files, options.max_connections)  # fmt: skip
     config = uvicorn.Config(
         app, host=options.host, port=options.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(options.grace) + 5, lifespan="on", server_header=False,
+        http=protocol(options.read_timeout), limit_concurrency=options.max_connections,
+        timeout_keep_alive=5,
     )  # fmt: skip
     server = Server(config)
 

@@ -30,11 +30,15 @@ __all__ = ["Backend", "Call", "Gateway", "HTTPError", "Held", "Permit"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds the server waits for the engine to close once it has stopped serving.
+_UNLOAD_WAIT = 3.0
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -42,6 +46,29 @@ _TYPES = {
     502: "server_error",
     503: "unavailable_error",
 }
+
+
+def _in_daemon_thread(work: Callable[[], None]) -> asyncio.Future[None]:
+    """Run ``work`` in a daemon thread: unlike ``asyncio.to_thread``, neither the event loop's
+    end nor the interpreter's waits for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(None)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="nexabind-unload", daemon=True).start()
+    return done
 
 
 class HTTPError(Exception):
@@ -271,7 +298,12 @@ class Gateway:
         for t in list(self._tasks):
             t.cancel()
         if self.state in ("ok", "loading", "failed"):
-            await asyncio.to_thread(self.backend.unload)
+            try:  # a worker deep in a tokenization holds the model: do not wait it out
+                await asyncio.wait_for(_in_daemon_thread(self.backend.unload), _UNLOAD_WAIT)
+            except asyncio.TimeoutError:
+                log.warning("the engine did not close within %gs (a request is still "
+                            "tokenizing or templating); leaving it to the process's end",
+                            _UNLOAD_WAIT)  # fmt: skip
         self.state = "unloaded"
 
     # -- what the routes call ---------------------------------------------------------------
