@@ -488,3 +488,43 @@ def _open_raw(server: Served, body: bytes) -> Any:
     conn.request("POST", "/v1/chat/completions", body,
                  {"Content-Type": "application/json", **USER})  # fmt: skip
     return conn
+
+
+def test_a_conversation_stays_held_until_its_worker_ends() -> None:
+    """A client that leaves gives its slot back at once; the conversation it held goes to the
+    next request only when the worker that may still be starting a task on it is done."""
+    import asyncio
+
+    from nexabind.server._metrics import Metrics
+    from nexabind.server._options import ServeOptions
+    from nexabind.server.gateway import Gateway
+
+    class Conversation:
+        def __init__(self) -> None:
+            self.released = 0
+
+        def release(self) -> None:
+            self.released += 1
+
+    async def scenario() -> None:
+        gateway = Gateway(_Stops(), ServeOptions("model.gguf", parallel=1), Metrics())
+        await gateway.start()
+        while gateway.state != "ok":
+            await asyncio.sleep(0.01)
+        call = await gateway.admit()
+        conv = call.permit.held = Conversation()
+        let_go = call.permit.keep()  # a worker starts
+        call.permit.release()  # the client left
+        assert gateway.free == 1 and conv.released == 0
+        await asyncio.to_thread(let_go)  # the worker ends, in its thread
+        for _ in range(100):
+            if conv.released:
+                break
+            await asyncio.sleep(0.01)
+        let_go()
+        call.permit.release()
+        await asyncio.sleep(0.05)
+        assert conv.released == 1 and gateway.free == 1
+        await gateway.close()
+
+    asyncio.run(scenario())

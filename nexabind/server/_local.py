@@ -382,12 +382,33 @@ class LocalBackend:
             with contextlib.suppress(KeyError, ClosedError):
                 engine.cancel(call.task)
 
+    def _run_owned(self, call: Call, work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``work`` in a worker that owns the call: when the work ends, however it ends,
+        the call's permit goes back, and the conversation it holds once the work has ended
+        (a client that leaves gives its slot back at once, but its worker may still be
+        starting a task on the conversation)."""
+
+        let_go = call.permit.keep()
+
+        def owned() -> Any:
+            try:
+                return work()
+            finally:
+                call.permit.release()
+                let_go()
+
+        try:
+            return asyncio.get_running_loop().run_in_executor(self.pool, owned)
+        except BaseException:  # never started (the pool is shut down)
+            call.permit.release()
+            let_go()
+            raise
+
     async def _blocking(self, call: Call, work: Callable[[], Any]) -> Any:
         """Run ``work`` in a worker; its engine errors become HTTP answers."""
-        loop = asyncio.get_running_loop()
         self.calls.add(call)
         try:
-            return await loop.run_in_executor(self.pool, work)
+            return await self._run_owned(call, work)
         except asyncio.CancelledError:  # the client went away: stop its task
             self._abandon(call)
             raise
@@ -395,7 +416,6 @@ class LocalBackend:
             raise to_http(e) from None
         finally:
             self.calls.discard(call)
-            call.permit.release()
 
     async def _stream(
         self,
@@ -435,16 +455,14 @@ class LocalBackend:
 
         self.calls.add(call)
         try:
-            loop.run_in_executor(self.pool, work)
+            self._run_owned(call, work)
             kind, value = await q.get()
         except BaseException:
             self._abandon(call)
             self.calls.discard(call)
-            call.permit.release()
             raise
         if kind == "fail":
             self.calls.discard(call)
-            call.permit.release()
             raise to_http(value)
         return self._events(engine, call, q)
 

@@ -105,12 +105,15 @@ class Held(Protocol):
 
 class Permit:
     """A slot held by one request; :meth:`release` (idempotent, from any thread) gives it back,
-    and with it whatever else the request holds (:attr:`held`)."""
+    and with it whatever else the request holds (:attr:`held`) once no worker still uses it
+    (:meth:`keep`)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._lock = threading.Lock()
         self._since = time.monotonic()
+        self._users = 0
+        self._held_gone = False
         self.released = False
         self.held: Held | None = None
 
@@ -119,12 +122,42 @@ class Permit:
             if self.released:
                 return
             self.released = True
+            held = self._let_go()
+        self._on_loop(self._gateway._release, time.monotonic() - self._since, held)
+
+    def keep(self) -> Callable[[], None]:
+        """Keep :attr:`held` for a worker until the returned function is called (once, from
+        any thread), even if the request ends first: a worker that is still starting a task
+        on a conversation must finish before the next request may have it."""
+        with self._lock:
+            self._users += 1
+        done = threading.Event()
+
+        def let_go() -> None:
+            if done.is_set():
+                return
+            done.set()
+            with self._lock:
+                self._users -= 1
+                held = self._let_go() if self.released else None
+            if held is not None:
+                self._on_loop(held.release)
+
+        return let_go
+
+    def _let_go(self) -> Held | None:
+        """The held resource, if it is to be released now (under the lock)."""
+        if self._users or self._held_gone:
+            return None
+        self._held_gone = True
+        return self.held
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         g = self._gateway
-        seconds = time.monotonic() - self._since
         if threading.get_ident() == g.loop_thread:
-            g._release(seconds, self.held)
+            fn(*args)
         else:
-            g.loop.call_soon_threadsafe(g._release, seconds, self.held)
+            g.loop.call_soon_threadsafe(fn, *args)
 
 
 class Call:
