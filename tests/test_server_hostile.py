@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -528,3 +529,23 @@ def test_a_conversation_stays_held_until_its_worker_ends() -> None:
         await gateway.close()
 
     asyncio.run(scenario())
+
+
+def test_a_huge_prompt_delays_only_itself(libdir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Seconds of tokenizing one prompt (an SPM vocabulary and a run of CJK Extension B) once
+    held the model's lock, and every other request's tokenization waited behind it."""
+    args = ("-np", "2", "--max-prompt-chars", "300000", *KEYS)
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        big = {"messages": [{"role": "user", "content": chr(0x20000) * 200_000}], "max_tokens": 1}
+        done = threading.Event()
+
+        def attack() -> None:
+            s.post("/v1/chat/completions", big, headers=ATTACKER)
+            done.set()
+
+        t = threading.Thread(target=attack)
+        t.start()
+        time.sleep(0.5)  # it is tokenizing now
+        _ordinary(s)
+        assert not done.is_set()  # answered while the huge prompt was still being read
+        t.join()
