@@ -549,3 +549,83 @@ def test_a_huge_prompt_delays_only_itself(libdir: Path, tiny_model: Path, tmp_pa
         _ordinary(s)
         assert not done.is_set()  # answered while the huge prompt was still being read
         t.join()
+
+
+# -- load and abuse -------------------------------------------------------------------------------
+
+
+def test_streams_that_leave_at_random_among_attacks_leak_nothing(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """80 streaming clients that leave after a random number of events, on plain and session
+    chats, beside the attacks of this file, for about 15 s. Afterwards every slot is free and
+    nothing is counted as in flight, waiting or processing; and the ordinary user was answered
+    every time."""
+    import random
+
+    args = ("-np", "4", "-c", "8192", "--max-queue", "256", *KEYS)
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        _ordinary(s)
+        stop = time.monotonic() + 15
+        failures: list[str] = []
+        answered: list[int] = []
+
+        def streamer(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.monotonic() < stop:
+                body = {"messages": CHAT, "max_tokens": 400, "logit_bias": NO_EOS, "stream": True}
+                if rng.random() < 0.3:
+                    body["session_id"] = f"s{rng.randrange(4)}"
+                try:
+                    conn = _open(s, body, ATTACKER)
+                    resp = conn.getresponse()
+                    if resp.status == 200:
+                        read_events(resp, rng.randrange(0, 20))
+                    _drop(conn)
+                except OSError:
+                    pass
+
+        def attacker(seed: int) -> None:
+            rng = random.Random(seed)
+            bodies = [
+                {"messages": CHAT, "top_k": 2**31},
+                {"messages": CHAT, "seed": float("nan")},
+                {"messages": CHAT, "stop": [1]},
+                {"messages": CHAT, "logit_bias": {"32000": 1}},
+                {"messages": CHAT, "tools": [WEATHER], "tool_choice": {"function": 5}},
+                {"messages": CHAT, "response_format": _schema_format({"$ref": "#"})},
+            ]
+            while time.monotonic() < stop:
+                status, _, _ = s.post("/v1/chat/completions", rng.choice(bodies), headers=ATTACKER)
+                if status != 400:
+                    failures.append(f"attack answered {status}")
+
+        def user() -> None:
+            while time.monotonic() < stop:
+                try:
+                    _ordinary(s)
+                    answered.append(1)
+                except AssertionError as e:
+                    failures.append(str(e)[:200])
+
+        threads = [threading.Thread(target=streamer, args=(i,)) for i in range(80)]
+        threads += [threading.Thread(target=attacker, args=(i,)) for i in range(2)]
+        threads.append(threading.Thread(target=user))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        assert answered
+        deadline = time.monotonic() + 60
+        while True:
+            slots = s.get("/slots", headers=USER)[1]
+            idle = slots["slots_busy"] == 0 and slots["in_flight"] == 0
+            if idle and slots["waiting"] == 0 and slots["session_waiting"] == 0:
+                break
+            assert time.monotonic() < deadline, slots
+            time.sleep(0.05)
+        assert all(sl["state"] == "idle" for sl in slots["slots"])
+        assert s.metric("nexabind_requests_processing", headers=USER) == 0
+        assert s.metric("nexabind_requests_deferred", headers=USER) == 0
+        _ordinary(s)
