@@ -115,7 +115,7 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     "--max-inputs", 2048, int, "Texts per embedding request, documents per rerank (more: 413)."
 )
 @_number(
-    "--max-input-chars", 1 << 21, int, "Characters per embedding or rerank request (more: 413)."
+    "--max-input-chars", 1 << 20, int, "Characters per embedding or rerank request (more: 413)."
 )
 @_number("--max-connections", 4096, int, "Open connections; requests beyond get 503.")
 @_number(

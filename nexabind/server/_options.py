@@ -77,7 +77,7 @@ class ServeOptions:
     max_messages: int = 2048
     max_prompt_chars: int = 1 << 17
     max_inputs: int = 2048
-    max_input_chars: int = 1 << 21
+    max_input_chars: int = 1 << 20
     max_connections: int = 4096
     read_timeout: float = 30.0
 
