@@ -147,14 +147,16 @@ _INTS = {
 }
 
 
-def _real(name: str, value: object) -> float:
-    """``value`` as a finite float (a bool or a non-number is a TypeError)."""
+def _real(name: str, value: object, *, infinite: bool = False) -> float:
+    """``value`` as a float, finite unless ``infinite`` (a bool or a non-number is a
+    TypeError; NaN is always a ValueError)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a number, not {type(value).__name__} {value!r:.60}"
         raise TypeError(msg)
     v = float(value)
-    if not math.isfinite(v):
-        msg = f"{name}={v!r} is out of range: use a finite number"
+    if math.isnan(v) or (math.isinf(v) and not infinite):
+        what = "a number" if infinite else "a finite number"
+        msg = f"{name}={v!r} is out of range: use {what}"
         raise ValueError(msg)
     return v
 
@@ -173,8 +175,8 @@ def check_int(name: str, value: object, lo: int, hi: int, what: str = "") -> int
 
 
 def _logit_bias(bias: object) -> dict[int, float]:
-    """``{token id: bias}`` with int32 ids and finite biases (ids in the vocabulary are the
-    model's to check)."""
+    """``{token id: bias}`` with int32 ids and biases that are numbers (-inf bans a token; ids
+    in the vocabulary are the model's to check)."""
     if bias is None:
         return {}
     if not isinstance(bias, Mapping):
@@ -189,7 +191,7 @@ def _logit_bias(bias: object) -> dict[int, float]:
                 msg = f"logit_bias key {key!r:.60} is not a token id"
                 raise TypeError(msg) from None
         tok = check_int("logit_bias key", key, 0, INT32_MAX, "use a token id >= 0")
-        out[tok] = _real(f"logit_bias[{tok}]", value)
+        out[tok] = _real(f"logit_bias[{tok}]", value, infinite=True)
     return out
 
 

@@ -75,11 +75,15 @@ def test_int32_edges_are_taken() -> None:
 
 @pytest.mark.parametrize(
     "bias",
-    [{2**31: 1.0}, {-1: 1.0}, {"x": 1.0}, {1: float("nan")}, {1: float("inf")}, {1: "a"}, [1]],
+    [{2**31: 1.0}, {-1: 1.0}, {"x": 1.0}, {1: float("nan")}, {1: "a"}, [1]],
 )
 def test_logit_bias_ids_and_values_are_checked(bias: object) -> None:
     with pytest.raises((ValueError, TypeError), match="logit_bias"):
         SamplingOptions(logit_bias=bias)  # type: ignore[arg-type]
+
+
+def test_a_logit_bias_of_minus_infinity_bans_a_token() -> None:
+    assert SamplingOptions(logit_bias={2: float("-inf")}).logit_bias == {2: float("-inf")}
 
 
 def test_unknown_option(llm: Llama) -> None:
