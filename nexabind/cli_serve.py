@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from nexabind import settings
 from nexabind.cli_models import _resolve
 from nexabind.errors import NexabindError
 
@@ -27,8 +28,7 @@ _NO_KEYS_ENV = "unset it and give no key option (or --no-auth)"
 def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     """The API keys to serve with; a key option that gives none is an error, never "no keys"
     (an empty NEXABIND_API_KEY once let every client in)."""
-    env = os.environ.get("NEXABIND_API_KEY")
-    if env is not None and not env.strip() and not no_auth:
+    if settings.API_KEY.set_but_blank() and not no_auth:
         msg = f"NEXABIND_API_KEY is set but empty: it names no key; set one, or {_NO_KEYS_ENV}"
         raise click.ClickException(msg)
     if any(not k.strip() for k in given):
@@ -65,7 +65,7 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     "--api-key",
     "api_keys",
     multiple=True,
-    envvar="NEXABIND_API_KEY",
+    envvar=settings.API_KEY.env,
     help="A key requests must carry (repeat for several) [env: NEXABIND_API_KEY].",
 )
 @click.option(
