@@ -92,7 +92,8 @@ def test_every_sampling_option_at_its_extremes_is_a_400_and_the_next_request_a_2
         status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
         assert status == 400 and answer["error"]["param"].startswith("stop"), (stop, answer)
     # Token ids past the vocabulary (32000 tokens), and more entries than it has.
-    for bias in ({"2147483647": 1}, {"32000": 1}, {str(i): 1 for i in range(32_001)}):
+    for bias in ({"2147483647": 1}, {"32000": 1}, {str(i): 1 for i in range(32_001)},
+                 {str(i): -1 for i in range(600_000)}):  # fmt: skip
         body = {"messages": CHAT, "max_tokens": 2, "logit_bias": bias}
         status, _, answer = server.post("/v1/chat/completions", body, headers=ATTACKER)
         assert status == 400 and answer["error"]["param"] == "logit_bias", answer
@@ -233,6 +234,9 @@ def test_malformed_bodies_schemas_and_histories_are_400s(server: Served) -> None
              "$ref": "#/$defs/a"})}, "response_format"),
         ({"messages": CHAT, "response_format": _schema_format({"type": "object", "properties": {
             f"p{i}": {"type": "integer"} for i in range(30_000)}})}, "response_format"),
+        ({"messages": CHAT, "response_format": {"type": "json_object", "schema": {
+            "type": "object", "properties": {f"p{i}": {} for i in range(30_000)}}}},
+         "response_format"),
         ({"messages": CHAT, "response_format": _schema_format({"x-guidance": 5})},
          "response_format"),
         ({"messages": CHAT, "response_format": _schema_format(
