@@ -633,3 +633,54 @@ def test_streams_that_leave_at_random_among_attacks_leak_nothing(
         assert s.metric("nexabind_requests_processing", headers=USER) == 0
         assert s.metric("nexabind_requests_deferred", headers=USER) == 0
         _ordinary(s)
+
+
+def test_a_server_whose_scheduler_died_says_so_and_exits_1(libdir: Path, tiny_model: Path) -> None:
+    """The scheduler thread of a real engine is broken after loading (its slot list taken
+    away, so its next step raises): /health turns 503 "failed" and the server exits 1 instead
+    of answering 503 forever behind an ok /health."""
+    from _child import run_child
+    from _serve import free_port
+
+    code = """
+    import logging, sys, threading, time, urllib.request, json
+    from nexabind.server import ServeOptions, serve
+    from nexabind.server._local import LocalBackend
+
+    logging.basicConfig(level=logging.INFO)
+    load = LocalBackend.load
+
+    def broken(self):
+        load(self)
+        sched = self.engine._sched
+        with sched.cv:
+            sched.slots = None  # the thread's next look at its slots raises TypeError
+            sched.cv.notify()
+
+    LocalBackend.load = broken
+    port = int(sys.argv[2])
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            except urllib.error.HTTPError as e:
+                body = json.loads(e.read())
+                if body["status"] == "failed":  # not "loading"
+                    seen.append((e.code, body))
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    code = serve(ServeOptions(sys.argv[1], port=port, threads=1))
+    print("SEEN", seen)
+    sys.exit(code)
+    """
+    r = run_child(code, tiny_model, free_port(), timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the engine stopped: TypeError" in r.stderr
+    assert "(503, {'status': " in r.stdout and "failed" in r.stdout, r.stdout
