@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from nexabind import _nesting
+from nexabind._llguidance import limits
 
 __all__ = [
     "LLGUIDANCE_PREFIX",
@@ -428,7 +429,7 @@ def to_grammar(schema: Any, *, default_additional_properties: bool = False) -> s
 
     root, checker = _prepare(schema, default_additional_properties)
     grammar = f"{LLGUIDANCE_PREFIX}\nstart: %json {json.dumps(root, ensure_ascii=False)}"
-    err = LLMatcher.validate_grammar(grammar)
+    err = LLMatcher.validate_grammar(grammar, limits=limits())
     if err:
         checker.check_patterns()  # a pattern that does not compile, said with its place
         raise ValueError(_explain(err, checker.one_of))

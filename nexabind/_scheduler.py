@@ -36,7 +36,7 @@ from nexabind._slots import (
     free_cells,
 )
 from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
-from nexabind.grammar import GrammarMatcher, LlamaGrammar
+from nexabind.grammar import GrammarMatcher
 from nexabind.sampling import build_sampler
 from nexabind.tokens import StopMatcher, Token, logprobs_of
 
@@ -223,12 +223,7 @@ class Scheduler:
         sampler: lowlevel.SamplerChain | None = None
         try:
             sampler = build_sampler(self.model, opts, self.n_ctx_slot)
-            g = opts.grammar
-            matcher = (
-                g.matcher(self.model)
-                if isinstance(g, LlamaGrammar) and g.engine == "llguidance"
-                else None
-            )
+            matcher = task.matcher
             self._start(slot, task, sampler)
             sampler = None  # the slot owns it now
             if matcher is not None:

@@ -17,11 +17,13 @@ from nexabind._chat_plan import ChatPlan, plan_chat
 from nexabind._sequence import Request
 from nexabind._slots import Session, Task
 from nexabind.errors import ContextOverflowError
+from nexabind.grammar import GrammarMatcher, LlamaGrammar
 from nexabind.sampling import INT32_MAX, SAMPLING_KEYS, SamplingOptions, check_int
 
 __all__ = [
     "KINDS",
     "embedding_inputs",
+    "grammar_matcher",
     "plan_task",
     "prompt_tokens",
     "sampling_options",
@@ -80,6 +82,20 @@ def task_request(
         want_logprobs=n_top is not None or bool(logprobs),
         n_top=n_top,
     )
+
+
+def grammar_matcher(model: lowlevel.Model, req: Request) -> GrammarMatcher | None:
+    """The matcher of a request's llguidance grammar, if it has one: made here, in the
+    caller's thread (the first one of a model reads its whole vocabulary), not in the
+    scheduler's.
+
+    Raises:
+        ValueError: The grammar cannot run (llguidance's message, or a limit it hit).
+    """
+    g = req.opts.grammar
+    if isinstance(g, LlamaGrammar) and g.engine == "llguidance":
+        return g.matcher(model)
+    return None
 
 
 def _stops(stop: object) -> list[str]:

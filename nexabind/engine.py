@@ -32,6 +32,7 @@ from nexabind._slots import END, Session, Task
 from nexabind._tasks import (
     KINDS,
     embedding_inputs,
+    grammar_matcher,
     plan_task,
     prompt_tokens,
     sampling_options,
@@ -325,6 +326,7 @@ class Engine:
             )  # fmt: skip
             sampling["grammar"] = plan.grammar
             task.req = task_request(model, self.seed, max_tokens, stop, logprobs, sampling)
+            task.matcher = grammar_matcher(model, task.req)
             task.tokens = prompt_tokens(
                 model, self.chat_template, sched.n_ctx_slot, kind, prompt, plan, sess, task
             )
