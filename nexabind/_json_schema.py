@@ -27,6 +27,7 @@ from nexabind._llguidance import limits
 
 __all__ = [
     "LLGUIDANCE_PREFIX",
+    "MAX_OBJECT_PROPERTIES",
     "MAX_PROPERTIES",
     "MAX_SCHEMA_DEPTH",
     "SUPPORTED_FORMATS",
@@ -70,6 +71,9 @@ UNSUPPORTED_KEYWORDS: dict[str, str] = {
 #: grammar's size (and the time to build it) grows past what a request should cost.
 MAX_SCHEMA_DEPTH = 32
 MAX_PROPERTIES = 1000
+#: Properties one object may list: llguidance's parser has a row of about four items per
+#: optional property and stops at 2,000 (a 600-property object fails mid-generation).
+MAX_OBJECT_PROPERTIES = 400
 
 _TYPES = frozenset(["array", "boolean", "integer", "null", "number", "object", "string"])
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
@@ -190,6 +194,13 @@ class _Checker:
                     raise ValueError(msg)
         self._check_values(node, path)
         props = node.get("properties")
+        if isinstance(props, dict) and len(props) > MAX_OBJECT_PROPERTIES:
+            msg = (
+                f"the JSON schema's object at {path[:60]} lists {len(props)} properties; the "
+                f"limit is {MAX_OBJECT_PROPERTIES} per object (llguidance's parser cannot "
+                "follow more at once)"
+            )
+            raise ValueError(msg)
         self.n_properties += len(props) if isinstance(props, dict) else 0
         if self.n_properties > MAX_PROPERTIES:
             msg = (

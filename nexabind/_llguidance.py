@@ -53,7 +53,11 @@ def limits() -> Any:
     cannot take hundreds of megabytes."""
     from llguidance import LLParserLimits
 
-    return LLParserLimits(max_lexer_states=MAX_LEXER_STATES, max_grammar_size=MAX_GRAMMAR_SIZE)
+    return LLParserLimits(
+        max_lexer_states=MAX_LEXER_STATES,
+        max_grammar_size=MAX_GRAMMAR_SIZE,
+        verbose_errors=False,  # else an error quotes the whole grammar (to a client, too)
+    )
 
 
 def check_llguidance(text: str) -> None:
@@ -229,6 +233,8 @@ class GrammarMatcher:
             token in self._eog and self._m.is_accepting()
         ):
             msg = f"token {token} is not allowed by the grammar here"
+            if self._m.is_error():  # the matcher stopped: a limit, usually (it says which)
+                msg = f"the grammar matcher failed: {self._m.get_error()}"
             raise ValueError(msg)
 
     def _fill(self) -> Any:

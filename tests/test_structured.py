@@ -285,8 +285,10 @@ def test_chatml_function_calling(fc: Llama) -> None:
         ({"$ref": "#"}, "cycle"),
         ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
           "$ref": "#/$defs/a"}, "cycle"),
-        ({"type": "object", "properties": {f"p{i}": {} for i in range(1001)}},
-         "limit is 1000"),
+        ({"type": "object", "properties": {f"p{i}": {} for i in range(401)}},
+         "limit is 400 per object"),
+        ({"type": "object", "properties": {f"o{j}": {"type": "object", "properties": {
+            f"p{i}": {} for i in range(300)}} for j in range(4)}}, "limit is 1000"),
         ({"x-guidance": 5}, "x-guidance"),
     ],
 )  # fmt: skip
