@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nexabind import tool_calls
-from nexabind.grammar import LlamaGrammar, response_format_grammar
+from nexabind.grammar import LlamaGrammar, field_grammar, response_format_grammar
 
 __all__ = ["ChatPlan", "plan_chat"]
 
@@ -95,7 +95,7 @@ def plan_chat(
     if forced:
         plan.opener = fmt.opener
         schema = tool_calls.constraint_schema(req, fmt)
-        plan.grammar = LlamaGrammar.from_json_schema(schema, verbose=False)
+        plan.grammar = field_grammar("tools", schema)
 
         def parse_forced(text: str) -> Any:
             return fmt.parse(fmt.opener + text, names)

@@ -22,7 +22,18 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["LLGUIDANCE_PREFIX", "SUPPORTED_FORMATS", "UNSUPPORTED_KEYWORDS", "to_grammar"]
+from nexabind import _nesting
+from nexabind._llguidance import limits
+
+__all__ = [
+    "LLGUIDANCE_PREFIX",
+    "MAX_OBJECT_PROPERTIES",
+    "MAX_PROPERTIES",
+    "MAX_SCHEMA_DEPTH",
+    "SUPPORTED_FORMATS",
+    "UNSUPPORTED_KEYWORDS",
+    "to_grammar",
+]
 
 LLGUIDANCE_PREFIX = "%llguidance {}"
 """The first line of a grammar in llguidance's Lark form (llama.cpp's convention)."""
@@ -55,6 +66,14 @@ UNSUPPORTED_KEYWORDS: dict[str, str] = {
     "$recursiveRef": "use $ref",
     "$recursiveAnchor": "use $ref",
 }
+
+#: Sub-schema levels a schema may nest, and properties it may list in all: beyond these a
+#: grammar's size (and the time to build it) grows past what a request should cost.
+MAX_SCHEMA_DEPTH = 32
+MAX_PROPERTIES = 1000
+#: Properties one object may list: llguidance's parser has a row of about four items per
+#: optional property and stops at 2,000 (a 600-property object fails mid-generation).
+MAX_OBJECT_PROPERTIES = 400
 
 _TYPES = frozenset(["array", "boolean", "integer", "null", "number", "object", "string"])
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
@@ -89,14 +108,17 @@ def load(schema: Any) -> Any:
     """
     if isinstance(schema, (str, bytes, bytearray)):
         try:
-            return json.loads(schema)
+            return _nesting.loads(schema, what="the JSON schema")
         except json.JSONDecodeError as e:
             msg = f"the JSON schema is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
             raise ValueError(msg) from None
     if isinstance(schema, (bool, Mapping)):
+        if _nesting.deeper_than(dict(schema) if isinstance(schema, Mapping) else schema):
+            msg = f"the JSON schema nests arrays and objects more than {_nesting.MAX_DEPTH} deep"
+            raise ValueError(msg)
         try:
             return json.loads(json.dumps(schema, allow_nan=False))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             msg = f"the JSON schema holds a value JSON cannot: {e}"
             raise ValueError(msg) from None
     msg = (
@@ -143,8 +165,18 @@ class _Checker:
         self.refs: list[tuple[str, str]] = []
         self.one_of: list[str] = []
         self.patterns: list[tuple[str, str]] = []
+        self.n_properties = 0
+        # Edges between schemas that produce no text of their own on the way: a $ref to its
+        # target, an allOf/anyOf/oneOf to its members. A cycle of them generates nothing.
+        self.empty_edges: dict[str, list[str]] = {}
 
-    def walk(self, node: Any, path: str) -> None:
+    def walk(self, node: Any, path: str, depth: int = 0) -> None:
+        if depth > MAX_SCHEMA_DEPTH:
+            msg = (
+                f"the JSON schema nests sub-schemas more than {MAX_SCHEMA_DEPTH} deep (at "
+                f"{path[:60]}...); the limit is {MAX_SCHEMA_DEPTH}"
+            )
+            raise ValueError(msg)
         if isinstance(node, bool):
             return
         if not isinstance(node, dict):
@@ -161,8 +193,25 @@ class _Checker:
                     )
                     raise ValueError(msg)
         self._check_values(node, path)
-        for _key, sub_path, sub in _subschemas(node, path):
-            self.walk(sub, sub_path)
+        props = node.get("properties")
+        if isinstance(props, dict) and len(props) > MAX_OBJECT_PROPERTIES:
+            msg = (
+                f"the JSON schema's object at {path[:60]} lists {len(props)} properties; the "
+                f"limit is {MAX_OBJECT_PROPERTIES} per object (llguidance's parser cannot "
+                "follow more at once)"
+            )
+            raise ValueError(msg)
+        self.n_properties += len(props) if isinstance(props, dict) else 0
+        if self.n_properties > MAX_PROPERTIES:
+            msg = (
+                f"the JSON schema lists more than {MAX_PROPERTIES} properties in all (at "
+                f"{path}); the limit is {MAX_PROPERTIES}"
+            )
+            raise ValueError(msg)
+        for key, sub_path, sub in _subschemas(node, path):
+            if key in ("allOf", "anyOf", "oneOf"):
+                self.empty_edges.setdefault(path, []).append(sub_path)
+            self.walk(sub, sub_path, depth + 1)
 
     def _check_values(self, node: dict[str, Any], path: str) -> None:
         if "type" in node:
@@ -220,6 +269,8 @@ class _Checker:
             if not isinstance(node["$ref"], str):
                 raise _bad(_pointer(path, "$ref"), "$ref must be a string")
             self.refs.append((_pointer(path, "$ref"), node["$ref"]))
+            if node["$ref"].startswith("#/") or node["$ref"] == "#":
+                self.empty_edges.setdefault(path, []).append(unquote(node["$ref"]))
         if isinstance(node.get("$anchor"), str):
             self.anchors.add(node["$anchor"])
         if isinstance(node.get("$id"), str):
@@ -245,6 +296,13 @@ class _Checker:
                 )
                 raise ValueError(msg)
             raise _bad(path, f"$ref {ref!r} points to nothing in the schema")
+        cycle = _cycle(self.empty_edges)
+        if cycle:
+            msg = (
+                f"invalid JSON schema: the $ref cycle {' -> '.join(cycle)} generates nothing "
+                "(a schema that refers to itself must nest inside properties or items)"
+            )
+            raise ValueError(msg)
 
     def check_patterns(self) -> None:
         from llguidance import LLMatcher
@@ -256,6 +314,29 @@ class _Checker:
                 why = [ln[6:].strip() for ln in err.splitlines() if ln.startswith("error:")]
                 reason = why[0] if why else err.strip().splitlines()[0]
                 raise _bad(path, f"the pattern {pattern!r} does not compile: {reason}")
+
+
+def _cycle(edges: Mapping[str, list[str]]) -> list[str]:
+    """A cycle in ``edges`` (a path that comes back to its start), or []; without recursion."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in edges:
+        if state.get(start):
+            continue
+        path = [start]
+        todo = [iter(edges.get(start, ()))]
+        state[start] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(edges.get(nxt, ())))
+    return []
 
 
 def resolve(root: Any, ref: str, anchors: set[str] | frozenset[str] = frozenset()) -> Any:
@@ -326,6 +407,9 @@ def _prepare(schema: Any, default_additional_properties: bool) -> tuple[Any, _Ch
         msg = "the JSON schema is false, which no value matches"
         raise ValueError(msg)
     options = root.get("x-guidance", {}) if isinstance(root, dict) else {}
+    if not isinstance(options, dict):
+        msg = f'the JSON schema\'s "x-guidance" must be an object of options, not {options!r:.60}'
+        raise ValueError(msg)
     checker = _Checker(root, lenient=bool(options.get("lenient")))
     checker.walk(root, "#")
     checker.check_refs()
@@ -356,7 +440,7 @@ def to_grammar(schema: Any, *, default_additional_properties: bool = False) -> s
 
     root, checker = _prepare(schema, default_additional_properties)
     grammar = f"{LLGUIDANCE_PREFIX}\nstart: %json {json.dumps(root, ensure_ascii=False)}"
-    err = LLMatcher.validate_grammar(grammar)
+    err = LLMatcher.validate_grammar(grammar, limits=limits())
     if err:
         checker.check_patterns()  # a pattern that does not compile, said with its place
         raise ValueError(_explain(err, checker.one_of))

@@ -12,6 +12,7 @@ and the chain asked again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -25,9 +26,13 @@ if TYPE_CHECKING:
 
     from nexabind import lowlevel
 
-__all__ = ["GrammarMatcher", "check_grammar", "check_llguidance", "is_llguidance"]
+__all__ = ["GrammarMatcher", "check_grammar", "check_llguidance", "is_llguidance", "limits"]
 
 logger = logging.getLogger("nexabind.grammar")
+
+#: llguidance's limits that are lower here than its defaults (250,000 and 500,000).
+MAX_LEXER_STATES = 100_000
+MAX_GRAMMAR_SIZE = 200_000
 
 
 class _Grammar(Protocol):
@@ -41,6 +46,20 @@ def is_llguidance(text: str) -> bool:
     return text.lstrip().startswith("%llguidance")
 
 
+@functools.cache
+def limits() -> Any:
+    """llguidance's resource limits for every grammar here: its defaults, with the lexer's
+    states (about 2 kB each) and the grammar's size lowered so that one request's schema
+    cannot take hundreds of megabytes."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(
+        max_lexer_states=MAX_LEXER_STATES,
+        max_grammar_size=MAX_GRAMMAR_SIZE,
+        verbose_errors=False,  # else an error quotes the whole grammar (to a client, too)
+    )
+
+
 def check_llguidance(text: str) -> None:
     """Check text in llguidance's form with llguidance's own parser.
 
@@ -49,7 +68,7 @@ def check_llguidance(text: str) -> None:
     """
     from llguidance import LLMatcher
 
-    err = LLMatcher.validate_grammar(text)
+    err = LLMatcher.validate_grammar(text, limits=limits())
     if err:
         msg = f"the llguidance grammar does not parse: {err.strip()}"
         raise ValueError(msg)
@@ -175,7 +194,7 @@ class GrammarMatcher:
             )
             raise ValueError(msg)
         tokenizer, self._eog = _tokenizer(model)
-        self._m = LLMatcher(tokenizer, text, log_level=0)
+        self._m = LLMatcher(tokenizer, text, log_level=0, limits=limits())
         if self._m.is_error():
             msg = f"the grammar cannot run: {self._m.get_error()}"
             raise ValueError(msg)
@@ -214,6 +233,8 @@ class GrammarMatcher:
             token in self._eog and self._m.is_accepting()
         ):
             msg = f"token {token} is not allowed by the grammar here"
+            if self._m.is_error():  # the matcher stopped: a limit, usually (it says which)
+                msg = f"the grammar matcher failed: {self._m.get_error()}"
             raise ValueError(msg)
 
     def _fill(self) -> Any:

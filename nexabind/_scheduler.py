@@ -36,7 +36,7 @@ from nexabind._slots import (
     free_cells,
 )
 from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
-from nexabind.grammar import GrammarMatcher, LlamaGrammar
+from nexabind.grammar import GrammarMatcher
 from nexabind.sampling import build_sampler
 from nexabind.tokens import StopMatcher, Token, logprobs_of
 
@@ -70,6 +70,9 @@ class Scheduler:
         self.n_prompt = 0
         self.n_steps = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self.error: BaseException | None = None
+        """What stopped the thread, if it stopped by an error (a bug: every task's own error
+        ends that task only)."""
         self.thread = threading.Thread(target=self._run, name="nexabind-engine", daemon=True)
         self.thread.start()
 
@@ -85,6 +88,8 @@ class Scheduler:
         with self.cv:
             if self.stopping:
                 msg = "the engine is closed; create a new one"
+                if self.error is not None:
+                    msg = f"the engine's scheduler stopped ({self.failure}); create a new Engine"
                 raise ClosedError(msg)
             if len(self.pending) >= self.max_queue:
                 msg = (
@@ -108,6 +113,12 @@ class Scheduler:
             self.cv.notify()
         if threading.current_thread() is not self.thread:
             self.thread.join()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the thread stopped, when an error stopped it (None: it runs, or was stopped)."""
+        e = self.error
+        return None if e is None else f"{type(e).__name__}: {e}"
 
     def status(self) -> dict[str, Any]:
         """Slots, queue, throughput and KV use, as one consistent-enough snapshot."""
@@ -163,6 +174,7 @@ class Scheduler:
                     time.sleep(0.001)  # nothing could start: let a cancel or close in
         except BaseException as e:  # a bug here must not leave callers waiting forever
             log.exception("the engine's scheduler stopped")
+            self.error = e
             self._fail_all(e)
             raise
         finally:
@@ -199,31 +211,37 @@ class Scheduler:
                 if slot is None:
                     left.append(task)
                     continue
-                assert task.req is not None
-                opts = task.req.opts
-                try:
-                    sampler = build_sampler(self.model, opts, self.n_ctx_slot)
-                    g = opts.grammar
-                    matcher = (
-                        g.matcher(self.model)
-                        if isinstance(g, LlamaGrammar) and g.engine == "llguidance"
-                        else None
-                    )
-                except (NexabindError, ValueError) as e:
-                    # A logit bias outside the vocabulary, a grammar that does not parse:
-                    # that task fails, the slot and every other task go on.
-                    self._finish(task, "stop", e)
-                    continue
-                self._start(slot, task, sampler)
-                if matcher is not None:
-                    assert slot.sample is not None
-                    penalties = (
-                        opts.repeat_penalty != 1.0
-                        or opts.frequency_penalty
-                        or (opts.presence_penalty)
-                    )
-                    slot.sample = self._constrained(slot.sample, matcher, not penalties)
+                self._begin(slot, task)
         return left
+
+    def _begin(self, slot: Slot, task: Task) -> None:
+        """Start ``task`` in ``slot``; whatever fails here fails that task only (a logit bias
+        outside the vocabulary, a grammar that does not parse, a value llama.cpp refuses), and
+        the slot and every other task go on."""
+        assert task.req is not None
+        opts = task.req.opts
+        sampler: lowlevel.SamplerChain | None = None
+        try:
+            sampler = build_sampler(self.model, opts, self.n_ctx_slot)
+            matcher = task.matcher
+            self._start(slot, task, sampler)
+            sampler = None  # the slot owns it now
+            if matcher is not None:
+                assert slot.sample is not None
+                penalties = (
+                    opts.repeat_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty
+                )
+                slot.sample = self._constrained(slot.sample, matcher, not penalties)
+        except Exception as e:  # noqa: BLE001 - the task's error, handed to its caller
+            log.debug("task %d failed to start: %r", task.id, e)
+            if sampler is not None:
+                sampler.close()
+            if slot.task is task:
+                self._end(slot, "stop", e)
+            else:
+                if task.session is not None:
+                    task.session.busy = False
+                self._finish(task, "stop", e)
 
     def _start(self, slot: Slot, task: Task, sampler: lowlevel.SamplerChain) -> None:
         import numpy as np
@@ -305,8 +323,8 @@ class Scheduler:
             if s.i_batch >= 0:
                 try:
                     self._sample(s)
-                except (NexabindError, ValueError, RuntimeError) as e:
-                    self._end(s, "stop", e)  # a grammar at a dead end: this task only
+                except Exception as e:  # noqa: BLE001 - a grammar at a dead end: this task only
+                    self._end(s, "stop", e)
         self.n_generated += generated
         self._rate.append((time.monotonic(), generated))
 
@@ -469,7 +487,7 @@ class Scheduler:
         """Embed a task's sequences now (an embedding engine runs nothing else)."""
         try:
             vectors, n = _embed.embed_tokens(self.ctx, task.inputs, n_seqs=len(self.slots))
-        except (NexabindError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - the task's error, handed to its caller
             self._finish(task, "stop", e)
             return
         self.n_prompt += n

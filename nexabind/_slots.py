@@ -98,6 +98,7 @@ class Task:
     prompt_text: str = ""
     output: Any = None  # a chat's ToolOutput (how to read its reply for tool calls)
     spelled: dict[int, str] = field(default_factory=dict)  # control tokens that spell markers
+    matcher: Any = None  # an llguidance grammar's GrammarMatcher, made in the caller's thread
 
 
 class Slot:

@@ -9,7 +9,7 @@ Everything here runs in the caller's thread, before the task is queued: a bad ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
 
 from nexabind import chat, lowlevel
@@ -17,11 +17,13 @@ from nexabind._chat_plan import ChatPlan, plan_chat
 from nexabind._sequence import Request
 from nexabind._slots import Session, Task
 from nexabind.errors import ContextOverflowError
-from nexabind.sampling import SAMPLING_KEYS, SamplingOptions
+from nexabind.grammar import GrammarMatcher, LlamaGrammar
+from nexabind.sampling import INT32_MAX, SAMPLING_KEYS, SamplingOptions, check_int
 
 __all__ = [
     "KINDS",
     "embedding_inputs",
+    "grammar_matcher",
     "plan_task",
     "prompt_tokens",
     "sampling_options",
@@ -58,20 +60,56 @@ def task_request(
     its own)."""
     if sampling.get("seed") is None and seed is not None:
         sampling["seed"] = seed
-    n_top = None if isinstance(logprobs, bool) else int(logprobs)
-    if n_top is not None and n_top < 0:
-        msg = f"logprobs={logprobs!r} is invalid; use True/False or a number >= 0"
+    n_top = (
+        None if isinstance(logprobs, bool) else check_int("logprobs", logprobs, 0, model.n_vocab)
+    )
+    bias = sampling.get("logit_bias")
+    if isinstance(bias, Sized) and len(bias) > model.n_vocab:
+        msg = (
+            f"logit_bias has {len(bias)} entries but the vocabulary has {model.n_vocab} tokens; "
+            "give at most one per token"
+        )
         raise ValueError(msg)
     opts = sampling_options(sampling)
     if opts.logit_bias:
         model.check_tokens(list(opts.logit_bias), "logit_bias token")
+    if max_tokens is not None:
+        max_tokens = check_int("max_tokens", max_tokens, -INT32_MAX - 1, INT32_MAX)
     return Request(
         opts,
         max_tokens=max_tokens,
-        stops=[stop] if isinstance(stop, str) else list(stop or []),
+        stops=_stops(stop),
         want_logprobs=n_top is not None or bool(logprobs),
         n_top=n_top,
     )
+
+
+def grammar_matcher(model: lowlevel.Model, req: Request) -> GrammarMatcher | None:
+    """The matcher of a request's llguidance grammar, if it has one: made here, in the
+    caller's thread (the first one of a model reads its whole vocabulary), not in the
+    scheduler's.
+
+    Raises:
+        ValueError: The grammar cannot run (llguidance's message, or a limit it hit).
+    """
+    g = req.opts.grammar
+    if isinstance(g, LlamaGrammar) and g.engine == "llguidance":
+        return g.matcher(model)
+    return None
+
+
+def _stops(stop: object) -> list[str]:
+    """``stop`` (a string, or a sequence of strings) as a list."""
+    if stop is None or isinstance(stop, str):
+        return [stop] if stop else []
+    if not isinstance(stop, Sequence) or isinstance(stop, bytes):
+        msg = f"stop must be a string or a list of strings, not {type(stop).__name__}"
+        raise TypeError(msg)
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            msg = f"stop[{i}] must be a string, not {type(s).__name__} {s!r:.60}"
+            raise TypeError(msg)
+    return [s for s in stop if s]
 
 
 def plan_task(

@@ -54,6 +54,33 @@ def _text_of(content: list[Any], i: int) -> str:
     return "\n".join(texts)  # as llama.cpp's server joins text parts
 
 
+def _check_function(fn: Any, where: str) -> None:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        msg = f'{where} must be {{"name": "...", "arguments": "{{...}}"}}'
+        raise ValueError(msg)
+    args = fn.get("arguments", {})
+    if not isinstance(args, (str, dict)):
+        msg = f"{where}.arguments is a {type(args).__name__}; give JSON text or an object"
+        raise ValueError(msg)
+
+
+def _check_calls(m: dict[str, Any], i: int) -> None:
+    """An assistant message's past ``tool_calls`` (or legacy ``function_call``)."""
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            msg = f"messages[{i}].tool_calls is a {type(calls).__name__}; give a list of calls"
+            raise ValueError(msg)
+        for j, call in enumerate(calls):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not isinstance(call, dict):
+                msg = f'{where} must be {{"type": "function", "function": {{"name": ...}}}}'
+                raise ValueError(msg)
+            _check_function(call.get("function"), f"{where}.function")
+    if m.get("function_call") is not None:
+        _check_function(m["function_call"], f"messages[{i}].function_call")
+
+
 def check_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """Check a conversation and return it with each content as one string.
 
@@ -77,6 +104,7 @@ def check_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
             what = "is missing" if role is None else f"is {role!r}"
             msg = f"messages[{i}].role {what}; give a role such as 'user' or 'assistant'"
             raise ValueError(msg)
+        _check_calls(m, i)
         content = m.get("content")
         if isinstance(content, list):
             content = _text_of(content, i)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import click
 
+from nexabind import settings
 from nexabind.cli_models import _resolve
 from nexabind.errors import NexabindError
 
@@ -16,6 +19,33 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 def _number(flag: str, default: float, kind: type, help: str) -> Any:
     return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
+_NO_KEYS = "to serve without keys, give no key option (or --no-auth)"
+_NO_KEYS_ENV = "unset it and give no key option (or --no-auth)"
+
+
+def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
+    """The API keys to serve with; a key option that gives none is an error, never "no keys"
+    (an empty NEXABIND_API_KEY once let every client in)."""
+    if settings.API_KEY.set_but_blank() and not no_auth:
+        msg = f"NEXABIND_API_KEY is set but empty: it names no key; set one, or {_NO_KEYS_ENV}"
+        raise click.ClickException(msg)
+    if any(not k.strip() for k in given):
+        raise click.ClickException(f"--api-key '' names no key; {_NO_KEYS}")
+    keys = [k.strip() for k in given]
+    if key_file is not None:
+        lines = [line.strip() for line in key_file]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            name = getattr(key_file, "name", "the key file")
+            msg = f"--api-key-file {name} holds no key (only blank or comment lines); {_NO_KEYS}"
+            raise click.ClickException(msg)
+        keys += found
+    if keys and no_auth:
+        msg = "--no-auth and API keys contradict each other; give one or the other"
+        raise click.ClickException(msg)
+    return keys
 
 
 @click.command("serve", context_settings=CONTEXT_SETTINGS)
@@ -35,10 +65,19 @@ def _number(flag: str, default: float, kind: type, help: str) -> Any:
     "--api-key",
     "api_keys",
     multiple=True,
-    envvar="NEXABIND_API_KEY",
+    envvar=settings.API_KEY.env,
     help="A key requests must carry (repeat for several) [env: NEXABIND_API_KEY].",
 )
-@click.option("--api-key-file", type=click.File("r"), help="A file of keys, one per line.")
+@click.option(
+    "--api-key-file",
+    type=click.File("r"),
+    help="A file of keys, one per line ('#' starts a comment line).",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without keys, on purpose (the same as giving no key option).",
+)
 @_number("--max-queue", 128, int, "Requests that may wait for a slot; more get 429.")
 @_number(
     "--queue-timeout", 60.0, float, "Seconds a request may wait for a slot before it gets 429."
@@ -64,6 +103,28 @@ def _number(flag: str, default: float, kind: type, help: str) -> Any:
 @click.option("-t", "--threads", type=int, help="CPU threads of the engine.")
 @_number("--max-body", 8 << 20, int, "Largest request body in bytes (larger: 413).")
 @_number("--grace", 10.0, float, "Seconds in-flight requests get to finish after SIGTERM.")
+@_number("--max-messages", 2048, int, "Messages one chat may hold (more: 413).")
+@_number(
+    "--max-prompt-chars",
+    1 << 17,
+    int,
+    "Characters a chat's messages or a prompt may hold in all, checked before templating and "
+    "tokenizing (more: 413).",
+)
+@_number(
+    "--max-inputs", 2048, int, "Texts per embedding request, documents per rerank (more: 413)."
+)
+@_number(
+    "--max-input-chars", 1 << 20, int, "Characters per embedding or rerank request (more: 413)."
+)
+@_number("--max-connections", 4096, int, "Open connections; requests beyond get 503.")
+@_number(
+    "--read-timeout",
+    30.0,
+    float,
+    "Seconds a request's headers may take to arrive (else the connection is closed), then its "
+    "body (else 408).",
+)
 @click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
 @click.option(
     "--lib-path",
@@ -76,6 +137,7 @@ def serve_cmd(
     model: str,
     api_keys: tuple[str, ...],
     api_key_file: Any,
+    no_auth: bool,
     quiet: bool,
     verbose: bool,
     **options: Any,
@@ -98,10 +160,8 @@ def serve_cmd(
     except ImportError as e:
         msg = f"nexabind serve needs the server extra ({e}); pip install 'nexabind[server]'"
         raise click.ClickException(msg) from e
+    keys = _keys(api_keys, api_key_file, no_auth)
     path = _resolve(model, yes=False, quiet=True)
-    keys = list(api_keys)
-    if api_key_file is not None:
-        keys += [line.strip() for line in api_key_file if line.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if quiet:
         logging.getLogger("nexabind.server.access").setLevel(logging.WARNING)
@@ -109,8 +169,18 @@ def serve_cmd(
         logging.getLogger("nexabind.llama").setLevel(logging.WARNING)
     try:
         opts = ServeOptions(str(path), api_keys=tuple(keys), **options)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    try:
         code = serve(opts)
     except (NexabindError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        click.echo(f"Error: {e}", err=True)
+        code = 1
     if code:
-        raise click.ClickException(f"could not serve {model}; see the log above")
+        click.echo(f"Error: could not serve {model}; see the log above", err=True)
+    # The server has stopped. A worker thread may still be inside a long tokenization that
+    # nothing can interrupt (and the interpreter would wait for it at exit): leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if code else 0)

@@ -32,6 +32,7 @@ from nexabind._slots import END, Session, Task
 from nexabind._tasks import (
     KINDS,
     embedding_inputs,
+    grammar_matcher,
     plan_task,
     prompt_tokens,
     sampling_options,
@@ -152,6 +153,14 @@ class Engine:
         sched.stop()
         self._ctx.close()
         self._model.close()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler thread stopped, if an error stopped it (a bug: it then runs no
+        task again, and every call raises ``ClosedError``); None while it runs or once closed.
+        """
+        sched = self._sched
+        return None if sched is None else sched.failure
 
     def __enter__(self) -> Engine:
         return self
@@ -317,6 +326,7 @@ class Engine:
             )  # fmt: skip
             sampling["grammar"] = plan.grammar
             task.req = task_request(model, self.seed, max_tokens, stop, logprobs, sampling)
+            task.matcher = grammar_matcher(model, task.req)
             task.tokens = prompt_tokens(
                 model, self.chat_template, sched.n_ctx_slot, kind, prompt, plan, sess, task
             )

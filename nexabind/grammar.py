@@ -41,6 +41,7 @@ __all__ = [
     "GrammarMatcher",
     "LlamaGrammar",
     "check_gbnf",
+    "field_grammar",
     "json_schema_to_grammar",
     "response_format_grammar",
 ]
@@ -114,7 +115,21 @@ def response_format_grammar(response_format: Mapping[str, Any] | None) -> LlamaG
             "{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {...}}"
         )
         raise ValueError(msg)
-    return LlamaGrammar.from_json_schema(schema, verbose=False)
+    return field_grammar("response_format", schema)
+
+
+def field_grammar(field: str, schema: Any) -> LlamaGrammar:
+    """The grammar of a JSON schema a request gave in ``field``; an error names the field.
+
+    Raises:
+        ValueError: The schema is not valid JSON Schema, or is beyond a limit (its message,
+            after ``field``).
+    """
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except (ValueError, TypeError) as e:
+        msg = f"{field} holds a schema that cannot be used: {e}"
+        raise ValueError(msg) from None
 
 
 class LlamaGrammar:

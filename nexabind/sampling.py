@@ -9,12 +9,15 @@ when asked for.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nexabind import lowlevel
 from nexabind.grammar import LlamaGrammar
 
-__all__ = ["SAMPLING_KEYS", "SamplingOptions", "build_sampler"]
+__all__ = ["INT32_MAX", "SAMPLING_KEYS", "SamplingOptions", "build_sampler", "check_int"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +66,29 @@ class SamplingOptions:
     penalize_nl: bool = True
 
     def __post_init__(self) -> None:
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
-        if self.seed is not None and self.seed in (-1, DEFAULT_SEED):
-            self.seed = None  # llama-cpp-python's "random seed"
+        # Every value is checked and converted here, in the caller's thread: what reaches
+        # llama.cpp is a Python int or float that fits its C type, never a value cffi refuses
+        # (OverflowError, TypeError) in a thread that serves others.
+        for name in _FLOATS:
+            setattr(self, name, _real(name, getattr(self, name)))
+        for name, (lo, hi, what) in _INTS.items():
+            setattr(self, name, check_int(name, getattr(self, name), lo, hi, what))
+        if self.seed is not None:
+            self.seed = check_int(
+                "seed", self.seed, -1, _UINT32_MAX, "use an unsigned 32-bit integer"
+            )
+            if self.seed in (-1, DEFAULT_SEED):
+                self.seed = None  # llama-cpp-python's "random seed"
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.grammar is not None and not isinstance(self.grammar, (str, LlamaGrammar)):
+            msg = f"grammar must be GBNF text or a LlamaGrammar, not {type(self.grammar).__name__}"
+            raise TypeError(msg)
+        self.penalize_nl = bool(self.penalize_nl)
 
-        def bad(name: str, value: object, what: str) -> None:
-            msg = f"{name}={value!r} is out of range: {what}"
+        def bad(name: str, value: float, what: str) -> None:
+            msg = f"{name}={value:g} is out of range: {what}"
             raise ValueError(msg)
 
-        if self.mirostat_mode not in (0, 1, 2):
-            bad("mirostat_mode", self.mirostat_mode, "use 0 (off), 1 or 2 (mirostat 2.0)")
         for name in ("mirostat_tau", "mirostat_eta"):
             if getattr(self, name) <= 0:
                 bad(name, getattr(self, name), "use > 0")
@@ -88,18 +104,12 @@ class SamplingOptions:
                 "penalize_nl=False has no effect: llama.cpp's penalties treat every token alike "
                 "(llama-cpp-python ignores it too)",
             )
-        if self.top_k < 0:
-            bad("top_k", self.top_k, "use >= 0 (0 disables it)")
         for name in ("top_p", "min_p", "typical_p"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 bad(name, v, "use a value in [0, 1]")
         if self.repeat_penalty <= 0:
             bad("repeat_penalty", self.repeat_penalty, "use > 0 (1.0 disables it)")
-        if self.penalty_last_n < -1:
-            bad("penalty_last_n", self.penalty_last_n, "use >= -1 (-1: the whole context)")
-        if self.seed is not None and not 0 <= self.seed <= 0xFFFFFFFF:
-            bad("seed", self.seed, "use an unsigned 32-bit integer")
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +129,70 @@ class SamplingOptions:
         if g and not g.lstrip().startswith("%llguidance"):
             return g, "root"
         return None
+
+
+#: The largest int32 (what llama.cpp's counts and token ids fit in).
+INT32_MAX = 0x7FFFFFFF
+_UINT32_MAX = 0xFFFFFFFF
+#: Options llama.cpp takes as a float: any finite number.
+_FLOATS = (
+    "temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
+    "presence_penalty", "mirostat_tau", "mirostat_eta", "tfs_z",
+)  # fmt: skip
+#: Options llama.cpp takes as an int32: their range, and what the message suggests.
+_INTS = {
+    "top_k": (0, INT32_MAX, "use 0 (off) to 2147483647"),
+    "penalty_last_n": (-1, INT32_MAX, "use -1 (the whole context) to 2147483647"),
+    "mirostat_mode": (0, 2, "use 0 (off), 1 or 2 (mirostat 2.0)"),
+}
+
+
+def _real(name: str, value: object, *, infinite: bool = False) -> float:
+    """``value`` as a float, finite unless ``infinite`` (a bool or a non-number is a
+    TypeError; NaN is always a ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a number, not {type(value).__name__} {value!r:.60}"
+        raise TypeError(msg)
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not infinite):
+        what = "a number" if infinite else "a finite number"
+        msg = f"{name}={v!r} is out of range: use {what}"
+        raise ValueError(msg)
+    return v
+
+
+def check_int(name: str, value: object, lo: int, hi: int, what: str = "") -> int:
+    """``value`` as an int in ``lo..hi`` (a bool or a non-integer is a TypeError, a value out
+    of range a ValueError; both name ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"{name} must be an integer, not {type(value).__name__} {value!r:.60}"
+        raise TypeError(msg)
+    v = int(value)
+    if not lo <= v <= hi:
+        msg = f"{name}={v} is out of range: {what or f'use {lo} to {hi}'}"
+        raise ValueError(msg)
+    return v
+
+
+def _logit_bias(bias: object) -> dict[int, float]:
+    """``{token id: bias}`` with int32 ids and biases that are numbers (-inf bans a token; ids
+    in the vocabulary are the model's to check)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, Mapping):
+        msg = f"logit_bias must be a mapping of token id to bias, not {type(bias).__name__}"
+        raise TypeError(msg)
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str):
+            try:
+                key = int(key)
+            except ValueError:
+                msg = f"logit_bias key {key!r:.60} is not a token id"
+                raise TypeError(msg) from None
+        tok = check_int("logit_bias key", key, 0, INT32_MAX, "use a token id >= 0")
+        out[tok] = _real(f"logit_bias[{tok}]", value, infinite=True)
+    return out
 
 
 #: The names :class:`SamplingOptions` takes (the keyword arguments every generating call accepts).

@@ -61,6 +61,11 @@ class Setting:
         """The variable's value now, or None when it is unset or empty."""
         return os.environ.get(self.env) or None
 
+    def set_but_blank(self) -> bool:
+        """Whether the variable is set, to nothing but blanks (a mistake for some settings)."""
+        value = os.environ.get(self.env)
+        return value is not None and not value.strip()
+
     def get(self, given: _T | None = None) -> _T | str | None:
         """``given`` when it is not None, else the variable's value (None when unset)."""
         return given if given is not None else self.raw()
@@ -133,6 +138,12 @@ LLAMA_SDIST = Setting(
     "NEXABIND_LLAMA_SDIST", "--sdist",
     f"Local {pin.SDIST_FILE} to take the pinned source from",
     "pip download, when git and the archive cannot be reached",
+)  # fmt: skip
+
+#: ``nexabind serve``'s keys (its own --help names the variable; ``nexabind info`` does not).
+API_KEY = Setting(
+    "NEXABIND_API_KEY", "--api-key", "A key requests to nexabind serve must carry",
+    "none: every client is let in",
 )  # fmt: skip
 
 #: Every setting, in the order ``nexabind info`` lists them.

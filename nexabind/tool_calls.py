@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from nexabind._nesting import deeper_than
 
 __all__ = [
     "FORMATS",
@@ -98,7 +101,7 @@ class ToolRequest:
             tools = [{"type": "function", "function": f} for f in functions]
             tool_choice = function_call
         if tool_choice is not None and not tools:
-            msg = f"tool_choice={tool_choice!r} needs tools"
+            msg = f"tool_choice={_show(tool_choice)} needs tools"
             raise ValueError(msg)
         if not tools:
             return None
@@ -110,18 +113,30 @@ class ToolRequest:
             raise ValueError(msg)
         choice = "auto" if tool_choice is None else tool_choice
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") or choice.get("name")
-            if not isinstance(name, str) or name not in names:
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+            if not isinstance(name, str):
+                msg = (
+                    f"tool_choice {_show(choice)} names no function; use "
+                    '{"type": "function", "function": {"name": ...}}'
+                )
+                raise ValueError(msg)
+            if name not in names:
                 msg = f"tool_choice names {name!r}, which is not among the tools {names}"
                 raise ValueError(msg)
             return cls(checked, name, legacy, named=True)
-        if choice not in ("auto", "none", "required"):
+        if not isinstance(choice, str) or choice not in ("auto", "none", "required"):
             msg = (
-                f"tool_choice={choice!r} is invalid; use 'auto', 'none', 'required' or "
+                f"tool_choice={_show(choice)} is invalid; use 'auto', 'none', 'required' or "
                 '{"type": "function", "function": {"name": ...}}'
             )
             raise ValueError(msg)
         return cls(checked, choice, legacy)
+
+
+def _show(value: Any) -> str:
+    text = reprlib.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_tool(i: int, tool: Any) -> dict[str, Any]:
@@ -188,8 +203,8 @@ class ToolFormat:
         """The reply's content and calls, or None when it holds no valid calls."""
         try:
             found = _PARSERS[self.name](text)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return None  # RecursionError: a model that wrote "[" a thousand times
         if found is None:
             return None
         content, raw = found
@@ -255,6 +270,8 @@ def _json_values(text: str) -> tuple[list[Any], str]:
         if pos >= len(text) or text[pos] not in "{[":
             return values, text[pos:]
         value, pos = _DECODER.raw_decode(text, pos)
+        if deeper_than(value):
+            raise ValueError("nested too deep to be a call")
         values.append(value)
 
 

@@ -2,7 +2,9 @@
 
 It takes llama-server's flags, answers ``/health`` on ``--port``, and reads its behaviour from
 the environment: FAKE_SLOW_START (seconds before it listens), FAKE_IGNORE_TERM (1: SIGTERM does
-nothing), FAKE_EXIT (exit with this code at once), FAKE_ARGV (write its argv, as JSON, there).
+nothing), FAKE_EXIT (exit with this code at once), FAKE_ARGV (write its argv, as JSON, there),
+FAKE_ANSWER (a file whose first line is the status of the answers to POSTs, and the rest their
+body, read at each request).
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def main() -> None:
                 self.end_headers()
                 return
             body = json.dumps({"object": "list", "data": [], "model": "fake"}).encode()
-            self.send_response(200)
+            status = 200
+            if os.environ.get("FAKE_ANSWER"):
+                with open(os.environ["FAKE_ANSWER"], "rb") as f:
+                    first, _, body = f.read().partition(b"\n")
+                status = int(first)
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

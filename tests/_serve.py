@@ -86,8 +86,8 @@ class Served:
                      {"Content-Type": "application/json"})  # fmt: skip
         return conn, conn.getresponse()
 
-    def metric(self, name: str) -> float:
-        _, text = self.get("/metrics")
+    def metric(self, name: str, headers: dict[str, str] | None = None) -> float:
+        _, text = self.get("/metrics", headers=headers)
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):

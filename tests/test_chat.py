@@ -102,3 +102,23 @@ def test_llama_uses_model_template_or_given_one(libdir: Path, tiny_model: Path) 
         assert "[INST]" in m.format_chat(MESSAGES[1:2])
     with Llama(tiny_model, n_ctx=256, chat_template="{{ bos_token }}X", lib_path=libdir) as m:
         assert m.format_chat(MESSAGES) == "<s>X"
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ({"tool_calls": "get_weather"}, r"messages\[1\]\.tool_calls"),
+        ({"tool_calls": [5]}, r"messages\[1\]\.tool_calls\[0\]"),
+        ({"tool_calls": [{"id": "c1"}]}, r"messages\[1\]\.tool_calls\[0\]\.function"),
+        ({"tool_calls": [{"function": {"name": "f", "arguments": 5}}]}, r"\.arguments"),
+        ({"function_call": 5}, r"messages\[1\]\.function_call"),
+    ],
+)
+def test_malformed_past_tool_calls_are_value_errors_naming_them(
+    extra: dict[str, object], where: str
+) -> None:
+    from nexabind.chat import check_messages
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, **extra}]
+    with pytest.raises(ValueError, match=where):
+        check_messages(messages)

@@ -283,6 +283,62 @@ def test_bad_input_fails_that_task_only(engine: Engine, libdir: Path, tiny_model
     assert engine.result(after, timeout=60)["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"top_k": 2**31}, "top_k"),
+        ({"top_k": 3_000_000_000}, "top_k"),
+        ({"penalty_last_n": 2**31}, "penalty_last_n"),
+        ({"penalty_last_n": -(2**31)}, "penalty_last_n"),
+        ({"seed": 2**63}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"mirostat_tau": float("inf")}, "mirostat_tau"),
+        ({"top_k": "40"}, "top_k"),
+        ({"stop": [1]}, r"stop\[0\]"),
+        ({"stop": 5}, "stop"),
+        ({"logprobs": 2**31}, "logprobs"),
+        ({"max_tokens": 2**63}, "max_tokens"),
+        ({"logit_bias": {2**31: 1.0}}, "logit_bias"),
+        ({"logit_bias": dict.fromkeys(range(40_000), 1.0)}, "logit_bias"),
+    ],
+)
+def test_values_the_c_api_cannot_take_fail_in_the_caller(
+    engine: Engine, options: dict[str, Any], field: str
+) -> None:
+    """Each of these once killed the scheduler thread (an OverflowError or a TypeError there):
+    now create_task refuses it, naming the field, and the engine goes on."""
+    with pytest.raises((ValueError, TypeError), match=field):
+        engine.create_task(prompt="x", **options)
+    after = engine.create_task(prompt="Hello", max_tokens=2, **GREEDY)
+    assert engine.result(after, timeout=60)["usage"]["completion_tokens"] == 2
+    assert engine.failure is None
+
+
+def test_a_task_that_fails_inside_the_scheduler_fails_alone(engine: Engine) -> None:
+    """Values that slip past the checks (set on a request after it was made) fail in the
+    scheduler's thread: that task gets the error, the thread and the other tasks go on."""
+    from nexabind._sequence import Request
+    from nexabind._slots import Task
+    from nexabind.sampling import SamplingOptions
+
+    broken = []
+    for field, value, stops in (("top_k", 2**40, []), ("temperature", 0.5, [1])):
+        opts = SamplingOptions()
+        setattr(opts, field, value)
+        broken.append(Task(10**6 + len(broken), "completion", tokens=[1, 450],
+                           req=Request(opts, max_tokens=2, stops=stops)))  # fmt: skip
+    good = engine.create_task(prompt="Hello", max_tokens=3, **GREEDY)
+    for task in broken:
+        engine._sched.submit(task)
+    for task, kind in zip(broken, (OverflowError, TypeError), strict=True):
+        assert task.done.wait(60)
+        assert isinstance(task.error, kind), task.error
+    assert engine.result(good, timeout=60)["usage"]["completion_tokens"] == 3
+    assert engine.failure is None
+    after = engine.create_task(prompt="Hello", max_tokens=2, **GREEDY)
+    assert engine.result(after, timeout=60)["usage"]["completion_tokens"] == 2
+
+
 def test_queue_full_and_timeouts(libdir: Path, tiny_model: Path) -> None:
     with Engine(
         tiny_model, n_parallel=1, n_ctx=1024, n_threads=1, max_queue=1, lib_path=libdir

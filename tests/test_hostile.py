@@ -391,8 +391,9 @@ def test_text_parts_are_joined_and_tool_call_turns_may_lack_content() -> None:
     parts = [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
     messages = [
         {"role": "user", "content": parts},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
-    ]
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    ]  # fmt: skip
     src = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
     assert render_jinja(src, messages) == "[one\ntwo][None]"
 

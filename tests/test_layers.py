@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
             "_cdef",
             "_gguf",
             "_files",
+            "_nesting",
         ),
         0,
     ),

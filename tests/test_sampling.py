@@ -35,6 +35,57 @@ def test_out_of_range_options(kwargs: dict, fragment: str) -> None:
         SamplingOptions(**kwargs)
 
 
+_EXTREMES = (2**31, -(2**31), 2**63, float("nan"), float("inf"), "1", [1], True)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+     "frequency_penalty", "presence_penalty", "penalty_last_n", "seed", "mirostat_mode",
+     "mirostat_tau", "mirostat_eta", "tfs_z"],
+)  # fmt: skip
+def test_every_option_refuses_what_its_c_type_cannot_hold(name: str) -> None:
+    """Checked where the options are made (the caller's thread): a value cffi would refuse
+    inside the engine's thread (OverflowError) is a ValueError or TypeError naming it."""
+    for value in _EXTREMES:
+        accepted = {  # values that are in range for the option
+            "temperature": (2**31, -(2**31), 2**63),
+            "frequency_penalty": (2**31, -(2**31), 2**63),
+            "presence_penalty": (2**31, -(2**31), 2**63),
+            "repeat_penalty": (2**31, 2**63),
+            "mirostat_tau": (2**31, 2**63),
+            "mirostat_eta": (2**31, 2**63),
+            "tfs_z": (2**31, -(2**31), 2**63),
+            "top_k": (),
+            "penalty_last_n": (),
+            "seed": (2**31,),
+        }.get(name, ())
+        if value in accepted and not isinstance(value, bool):
+            SamplingOptions(**{name: value})
+            continue
+        with pytest.raises((ValueError, TypeError), match=name):
+            SamplingOptions(**{name: value})
+
+
+def test_int32_edges_are_taken() -> None:
+    opts = SamplingOptions(top_k=2**31 - 1, penalty_last_n=-1, seed=0xFFFFFFFE)
+    assert (opts.top_k, opts.penalty_last_n, opts.seed) == (2**31 - 1, -1, 0xFFFFFFFE)
+    assert isinstance(SamplingOptions(temperature=1).temperature, float)
+
+
+@pytest.mark.parametrize(
+    "bias",
+    [{2**31: 1.0}, {-1: 1.0}, {"x": 1.0}, {1: float("nan")}, {1: "a"}, [1]],
+)
+def test_logit_bias_ids_and_values_are_checked(bias: object) -> None:
+    with pytest.raises((ValueError, TypeError), match="logit_bias"):
+        SamplingOptions(logit_bias=bias)  # type: ignore[arg-type]
+
+
+def test_a_logit_bias_of_minus_infinity_bans_a_token() -> None:
+    assert SamplingOptions(logit_bias={2: float("-inf")}).logit_bias == {2: float("-inf")}
+
+
 def test_unknown_option(llm: Llama) -> None:
     with pytest.raises(TypeError, match="unknown sampling options"):
         llm.generate("Hello", top_z=3)

@@ -277,3 +277,35 @@ def test_chatml_function_calling(fc: Llama) -> None:
         fc.create_chat_completion(msgs, tools=[WEATHER], tool_choice=named, stream=True)
     )
     assert streamed[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"$ref": "#"}, "cycle"),
+        ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+          "$ref": "#/$defs/a"}, "cycle"),
+        ({"type": "object", "properties": {f"p{i}": {} for i in range(401)}},
+         "limit is 400 per object"),
+        ({"type": "object", "properties": {f"o{j}": {"type": "object", "properties": {
+            f"p{i}": {} for i in range(300)}} for j in range(4)}}, "limit is 1000"),
+        ({"x-guidance": 5}, "x-guidance"),
+    ],
+)  # fmt: skip
+def test_schemas_beyond_the_limits_are_value_errors(schema: dict[str, Any], fragment: str) -> None:
+    from nexabind._json_schema import to_grammar
+
+    with pytest.raises(ValueError, match=fragment):
+        to_grammar(schema)
+
+
+def test_deep_schemas_are_value_errors_at_any_depth() -> None:
+    from nexabind._json_schema import to_grammar
+
+    for levels in (33, 70, 5000):
+        schema: dict[str, Any] = {}
+        for _ in range(levels):
+            schema = {"type": "array", "items": schema}
+        with pytest.raises(ValueError, match="limit is 32|more than 64 deep"):
+            to_grammar(schema)
+    assert to_grammar({"type": "object", "properties": {"a": {"$ref": "#"}}})  # it nests: fine

@@ -228,3 +228,20 @@ def test_stream_of_a_json_call_and_a_forced_call() -> None:
     call = tokens('{"name": "get_time",', ' "arguments": {}}')
     out = deltas(openai.chat_chunks(call, Outcome("stop"), model="m", tools=forced))
     assert out[1][0]["tool_calls"][0]["function"]["name"] == "get_time"
+
+
+def test_a_reply_nested_beyond_the_limit_is_text_not_a_crash() -> None:
+    """A model made to write '[' 1,500 times once sent the parser into a RecursionError."""
+    for fmt in (HERMES, LLAMA3, MISTRAL):
+        for text in ("[" * 1500, "<tool_call>" + "[" * 1500, "[TOOL_CALLS]" + "{" * 1500,
+                     '{"name": "f", "arguments": ' + '{"a": ' * 70 + "1" + "}" * 71):  # fmt: skip
+            assert fmt.parse(text, ["f"]) is None
+
+
+@pytest.mark.parametrize(
+    "choice", [{"function": 5}, {"function": {"name": 5}}, {"type": "function"}, 5, ["auto"]]
+)
+def test_a_malformed_tool_choice_is_a_value_error_naming_it(choice: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(ValueError, match="tool_choice"):
+        ToolRequest.of(tools, choice, None, None)

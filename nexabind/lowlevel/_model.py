@@ -92,7 +92,8 @@ class Model(Shared):
             float or str of at most 127 bytes), as llama.cpp's ``--override-kv``.
 
     A model is safe to share between threads: vocabulary calls and :meth:`close` exclude each
-    other through the model's lock.
+    other through the model's lock, and :meth:`tokenize` counts as a user of the model (as a
+    context does) instead, so a long tokenization holds up no other call.
 
     Raises:
         ModelLoadError: The file is missing, or llama.cpp cannot load it.
@@ -344,13 +345,20 @@ class Model(Shared):
         n_max = len(data) + 8
         buf = ffi.new("llama_token[]", n_max)
         tokenize = self._lib.llama_tokenize
-        with self._lock:
-            vocab = self._checked_vocab()
+        # A user of the model, not a holder of its lock: llama.cpp's tokenizers keep their state
+        # per call (llama-server tokenizes in its HTTP threads), and one long tokenization (some
+        # vocabularies take time that grows with the square of a run of rare characters) must
+        # not hold up the other threads' vocabulary calls. close() waits for the last user.
+        self._add_user()
+        try:
+            vocab = self._vocab
             n = tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
             if n < 0:
                 n_max = -n
                 buf = ffi.new("llama_token[]", n_max)
                 n = tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+        finally:
+            self._release_user()
         if n < 0:
             msg = f"tokenizing {len(data)} bytes failed ({n})"
             raise ValueError(msg)

@@ -20,7 +20,7 @@ from typing import Any
 from nexabind.server._local import sse
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
-from nexabind.server.gateway import Call, HTTPError
+from nexabind.server.gateway import Call, Held, HTTPError
 from nexabind.server.supervisor import Supervisor, find_binary
 
 __all__ = ["ForwardBackend"]
@@ -33,6 +33,11 @@ _PATHS = {
     "embedding": "/v1/embeddings",
     "rerank": "/v1/rerank",
 }
+
+
+def _count(value: Any) -> int:
+    """A token count from the child's answer (anything else: 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class ForwardBackend:
@@ -53,6 +58,9 @@ class ForwardBackend:
 
     def degraded(self) -> bool:
         return self.supervisor.state != "ready"
+
+    def failure(self) -> str | None:
+        return None  # the supervisor restarts a child that dies
 
     def status(self) -> dict[str, Any]:
         sup = self.supervisor
@@ -78,6 +86,9 @@ class ForwardBackend:
             self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
                                             limits=limits)  # fmt: skip
         return self.client
+
+    async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> Held | None:
+        return None  # llama-server keeps no conversations
 
     async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Call) -> Any:
         import httpx
@@ -119,13 +130,17 @@ class ForwardBackend:
             msg = f"the llama-server engine answered {status} with no JSON body"
             raise HTTPError(502, msg) from None
         if status != 200:
-            err = obj.get("error", {}) if isinstance(obj, dict) else {}
-            message = err.get("message") if isinstance(err, dict) else None
-            raise HTTPError(status, str(message or obj), type=err.get("type"))
+            err = obj.get("error") if isinstance(obj, dict) else None
+            if not isinstance(err, dict):  # {"error": "text"}, or no error object at all
+                err = {"message": err if isinstance(err, str) and err else None}
+            message = err.get("message")
+            kind = err.get("type")
+            raise HTTPError(status, str(message or obj)[:2000],
+                            type=kind if isinstance(kind, str) else None)  # fmt: skip
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if isinstance(usage, dict):
-            self.metrics.tokens(int(usage.get("prompt_tokens") or 0),
-                                int(usage.get("completion_tokens") or 0))  # fmt: skip
+            self.metrics.tokens(_count(usage.get("prompt_tokens")),
+                                _count(usage.get("completion_tokens")))  # fmt: skip
         return obj
 
     async def _relay(self, resp: Any, call: Call) -> AsyncIterator[bytes]:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -34,10 +33,11 @@ from nexabind.errors import (
 )
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
+from nexabind.server._schema import field_of
 from nexabind.server.gateway import Call, HTTPError
 from nexabind.tokens import Outcome, Token
 
-__all__ = ["LocalBackend", "sse"]
+__all__ = ["LocalBackend", "encode_json", "sse"]
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,19 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_pena
 _STRUCTURED = ("response_format", "tools", "tool_choice", "functions", "function_call")
 
 
+def encode_json(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON; text holding a lone surrogate (a model's ``"\\ud800"``
+    in call arguments) is written with ``\\u`` escapes instead, which JSON allows."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def sse(obj: Any) -> bytes:
     """One server-sent event: ``data: {json}`` and a blank line."""
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + encode_json(obj) + b"\n\n"
 
 
 def to_http(e: BaseException, param: str | None = None) -> HTTPError:
@@ -61,7 +71,7 @@ def to_http(e: BaseException, param: str | None = None) -> HTTPError:
     if isinstance(e, ContextOverflowError):
         return HTTPError(400, str(e), param=param, code="context_length_exceeded")
     if isinstance(e, (ValueError, TypeError)) and not isinstance(e, SessionNotFoundError):
-        return HTTPError(400, str(e), param=param)
+        return HTTPError(400, str(e), param=param or field_of(str(e)))
     if isinstance(e, BusyError):
         return HTTPError(429, str(e), headers={"Retry-After": "1"})
     if isinstance(e, ClosedError):
@@ -72,13 +82,26 @@ def to_http(e: BaseException, param: str | None = None) -> HTTPError:
     return HTTPError(500, f"internal error ({type(e).__name__}); see the server's log")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conversation:
-    """An engine session and the messages it holds, for ``session_id`` / ``user``."""
+    """An engine session and the messages it holds, for ``session_id`` / ``user``.
 
-    sid: str
+    One request at a time has it: the others wait on the event loop for :attr:`lock`
+    (:meth:`LocalBackend.reserve`); the holder's permit releases it (:meth:`release`).
+    """
+
+    sid: str | None = None  # the engine's session, made by the first request's worker
     history: list[tuple[str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def release(self) -> None:
+        if self.lock.locked():
+            self.lock.release()
+
+
+def _close_session(engine: Engine, sid: str) -> None:
+    with contextlib.suppress(SessionNotFoundError, ClosedError):
+        engine.close_session(sid)
 
 
 def _key(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -94,8 +117,9 @@ class LocalBackend:
         self.engine: Engine | None = None
         self.pool = ThreadPoolExecutor(options.parallel + 4, thread_name_prefix="nexabind-serve")
         self.calls: set[Call] = set()
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
-        self._conv_lock = threading.Lock()
+        # Conversations by (API key index, session id); touched on the event loop only.
+        self._conversations: OrderedDict[tuple[str, str], _Conversation] = OrderedDict()
+        self.session_waiting = 0  # requests waiting for a busy conversation
 
     # -- Backend ----------------------------------------------------------------------------
 
@@ -115,22 +139,27 @@ class LocalBackend:
 
     def unload(self) -> None:
         engine, self.engine = self.engine, None
-        with self._conv_lock:
-            self._conversations.clear()
+        for conv in self._conversations.values():
+            conv.sid, conv.history = None, []  # the engine's sessions go with it
         if engine is not None:
             engine.close()
 
     def degraded(self) -> bool:
         return False
 
+    def failure(self) -> str | None:
+        engine = self.engine
+        return None if engine is None else engine.failure
+
     def status(self) -> dict[str, Any]:
         engine = self.engine
+        waiting = {"session_waiting": self.session_waiting}
         if engine is None:
-            return {"loaded": False}
+            return {"loaded": False, **waiting}
         try:
-            return {"loaded": True, **engine.status()}
+            return {"loaded": True, **engine.status(), **waiting}
         except ClosedError:
-            return {"loaded": False}
+            return {"loaded": False, **waiting}
 
     def tokens_per_second(self) -> float:
         engine = self.engine
@@ -145,6 +174,25 @@ class LocalBackend:
             call.cut = "the server is shutting down: the request was cancelled"
             if engine is not None and call.task is not None:
                 engine.cancel(call.task)
+
+    async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> _Conversation | None:
+        name = body.get("session_id") or body.get("user")
+        if kind != "chat" or not name:
+            return None
+        conv = self._conversation((owner, name))
+        self.session_waiting += 1
+        try:
+            await asyncio.wait_for(conv.lock.acquire(), self.options.queue_timeout)
+        except asyncio.TimeoutError:
+            msg = (
+                f"the conversation {name!r} is busy with another request and stayed so for "
+                f"{self.options.queue_timeout:g} s (--queue-timeout); send one request at a "
+                "time per session_id"
+            )
+            raise HTTPError(429, msg, param="session_id", headers={"Retry-After": "1"}) from None
+        finally:
+            self.session_waiting -= 1
+        return conv
 
     async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Call) -> Any:
         engine = self.engine
@@ -187,8 +235,6 @@ class LocalBackend:
         model = self.options.name
         stream = bool(body.get("stream"))
         usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        conv: _Conversation | None = None
-
         if kind == "chat":
             try:
                 messages = chat.check_messages(body["messages"])
@@ -196,38 +242,33 @@ class LocalBackend:
                 raise HTTPError(400, str(e), param="messages") from None
             logprobs = bool(body.get("logprobs"))
             n_top: bool | int = (body.get("top_logprobs") or 0) if logprobs else False
-            name = body.get("session_id") or body.get("user")
+            conv = call.permit.held if isinstance(call.permit.held, _Conversation) else None
 
             def start() -> int:
-                nonlocal conv
                 session = None
                 todo = messages
-                if name:
-                    conv = self._conversation(engine, name)
-                    conv.lock.acquire()
+                if conv is not None:  # this request holds it (reserve)
                     have = conv.history
-                    if len(messages) > len(have) and _key(messages[: len(have)]) == have:
+                    if (
+                        conv.sid is not None
+                        and len(messages) > len(have)
+                        and (_key(messages[: len(have)]) == have)
+                    ):
                         todo = messages[len(have) :]
-                    elif have:  # another conversation under the same name: start over
-                        engine.close_session(conv.sid)
+                    else:  # new, or another conversation under the same name: start over
+                        if conv.sid is not None:
+                            with contextlib.suppress(SessionNotFoundError):
+                                engine.close_session(conv.sid)
                         conv.sid, conv.history = engine.create_session(), []
                     session = conv.sid
-                try:
-                    return engine.create_task(
-                        "chat", messages=todo, session=session, max_tokens=max_tokens,
-                        stop=stop, logprobs=n_top, **asked, **sampling,
-                    )  # fmt: skip
-                except BaseException:
-                    if conv is not None:
-                        conv.lock.release()
-                    raise
+                return engine.create_task(
+                    "chat", messages=todo, session=session, max_tokens=max_tokens,
+                    stop=stop, logprobs=n_top, **asked, **sampling,
+                )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
-                if conv is None:
-                    return
-                if outcome.finish_reason in ("stop", "length"):
+                if conv is not None and outcome.finish_reason in ("stop", "length"):
                     conv.history = [*_key(messages), ("assistant", text)]
-                conv.lock.release()
 
             def shaped(tokens: Iterable[Token], outcome: Outcome, tid: int) -> Any:
                 f = openai.chat_chunks if stream else openai.chat_completion
@@ -238,13 +279,14 @@ class LocalBackend:
         else:
             prompt = body["prompt"]
             n_lp = body.get("logprobs")
-            prefix = ""
-            if body.get("echo"):
+
+            def echoed() -> str:  # in the worker, once the task has checked the prompt
+                if not body.get("echo"):
+                    return ""
                 if isinstance(prompt, str):
-                    prefix = prompt
-                else:
-                    pieces = b"".join(engine.token_to_piece(t) for t in prompt)
-                    prefix = pieces.decode("utf-8", "replace")
+                    return prompt
+                pieces = b"".join(engine.token_to_piece(t) for t in prompt)
+                return pieces.decode("utf-8", "replace")
 
             def start() -> int:
                 lp: bool | int = n_lp if n_lp is not None else False
@@ -258,7 +300,7 @@ class LocalBackend:
 
             def shaped(tokens: Iterable[Token], outcome: Outcome, tid: int) -> Any:
                 f = openai.completion_chunks if stream else openai.completion
-                return f(tokens, outcome, model=model, prefix=prefix, suffix=body.get("suffix"),
+                return f(tokens, outcome, model=model, prefix=echoed(), suffix=body.get("suffix"),
                          logprobs=n_lp, piece=engine.token_to_piece, id=rid,
                          created=created)  # fmt: skip
 
@@ -271,9 +313,11 @@ class LocalBackend:
                     texts.append(t.text)
                     yield t
             finally:
-                call.permit.release()
-                self.metrics.tokens(outcome.prompt_tokens, outcome.completion_tokens)
+                # The conversation's history first: the permit's release lets the next
+                # request on it in.
                 finish(outcome, "".join(texts))
+                self.metrics.tokens(outcome.prompt_tokens, outcome.completion_tokens)
+                call.permit.release()
 
         def shape(tid: int) -> Any:
             self._attach(engine, call, tid)
@@ -285,18 +329,21 @@ class LocalBackend:
 
         return start, shape
 
-    def _conversation(self, engine: Engine, name: str) -> _Conversation:
-        with self._conv_lock:
-            conv = self._conversations.get(name)
-            if conv is not None:
-                self._conversations.move_to_end(name)
-                return conv
-            conv = self._conversations[name] = _Conversation(engine.create_session())
-            while len(self._conversations) > self.options.max_sessions:
-                _, old = self._conversations.popitem(last=False)
-                with contextlib.suppress(SessionNotFoundError):
-                    engine.close_session(old.sid)
+    def _conversation(self, name: tuple[str, str]) -> _Conversation:
+        """The conversation ``name`` (an API key's index and the session id); beyond
+        ``max_sessions``, the least recently used idle one is closed (on the loop)."""
+        conv = self._conversations.get(name)
+        if conv is not None:
+            self._conversations.move_to_end(name)
             return conv
+        conv = self._conversations[name] = _Conversation()
+        idle = [k for k, c in self._conversations.items() if not c.lock.locked()]
+        for key in idle[: max(0, len(self._conversations) - self.options.max_sessions)]:
+            old = self._conversations.pop(key)
+            engine = self.engine
+            if old.sid is not None and engine is not None:
+                self.pool.submit(_close_session, engine, old.sid)
+        return conv
 
     def _embed(self, engine: Engine, kind: str, body: dict[str, Any], call: Call) -> Any:
         if kind == "embedding":
@@ -335,12 +382,33 @@ class LocalBackend:
             with contextlib.suppress(KeyError, ClosedError):
                 engine.cancel(call.task)
 
+    def _run_owned(self, call: Call, work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``work`` in a worker that owns the call: when the work ends, however it ends,
+        the call's permit goes back, and the conversation it holds once the work has ended
+        (a client that leaves gives its slot back at once, but its worker may still be
+        starting a task on the conversation)."""
+
+        let_go = call.permit.keep()
+
+        def owned() -> Any:
+            try:
+                return work()
+            finally:
+                call.permit.release()
+                let_go()
+
+        try:
+            return asyncio.get_running_loop().run_in_executor(self.pool, owned)
+        except BaseException:  # never started (the pool is shut down)
+            call.permit.release()
+            let_go()
+            raise
+
     async def _blocking(self, call: Call, work: Callable[[], Any]) -> Any:
         """Run ``work`` in a worker; its engine errors become HTTP answers."""
-        loop = asyncio.get_running_loop()
         self.calls.add(call)
         try:
-            return await loop.run_in_executor(self.pool, work)
+            return await self._run_owned(call, work)
         except asyncio.CancelledError:  # the client went away: stop its task
             self._abandon(call)
             raise
@@ -348,7 +416,6 @@ class LocalBackend:
             raise to_http(e) from None
         finally:
             self.calls.discard(call)
-            call.permit.release()
 
     async def _stream(
         self,
@@ -388,16 +455,14 @@ class LocalBackend:
 
         self.calls.add(call)
         try:
-            loop.run_in_executor(self.pool, work)
+            self._run_owned(call, work)
             kind, value = await q.get()
         except BaseException:
             self._abandon(call)
             self.calls.discard(call)
-            call.permit.release()
             raise
         if kind == "fail":
             self.calls.discard(call)
-            call.permit.release()
             raise to_http(value)
         return self._events(engine, call, q)
 

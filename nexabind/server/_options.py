@@ -40,6 +40,18 @@ class ServeOptions:
         lib_path: Folder of the llama.cpp libraries (the in-process engine).
         max_sessions: Conversations (``session_id`` / ``user``) kept at once; the least recently
             used one is closed beyond that.
+        max_messages: Messages a chat may hold; more get 413 before any templating.
+        max_prompt_chars: Characters a chat's messages (or a completion's prompt) may hold in
+            all; more get 413 before any templating or tokenizing (some tokenizers take
+            time that grows with the square of a run of unusual characters).
+        max_inputs: Texts one embedding request (or documents one rerank request) may hold;
+            more get 413.
+        max_input_chars: Characters the texts of one embedding or rerank request may hold in
+            all; more get 413.
+        max_connections: Open connections; a request beyond them gets 503 at once.
+        read_timeout: Seconds a request's headers may take to arrive (from the connection's
+            start, or the end of its previous answer: else it is closed), and then its body
+            (else 408).
     """
 
     model: str
@@ -62,6 +74,12 @@ class ServeOptions:
     chat_template: str | None = None
     lib_path: str | None = None
     max_sessions: int = 64
+    max_messages: int = 2048
+    max_prompt_chars: int = 1 << 17
+    max_inputs: int = 2048
+    max_input_chars: int = 1 << 20
+    max_connections: int = 4096
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -81,6 +99,14 @@ class ServeOptions:
             bad("embedding and rerank are exclusive; a server runs one kind of model")
         if not 0 <= self.port <= 65535:
             bad(f"port={self.port} is invalid; use 0 to 65535")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            bad("api_keys holds an empty key; to serve without keys, give no keys at all")
+        if self.read_timeout <= 0:
+            bad(f"read_timeout={self.read_timeout} is invalid; use a number of seconds > 0")
+        limits = ("max_messages", "max_prompt_chars", "max_inputs", "max_input_chars")
+        for name in (*limits, "max_connections"):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")
         if self.ctx_size is not None and self.ctx_size < self.parallel:
             bad(f"ctx_size={self.ctx_size} is invalid; give each of {self.parallel} slots a cell")
 

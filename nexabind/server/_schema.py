@@ -8,23 +8,36 @@ send some that a local server has no use for.
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHAT", "COMPLETION", "EMBEDDING", "RERANK", "SchemaError", "validate"]
+from nexabind.server._options import ServeOptions
+
+__all__ = [
+    "CHAT", "COMPLETION", "EMBEDDING", "FIELDS", "RERANK", "SchemaError", "check_sizes",
+    "field_of", "text_size", "validate",
+]  # fmt: skip
 
 
 class SchemaError(ValueError):
     """A body field is missing or malformed; ``param`` names it (``messages[2].role``...)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded: a huge or deep value is not written out in full
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -67,11 +80,12 @@ def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any]
 def number(lo: float | None = None, hi: float | None = None, *, above: bool = False
            ) -> Callable[[str, Any], float]:  # fmt: skip
     def check(name: str, v: Any) -> float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if ok and above and lo is not None and v <= lo:
             ok = False
         if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f" above {lo:g}" if above else _range(lo, hi)
+            top = f" and at most {hi:g}" if hi is not None else ""
+            rng = f" above {lo:g}{top}" if above else _range(lo, hi)
             raise _fail(name, f"a number{rng}", v)
         return float(v)
 
@@ -139,12 +153,14 @@ def logit_bias(name: str, v: Any) -> dict[int, float]:
     """``{"token id": bias}`` (JSON keys are strings) with biases from -100 to 100."""
     if not isinstance(v, dict):
         raise _fail(name, 'an object such as {"50256": -100}', v)
+    if len(v) > MAX_LOGIT_BIAS:
+        msg = f"'{name}' has {len(v)} entries; at most {MAX_LOGIT_BIAS} are taken"
+        raise SchemaError(name, msg)
     out: dict[int, float] = {}
     for key, bias in v.items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise _fail(f"{name}.{key}", "keyed by a token id", key) from None
+        tok = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else -1
+        if not 0 <= tok <= INT32_MAX:
+            raise _fail(f"{name}.{key:.40}", "keyed by a token id (0 to 2147483647)", key)
         out[tok] = number(-100, 100)(f"{name}.{key}", bias)
     return out
 
@@ -195,15 +211,52 @@ def choice(name: str, v: Any) -> str | dict[str, Any]:
     return v
 
 
+def _find_key(value: Any, key: str) -> str | None:
+    """Where ``key`` is a key of an object inside ``value`` (a JSON pointer), if anywhere."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if key in node:
+                return path or "/"
+            stack.extend((v, f"{path}/{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}/{i}") for i, v in enumerate(node))
+    return None
+
+
+def server_grammar(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, and no ``x-guidance`` anywhere inside: how a schema compiles (lenient
+    keywords, whitespace) is the server's choice, not a client's."""
+
+    def checked(name: str, v: Any) -> Any:
+        v = check(name, v)
+        where = _find_key(v, "x-guidance")
+        if where is not None:
+            msg = (
+                f"'{name}' holds \"x-guidance\" (at {where[:60]}); grammar options are the "
+                "server's: remove it"
+            )
+            raise SchemaError(name, msg)
+        return v
+
+    return checked
+
+
+#: The largest int32: what llama.cpp's counts fit in.
+INT32_MAX = 0x7FFFFFFF
+#: Entries a ``logit_bias`` may have (the model's vocabulary bounds it again).
+MAX_LOGIT_BIAS = 1 << 18
+
 _GENERATION: dict[str, Field] = {
     "model": Field(string),
-    "max_tokens": Field(integer(1)),
+    "max_tokens": Field(integer(1, INT32_MAX)),
     "temperature": Field(number(0, 2)),
     "top_p": Field(number(0, 1)),
-    "top_k": Field(integer(0)),
+    "top_k": Field(integer(0, INT32_MAX)),
     "min_p": Field(number(0, 1)),
     "typical_p": Field(number(0, 1)),
-    "repeat_penalty": Field(number(0, above=True)),
+    "repeat_penalty": Field(number(0, 1e6, above=True)),
     "presence_penalty": Field(number(-2, 2)),
     "frequency_penalty": Field(number(-2, 2)),
     "logit_bias": Field(logit_bias),
@@ -219,13 +272,13 @@ _GENERATION: dict[str, Field] = {
 #: ``POST /v1/chat/completions``
 CHAT: dict[str, Field] = {
     **_GENERATION,
-    "response_format": Field(an_object),
-    "tools": Field(objects(0)),
+    "response_format": Field(server_grammar(an_object)),
+    "tools": Field(server_grammar(objects(0))),
     "tool_choice": Field(choice),
-    "functions": Field(objects(0)),
+    "functions": Field(server_grammar(objects(0))),
     "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
-    "max_completion_tokens": Field(integer(1)),
+    "max_completion_tokens": Field(integer(1, INT32_MAX)),
     "logprobs": Field(boolean),
     "top_logprobs": Field(integer(0, 20)),
 }
@@ -234,7 +287,7 @@ CHAT: dict[str, Field] = {
 COMPLETION: dict[str, Field] = {
     **_GENERATION,
     "prompt": Field(prompt, required=True, nullable=False),
-    "response_format": Field(an_object),
+    "response_format": Field(server_grammar(an_object)),
     "echo": Field(boolean),
     "logprobs": Field(integer(0, 20)),
     "suffix": Field(string),
@@ -253,9 +306,63 @@ RERANK: dict[str, Field] = {
     "model": Field(string),
     "query": Field(string, required=True, nullable=False),
     "documents": Field(strings(1), required=True, nullable=False),
-    "top_n": Field(integer(1)),
+    "top_n": Field(integer(1, INT32_MAX)),
     "return_documents": Field(boolean),
 }
+
+
+#: Every field of every endpoint.
+FIELDS = frozenset({*CHAT, *COMPLETION, *EMBEDDING, *RERANK})
+_NAMED = re.compile(r"([a-z_]+)((?:\[\d+\]|\.[a-z_]+)*)(?=[ =])")
+
+
+def field_of(message: str) -> str | None:
+    """The request field an error message starts with (``top_k=...``, ``stop[1] must...``),
+    if it names one."""
+    m = _NAMED.match(message)
+    return m.group(1) + m.group(2) if m and m.group(1) in FIELDS else None
+
+
+def text_size(value: Any) -> int:
+    """Characters of every string inside ``value`` (keys too), counted in a loop."""
+    total = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def check_sizes(kind: str, body: Mapping[str, Any], options: ServeOptions) -> None:
+    """Refuse a checked body whose size is beyond the server's limits, before any work.
+
+    Raises:
+        SchemaError: Too many messages, inputs or documents, or too many characters (``status``
+            413; ``param`` names the field, the message the flag).
+    """
+    o = options
+    field, texts, count, chars = {
+        "chat": ("messages", body.get("messages"), ("--max-messages", o.max_messages),
+                 ("--max-prompt-chars", o.max_prompt_chars)),
+        "completion": ("prompt", body.get("prompt"), None,
+                       ("--max-prompt-chars", o.max_prompt_chars)),
+        "embedding": ("input", body.get("input"), ("--max-inputs", o.max_inputs),
+                      ("--max-input-chars", o.max_input_chars)),
+        "rerank": ("documents", [body.get("query"), *body.get("documents", ())],
+                   ("--max-inputs", o.max_inputs), ("--max-input-chars", o.max_input_chars)),
+    }[kind]  # fmt: skip
+    if count is not None and len(body[field]) > count[1]:
+        msg = f"'{field}' holds {len(body[field])} items; this server takes {count[1]} ({count[0]})"
+        raise SchemaError(field, msg, 413)
+    if (n := text_size(texts)) > chars[1]:
+        msg = f"'{field}' holds {n} characters; this server takes {chars[1]} ({chars[0]})"
+        raise SchemaError(field, msg, 413)
 
 
 def validate(body: Any, schema: Mapping[str, Field]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -21,9 +22,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+from nexabind import _nesting
 from nexabind.server import _schema
+from nexabind.server._conn import protocol, raise_file_limit
 from nexabind.server._forward import ForwardBackend
-from nexabind.server._local import LocalBackend, to_http
+from nexabind.server._local import LocalBackend, encode_json, to_http
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
 from nexabind.server.gateway import Backend, Gateway, HTTPError
@@ -33,13 +36,19 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("nexabind.server.access")
 
-_ENDPOINTS = {
-    "/v1/chat/completions": ("chat", _schema.CHAT),
-    "/v1/completions": ("completion", _schema.COMPLETION),
-    "/v1/embeddings": ("embedding", _schema.EMBEDDING),
-    "/v1/rerank": ("rerank", _schema.RERANK),
+_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/rerank": "rerank",
 }
-_KNOWN = {*_ENDPOINTS, "/v1/models", "/health", "/slots", "/metrics"}
+_ENDPOINTS = {
+    "chat": _schema.CHAT,
+    "completion": _schema.COMPLETION,
+    "embedding": _schema.EMBEDDING,
+    "rerank": _schema.RERANK,
+}
+_KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics"}
 
 
 class _ClientGone(Exception):
@@ -93,6 +102,25 @@ async def _unless_gone(receive: Callable[[], Awaitable[Any]], coro: Awaitable[An
     raise _ClientGone
 
 
+def _parse(raw: bytes, kind: str, options: ServeOptions) -> dict[str, Any]:
+    """A request body, read (within the depth limit), checked against its schema and the
+    server's size limits."""
+    try:
+        parsed = _nesting.loads(raw, what="the request body")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"the request body is not valid JSON: {e}"
+        raise HTTPError(400, msg, code="invalid_json") from None
+    except ValueError as e:
+        raise HTTPError(400, str(e), param="body", code="invalid_json") from None
+    try:
+        body = _schema.validate(parsed, _ENDPOINTS[kind])
+        _schema.check_sizes(kind, body, options)
+    except _schema.SchemaError as e:
+        code = "request_too_large" if e.status == 413 else None
+        raise HTTPError(e.status, str(e), param=e.param, code=code) from None
+    return body
+
+
 def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     """The ASGI application for ``options`` (a Starlette app with the access log around it).
 
@@ -115,24 +143,31 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     started = int(time.time())
 
     def error(e: HTTPError) -> Response:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return Response(encode_json(e.body()), e.status, e.headers, "application/json")
 
     async def generate(request: Request) -> Response:
-        kind, schema = _ENDPOINTS[request.url.path]
+        kind = _ROUTES[request.url.path]
         receive = request.receive
         try:
-            gateway.check_key(request.headers)
-            raw = await _read_body(receive, request.headers, options.max_body)
+            owner = gateway.check_key(request.headers)
             try:
-                parsed = json.loads(raw)
-            except ValueError as e:
-                msg = f"the request body is not valid JSON: {e}"
-                raise HTTPError(400, msg, code="invalid_json") from None
+                raw = await asyncio.wait_for(
+                    _read_body(receive, request.headers, options.max_body), options.read_timeout
+                )
+            except asyncio.TimeoutError:
+                msg = f"the request body did not arrive within {options.read_timeout:g} s"
+                raise HTTPError(408, msg, code="timeout") from None
+            body = await asyncio.to_thread(_parse, raw, kind, options)
+            # A busy conversation is waited for here, before a slot is taken: the wait holds
+            # neither a slot nor a thread, and ends when the client leaves.
+            held = await _unless_gone(receive, backend.reserve(kind, body, owner))
             try:
-                body = _schema.validate(parsed, schema)
-            except _schema.SchemaError as e:
-                raise HTTPError(400, str(e), param=e.param) from None
-            call = await _unless_gone(receive, gateway.admit())
+                call = await _unless_gone(receive, gateway.admit(owner))
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
+            call.permit.held = held
             try:
                 result = await _unless_gone(receive, backend.run(kind, body, raw, call))
             except BaseException:
@@ -144,8 +179,9 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a 500 without the traceback (it goes to the log)
             return error(to_http(e))
-        if isinstance(result, dict):
-            return JSONResponse(result)
+        if isinstance(result, dict):  # encoded off the loop: it may be large
+            data = await asyncio.to_thread(encode_json, result)
+            return Response(data, media_type="application/json")
         return StreamingResponse(
             _guarded(result), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -222,7 +258,7 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             if aclose is not None:
                 await aclose()
 
-    routes = [Route(path, generate, methods=["POST"]) for path in _ENDPOINTS]
+    routes = [Route(path, generate, methods=["POST"]) for path in _ROUTES]
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
@@ -276,6 +312,22 @@ class _AccessLog:
             self.metrics.request_done(endpoint, status or 499)
 
 
+def _log_auth(options: ServeOptions) -> None:
+    """Say once whether requests need a key; warn when no key guards more than loopback."""
+    n = len(options.api_keys)
+    if n:
+        log.info("API keys: on (%d key%s)", n, "" if n == 1 else "s")
+        return
+    log.info("API keys: off: every client may use /v1/*, /slots and /metrics")
+    try:
+        loopback = ipaddress.ip_address(options.host).is_loopback
+    except ValueError:
+        loopback = options.host == "localhost"
+    if not loopback:
+        log.warning("listening on %s without API keys: anyone who reaches this address may use "
+                    "the model; give --api-key or --api-key-file", options.host)  # fmt: skip
+
+
 def serve(options: ServeOptions) -> int:
     """Serve until SIGTERM or SIGINT; return the exit status (0, or 1 when the model fails to load).
 
@@ -285,6 +337,7 @@ def serve(options: ServeOptions) -> int:
     """
     import uvicorn
 
+    _log_auth(options)
     app = create_app(options)
     gateway: Gateway = app.state.gateway
     failed: list[str] = []
@@ -300,9 +353,15 @@ def serve(options: ServeOptions) -> int:
                 # killed by it); a graceful stop on SIGTERM exits 0 instead.
                 self._captured_signals.remove(sig)
 
+    files = raise_file_limit()
+    if files is not None and files < options.max_connections + 64:
+        log.warning("the process may open %d files, fewer than --max-connections %d needs; "
+                    "connections beyond will fail", files, options.max_connections)  # fmt: skip
     config = uvicorn.Config(
         app, host=options.host, port=options.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(options.grace) + 5, lifespan="on", server_header=False,
+        http=protocol(options.read_timeout), limit_concurrency=options.max_connections,
+        timeout_keep_alive=5,
     )  # fmt: skip
     server = Server(config)
 

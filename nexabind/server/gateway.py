@@ -26,15 +26,19 @@ from nexabind import openai
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
 
-__all__ = ["Backend", "Call", "Gateway", "HTTPError", "Permit"]
+__all__ = ["Backend", "Call", "Gateway", "HTTPError", "Held", "Permit"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds the server waits for the engine to close once it has stopped serving.
+_UNLOAD_WAIT = 3.0
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -42,6 +46,29 @@ _TYPES = {
     502: "server_error",
     503: "unavailable_error",
 }
+
+
+def _in_daemon_thread(work: Callable[[], None]) -> asyncio.Future[None]:
+    """Run ``work`` in a daemon thread: unlike ``asyncio.to_thread``, neither the event loop's
+    end nor the interpreter's waits for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(None)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="nexabind-unload", daemon=True).start()
+    return done
 
 
 class HTTPError(Exception):
@@ -69,33 +96,76 @@ class HTTPError(Exception):
         return openai.error(self.message, type=self.type, param=self.param, code=self.code)
 
 
+class Held(Protocol):
+    """Something a request holds besides its slot (a conversation), released with the slot."""
+
+    def release(self) -> None:
+        """Let the next request have it (called once, on the event loop)."""
+
+
 class Permit:
-    """A slot held by one request; :meth:`release` (idempotent, from any thread) gives it back."""
+    """A slot held by one request; :meth:`release` (idempotent, from any thread) gives it back,
+    and with it whatever else the request holds (:attr:`held`) once no worker still uses it
+    (:meth:`keep`)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._lock = threading.Lock()
         self._since = time.monotonic()
+        self._users = 0
+        self._held_gone = False
         self.released = False
+        self.held: Held | None = None
 
     def release(self) -> None:
         with self._lock:
             if self.released:
                 return
             self.released = True
+            held = self._let_go()
+        self._on_loop(self._gateway._release, time.monotonic() - self._since, held)
+
+    def keep(self) -> Callable[[], None]:
+        """Keep :attr:`held` for a worker until the returned function is called (once, from
+        any thread), even if the request ends first: a worker that is still starting a task
+        on a conversation must finish before the next request may have it."""
+        with self._lock:
+            self._users += 1
+        done = threading.Event()
+
+        def let_go() -> None:
+            if done.is_set():
+                return
+            done.set()
+            with self._lock:
+                self._users -= 1
+                held = self._let_go() if self.released else None
+            if held is not None:
+                self._on_loop(held.release)
+
+        return let_go
+
+    def _let_go(self) -> Held | None:
+        """The held resource, if it is to be released now (under the lock)."""
+        if self._users or self._held_gone:
+            return None
+        self._held_gone = True
+        return self.held
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         g = self._gateway
-        held = time.monotonic() - self._since
         if threading.get_ident() == g.loop_thread:
-            g._release(held)
+            fn(*args)
         else:
-            g.loop.call_soon_threadsafe(g._release, held)
+            g.loop.call_soon_threadsafe(fn, *args)
 
 
 class Call:
     """One admitted request as a backend sees it."""
 
-    def __init__(self, permit: Permit, arrived: float) -> None:
+    def __init__(self, permit: Permit, arrived: float, owner: str = "") -> None:
         self.permit = permit
+        self.owner = owner  # which API key sent it (its index; "" without keys)
         self.arrived = arrived
         self.task: Any = None  # the engine's handle, to cancel it
         self.cut: str | None = None  # why the server cancelled it (its stream ends with an error)
@@ -118,6 +188,9 @@ class Backend(Protocol):
     def degraded(self) -> bool:
         """Whether the engine is down for now (a supervised process restarting)."""
 
+    def failure(self) -> str | None:
+        """Why the engine stopped for good, if it did (the server then exits non-zero)."""
+
     def status(self) -> dict[str, Any]:
         """What ``/slots`` shows."""
 
@@ -126,6 +199,14 @@ class Backend(Protocol):
 
     def cancel_all(self) -> None:
         """Cancel every running task (shutdown after the grace period)."""
+
+    async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> Held | None:
+        """Wait (on the event loop) for what a request needs besides a slot, before it is
+        admitted: a busy conversation. None: it needs nothing.
+
+        Raises:
+            HTTPError: 429, the wait ran past the queue timeout.
+        """
 
     async def run(self, kind: str, body: dict[str, Any], raw: bytes, call: Call) -> Result:
         """Answer a checked request: a JSON dict, or SSE bytes for a stream."""
@@ -138,7 +219,7 @@ class Gateway:
         self.backend = backend
         self.options = options
         self.metrics = metrics
-        self.state = "loading"  # loading | ok | unloading | unloaded | error
+        self.state = "loading"  # loading | ok | unloading | unloaded | error | failed
         self.error: str | None = None
         self.free = options.parallel
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -154,7 +235,8 @@ class Gateway:
         self._keys = tuple(k.encode() for k in options.api_keys)
         self.loaded_once = False
         self.on_fatal: Callable[[str], None] | None = None
-        """Called when the first load fails (the server then exits)."""
+        """Called when the first load fails, or the engine stops for good (the server then
+        exits non-zero)."""
 
     # -- life -----------------------------------------------------------------------------
 
@@ -165,6 +247,7 @@ class Gateway:
         self._load()
         if self.options.idle_unload:
             self._spawn(self._idle_watch(self.options.idle_unload))
+        self._spawn(self._failure_watch())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -206,6 +289,24 @@ class Gateway:
                 finally:
                     self.state = "unloaded"
 
+    async def _failure_watch(self) -> None:
+        while self.check_failure() is None:
+            await asyncio.sleep(0.25)
+
+    def check_failure(self) -> str | None:
+        """Whether the engine stopped for good; the first time it is seen, the state turns
+        ``failed`` and the server is told to exit (``on_fatal``)."""
+        if self.state == "failed":
+            return self.error
+        why = self.backend.failure() if self.state == "ok" else None
+        if why is None:
+            return None
+        self.state, self.error = "failed", f"the engine stopped: {why}"
+        log.error("%s; the server stops (exit status 1)", self.error)
+        if self.on_fatal is not None:
+            self.on_fatal(self.error)
+        return self.error
+
     def begin_shutdown(self) -> None:
         """Stop admitting; waiting requests get 503; running ones get ``grace`` seconds."""
         if self.stopping:
@@ -229,22 +330,33 @@ class Gateway:
         """Free the model (the server has stopped)."""
         for t in list(self._tasks):
             t.cancel()
-        if self.state in ("ok", "loading"):
-            await asyncio.to_thread(self.backend.unload)
+        if self.state in ("ok", "loading", "failed"):
+            try:  # a worker deep in a tokenization holds the model: do not wait it out
+                await asyncio.wait_for(_in_daemon_thread(self.backend.unload), _UNLOAD_WAIT)
+            except asyncio.TimeoutError:
+                log.warning("the engine did not close within %gs (a request is still "
+                            "tokenizing or templating); leaving it to the process's end",
+                            _UNLOAD_WAIT)  # fmt: skip
         self.state = "unloaded"
 
     # -- what the routes call ---------------------------------------------------------------
 
-    def check_key(self, headers: Mapping[str, str]) -> None:
-        """Raise 401 unless a configured key came as ``Authorization: Bearer`` or ``X-Api-Key``."""
+    def check_key(self, headers: Mapping[str, str]) -> str:
+        """Which key a request carries (``Authorization: Bearer`` or ``X-Api-Key``): the key's
+        index, what its conversations are named under; "" when the server takes no keys.
+
+        Raises:
+            HTTPError: 401, no configured key came.
+        """
         if not self._keys:
-            return
+            return ""
         auth = headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key")
         if given:
             g = given.encode()
-            if any(hmac.compare_digest(g, k) for k in self._keys):
-                return
+            found = [hmac.compare_digest(g, k) for k in self._keys]  # every key: constant time
+            if any(found):
+                return str(found.index(True))
         msg = (
             "invalid API key" if given else
             "no API key; send it as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'"
@@ -254,13 +366,14 @@ class Gateway:
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/health``: 200 ``ok`` when ready (or ``unloaded``: it loads on the next request),
         503 while loading, degraded, failed or shutting down."""
+        self.check_failure()
         state = self.state
         if state == "ok" and self.backend.degraded():
             state = "degraded"
         if self.stopping:
             state = "stopping"
         body: dict[str, Any] = {"status": state}
-        if self.error and state == "error":
+        if self.error and state in ("error", "failed"):
             body["error"] = self.error
         return (200 if state in ("ok", "unloaded") else 503), body
 
@@ -272,7 +385,7 @@ class Gateway:
         ahead = len(self.waiters) + 1
         return str(max(1, min(60, math.ceil(self._busy * ahead / self.options.parallel))))
 
-    async def admit(self) -> Call:
+    async def admit(self, owner: str = "") -> Call:
         """Wait for a slot (first come, first served) and return the admitted call.
 
         Raises:
@@ -282,6 +395,8 @@ class Gateway:
         arrived = time.monotonic()
         if self.stopping:
             raise self._unavailable("the server is shutting down")
+        if self.check_failure() is not None:
+            raise self._unavailable(f"{self.error}; the server is stopping")
         if self.state in ("unloaded", "error"):
             failed = self.error
             self._load()
@@ -307,7 +422,7 @@ class Gateway:
         with self.metrics.lock:
             self.metrics.processing += 1
         self.metrics.waited(self.last_used - arrived)
-        return Call(Permit(self), arrived)
+        return Call(Permit(self), arrived, owner)
 
     async def _wait(self) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
@@ -341,9 +456,11 @@ class Gateway:
         with contextlib.suppress(ValueError):
             self.waiters.remove(fut)
 
-    def _release(self, held: float) -> None:
-        """A call ended (on the loop): count it, hand its slot to the next waiter."""
-        self._busy = 0.8 * self._busy + 0.2 * held
+    def _release(self, seconds: float, held: Held | None = None) -> None:
+        """A call ended (on the loop): count it, hand its slot (and what else it held) on."""
+        if held is not None:
+            held.release()
+        self._busy = 0.8 * self._busy + 0.2 * seconds
         self.in_flight -= 1
         now = time.monotonic()
         self.last_used = now
