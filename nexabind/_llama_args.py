@@ -55,6 +55,7 @@ def model_params(
     use_mlock: bool,
     kv_overrides: dict[str, Any] | None,
     check_tensors: bool,
+    rpc_servers: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of :class:`~nexabind.lowlevel.Model`."""
     if n_gpu_layers is None or n_gpu_layers < 0:
@@ -69,6 +70,7 @@ def model_params(
         "use_mlock": use_mlock,
         "kv_overrides": kv_overrides,
         "check_tensors": check_tensors,
+        "rpc_servers": lowlevel.rpc.endpoints(rpc_servers),
     }
 
 

@@ -29,7 +29,7 @@ logger = logging.getLogger("nexabind.llama")
 _EMBED_SEQS = 64  # most sequences packed into one decode by embed()
 #: The constructor's arguments that go to the model.
 MODEL_ARGS = ("n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap",
-              "use_mlock", "kv_overrides")  # fmt: skip
+              "use_mlock", "kv_overrides", "rpc_servers")  # fmt: skip
 
 
 class LlamaCore:
@@ -47,6 +47,7 @@ class LlamaCore:
         use_mmap: bool = True,
         use_mlock: bool = False,
         kv_overrides: dict[str, bool | int | float | str] | None = None,
+        rpc_servers: list[str] | str | None = None,
         seed: int | None = None,
         n_ctx: int | None = None,
         n_batch: int = 512,

@@ -403,6 +403,76 @@ def doctor_cmd(
     click.echo("nexabind doctor: OK", err=True)
 
 
+@cli.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@click.option(
+    "-d", "--device", "devices", multiple=True,
+    help="Device to serve (repeat; names as `nexabind doctor` lists them) [default: the first "
+    "GPU, else the CPU].",
+)  # fmt: skip
+@click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads [default: the cores].")
+@click.option(
+    "-c", "--cache", is_flag=True,
+    help="Keep the tensors clients send in the user cache's rpc folder, so a reconnecting "
+    "client sends only their hashes.",
+)  # fmt: skip
+@click.option(
+    "--i-know-this-is-unauthenticated", "exposed", is_flag=True,
+    help="Listen on an address other than loopback: anyone who reaches the port can run "
+    "computations and read what is sent.",
+)  # fmt: skip
+@_setting_option(settings.LIB_PATH, type=_folder)
+def rpc_server_cmd(
+    host: str,
+    port: int,
+    devices: tuple[str, ...],
+    threads: int | None,
+    cache: bool,
+    exposed: bool,
+    lib_path: str | None,
+) -> None:
+    """Serve this machine's devices to llama.cpp RPC clients (Llama/Engine rpc_servers=,
+    `nexabind serve --rpc`), with llama.cpp's own RPC server from the installed library.
+
+    The protocol has no authentication and no encryption: llama.cpp says never to expose it on
+    an open network. Anything but loopback needs --i-know-this-is-unauthenticated.
+    """
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not exposed:
+        msg = (
+            f"--host {host} is not loopback, and the RPC protocol has no authentication: anyone "
+            "who reaches the port can use it. Add --i-know-this-is-unauthenticated on a trusted "
+            "network only, or keep --host 127.0.0.1"
+        )
+        raise click.UsageError(msg)
+    from nexabind import lowlevel  # the binding: loaded only by the commands that need it
+
+    cache_dir = None
+    if cache:
+        import platformdirs
+
+        cache_dir = os.path.join(platformdirs.user_cache_dir("nexabind"), "rpc")
+        os.makedirs(cache_dir, exist_ok=True)
+    endpoint = f"{host}:{port}"
+    try:
+        with _status_lines():
+            lowlevel.lib(lib_path)
+            click.echo(
+                f"nexabind rpc-server: listening on {endpoint} (RPC protocol "
+                f"{lowlevel.rpc.protocol()}); clients: rpc_servers=['{endpoint}']",
+                err=True,
+            )
+            lowlevel.rpc.serve(endpoint, devices=devices, n_threads=threads, cache_dir=cache_dir)
+    except (NexabindError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
 # --- names ---------------------------------------------------------------------------------
 # Models take the top-level verbs (pull, models, rm, run); the library's commands live under
 # `nexabind lib`, and their first names (fetch, build, list, ...) stay as aliases.

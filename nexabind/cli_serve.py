@@ -101,6 +101,15 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     help="The llama-server executable for --engine llama-server.",
 )
 @click.option("-t", "--threads", type=int, help="CPU threads of the engine.")
+@click.option(
+    "--rpc",
+    callback=lambda _ctx, _param, value: tuple(
+        s.strip() for v in value for s in v.split(",") if s.strip()
+    ),
+    multiple=True,
+    help="llama.cpp RPC servers (HOST:PORT, comma-separated or repeated; `nexabind rpc-server` "
+    "there) whose devices take layers too. Trusted networks only.",
+)
 @_number("--max-body", 8 << 20, int, "Largest request body in bytes (larger: 413).")
 @_number("--grace", 10.0, float, "Seconds in-flight requests get to finish after SIGTERM.")
 @_number("--max-messages", 2048, int, "Messages one chat may hold (more: 413).")

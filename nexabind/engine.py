@@ -64,6 +64,8 @@ class Engine:
         seed: Default sampling seed.
         max_queue: Tasks that may wait for a slot; more raise ``BusyError``.
         check_tensors: Validate every tensor's data while loading.
+        rpc_servers: ``host:port`` of llama.cpp RPC servers whose devices take layers too (see
+            :class:`nexabind.lowlevel.Model`). Trusted networks only.
         lib_path: Folder of the llama.cpp libraries.
 
     Raises:
@@ -89,6 +91,7 @@ class Engine:
         seed: int | None = None,
         max_queue: int = 256,
         check_tensors: bool = False,
+        rpc_servers: Sequence[str] | str | None = None,
         lib_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(n_parallel, int) or n_parallel < 1:
@@ -103,6 +106,7 @@ class Engine:
             model_path,
             n_gpu_layers=999 if n_gpu_layers is None else n_gpu_layers,
             check_tensors=check_tensors,
+            rpc_servers=lowlevel.rpc.endpoints(rpc_servers),
         )
         try:
             if not n_ctx:

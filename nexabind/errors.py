@@ -24,6 +24,7 @@
     ├── TemplateError             a chat template refused the messages or failed (+ ValueError)
     ├── SessionNotFoundError      an Engine has no session of that id                (+ KeyError)
     ├── BusyError                 an Engine's queue is full, or a task waited too long in it
+    ├── RpcError                  an RPC server cannot be reached or served  (+ ConnectionError)
     └── TaskTimeoutError          a task's result did not come within the timeout (+ TimeoutError)
 
 Bad arguments stay ``ValueError`` / ``TypeError``. Errors that llama-cpp-python raises as a
@@ -51,6 +52,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "NexabindError",
+    "RpcError",
     "SessionNotFoundError",
     "StateError",
     "TaskTimeoutError",
@@ -147,6 +149,10 @@ class SessionNotFoundError(NexabindError, KeyError):
 
 class BusyError(NexabindError):
     """An Engine's task queue is full, or a task waited in it longer than allowed."""
+
+
+class RpcError(NexabindError, ConnectionError):
+    """An RPC server (``rpc_servers=``, ``nexabind rpc-server``) cannot be reached or served."""
 
 
 class TaskTimeoutError(NexabindError, TimeoutError):

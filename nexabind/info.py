@@ -126,9 +126,11 @@ def gather(
     report["settings"] = _settings(cache_dir, variant)
     try:
         lib = library_dir()
-        report["library"] = {"path": str(lib), "error": None, "cpu": _cpu_variants(lib)}
+        report["library"] = {
+            "path": str(lib), "error": None, "cpu": _cpu_variants(lib), "rpc": _rpc(lib),
+        }  # fmt: skip
     except NexabindError as e:
-        report["library"] = {"path": None, "error": str(e), "cpu": None}
+        report["library"] = {"path": None, "error": str(e), "cpu": None, "rpc": None}
     report["installed"] = [
         dict(i.to_dict(), in_use=str(i.lib.resolve()) == report["library"]["path"])
         for i in installed(cache_dir)
@@ -158,6 +160,17 @@ def _cpu_variants(lib: Path) -> dict[str, Any]:
         "loads": loads,
         "skipped": record.get("cpu_variants_skipped") or {},
     }
+
+
+def _rpc(lib: Path) -> str | None:
+    """The RPC protocol version of ``lib``'s RPC backend module, or None without one."""
+    if not any(lib.glob("*ggml-rpc.*")):
+        return None
+    try:
+        version = json.loads((lib.parent / "build-info.json").read_text()).get("rpc_protocol")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    return str(version or "unknown")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -214,6 +227,8 @@ def render(report: dict[str, Any]) -> str:
         built = cpu["built"] if isinstance(cpu["built"], str) else ", ".join(cpu["built"])
         lines.append(f"  CPU variants: {built}; loads {cpu['loads']}")
         lines += [f"  skipped:      {v}: {why}" for v, why in cpu["skipped"].items()]
+        rpc = lib["rpc"]
+        lines.append(f"  RPC backend:  {f'protocol {rpc}' if rpc else 'none in this build'}")
     else:
         lines.append("library:        none yet")
         lines += [f"  {line}" for line in lib["error"].splitlines()]

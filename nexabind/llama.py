@@ -40,6 +40,9 @@ class Llama(LlamaChat):
         use_mmap: Map the model file.
         use_mlock: Lock the weights in RAM so they are never swapped out.
         kv_overrides: GGUF metadata to override while loading (bool, int, float or str).
+        rpc_servers: ``host:port`` of llama.cpp RPC servers (``nexabind rpc-server``, a list or
+            llama-cpp-python's comma-separated string): their devices take layers as a GPU's
+            do. Trusted networks only.
         seed: Sampling seed (None, -1: a fresh random seed per call; a number: the seeds of
             the calls follow from it, as in llama-cpp-python).
         n_ctx: Context length (None or 0: the model's training length, capped at 4096).

@@ -12,6 +12,7 @@ prints JSON; the exit status is 0 on success (installers use it as a smoke test)
 
 from __future__ import annotations
 
+from nexabind.lowlevel import _rpc as rpc
 from nexabind.lowlevel._adapter import LoraAdapter
 from nexabind.lowlevel._batch import Batch
 from nexabind.lowlevel._context import Context, TokenSteps
@@ -73,6 +74,7 @@ __all__ = [
     "numa_init",
     "quantize",
     "raise_decode",
+    "rpc",
     "set_verbose",
     "system_info",
     "time_us",

@@ -12,6 +12,7 @@ from nexabind._ffi import ffi
 from nexabind.errors import ModelLoadError
 from nexabind.lowlevel._lib import SplitMode, enum_value, lib, max_devices, nonnull
 from nexabind.lowlevel._owned import Shared
+from nexabind.lowlevel._rpc import model_devices
 
 #: What a ``kv_overrides`` value may be: llama.cpp's four override types.
 KvOverride = bool | int | float | str
@@ -90,6 +91,9 @@ class Model(Shared):
             :func:`~nexabind.lowlevel.max_devices` values; None: by free memory).
         kv_overrides: GGUF metadata to override while loading (``{"key": value}``; bool, int,
             float or str of at most 127 bytes), as llama.cpp's ``--override-kv``.
+        rpc_servers: ``host:port`` of llama.cpp RPC servers (``nexabind rpc-server``) whose
+            devices take layers too, beside this machine's GPUs, as llama.cpp's ``--rpc``
+            (``n_gpu_layers`` says how many layers leave the CPU). Trusted networks only.
 
     A model is safe to share between threads: vocabulary calls and :meth:`close` exclude each
     other through the model's lock, and :meth:`tokenize` counts as a user of the model (as a
@@ -113,6 +117,7 @@ class Model(Shared):
         main_gpu: int = 0,
         tensor_split: Sequence[float] | None = None,
         kv_overrides: dict[str, KvOverride] | None = None,
+        rpc_servers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self._lib = L = lib()
@@ -140,6 +145,9 @@ class Model(Shared):
         if kv_overrides:
             keep.append(_kv_overrides(kv_overrides))
             params.kv_overrides = keep[-1]
+        if rpc_servers:
+            keep.append(ffi.new("ggml_backend_dev_t[]", [*model_devices(rpc_servers), ffi.NULL]))
+            params.devices = keep[-1]
         if use_mlock:
             params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else L.LLAMA_LOAD_MODE_MLOCK
         elif not use_mmap:

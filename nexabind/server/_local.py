@@ -135,6 +135,7 @@ class LocalBackend:
             chat_template=o.chat_template,
             max_queue=o.parallel + o.max_queue,
             lib_path=o.lib_path,
+            rpc_servers=o.rpc,
         )
 
     def unload(self) -> None:

@@ -38,6 +38,7 @@ class ServeOptions:
         chat_template: A chat template (jinja text or a llama.cpp built-in name) instead of the
             model's.
         lib_path: Folder of the llama.cpp libraries (the in-process engine).
+        rpc: llama.cpp RPC servers (``host:port``) whose devices take layers too.
         max_sessions: Conversations (``session_id`` / ``user``) kept at once; the least recently
             used one is closed beyond that.
         max_messages: Messages a chat may hold; more get 413 before any templating.
@@ -73,6 +74,7 @@ class ServeOptions:
     grace: float = 10.0
     chat_template: str | None = None
     lib_path: str | None = None
+    rpc: tuple[str, ...] = ()
     max_sessions: int = 64
     max_messages: int = 2048
     max_prompt_chars: int = 1 << 17
