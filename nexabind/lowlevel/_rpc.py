@@ -13,12 +13,14 @@ each endpoint is checked to answer before it is handed to ggml.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from nexabind import loader
 from nexabind._ffi import ffi
 from nexabind.errors import LibraryNotFoundError, RpcError
 from nexabind.lowlevel._lib import ggml
@@ -88,10 +90,6 @@ def check_endpoint(endpoint: str) -> tuple[str, int]:
 
 def protocol() -> str:
     """The RPC protocol version this library speaks, from its ``abi.json``, or ``unknown``."""
-    import json
-
-    from nexabind import loader
-
     libdir = loader.loaded_dir()
     path = loader.abi_file(libdir) if libdir is not None else None
     try:
