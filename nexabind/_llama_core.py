@@ -407,8 +407,7 @@ class LlamaCore:
             g = LlamaGrammar.from_string(g, verbose=False)
         if isinstance(g, LlamaGrammar) and g.engine == "llguidance":
             hooks.matcher = GrammarMatcher(g, ctx.model)
-            penalties = opts.repeat_penalty != 1.0 or opts.frequency_penalty
-            hooks.reject_first = not (penalties or opts.presence_penalty)
+            hooks.reject_first = not opts.penalties
         req = Request(
             opts,
             max_tokens=max_tokens,

@@ -18,10 +18,10 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from nexabind import _embed, lowlevel
+from nexabind._llguidance import constrained
 from nexabind._slots import (
     END,
     GEN,
@@ -36,7 +36,7 @@ from nexabind._slots import (
     free_cells,
 )
 from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
-from nexabind.grammar import GrammarMatcher, LlamaGrammar
+from nexabind.grammar import LlamaGrammar
 from nexabind.sampling import build_sampler
 from nexabind.tokens import StopMatcher, Token, logprobs_of
 
@@ -217,12 +217,9 @@ class Scheduler:
                 self._start(slot, task, sampler)
                 if matcher is not None:
                     assert slot.sample is not None
-                    penalties = (
-                        opts.repeat_penalty != 1.0
-                        or opts.frequency_penalty
-                        or (opts.presence_penalty)
+                    slot.sample = constrained(
+                        matcher, slot.sample, self.ctx.logits, reject_first=not opts.penalties
                     )
-                    slot.sample = self._constrained(slot.sample, matcher, not penalties)
         return left
 
     def _start(self, slot: Slot, task: Task, sampler: lowlevel.SamplerChain) -> None:
@@ -346,35 +343,6 @@ class Scheduler:
                 chunk = s.prompt[s.i_prompt : s.i_prompt + s.pending]
                 idx = self.batch.append(chunk, s.i_prompt, s.id, logits_last=done)
                 s.i_batch = idx if done else -1
-
-    def _constrained(
-        self, base: Callable[[int], int], matcher: GrammarMatcher, reject_first: bool
-    ) -> Callable[[int], int]:
-        """``base`` under an llguidance grammar: the drawn token if the grammar takes it, else
-        a draw from logits where every refused token is -inf (put back afterwards). With
-        penalties in the chain every draw is masked: a refused draw would count once."""
-        import numpy as np
-
-        ctx = self.ctx
-
-        def sample(i: int) -> int:
-            if reject_first:
-                tok = base(i)
-                if matcher.accepts(tok):
-                    matcher.accept(tok)
-                    return tok
-            logits = ctx.logits(i)
-            logits.setflags(write=True)  # llama.cpp's buffer: the chain reads it from there
-            saved = logits.copy()
-            matcher.mask_logits(logits)
-            try:
-                tok = base(i)
-            finally:
-                np.copyto(logits, saved)
-            matcher.accept(tok)  # ValueError if the chain drew a refused token anyway
-            return tok
-
-        return sample
 
     def _sample(self, s: Slot) -> None:
         task, req, sampler = s.task, s.task.req if s.task else None, s.sampler
