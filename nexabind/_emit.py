@@ -13,7 +13,9 @@ token that brings them carries an empty text), and are dropped if the generation
 llama-cpp-python drops them); a sequence that cannot become UTF-8 becomes one U+FFFD, where it
 is, as ``bytes.decode("utf-8", "replace")`` of the whole output has it.
 
-The one grammar-constrained draw of both loops is :func:`nexabind._llguidance.constrained`.
+:func:`spelled_markers` gives both the text of the control tokens that spell a tool-call
+marker. The one grammar-constrained draw of both loops is
+:func:`nexabind._llguidance.constrained`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from nexabind.tokens import StopMatcher, Token, logprobs_of
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Emitter"]
+    from nexabind import lowlevel
+
+__all__ = ["Emitter", "spelled_markers"]
 
 _NO_SPELLING: Mapping[int, str] = {}
 
@@ -128,3 +132,14 @@ class Emitter:
         else:
             t.__dict__ = {"text": text, "logprob": lp, "top_logprobs": top}
         return t
+
+
+def spelled_markers(model: lowlevel.Model, markers: Sequence[str]) -> dict[int, str]:
+    """The control tokens that spell a tool-call marker on their own, with the marker's text
+    (llama.cpp renders control tokens as nothing)."""
+    out = {}
+    for m in markers:
+        ids = model.tokenize(m, add_special=False, parse_special=True)
+        if len(ids) == 1 and model.token_to_piece(ids[0]) == b"":
+            out[ids[0]] = m
+    return out

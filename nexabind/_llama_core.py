@@ -378,8 +378,10 @@ class LlamaCore:
         processors: Any = None,
         criteria: Any = None,
         next_seed: bool = False,
+        spelled: dict[int, str] | None = None,
     ) -> Iterator[Token]:
-        """Validate the settings now (not at the first ``next``) and return the generator."""
+        """Validate the settings now (not at the first ``next``) and return the generator;
+        ``spelled`` gives the text of control tokens that spell a tool-call marker."""
         ctx = self._check()
         unknown = set(options) - SAMPLING_KEYS
         if unknown:
@@ -416,6 +418,7 @@ class LlamaCore:
             n_top=n_top,
             context_shift=context_shift,
             hooks=hooks if hooks.active else None,
+            spelled=spelled,
         )
         self._outcome = outcome = Outcome(prompt_tokens=len(tokens))
         return self._seq.generate(tokens, req, outcome)

@@ -43,6 +43,7 @@ class Request:
         n_top: How many top tokens to put in ``Token.top_logprobs`` (None: none).
         context_shift: Drop the older half of a full context instead of raising.
         hooks: Logits processors, stopping criteria, an llguidance grammar, recorded logits.
+        spelled: Control tokens whose text is given (they spell a tool-call marker).
     """
 
     opts: SamplingOptions
@@ -52,6 +53,7 @@ class Request:
     n_top: int | None = None
     context_shift: bool = False
     hooks: _hooks.Hooks | None = None
+    spelled: dict[int, str] | None = None
 
 
 class KVSequence:
@@ -266,6 +268,7 @@ class KVSequence:
             limit=1 << 62 if limit is None else limit,
             logits=ctx.logits if req.want_logprobs else None,
             n_top=req.n_top,
+            spelled=req.spelled,
         )
         update = emitter.update
         hist = self.tokens  # n_ctx int32 slots: storing a token allocates nothing
