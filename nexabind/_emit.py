@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from nexabind import lowlevel
 
-__all__ = ["Emitter", "spelled_markers"]
+__all__ = ["Emitter", "spelled_markers", "text_of"]
 
 _NO_SPELLING: Mapping[int, str] = {}
 
@@ -132,6 +132,12 @@ class Emitter:
         else:
             t.__dict__ = {"text": text, "logprob": lp, "top_logprobs": top}
         return t
+
+
+def text_of(data: bytes) -> str:
+    """What an :class:`Emitter` makes of ``data`` as one whole output: a sequence that cannot
+    become UTF-8 is one U+FFFD, an unfinished last character is left out."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(data)
 
 
 def spelled_markers(model: lowlevel.Model, markers: Sequence[str]) -> dict[int, str]:
