@@ -10,6 +10,7 @@ from typing import Any
 from nexabind import chat as chat_mod
 from nexabind import chat_formats, openai
 from nexabind._chat_plan import plan_chat
+from nexabind._emit import spelled_markers
 from nexabind._lcp import LlamaCompat
 from nexabind.grammar import LlamaGrammar
 from nexabind.tokens import Token
@@ -46,8 +47,7 @@ class LlamaChat(LlamaCompat):
         setup = self._chat
         if setup.formatter is not None:
             return None
-        src = setup.template or self._check().model.chat_template()
-        return src if src and "{" in src else None
+        return chat_mod.jinja_source(self._check().model, setup.template)
 
     def _chat_prompt(
         self, messages: list[dict[str, Any]], formatter: Any, **extra: Any
@@ -85,19 +85,6 @@ class LlamaChat(LlamaCompat):
         :func:`nexabind.chat.continue_prompt`).
         """
         return chat_mod.continue_prompt(self._check().model, text, seen)
-
-    def _marked(self, it: Iterator[Token], markers: Sequence[str]) -> Iterator[Token]:
-        """``it`` with the text of control tokens that spell a tool-call marker put back
-        (llama.cpp renders control tokens as nothing)."""
-        spelled = {}
-        for m in markers:
-            ids = self.tokenize(m.encode(), add_bos=False, special=True)
-            if len(ids) == 1 and self.detokenize(ids) == b"":
-                spelled[ids[0]] = m
-        if not spelled:
-            return it
-        return (Token(t, spelled[int(t)], t.logprob, t.top_logprobs) if int(t) in spelled
-                else t for t in it)  # fmt: skip
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]:
         """Generate the assistant's reply to ``messages``, one :class:`Token` at a time.
@@ -218,9 +205,8 @@ class LlamaChat(LlamaCompat):
             processors=logits_processor,
             criteria=criteria,
             next_seed=True,
+            spelled=None if output is None else spelled_markers(self._check().model, plan.markers),
         )
-        if output is not None:
-            it = self._marked(it, plan.markers)
         shape = openai.chat_chunks if stream else openai.chat_completion
         return shape(
             it,

@@ -379,8 +379,10 @@ class LlamaCore:
         processors: Any = None,
         criteria: Any = None,
         next_seed: bool = False,
+        spelled: dict[int, str] | None = None,
     ) -> Iterator[Token]:
-        """Validate the settings now (not at the first ``next``) and return the generator."""
+        """Validate the settings now (not at the first ``next``) and return the generator;
+        ``spelled`` gives the text of control tokens that spell a tool-call marker."""
         ctx = self._check()
         unknown = set(options) - SAMPLING_KEYS
         if unknown:
@@ -408,8 +410,7 @@ class LlamaCore:
             g = LlamaGrammar.from_string(g, verbose=False)
         if isinstance(g, LlamaGrammar) and g.engine == "llguidance":
             hooks.matcher = GrammarMatcher(g, ctx.model)
-            penalties = opts.repeat_penalty != 1.0 or opts.frequency_penalty
-            hooks.reject_first = not (penalties or opts.presence_penalty)
+            hooks.reject_first = not opts.penalties
         req = Request(
             opts,
             max_tokens=max_tokens,
@@ -418,6 +419,7 @@ class LlamaCore:
             n_top=n_top,
             context_shift=context_shift,
             hooks=hooks if hooks.active else None,
+            spelled=spelled,
         )
         self._outcome = outcome = Outcome(prompt_tokens=len(tokens))
         return self._seq.generate(tokens, req, outcome)

@@ -4,10 +4,11 @@ llguidance reads the model's vocabulary through a tokenizer made once per model 
 about a second for Gemma 3's 262,144 tokens); a :class:`GrammarMatcher` follows one generation
 through a grammar in llguidance's Lark form (first line ``%llguidance``, what
 :meth:`nexabind.grammar.LlamaGrammar.from_json_schema` makes), says which tokens may come next
-and masks the logits of the others. :meth:`GrammarMatcher.constrain` wraps a token loop's
-``sample()``: the token the chain picks from the unconstrained logits is kept when the grammar
-allows it, as llama.cpp's common sampler does; only when it is refused are the logits masked
-and the chain asked again.
+and masks the logits of the others. :func:`constrained`, the one constrained draw of ``Llama``'s
+loop and the Engine's scheduler (:meth:`GrammarMatcher.constrain` for a one-sequence loop),
+wraps a loop's ``sample``: the token the chain picks from the unconstrained logits is kept when
+the grammar allows it, as llama.cpp's common sampler does; only when it is refused are the
+logits masked and the chain asked again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ if TYPE_CHECKING:
 
     from nexabind import lowlevel
 
-__all__ = ["GrammarMatcher", "check_grammar", "check_llguidance", "is_llguidance", "limits"]
+__all__ = [
+    "GrammarMatcher",
+    "check_grammar",
+    "check_llguidance",
+    "constrained",
+    "is_llguidance",
+    "limits",
+]
 
 logger = logging.getLogger("nexabind.grammar")
 
@@ -280,7 +288,8 @@ class GrammarMatcher:
         logits of ``ctx``: ``Context.token_steps(chain).sample`` or ``lambda:
         chain.sample(ctx)``. The returned function calls it, keeps the token when the grammar
         allows it, and otherwise masks the logits (every refused token at -inf), calls it again
-        and restores the logits, so log-probabilities read afterwards are the model's own.
+        and restores the logits, so log-probabilities read afterwards are the model's own
+        (:func:`constrained`, for the last output of the decode).
 
         Args:
             ctx: The context whose logits ``sample`` reads.
@@ -293,33 +302,58 @@ class GrammarMatcher:
         Returns:
             ``sample()`` under the grammar; it also advances this matcher.
         """
-        import numpy as np
+        draw = constrained(self, lambda _row: sample(), ctx.logits, reject_first=reject_first)
+        return lambda: draw(-1)
 
-        m = self._m
-        consume, accepting, eog = m.try_consume_tokens, m.is_accepting, self._eog
-        mask_logits = self.mask_logits
 
-        def allowed(tok: int) -> bool:
-            # Once the grammar is complete, llguidance takes no more tokens (not even its end
-            # token): an end of generation is allowed whenever the text so far is complete.
-            return consume([tok]) == 1 or (tok in eog and accepting())
+def constrained(
+    matcher: GrammarMatcher,
+    sample: Callable[[int], int],
+    logits: Callable[[int], np.ndarray],
+    *,
+    reject_first: bool = True,
+) -> Callable[[int], int]:
+    """``sample(row)`` under an llguidance grammar: the one constrained draw of ``Llama``'s loop
+    and the Engine's scheduler.
 
-        def constrained() -> int:
-            if reject_first:
-                tok = sample()
-                if allowed(tok):
-                    return tok
-            logits = ctx.logits(-1)
-            logits.setflags(write=True)  # llama.cpp's buffer: the chain reads it from there
-            saved = logits.copy()
-            mask_logits(logits)
-            try:
-                tok = sample()
-            finally:
-                np.copyto(logits, saved)
-            if not allowed(tok):
-                msg = f"the sampler chose token {tok}, which the grammar refuses: {m.get_error()}"
-                raise RuntimeError(msg)
-            return tok
+    ``sample(row)`` draws (and accepts into its sampler chain) a token from output ``row`` of
+    the last decode, whose logits ``logits(row)`` returns (llama.cpp's own buffer). With
+    ``reject_first`` the token drawn from the unconstrained logits is kept when the grammar
+    allows it, as llama.cpp's common sampler does; otherwise, and when it is refused, every
+    token the grammar refuses gets a logit of -inf, the chain draws again, and the logits are
+    put back. The returned function advances ``matcher`` past each token it returns.
 
-        return constrained
+    Raises:
+        RuntimeError: The chain drew a token the grammar refuses even from masked logits, or
+            the matcher failed (from the returned function).
+    """
+    import numpy as np
+
+    m = matcher._m
+    consume, accepting, eog = m.try_consume_tokens, m.is_accepting, matcher._eog
+    mask_logits = matcher.mask_logits
+
+    def allowed(tok: int) -> bool:
+        # Once the grammar is complete, llguidance takes no more tokens (not even its end
+        # token): an end of generation is allowed whenever the text so far is complete.
+        return consume([tok]) == 1 or (tok in eog and accepting())
+
+    def draw(row: int) -> int:
+        if reject_first:
+            tok = sample(row)
+            if allowed(tok):
+                return tok
+        buf = logits(row)
+        buf.setflags(write=True)  # llama.cpp's buffer: the chain reads it from there
+        saved = buf.copy()
+        mask_logits(buf)
+        try:
+            tok = sample(row)
+        finally:
+            np.copyto(buf, saved)
+        if not allowed(tok):
+            msg = f"the sampler chose token {tok}, which the grammar refuses: {m.get_error()}"
+            raise RuntimeError(msg)
+        return tok
+
+    return draw

@@ -11,17 +11,17 @@ between slots and host memory is :mod:`nexabind._slots`.
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import logging
 import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from nexabind import _embed, lowlevel
+from nexabind._emit import Emitter
+from nexabind._llguidance import constrained
 from nexabind._slots import (
     END,
     GEN,
@@ -36,9 +36,8 @@ from nexabind._slots import (
     free_cells,
 )
 from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
-from nexabind.grammar import GrammarMatcher
 from nexabind.sampling import build_sampler
-from nexabind.tokens import StopMatcher, Token, logprobs_of
+from nexabind.tokens import Token
 
 __all__ = ["Scheduler"]
 
@@ -228,10 +227,9 @@ class Scheduler:
             sampler = None  # the slot owns it now
             if matcher is not None:
                 assert slot.sample is not None
-                penalties = (
-                    opts.repeat_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty
+                slot.sample = constrained(
+                    matcher, slot.sample, self.ctx.logits, reject_first=not opts.penalties
                 )
-                slot.sample = self._constrained(slot.sample, matcher, not penalties)
         except Exception as e:  # noqa: BLE001 - the task's error, handed to its caller
             log.debug("task %d failed to start: %r", task.id, e)
             if sampler is not None:
@@ -256,11 +254,17 @@ class Scheduler:
         slot.i_prompt = n
         slot.sampler = sampler
         slot.sample = self.ctx.sampler_step(sampler)
-        slot.dec = codecs.getincrementaldecoder("utf-8")("replace").decode
-        slot.matcher = StopMatcher(req.stops) if req.stops else None
-        slot.n_gen = 0
         room = self.n_ctx_slot - len(tokens)
-        slot.limit = min(req.max_tokens, room) if req.max_tokens and req.max_tokens > 0 else room
+        # What each token emits is Llama's emitter too: the same tokens give the same text.
+        slot.emitter = Emitter(
+            self.piece,
+            self.is_eog,
+            stops=req.stops,
+            limit=min(req.max_tokens, room) if req.max_tokens and req.max_tokens > 0 else room,
+            logits=self.ctx.logits if req.want_logprobs else None,
+            n_top=req.n_top,
+            spelled=task.spelled,
+        )
         task.started = time.monotonic()
         task.outcome.prompt_tokens = len(tokens)
 
@@ -365,70 +369,19 @@ class Scheduler:
                 idx = self.batch.append(chunk, s.i_prompt, s.id, logits_last=done)
                 s.i_batch = idx if done else -1
 
-    def _constrained(
-        self, base: Callable[[int], int], matcher: GrammarMatcher, reject_first: bool
-    ) -> Callable[[int], int]:
-        """``base`` under an llguidance grammar: the drawn token if the grammar takes it, else
-        a draw from logits where every refused token is -inf (put back afterwards). With
-        penalties in the chain every draw is masked: a refused draw would count once."""
-        import numpy as np
-
-        ctx = self.ctx
-
-        def sample(i: int) -> int:
-            if reject_first:
-                tok = base(i)
-                if matcher.accepts(tok):
-                    matcher.accept(tok)
-                    return tok
-            logits = ctx.logits(i)
-            logits.setflags(write=True)  # llama.cpp's buffer: the chain reads it from there
-            saved = logits.copy()
-            matcher.mask_logits(logits)
-            try:
-                tok = base(i)
-            finally:
-                np.copyto(logits, saved)
-            matcher.accept(tok)  # ValueError if the chain drew a refused token anyway
-            return tok
-
-        return sample
-
     def _sample(self, s: Slot) -> None:
-        task, req, sampler = s.task, s.task.req if s.task else None, s.sampler
-        assert task is not None and req is not None and sampler is not None
-        assert s.dec is not None
-        assert s.sample is not None
+        task, emitter = s.task, s.emitter
+        assert task is not None and emitter is not None and s.sample is not None
         tok = s.sample(s.i_batch)  # under the context's lock, on a row with logits
-        lp = top = None
-        if req.want_logprobs:
-            lp, top = logprobs_of(self.ctx.logits(s.i_batch), tok, req.n_top)
         if task.first_token is None:
             task.first_token = time.monotonic()
-        if self.is_eog(tok):
-            tail = s.dec(b"", True) + (s.matcher.flush() if s.matcher else "")
-            if tail:
-                self._emit(task, Token(tok, tail, lp, top))
-            self._end(s, "stop")
-            return
-        text = s.dec(self.piece(tok)) if tok not in task.spelled else task.spelled[tok]
-        s.n_gen += 1
-        last = s.n_gen >= s.limit
-        if s.matcher is not None:
-            text, hit = s.matcher.feed(text)
-            if hit:
-                self._emit(task, Token(tok, text, lp, top))
-                self._end(s, "stop", by_stop=True)
-                return
-            if last:
-                text += s.dec(b"", True) + s.matcher.flush()
-        elif last:
-            text += s.dec(b"", True)
-        self._emit(task, Token(tok, text, lp, top))
-        if last:
-            self._end(s, "length")
-        else:
+        token = emitter.update(tok, s.i_batch)
+        if token is not None:
+            self._emit(task, token)
+        if emitter.reason is None:
             s.last = tok
+        else:
+            self._end(s, emitter.reason, by_stop=emitter.hit)
 
     def _emit(self, task: Task, token: Token) -> None:
         task.outcome.completion_tokens += 1

@@ -1,19 +1,20 @@
 """One sequence of a context: the tokens its KV cache holds, prompt reuse, and the decode loop.
 
 The loop does O(1) work per token: one ``llama_decode`` of one token through a batch allocated
-once, one ``llama_sampler_sample``, one ``llama_token_to_piece`` into a buffer allocated once,
-an incremental UTF-8 decoder, and stop strings checked only on the tail window.
+once, one ``llama_sampler_sample``, and the Engine's :class:`~nexabind._emit.Emitter` (one
+``llama_token_to_piece`` into a buffer allocated once, an incremental UTF-8 decoder, stop
+strings checked only on what could still become one).
 """
 
 from __future__ import annotations
 
-import codecs
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nexabind import _hooks, lowlevel
+from nexabind._emit import Emitter
 from nexabind.errors import (
     ClosedError,
     ContextError,
@@ -22,7 +23,7 @@ from nexabind.errors import (
     NexabindError,
 )
 from nexabind.sampling import SamplingOptions, build_sampler
-from nexabind.tokens import Outcome, StopMatcher, Token, logprobs_of
+from nexabind.tokens import Outcome, Token
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +43,7 @@ class Request:
         n_top: How many top tokens to put in ``Token.top_logprobs`` (None: none).
         context_shift: Drop the older half of a full context instead of raising.
         hooks: Logits processors, stopping criteria, an llguidance grammar, recorded logits.
+        spelled: Control tokens whose text is given (they spell a tool-call marker).
     """
 
     opts: SamplingOptions
@@ -51,6 +53,7 @@ class Request:
     n_top: int | None = None
     context_shift: bool = False
     hooks: _hooks.Hooks | None = None
+    spelled: dict[int, str] | None = None
 
 
 class KVSequence:
@@ -256,34 +259,35 @@ class KVSequence:
         # another thread's call or close() waits for the step (and cannot free under it).
         sample, is_eog, piece, feed = steps
         lock = ctx.lock
-        logits = ctx.logits
-        want_logprobs, n_top = req.want_logprobs, req.n_top
-        new = int.__new__  # Token(...) through its Python-level __new__ costs more
-        # Bytes that are not UTF-8 are dropped, and so is an incomplete character at the end,
-        # as llama-cpp-python does (it decodes its completion with errors="ignore").
-        dec = codecs.getincrementaldecoder("utf-8")("ignore").decode
-        matcher = StopMatcher(req.stops) if req.stops else None
+        # What each token emits (its text, stop strings, the limit, logprobs) is the Engine's
+        # emitter too: the same tokens give the same text.
+        emitter = Emitter(
+            piece,
+            is_eog,
+            stops=req.stops,
+            limit=1 << 62 if limit is None else limit,
+            logits=ctx.logits if req.want_logprobs else None,
+            n_top=req.n_top,
+            spelled=req.spelled,
+        )
+        update = emitter.update
         hist = self.tokens  # n_ctx int32 slots: storing a token allocates nothing
         n_past = self.n
-        n_gen = 0
         n_fed = 0
         tok = -1
-        lp = top = None
-        if limit is None:
-            limit = 1 << 62
         try:
             while True:
                 with lock:
                     if self.epoch != epoch:
                         self._superseded()
-                    if n_gen:  # decode the token emitted last round
+                    if tok >= 0:  # decode the token emitted last round
                         if n_past >= n_ctx:
                             if not context_shift:
                                 outcome.finish_reason = "length"
                                 msg = (
-                                    f"the context of {n_ctx} tokens is full after {n_gen} "
-                                    "generated tokens; use a larger n_ctx, a smaller "
-                                    "max_tokens, or context_shift=True"
+                                    f"the context of {n_ctx} tokens is full after "
+                                    f"{emitter.n} generated tokens; use a larger n_ctx, a "
+                                    "smaller max_tokens, or context_shift=True"
                                 )
                                 raise ContextOverflowError(msg)
                             n_past = self.shift()
@@ -300,42 +304,15 @@ class KVSequence:
                         self.n = n_past  # in step with the cache even if the caller stops
                         n_fed += 1
                     tok = sample()
-                    if want_logprobs:
-                        lp, top = logprobs_of(logits(-1), tok, n_top)
-                    eog = is_eog(tok)
-                    raw = b"" if eog else piece(tok)
-                if eog:
-                    outcome.finish_reason = "stop"
-                    tail = dec(b"", True) + (matcher.flush() if matcher else "")
-                    if tail:
-                        yield Token(tok, tail, lp, top)
-                    return
-                text = dec(raw)
-                n_gen += 1
-                last = n_gen >= limit
-                if matcher is not None:
-                    text, hit = matcher.feed(text)
-                    if hit:
-                        outcome.finish_reason = "stop"
-                        yield Token(tok, text, lp, top)
-                        return
-                    if last:
-                        text += dec(b"", True) + matcher.flush()
-                elif last:
-                    text += dec(b"", True)
-                if last:
-                    outcome.finish_reason = "length"
-                    yield Token(tok, text, lp, top)
-                    return
-                t = new(Token, tok)
-                # One dict literal is cheaper than attribute stores (valgrind: ~400
-                # instructions a token); the usual None logprobs stay class defaults.
-                if want_logprobs:
-                    t.__dict__ = {"text": text, "logprob": lp, "top_logprobs": top}
-                else:
-                    t.__dict__ = {"text": text}
-                yield t
+                    t = update(tok)
+                if t is not None and emitter.reason is None:
+                    yield t
+                    continue
+                outcome.finish_reason = emitter.reason
+                if t is not None:
+                    yield t
+                return
         finally:
             # Counters are written once, not per token (also when the caller breaks out).
-            outcome.completion_tokens = n_gen
+            outcome.completion_tokens = emitter.n
             self.n_decoded += n_fed

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nexabind import lowlevel
+from nexabind._emit import Emitter
 from nexabind._sequence import Request
 from nexabind.errors import StateError
-from nexabind.tokens import Outcome, StopMatcher
+from nexabind.tokens import Outcome
 
 __all__ = [
     "END",
@@ -119,10 +120,7 @@ class Slot:
         self.last = -1  # the token to feed at the next step
         self.sampler: lowlevel.SamplerChain | None = None
         self.sample: Callable[[int], int] | None = None  # the sampler, bound for the hot path
-        self.dec: Callable[..., str] | None = None
-        self.matcher: StopMatcher | None = None
-        self.n_gen = 0
-        self.limit = 0
+        self.emitter: Emitter | None = None  # what its sampled tokens emit
 
 
 def choose(slots: list[Slot], task: Task, ctx: lowlevel.Context) -> Slot | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from nexabind import chat, lowlevel
 from nexabind._chat_plan import ChatPlan, plan_chat
+from nexabind._emit import spelled_markers
 from nexabind._sequence import Request
 from nexabind._slots import Session, Task
 from nexabind.errors import ContextOverflowError
@@ -135,10 +136,9 @@ def plan_task(
     if messages is None:
         msg = "a chat task needs messages=[{'role': ..., 'content': ...}, ...]"
         raise ValueError(msg)
-    src = chat_template or model.chat_template()  # the jinja text chats render with, if any
     return plan_chat(
         chat.check_messages(messages),
-        template=src if src and "{" in src else None,
+        template=chat.jinja_source(model, chat_template),
         tools=tools,
         tool_choice=tool_choice,
         functions=functions,
@@ -163,7 +163,7 @@ def prompt_tokens(
     if kind == "chat":
         task.messages = plan.messages
         task.output = plan.output
-        task.spelled = _spelled(model, plan.markers)
+        task.spelled = spelled_markers(model, plan.markers)
         history = []
         if session is not None:
             if session.system_prompt and not session.messages:
@@ -198,16 +198,6 @@ def prompt_tokens(
         msg = "the prompt is empty; give at least one token"
         raise ValueError(msg)
     return _fit(tokens, session, room)
-
-
-def _spelled(model: lowlevel.Model, markers: Sequence[str]) -> dict[int, str]:
-    """Control tokens that spell a tool-call marker, with the text llama.cpp omits."""
-    out = {}
-    for m in markers:
-        ids = model.tokenize(m, add_special=False, parse_special=True)
-        if len(ids) == 1 and model.token_to_piece(ids[0]) == b"":
-            out[ids[0]] = m
-    return out
 
 
 def _fit(tokens: list[int], session: Session | None, room: int) -> list[int]:

@@ -27,6 +27,7 @@ __all__ = [
     "continue_prompt",
     "format_chat",
     "format_messages",
+    "jinja_source",
     "prompt_tokens",
     "render_jinja",
     "tokenize_prompt",
@@ -263,6 +264,13 @@ def format_messages(
 
 def _special_text(model: lowlevel.Model, token: int) -> str:
     return model.token_to_piece(token, special=True).decode() if token >= 0 else ""
+
+
+def jinja_source(model: lowlevel.Model, template: str | None) -> str | None:
+    """The jinja text chats render with: ``template``, else the model's own template; None
+    when that is a llama.cpp built-in name (no jinja) or there is none."""
+    src = template or model.chat_template()
+    return src if src and "{" in src else None
 
 
 def format_chat(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from nexabind._emit import text_of
 from nexabind._files import open_regular, write_atomic
 from nexabind.errors import ContextOverflowError, NexabindError, StateError
 from nexabind.llama import Llama
@@ -151,9 +152,9 @@ class Conversation:
                 self.messages += [user, {"role": "assistant", "content": reply}]
                 # Continue from the generated ids only when they are exactly the reply's text
                 # (a stop string, cut from the reply, or an end-of-turn token the template
-                # writes again would not be); else the next turn tokenizes the rendering. Bytes
-                # that are not UTF-8 are dropped, as the decode loop drops them from the text.
-                seen = self.llama.detokenize(ids, special=True).decode("utf-8", "ignore")
+                # writes again would not be); else the next turn tokenizes the rendering. The
+                # bytes read as the decode loop's emitter reads them.
+                seen = text_of(self.llama.detokenize(ids, special=True))
                 self._seen = (prompt + reply, tokens + ids) if seen == reply else None
 
     def clear(self) -> None:

@@ -117,6 +117,11 @@ class SamplingOptions:
         return self.temperature == 0.0
 
     @property
+    def penalties(self) -> bool:
+        """Whether the chain has repetition penalties (they count every token it accepts)."""
+        return bool(self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty)
+
+    @property
     def gbnf(self) -> tuple[str, str] | None:
         """The GBNF grammar and its start rule for llama.cpp's grammar sampler, if any.
 
@@ -219,7 +224,7 @@ def build_sampler(
     try:
         if opts.logit_bias:
             chain.add_logit_bias(n_vocab, opts.logit_bias)
-        if opts.repeat_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty:
+        if opts.penalties:
             chain.add_penalties(
                 n_vocab,
                 (n_ctx or model.n_ctx_train) if opts.penalty_last_n < 0 else opts.penalty_last_n,

@@ -79,6 +79,7 @@ LAYERS: dict[str, int] = {
             "_sandbox",
             "openai",
             "tokens",
+            "_emit",
             "_embed",
             "_state",
             "_hooks",
