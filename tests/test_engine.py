@@ -65,7 +65,9 @@ def _near_tie(llm: Llama, prompt: str, want: list[int], got: list[int]) -> bool:
     """Whether ``got`` leaves ``want`` where the two tokens' logits (run alone) are within a
     hundredth: a quantized model's kernels differ with the batch's shape (one row or many,
     REPACK's gemm or gemv), which can flip a near tie but never a clear choice."""
-    k = next(i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b)
+    k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
+    if k is None:  # one ends where the other goes on: not a choice between two tokens
+        return False
     llm.reset()
     llm.eval(llm.tokenize(prompt.encode()) + want[:k])
     row = llm.scores[llm.n_tokens - 1]
