@@ -245,3 +245,35 @@ def test_quantized_kernels_agree_across_batch_shapes(
         scale = float(np.abs(base).max())
         assert float(np.abs(logits - base).max()) < 1e-2 * scale, (n_batch, n_ubatch)
         assert got == tokens, (n_batch, n_ubatch)
+
+
+def test_quantize_refuses_what_it_cannot_read(libdir: Path, tmp_path: Path) -> None:
+    """Junk, a missing file, a width the blocks do not fit: errors that say so, in a child
+    process so that a crash would show as a signal."""
+    from _child import run_child
+
+    code = """
+        import sys
+        from nexabind import lowlevel
+        from nexabind.tinymodel import ModelSpec
+        lowlevel.lib()
+        junk = sys.argv[1] + "/junk.gguf"
+        open(junk, "wb").write(b"GGUF" + bytes(range(256)) * 4)
+        for src, dtype in ((junk, "q4_0"), (sys.argv[1] + "/none.gguf", "q8_0"), (junk, "q3_x")):
+            try:
+                lowlevel.quantize(src, sys.argv[1] + "/out.gguf", dtype)
+            except (ValueError, OSError) as e:
+                print(type(e).__name__, "|", e)
+        try:
+            ModelSpec(dtype="q4_k", n_embd=64)
+        except ValueError as e:
+            print(type(e).__name__, "|", e)
+    """
+    r = run_child(code, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4, r.stdout
+    assert lines[0].startswith("ModelLoadError |") and "junk.gguf" in lines[0]
+    assert lines[1] == f"ModelLoadError | no model file at {tmp_path}/none.gguf"
+    assert lines[2].startswith("ValueError | dtype must be one of")
+    assert "q4_k needs n_embd and n_ff that are multiples of 256" in lines[3]

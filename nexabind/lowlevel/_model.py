@@ -461,6 +461,7 @@ def quantize(
     if not os.path.isfile(src_path):
         msg = f"no model file at {src_path}"
         raise ModelLoadError(msg)
+    _gguf.check(Path(src_path))  # what llama.cpp's reader would abort on, refused first
     L = lib()
     params = ffi.new("llama_model_quantize_params *", L.llama_model_quantize_default_params())
     params.ftype = getattr(L, QUANT_FTYPES[dtype])
