@@ -255,7 +255,7 @@ class Engine:
         *,
         prompt: str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        input: str | Sequence[str] | None = None,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = None,
         query: str | None = None,
         documents: Sequence[str] | None = None,
         session: str | None = None,
@@ -276,7 +276,7 @@ class Engine:
                 (``input``: a text or a list) or ``rerank`` (``query`` and ``documents``).
             prompt: Text or token ids of a completion.
             messages: The conversation of a chat (in a session: its new messages).
-            input: Texts to embed.
+            input: What to embed: a text or token ids, or a list of texts or of token-id lists.
             query: What to rank ``documents`` by (a rank-pooling model).
             documents: The texts to rank.
             session: A session id (see :meth:`create_session`).

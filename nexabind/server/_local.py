@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nexabind import chat, openai
+from nexabind import _embed, chat, openai
 from nexabind.engine import Engine
 from nexabind.errors import (
     BusyError,
@@ -359,7 +359,12 @@ class LocalBackend:
         self.metrics.tokens(n, 0)
         if kind == "embedding":
             fmt = body.get("encoding_format") or "float"
-            return openai.embedding_list(res["embeddings"], model=self.options.name,
+            unit = body.get("normalize", True)  # OpenAI's vectors have unit length
+            try:
+                vectors = _embed.shorten(res["embeddings"], body.get("dimensions"), unit=unit)
+            except ValueError as e:
+                raise HTTPError(400, str(e), param="dimensions") from None
+            return openai.embedding_list(vectors, model=self.options.name,
                                          prompt_tokens=n, encoding_format=fmt)  # fmt: skip
         docs = body["documents"] if body.get("return_documents") else None
         return openai.rerank_list(res["scores"], model=self.options.name, prompt_tokens=n,
