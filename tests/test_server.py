@@ -111,7 +111,7 @@ def test_bad_input_is_a_4xx_naming_the_field_never_a_500(server: Served) -> None
         ({}, 400, "messages"),
         ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
-        ({"messages": CHAT, "n": 3}, 400, "n"),
+        ({"messages": CHAT, "n": 17}, 400, "n"),
         ({"messages": CHAT, "stop": [1]}, 400, "stop[0]"),
         ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias.x"),
         ({"messages": CHAT, "logit_bias": {"99999": 1}}, 400, None),

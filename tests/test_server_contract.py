@@ -1,5 +1,6 @@
 """The corners of OpenAI's contract that clients use by default, against a real `nexabind serve`:
-normalised embeddings of texts or token ids, and ``dimensions``."""
+``n`` choices, normalised embeddings of texts or token ids, ``dimensions`` and the generation
+caps (``max_completion_tokens``, ``n_predict``, ``-n``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,103 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _serve import Served
+from _serve import Served, events
 
 openai = pytest.importorskip("openai")
+
+CHAT = [{"role": "user", "content": "Tell me about birds"}]
+NO_EOS = {"2": -100}  # the tiny model's end-of-sequence token: generate until told to stop
+CAP = 6  # the server's -n
 
 
 def _client(server: Served) -> Any:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+
+@pytest.fixture(scope="module")
+def server(libdir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with Served(tiny_model, "-np", "4", "-c", "2048", "-n", str(CAP), log=log) as s:
+        yield s
+
+
+# -- n choices ----------------------------------------------------------------------------------
+
+
+def test_n_choices_with_the_openai_client(server: Served) -> None:
+    client = _client(server)
+    r = client.chat.completions.create(model="x", messages=CHAT, n=3, max_tokens=4, seed=7,
+                                       temperature=1, logit_bias=NO_EOS)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" and c.message.content for c in r.choices)
+    assert r.usage.completion_tokens == 12
+    one = client.chat.completions.create(model="x", messages=CHAT, max_tokens=4, logit_bias=NO_EOS)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert len({c.message.content for c in r.choices}) > 1  # seed, seed + 1, seed + 2
+    c = client.completions.create(model="x", prompt="Once", n=2, max_tokens=3, logit_bias=NO_EOS)
+    assert [x.index for x in c.choices] == [0, 1] and c.usage.completion_tokens == 6
+
+
+def test_n_choices_stream_with_their_index(server: Served) -> None:
+    body = {"messages": CHAT, "n": 2, "max_tokens": 3, "logit_bias": NO_EOS,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    conn, resp = server.open_stream("/v1/chat/completions", body)
+    got = events(resp)
+    conn.close()
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    finished = [c["choices"][0]["index"] for c in chunks[:-1]
+                if c["choices"][0]["finish_reason"] is not None]  # fmt: skip
+    assert finished == [0, 1]
+    texts = ["", ""]
+    for c in chunks[:-1]:
+        choice = c["choices"][0]
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert all(texts)
+    stream = _client(server).chat.completions.create(
+        model="x", messages=CHAT, n=2, max_tokens=2, stream=True, logit_bias=NO_EOS
+    )
+    assert {ch.choices[0].index for ch in stream if ch.choices} == {0, 1}
+
+
+def test_n_with_a_session_is_a_400_naming_n(server: Served) -> None:
+    status, _, body = server.post(
+        "/v1/chat/completions", {"messages": CHAT, "n": 2, "session_id": "s1", "max_tokens": 1}
+    )
+    assert status == 400 and body["error"]["param"] == "n"
+
+
+# -- generation caps -----------------------------------------------------------------------------
+
+
+def _generated(server: Served, **fields: Any) -> int:
+    body = {"messages": CHAT, "logit_bias": NO_EOS, **fields}
+    status, _, answer = server.post("/v1/chat/completions", body)
+    assert status == 200, answer
+    return int(answer["usage"]["completion_tokens"])
+
+
+def test_max_completion_tokens_n_predict_and_the_server_cap(server: Served) -> None:
+    assert _generated(server) == CAP  # no limit asked: the server's -n, not the whole slot
+    assert _generated(server, max_tokens=100) == CAP
+    assert _generated(server, max_tokens=3) == 3
+    assert _generated(server, max_completion_tokens=2) == 2
+    assert _generated(server, n_predict=4) == 4
+    assert _generated(server, n_predict=-1) == CAP
+    status, _, answer = server.post("/v1/completions", {"prompt": "x", "n_predict": 1})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 1
+    r = _client(server).chat.completions.create(
+        model="x", messages=CHAT, max_completion_tokens=3, logit_bias=NO_EOS
+    )
+    assert r.usage.completion_tokens == 3
+
+
+def test_a_zero_n_predict_is_refused(tiny_model: Path) -> None:
+    from nexabind.server import ServeOptions
+
+    with pytest.raises(ValueError, match="n_predict=0"):
+        ServeOptions(str(tiny_model), n_predict=0)
 
 
 # -- embeddings --------------------------------------------------------------------------------

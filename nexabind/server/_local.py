@@ -99,9 +99,37 @@ class _Conversation:
             self.lock.release()
 
 
+def _cancel(engine: Engine, call: Call) -> None:
+    """Cancel the engine tasks of ``call`` (if it has any yet)."""
+    for tid in call.task or ():
+        with contextlib.suppress(KeyError, ClosedError):
+            engine.cancel(tid)
+
+
 def _close_session(engine: Engine, sid: str) -> None:
     with contextlib.suppress(SessionNotFoundError, ClosedError):
         engine.close_session(sid)
+
+
+def _max_tokens(body: dict[str, Any], cap: int) -> int | None:
+    """The tokens a request may generate: its ``max_completion_tokens``, ``max_tokens`` or
+    ``n_predict`` (llama-server's name; -1: no limit), within the server's ``-n`` cap."""
+    asked = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("n_predict")
+    if asked is None or asked < 0:
+        asked = None
+    if cap > 0:
+        return cap if asked is None else min(asked, cap)
+    return asked
+
+
+def _summed(
+    chunks: Iterable[dict[str, Any]], outcomes: list[Outcome], total: Outcome
+) -> Iterator[dict[str, Any]]:
+    """``chunks``; once they are done, ``total`` holds the tokens of every choice's
+    ``outcomes`` (the prompt once)."""
+    yield from chunks
+    total.prompt_tokens = outcomes[0].prompt_tokens
+    total.completion_tokens = sum(o.completion_tokens for o in outcomes)
 
 
 def _key(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -172,8 +200,8 @@ class LocalBackend:
         engine = self.engine
         for call in list(self.calls):
             call.cut = "the server is shutting down: the request was cancelled"
-            if engine is not None and call.task is not None:
-                engine.cancel(call.task)
+            if engine is not None:
+                _cancel(engine, call)
 
     async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> _Conversation | None:
         name = body.get("session_id") or body.get("user")
@@ -223,12 +251,14 @@ class LocalBackend:
 
     def _generation(
         self, engine: Engine, kind: str, body: dict[str, Any], call: Call
-    ) -> tuple[Callable[[], int], Callable[[int], Any]]:
-        """What creates the task (in the worker) and what turns it into a response."""
+    ) -> tuple[Callable[[], list[int]], Callable[[list[int]], Any]]:
+        """What creates the tasks (in the worker: one per choice, ``n``) and what turns them
+        into a response."""
         sampling = {k: body[k] for k in _SAMPLING if k in body}
+        n = body.get("n") or 1
         # Structured output and tool calls, as the engine takes them (empty lists: none).
         asked = {k: body[k] for k in _STRUCTURED if body.get(k) not in (None, [])}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = _max_tokens(body, self.options.n_predict)
         stop = body.get("stop")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -243,8 +273,14 @@ class LocalBackend:
             logprobs = bool(body.get("logprobs"))
             n_top: bool | int = (body.get("top_logprobs") or 0) if logprobs else False
             conv = call.permit.held if isinstance(call.permit.held, _Conversation) else None
+            if conv is not None and n > 1:
+                msg = (
+                    f"n={n} cannot continue a conversation (session_id or user): its history "
+                    "holds one reply; ask for n=1, or leave session_id and user out"
+                )
+                raise HTTPError(400, msg, param="n")
 
-            def start() -> int:
+            def start_one(sampling: dict[str, Any]) -> int:
                 session = None
                 todo = messages
                 if conv is not None:  # this request holds it (reserve)
@@ -288,7 +324,7 @@ class LocalBackend:
                 pieces = b"".join(engine.token_to_piece(t) for t in prompt)
                 return pieces.decode("utf-8", "replace")
 
-            def start() -> int:
+            def start_one(sampling: dict[str, Any]) -> int:
                 lp: bool | int = n_lp if n_lp is not None else False
                 return engine.create_task(
                     "completion", prompt=prompt, max_tokens=max_tokens, stop=stop,
@@ -304,7 +340,21 @@ class LocalBackend:
                          logprobs=n_lp, piece=engine.token_to_piece, id=rid,
                          created=created)  # fmt: skip
 
-        def tokens_of(tid: int, outcome: Outcome, texts: list[str]) -> Iterator[Token]:
+        def start() -> list[int]:
+            tids: list[int] = []
+            try:
+                for i in range(n):  # a seed gives each choice its own: seed, seed + 1, ...
+                    own = {**sampling, "seed": (sampling["seed"] + i) & 0xFFFFFFFF} if (
+                        i and "seed" in sampling) else sampling  # fmt: skip
+                    tids.append(start_one(own))
+            except BaseException:
+                for tid in tids:
+                    with contextlib.suppress(KeyError, ClosedError):
+                        engine.cancel(tid)
+                raise
+            return tids
+
+        def tokens_of(tid: int, outcome: Outcome, texts: list[str], last: bool) -> Iterator[Token]:
             try:
                 for t in engine.stream(tid):
                     if call.first_token is None:
@@ -317,14 +367,25 @@ class LocalBackend:
                 # request on it in.
                 finish(outcome, "".join(texts))
                 self.metrics.tokens(outcome.prompt_tokens, outcome.completion_tokens)
-                call.permit.release()
+                if last:
+                    call.permit.release()
 
-        def shape(tid: int) -> Any:
-            self._attach(engine, call, tid)
-            outcome = engine.outcome(tid)
-            out = shaped(tokens_of(tid, outcome, []), outcome, tid)
+        def shape(tids: list[int]) -> Any:
+            self._attach(engine, call, tids)
+            outcomes = [engine.outcome(tid) for tid in tids]
+            outs = [
+                shaped(tokens_of(tid, outcome, [], tid == tids[-1]), outcome, tid)
+                for tid, outcome in zip(tids, outcomes, strict=True)
+            ]
+            if n == 1:
+                out, total = outs[0], outcomes[0]
+            elif stream:
+                total = Outcome()
+                out = _summed(openai.indexed_chunks(outs), outcomes, total)
+            else:
+                return openai.merge_choices(outs)
             if stream and usage:
-                out = openai.with_usage(out, outcome)
+                out = openai.with_usage(out, total)
             return out
 
         return start, shape
@@ -350,7 +411,7 @@ class LocalBackend:
             tid = engine.create_task("embedding", input=body["input"])
         else:
             tid = engine.create_task("rerank", query=body["query"], documents=body["documents"])
-        self._attach(engine, call, tid)
+        self._attach(engine, call, [tid])
         try:
             res = engine.result(tid)
         finally:
@@ -372,20 +433,18 @@ class LocalBackend:
 
     # -- running in the worker threads --------------------------------------------------------
 
-    def _attach(self, engine: Engine, call: Call, tid: int) -> None:
-        """Note a call's task; cancel it at once when its client is already gone."""
-        call.task = tid
+    def _attach(self, engine: Engine, call: Call, tids: list[int]) -> None:
+        """Note a call's tasks; cancel them at once when its client is already gone."""
+        call.task = tids
         if call.gone:
-            with contextlib.suppress(KeyError, ClosedError):
-                engine.cancel(tid)
+            _cancel(engine, call)
 
     def _abandon(self, call: Call) -> None:
         """The client went away: cancel its task, now or as soon as it exists."""
         call.gone = True
         engine = self.engine
-        if engine is not None and call.task is not None:
-            with contextlib.suppress(KeyError, ClosedError):
-                engine.cancel(call.task)
+        if engine is not None:
+            _cancel(engine, call)
 
     def _run_owned(self, call: Call, work: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``work`` in a worker that owns the call: when the work ends, however it ends,
@@ -426,8 +485,8 @@ class LocalBackend:
         self,
         engine: Engine,
         call: Call,
-        start: Callable[[], int],
-        shape: Callable[[int], Iterable[dict[str, Any]]],
+        start: Callable[[], list[int]],
+        shape: Callable[[list[int]], Iterable[dict[str, Any]]],
     ) -> AsyncIterator[bytes]:
         """Create the task (errors are HTTP answers), then stream its chunks as SSE events."""
         loop = asyncio.get_running_loop()
@@ -438,14 +497,14 @@ class LocalBackend:
 
         def work() -> None:
             try:
-                tid = start()
+                tids = start()
             except BaseException as e:  # noqa: BLE001 - handed to the request
                 put("fail", e)
                 return
-            self._attach(engine, call, tid)
-            put("started", tid)
+            self._attach(engine, call, tids)
+            put("started", tids)
             try:
-                for chunk in shape(tid):
+                for chunk in shape(tids):
                     put("data", sse(chunk))
                 if call.cut is not None:
                     put("data", sse(HTTPError(503, call.cut).body()))

@@ -258,12 +258,16 @@ def server_grammar(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any
 
 #: The largest int32: what llama.cpp's counts fit in.
 INT32_MAX = 0x7FFFFFFF
+#: Choices one request may ask for (``n``).
+MAX_CHOICES = 16
 #: Entries a ``logit_bias`` may have (the model's vocabulary bounds it again).
 MAX_LOGIT_BIAS = 1 << 18
 
 _GENERATION: dict[str, Field] = {
     "model": Field(string),
     "max_tokens": Field(integer(1, INT32_MAX)),
+    "max_completion_tokens": Field(integer(1, INT32_MAX)),
+    "n_predict": Field(integer(-1, INT32_MAX)),
     "temperature": Field(number(0, 2)),
     "top_p": Field(number(0, 1)),
     "top_k": Field(integer(0, INT32_MAX)),
@@ -274,7 +278,7 @@ _GENERATION: dict[str, Field] = {
     "frequency_penalty": Field(number(-2, 2)),
     "logit_bias": Field(logit_bias),
     "seed": Field(integer(0, 0xFFFFFFFF)),
-    "n": Field(integer(1, 1)),
+    "n": Field(integer(1, MAX_CHOICES)),
     "stream": Field(boolean),
     "stream_options": Field(stream_options),
     "stop": Field(strings(0, 16, or_string=True)),
@@ -291,7 +295,6 @@ CHAT: dict[str, Field] = {
     "functions": Field(server_grammar(objects(0))),
     "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
-    "max_completion_tokens": Field(integer(1, INT32_MAX)),
     "logprobs": Field(boolean),
     "top_logprobs": Field(integer(0, 20)),
 }
