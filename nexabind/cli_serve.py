@@ -134,7 +134,11 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     help="Most tokens a request may generate (-1: until the slot is full); requests may ask "
     "for fewer with max_tokens or n_predict.",
 )
-@click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
+@click.option(
+    "--chat-template",
+    help="A jinja chat template or a llama.cpp built-in name [default: the model's; chatml "
+    "when it has none].",
+)
 @click.option(
     "--lib-path",
     type=click.Path(file_okay=False, path_type=str),

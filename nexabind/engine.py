@@ -20,6 +20,7 @@ cells move to host memory and come back when it resumes. :mod:`nexabind._tasks` 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import uuid
@@ -44,6 +45,11 @@ from nexabind.tool_calls import ToolOutput
 
 __all__ = ["Engine"]
 
+log = logging.getLogger(__name__)
+
+#: The turn end of the chatml format: a stop string of every chat rendered with it.
+_CHATML_STOP = "<|im_end|>"
+
 
 class Engine:
     """Many tasks on one model: a context of ``n_parallel`` sequences and a scheduler thread.
@@ -60,7 +66,8 @@ class Engine:
         n_gpu_layers: Layers on the GPU (None: all, when a GPU backend is present).
         flash_attn: True, False, or None for llama.cpp's choice.
         embedding: An embedding engine (``embedding`` and ``rerank`` tasks only).
-        chat_template: A jinja template or a llama.cpp built-in name, for chat tasks.
+        chat_template: A jinja template or a llama.cpp built-in name, for chat tasks (None:
+            the model's; chatml, with a warning logged once, when it has none, as ``Llama``).
         seed: Default sampling seed.
         max_queue: Tasks that may wait for a slot; more raise ``BusyError``.
         check_tensors: Validate every tensor's data while loading.
@@ -124,6 +131,10 @@ class Engine:
             raise
         self.n_parallel = n_parallel
         self.embedding = embedding
+        if chat_template is None and not embedding and self._model.chat_template() is None:
+            log.warning("%s has no chat template: chats use the chatml format (give a chat "
+                        "template to choose another)", self.model_path)  # fmt: skip
+            chat_template = "chatml"
         self.chat_template = chat_template
         self.seed = seed
         self.model_type: str = self._model.metadata().get("general.architecture", "unknown")
@@ -326,6 +337,8 @@ class Engine:
             )  # fmt: skip
             sampling["grammar"] = plan.grammar
             task.req = task_request(model, self.seed, max_tokens, stop, logprobs, sampling)
+            if kind == "chat" and self.chat_template == "chatml":  # its turns end with a text
+                task.req.stops.append(_CHATML_STOP)
             task.matcher = grammar_matcher(model, task.req)
             task.tokens = prompt_tokens(
                 model, self.chat_template, sched.n_ctx_slot, kind, prompt, plan, sess, task

@@ -1,10 +1,12 @@
 """The corners of OpenAI's contract that clients use by default, against a real `nexabind serve`:
-``n`` choices, normalised embeddings of texts or token ids, ``dimensions`` and the generation
-caps (``max_completion_tokens``, ``n_predict``, ``-n``)."""
+``n`` choices, normalised embeddings of texts or token ids, ``dimensions``, the generation caps
+(``max_completion_tokens``, ``n_predict``, ``-n``), the chatml fallback of a model without a
+chat template, and errors that name the server's flags."""
 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,14 @@ def test_max_completion_tokens_n_predict_and_the_server_cap(server: Served) -> N
     assert r.usage.completion_tokens == 3
 
 
+def test_errors_name_the_servers_flags(server: Served) -> None:
+    long = " ".join(["birds"] * 1000)  # more than a slot's 512 cells
+    status, _, body = server.post("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": long}]})  # fmt: skip
+    message = body["error"]["message"]
+    assert status == 400 and "-c/--ctx-size" in message and "n_ctx" not in message
+
+
 def test_a_zero_n_predict_is_refused(tiny_model: Path) -> None:
     from nexabind.server import ServeOptions
 
@@ -181,3 +191,28 @@ def test_dimensions_truncate_and_renormalise_or_a_400(embedder: Served) -> None:
     )
     assert status == 400 and body["error"]["param"] == "dimensions"
     assert f"this model's {len(vector)}" in body["error"]["message"]
+
+
+# -- a model without a chat template -------------------------------------------------------------
+
+
+def test_a_model_without_a_template_chats_in_chatml(gemma: Path, tmp_path: Path) -> None:
+    with Served(gemma, "-np", "1", "-c", "512", log=tmp_path / "log") as s:
+        client = _client(s)
+        for _ in range(2):
+            r = client.chat.completions.create(model="x", messages=CHAT, max_tokens=3)
+            assert r.choices[0].message.content is not None
+        assert s.output().count("has no chat template: chats use the chatml format") == 1
+        status, _, body = s.post("/v1/completions", {"prompt": json.dumps(CHAT), "max_tokens": 1})
+        assert status == 200
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_chatml_chats_stop_at_the_turn_end(gemma: Path, template: str | None) -> None:
+    from nexabind import Engine, LlamaGrammar
+
+    reply = LlamaGrammar.from_string('root ::= "Hi there<|im_end|>\\n<|im_start|>user"')
+    with Engine(gemma, n_parallel=1, n_ctx=512, n_threads=1, chat_template=template) as engine:
+        tid = engine.create_task("chat", messages=CHAT, grammar=reply, max_tokens=30)
+        res = engine.result(tid)
+    assert res["text"] == "Hi there" and res["finish_reason"] == "stop"

@@ -37,7 +37,7 @@ from nexabind.server._schema import field_of
 from nexabind.server.gateway import Call, HTTPError
 from nexabind.tokens import Outcome, Token
 
-__all__ = ["LocalBackend", "encode_json", "sse"]
+__all__ = ["LocalBackend", "as_flags", "encode_json", "sse"]
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,39 @@ def sse(obj: Any) -> bytes:
     return b"data: " + encode_json(obj) + b"\n\n"
 
 
+#: The engine's advice in Python arguments, and the same advice in ``nexabind serve`` flags.
+_FLAGS = (
+    ("create the Engine with a larger n_ctx (or fewer n_parallel)",
+     "start the server with a larger -c/--ctx-size (or a smaller -np/--parallel)"),
+    ("create the Engine with a larger max_queue", "start the server with a larger --max-queue"),
+    ("pass a jinja template with chat_template=...",
+     "start the server with --chat-template (a jinja template or a built-in name)"),
+    ("pass chat_template= (", "start the server with --chat-template ("),
+)  # fmt: skip
+
+
+def as_flags(message: str) -> str:
+    """An engine error's message, its advice naming the server's flags, not Python's."""
+    for python, flag in _FLAGS:
+        message = message.replace(python, flag)
+    return message
+
+
 def to_http(e: BaseException, param: str | None = None) -> HTTPError:
     """The HTTP answer for an engine error (bad input is a 400, never a 500)."""
     if isinstance(e, HTTPError):
         return e
+    text = as_flags(str(e))
     if isinstance(e, ContextOverflowError):
-        return HTTPError(400, str(e), param=param, code="context_length_exceeded")
+        return HTTPError(400, text, param=param, code="context_length_exceeded")
     if isinstance(e, (ValueError, TypeError)) and not isinstance(e, SessionNotFoundError):
-        return HTTPError(400, str(e), param=param or field_of(str(e)))
+        return HTTPError(400, text, param=param or field_of(text))
     if isinstance(e, BusyError):
-        return HTTPError(429, str(e), headers={"Retry-After": "1"})
+        return HTTPError(429, text, headers={"Retry-After": "1"})
     if isinstance(e, ClosedError):
         return HTTPError(503, "the model was unloaded; retry", headers={"Retry-After": "1"})
     if isinstance(e, NexabindError):
-        return HTTPError(500, str(e))
+        return HTTPError(500, text)
     log.error("unexpected error", exc_info=e)
     return HTTPError(500, f"internal error ({type(e).__name__}); see the server's log")
 
