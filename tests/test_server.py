@@ -433,6 +433,11 @@ def test_structured_output_and_tool_calls_with_the_openai_client(server: Served)
     call = c.message.tool_calls[0]
     tool = WEATHER if call.function.name == "get_weather" else TIME
     validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=200, seed=4, tools=[WEATHER, TIME],
+        tool_choice="get_time",  # a bare name, as LangChain's bind_tools sends it
+    )  # fmt: skip
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
     chunks = list(client.chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=200, seed=3, tools=[WEATHER], stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
