@@ -278,6 +278,7 @@ class Engine:
         tool_choice: str | dict[str, Any] | None = None,
         functions: list[dict[str, Any]] | None = None,
         function_call: str | dict[str, Any] | None = None,
+        same_prompt_as: int | None = None,
         **sampling: Any,
     ) -> int:
         """Queue a task; return its id at once.
@@ -298,6 +299,10 @@ class Engine:
                 the reply is generated under the schema's grammar.
             tools, tool_choice, functions, function_call: OpenAI's tool calls (chat tasks;
                 see :meth:`chat_output` for reading the reply).
+            same_prompt_as: The id of a task with the same prompt (another choice of one
+                request, OpenAI's ``n``): this task starts once that one has read its prompt
+                and copies its KV cells (``llama_memory_seq_cp``) instead of decoding the
+                prompt again.
             **sampling: Sampling options (see :class:`nexabind.sampling.SamplingOptions`),
                 ``grammar`` among them.
 
@@ -323,6 +328,9 @@ class Engine:
             raise ValueError(msg)
         sess = self._session(session) if session is not None else None
         task = Task(next(self._ids), kind, session=sess)
+        if same_prompt_as is not None:
+            with self._lock:  # None once that task is over and collected: nothing to wait for
+                task.after = self._tasks.get(same_prompt_as)
         model = self._model
         if kind in ("embedding", "rerank"):
             limit = _embed.max_tokens(self._ctx)

@@ -48,6 +48,14 @@ def test_n_choices_with_the_openai_client(server: Served) -> None:
     assert [x.index for x in c.choices] == [0, 1] and c.usage.completion_tokens == 6
 
 
+def test_n_choices_decode_the_prompt_once(server: Served) -> None:
+    long = [{"role": "user", "content": "Tell me about birds " * 40}]
+    before = server.get("/slots")[1]["prompt_tokens"]
+    r = _client(server).chat.completions.create(model="x", messages=long, n=4, max_tokens=2)
+    decoded = server.get("/slots")[1]["prompt_tokens"] - before
+    assert len(r.choices) == 4 and decoded < 2 * r.usage.prompt_tokens, decoded
+
+
 def test_n_choices_stream_with_their_index(server: Served) -> None:
     body = {"messages": CHAT, "n": 2, "max_tokens": 3, "logit_bias": NO_EOS,
             "stream_options": {"include_usage": True}}  # fmt: skip

@@ -299,7 +299,7 @@ class LocalBackend:
                 )
                 raise HTTPError(400, msg, param="n")
 
-            def start_one(sampling: dict[str, Any]) -> int:
+            def start_one(sampling: dict[str, Any], first: int | None) -> int:
                 session = None
                 todo = messages
                 if conv is not None:  # this request holds it (reserve)
@@ -318,7 +318,7 @@ class LocalBackend:
                     session = conv.sid
                 return engine.create_task(
                     "chat", messages=todo, session=session, max_tokens=max_tokens,
-                    stop=stop, logprobs=n_top, **asked, **sampling,
+                    stop=stop, logprobs=n_top, same_prompt_as=first, **asked, **sampling,
                 )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
@@ -343,11 +343,11 @@ class LocalBackend:
                 pieces = b"".join(engine.token_to_piece(t) for t in prompt)
                 return pieces.decode("utf-8", "replace")
 
-            def start_one(sampling: dict[str, Any]) -> int:
+            def start_one(sampling: dict[str, Any], first: int | None) -> int:
                 lp: bool | int = n_lp if n_lp is not None else False
                 return engine.create_task(
                     "completion", prompt=prompt, max_tokens=max_tokens, stop=stop,
-                    logprobs=lp, **asked, **sampling,
+                    logprobs=lp, same_prompt_as=first, **asked, **sampling,
                 )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
@@ -365,7 +365,8 @@ class LocalBackend:
                 for i in range(n):  # a seed gives each choice its own: seed, seed + 1, ...
                     own = {**sampling, "seed": (sampling["seed"] + i) & 0xFFFFFFFF} if (
                         i and "seed" in sampling) else sampling  # fmt: skip
-                    tids.append(start_one(own))
+                    # The prompt is decoded once: the other choices copy the first's cells.
+                    tids.append(start_one(own, tids[0] if tids else None))
             except BaseException:
                 for tid in tids:
                     with contextlib.suppress(KeyError, ClosedError):
