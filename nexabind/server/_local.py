@@ -142,13 +142,31 @@ def _max_tokens(body: dict[str, Any], cap: int) -> int | None:
 
 
 def _summed(
-    chunks: Iterable[dict[str, Any]], outcomes: list[Outcome], total: Outcome
+    engine: Engine,
+    tids: list[int],
+    chunks: Iterable[dict[str, Any]],
+    outcomes: list[Outcome],
+    total: Outcome,
 ) -> Iterator[dict[str, Any]]:
     """``chunks``; once they are done, ``total`` holds the tokens of every choice's
-    ``outcomes`` (the prompt once)."""
-    yield from chunks
+    ``outcomes`` (the prompt once). The choices' tasks are discarded however it ends."""
+    try:
+        yield from chunks
+    finally:
+        _discard(engine, tids)
     total.prompt_tokens = outcomes[0].prompt_tokens
     total.completion_tokens = sum(o.completion_tokens for o in outcomes)
+
+
+def _discard(engine: Engine, tids: list[int]) -> None:
+    """Cancel the tasks of ``tids`` whose answers were not read (a choice before them failed)
+    and let the engine forget them; those that were read are gone already."""
+    for tid in tids:
+        with contextlib.suppress(KeyError, ClosedError):
+            engine.cancel(tid)
+    for tid in tids:
+        with contextlib.suppress(Exception):  # its own error: the request has failed already
+            engine.result(tid)
 
 
 def _key(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -393,17 +411,21 @@ class LocalBackend:
         def shape(tids: list[int]) -> Any:
             self._attach(engine, call, tids)
             outcomes = [engine.outcome(tid) for tid in tids]
-            outs = [
-                shaped(tokens_of(tid, outcome, [], tid == tids[-1]), outcome, tid)
-                for tid, outcome in zip(tids, outcomes, strict=True)
-            ]
+
+            def one(i: int) -> Any:  # a stream's chunks, or an answer (when not streamed)
+                return shaped(tokens_of(tids[i], outcomes[i], [], i == n - 1), outcomes[i], tids[i])
+
             if n == 1:
-                out, total = outs[0], outcomes[0]
+                out, total = one(0), outcomes[0]
             elif stream:
                 total = Outcome()
-                out = _summed(openai.indexed_chunks(outs), outcomes, total)
+                chunks = openai.indexed_chunks([one(i) for i in range(n)])
+                out = _summed(engine, tids, chunks, outcomes, total)
             else:
-                return openai.merge_choices(outs)
+                try:
+                    return openai.merge_choices([one(i) for i in range(n)])
+                finally:
+                    _discard(engine, tids)
             if stream and usage:
                 out = openai.with_usage(out, total)
             return out
