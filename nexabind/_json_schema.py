@@ -11,9 +11,11 @@ schema into a grammar applied as a token mask. This module does what it leaves t
   would let a model add any key with any value); ``default_additional_properties=True`` keeps the
   JSON Schema default.
 - A number or an integer whose schema leaves a side unbounded gets llama-cpp-python's bound on
-  that side: at most 16 digits before the point (``|x| < 10**16``), so a model cannot write
-  digits until ``max_tokens`` and leave a reply that never parses. A schema's own bounds, wider
-  or narrower, stay as they are.
+  that side: at most 16 digits before the point (``|x| < 10**16``; a number's bound is the
+  nearest double, 1e16), so a model cannot write digits until ``max_tokens`` and leave a reply
+  that never parses. A schema's own bounds, wider or narrower, stay as they are. A number
+  without ``multipleOf`` is written with at most 10 digits after the point (``multipleOf``
+  1e-10 in the grammar: llguidance takes no finer step), and without an exponent.
 - Whitespace between JSON tokens is bounded as in llama.cpp's converter (one space, or one or two
   newlines and up to 20 spaces or tabs), so a model cannot stall in it.
 """
@@ -389,6 +391,8 @@ def _close_objects(node: Any, path: str, open_refs: set[str], in_all_of: bool) -
 #: The default bound of a number's magnitude: 16 digits before the point (llama-cpp-python's
 #: ``[1-9] [0-9]{0,15}``).
 NUMBER_BOUND = 10**16 - 1
+#: The finest step of a number's grammar (digits after the point), where its schema gives none.
+NUMBER_STEP = 1e-10
 _LOWER = ("minimum", "exclusiveMinimum")
 _UPPER = ("maximum", "exclusiveMaximum")
 
@@ -406,6 +410,8 @@ def _bound_numbers(node: Any, path: str) -> None:
             node["minimum"] = -NUMBER_BOUND
         if not upper and not (lower and min(lower) > NUMBER_BOUND):
             node["maximum"] = NUMBER_BOUND
+        if "number" in kinds and "multipleOf" not in node:
+            node["multipleOf"] = NUMBER_STEP
     for _, sub_path, sub in _subschemas(node, path):
         _bound_numbers(sub, sub_path)
 
