@@ -9,6 +9,7 @@ to read the reply for calls. :class:`nexabind.Llama` and the :class:`~nexabind.e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ class ChatPlan:
         messages: The conversation to render (tools told in a system message when the
             template has no place for them).
         extra: Template variables (``tools``).
-        opener: Text that follows the generation prompt (a forced call's opening).
+        opener: Text that follows the generation prompt (the opening of a call ``required``
+            among several tools).
         grammar: What the reply is generated under, if anything.
         output: How to read the reply for tool calls (None: it is content).
         markers: Every format's call markers (control tokens that spell them get their text
@@ -83,6 +85,8 @@ def plan_chat(
     fmt = tool_calls.detect_format(template)
     active = req is not None and req.choice != "none"
     has_tools = template is not None and "tools" in template
+    if forced and req is not None and (req.named or len(req.tools) == 1):
+        return _one_function(messages, req, has_tools)
     plan = ChatPlan(
         tool_calls.render_messages(messages, req if active else None, has_tools),
         extra={"tools": req.tools} if active and has_tools and req is not None else {},
@@ -92,7 +96,7 @@ def plan_chat(
         return plan
     names = req.names
     plan.markers = tuple(m for f in tool_calls.FORMATS for m in f.markers)
-    if forced:
+    if forced:  # required, among several tools: which one is the model's choice
         plan.opener = fmt.opener
         schema = tool_calls.constraint_schema(req, fmt)
         plan.grammar = field_grammar("tools", schema)
@@ -114,3 +118,26 @@ def plan_chat(
         parse_any, markers, json_start=fmt.json_start, legacy=req.legacy
     )
     return plan
+
+
+def _one_function(
+    messages: list[dict[str, Any]], req: tool_calls.ToolRequest, has_tools: bool
+) -> ChatPlan:
+    """The plan of a call to one known function (named, or ``required`` with one tool), as
+    llama-cpp-python makes it: the prompt lists no tools (the model need not choose), and the
+    reply is the function's arguments alone, generated under its parameter schema."""
+    name = req.choice if req.named else req.names[0]
+    grammar = field_grammar("tools", req.tool(name)["parameters"])
+
+    def parse(text: str) -> tuple[str | None, list[tool_calls.Call]] | None:
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            return None  # cut short (max_tokens): the text is the content
+        return None, [tool_calls.Call(name, text.strip())]
+
+    return ChatPlan(
+        tool_calls.render_messages(messages, None, has_tools),
+        grammar=grammar,
+        output=tool_calls.ToolOutput(parse, buffer_all=True, legacy=req.legacy),
+    )

@@ -8,7 +8,7 @@ from typing import Any
 from nexabind import lowlevel
 from nexabind.errors import ContextOverflowError
 
-__all__ = ["embed", "embed_tokens", "max_tokens", "normalize"]
+__all__ = ["embed", "embed_tokens", "max_tokens", "normalize", "shorten"]
 
 
 def _tokens(
@@ -38,6 +38,29 @@ def normalize(vectors: Any) -> None:
     for arr in [vectors] if isinstance(vectors, np.ndarray) else vectors:
         norms = np.linalg.norm(arr, axis=-1, keepdims=True)
         arr /= np.where(norms == 0, 1, norms)
+
+
+def shorten(vectors: Any, dimensions: int | None, *, unit: bool) -> Any:
+    """``vectors`` (a float32 array, one row each) cut to their first ``dimensions`` values
+    (Matryoshka-style, as OpenAI's ``dimensions``) and scaled to unit L2 norm when ``unit``.
+
+    Raises:
+        ValueError: ``dimensions`` is more than the vectors have.
+    """
+    import numpy as np
+
+    out = np.array(vectors, dtype=np.float32, ndmin=2)
+    if dimensions is not None:
+        if dimensions > out.shape[-1]:
+            msg = (
+                f"dimensions={dimensions} is more than this model's {out.shape[-1]}; "
+                f"ask for {out.shape[-1]} or fewer"
+            )
+            raise ValueError(msg)
+        out = np.ascontiguousarray(out[..., :dimensions])
+    if unit:
+        normalize(out)
+    return out
 
 
 def embed(

@@ -10,6 +10,12 @@ schema into a grammar applied as a token mask. This module does what it leaves t
   other properties, as llama.cpp's converter and OpenAI's strict mode do (JSON Schema's default
   would let a model add any key with any value); ``default_additional_properties=True`` keeps the
   JSON Schema default.
+- A number or an integer whose schema leaves a side unbounded gets llama-cpp-python's bound on
+  that side: at most 16 digits before the point (``|x| < 10**16``; a number's bound is the
+  nearest double, 1e16), so a model cannot write digits until ``max_tokens`` and leave a reply
+  that never parses. A schema's own bounds, wider or narrower, stay as they are. A number
+  without ``multipleOf`` is written with at most 10 digits after the point (``multipleOf``
+  1e-10 in the grammar: llguidance takes no finer step), and without an exponent.
 - Whitespace between JSON tokens is bounded as in llama.cpp's converter (one space, or one or two
   newlines and up to 20 spaces or tabs), so a model cannot stall in it.
 """
@@ -30,6 +36,7 @@ __all__ = [
     "MAX_OBJECT_PROPERTIES",
     "MAX_PROPERTIES",
     "MAX_SCHEMA_DEPTH",
+    "NUMBER_BOUND",
     "SUPPORTED_FORMATS",
     "UNSUPPORTED_KEYWORDS",
     "to_grammar",
@@ -381,6 +388,34 @@ def _close_objects(node: Any, path: str, open_refs: set[str], in_all_of: bool) -
         _close_objects(sub, sub_path, open_refs, key == "allOf")
 
 
+#: The default bound of a number's magnitude: 16 digits before the point (llama-cpp-python's
+#: ``[1-9] [0-9]{0,15}``).
+NUMBER_BOUND = 10**16 - 1
+#: The finest step of a number's grammar (digits after the point), where its schema gives none.
+NUMBER_STEP = 1e-10
+_LOWER = ("minimum", "exclusiveMinimum")
+_UPPER = ("maximum", "exclusiveMaximum")
+
+
+def _bound_numbers(node: Any, path: str) -> None:
+    """Give number and integer schemas :data:`NUMBER_BOUND` on each side they leave open."""
+    if not isinstance(node, dict):
+        return
+    types = node.get("type")
+    kinds = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
+    if kinds & {"integer", "number"} and "const" not in node and "enum" not in node:
+        lower = [node[k] for k in _LOWER if isinstance(node.get(k), (int, float))]
+        upper = [node[k] for k in _UPPER if isinstance(node.get(k), (int, float))]
+        if not lower and not (upper and max(upper) < -NUMBER_BOUND):
+            node["minimum"] = -NUMBER_BOUND
+        if not upper and not (lower and min(lower) > NUMBER_BOUND):
+            node["maximum"] = NUMBER_BOUND
+        if "number" in kinds and "multipleOf" not in node:
+            node["multipleOf"] = NUMBER_STEP
+    for _, sub_path, sub in _subschemas(node, path):
+        _bound_numbers(sub, sub_path)
+
+
 def _all_of_refs(node: Any) -> Iterator[str]:
     """Yield the ``$ref`` of every ``allOf`` member, at any depth."""
     if isinstance(node, dict):
@@ -418,6 +453,7 @@ def _prepare(schema: Any, default_additional_properties: bool) -> tuple[Any, _Ch
     if not default_additional_properties:
         open_refs = {"#" + r[1:] for r in _all_of_refs(root) if r.startswith("#")}
         _close_objects(root, "#", open_refs, in_all_of=False)
+    _bound_numbers(root, "#")
     root["x-guidance"] = {"whitespace_flexible": True, "whitespace_pattern": WHITESPACE, **options}
     return root, checker
 

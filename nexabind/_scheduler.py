@@ -34,6 +34,7 @@ from nexabind._slots import (
     claim,
     drop_session,
     free_cells,
+    waits_for_prompt,
 )
 from nexabind.errors import BusyError, ClosedError, ContextOverflowError, NexabindError
 from nexabind.sampling import build_sampler
@@ -206,7 +207,8 @@ class Scheduler:
             elif left:  # first come, first served: nothing overtakes a waiting task
                 left.append(task)
             else:
-                slot = choose(self.slots, task, self.ctx)
+                wait = waits_for_prompt(self.slots, task)
+                slot = None if wait else choose(self.slots, task, self.ctx)
                 if slot is None:
                     left.append(task)
                     continue
@@ -244,7 +246,7 @@ class Scheduler:
     def _start(self, slot: Slot, task: Task, sampler: lowlevel.SamplerChain) -> None:
         import numpy as np
 
-        n = claim(self.ctx, slot, task)
+        n = claim(self.ctx, slot, task, self.slots)
         tokens = task.tokens
         req = task.req
         assert req is not None

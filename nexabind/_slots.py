@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "evict",
     "free_cells",
     "restore",
+    "waits_for_prompt",
 ]
 
 log = logging.getLogger("nexabind._scheduler")
@@ -100,6 +101,9 @@ class Task:
     output: Any = None  # a chat's ToolOutput (how to read its reply for tool calls)
     spelled: dict[int, str] = field(default_factory=dict)  # control tokens that spell markers
     matcher: Any = None  # an llguidance grammar's GrammarMatcher, made in the caller's thread
+    # A task with the same prompt (another choice of one request): this one starts once that
+    # one has read its prompt, and copies its KV cells instead of decoding them again.
+    after: Task | None = None
 
 
 class Slot:
@@ -150,6 +154,15 @@ def choose(slots: list[Slot], task: Task, ctx: lowlevel.Context) -> Slot | None:
     return slot
 
 
+def waits_for_prompt(slots: list[Slot], task: Task) -> bool:
+    """Whether ``task`` waits for the task it shares its prompt with to read that prompt
+    (queued still, or its slot in the prompt phase)."""
+    first = task.after
+    if first is None or first.done.is_set():
+        return False
+    return first.started is None or any(s.task is first and s.state == PROMPT for s in slots)
+
+
 def common_prefix(slot: Slot, tokens: list[int]) -> int:
     """How many of ``tokens`` the slot's cache holds at its start."""
     import numpy as np
@@ -162,10 +175,12 @@ def common_prefix(slot: Slot, tokens: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def claim(ctx: lowlevel.Context, slot: Slot, task: Task) -> int:
+def claim(ctx: lowlevel.Context, slot: Slot, task: Task, slots: Sequence[Slot] = ()) -> int:
     """Ready ``slot`` for ``task``: its session's cells in it (the cells of the session that
     held it saved to host memory), and of its cache only what the prompt shares, leaving at
-    least one token to decode for its logits. Returns how many prompt tokens the cache holds."""
+    least one token to decode for its logits; a task that shares its prompt with another
+    (``after``) copies the longest prefix one of ``slots`` holds. Returns how many prompt
+    tokens the cache holds."""
     session = task.session
     if session is not None and session.slot is not slot:
         if slot.session is not None:
@@ -186,7 +201,33 @@ def claim(ctx: lowlevel.Context, slot: Slot, task: Task) -> int:
             ctx.seq_rm(slot.id, -1, -1)
             n = 0
         slot.n = n
+    if task.after is not None and session is None:
+        n = _copy_prefix(ctx, slot, tokens, n, slots)
     return n
+
+
+def _copy_prefix(
+    ctx: lowlevel.Context, slot: Slot, tokens: list[int], n: int, slots: Sequence[Slot]
+) -> int:
+    """Copy into ``slot`` the longest prefix of ``tokens`` another slot holds, when longer
+    than the ``n`` it holds itself; return the tokens it holds now. In a unified KV cache the
+    copy shares the cells (``llama_memory_seq_cp``): nothing is decoded or moved."""
+    model = ctx.model
+    if model.is_recurrent or model.is_hybrid:  # their state is not per position
+        return n
+    donor, k = None, n
+    for other in slots:
+        if other is not slot:
+            m = min(common_prefix(other, tokens), len(tokens) - 1)
+            if m > k:
+                donor, k = other, m
+    if donor is None:
+        return n
+    ctx.seq_rm(slot.id, -1, -1)
+    ctx.seq_cp(donor.id, slot.id, 0, k)
+    slot.tokens[:k] = donor.tokens[:k]
+    slot.n = k
+    return k
 
 
 def evict(ctx: lowlevel.Context, slot: Slot) -> None:

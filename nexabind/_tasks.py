@@ -218,7 +218,7 @@ def embedding_inputs(
     model: lowlevel.Model,
     limit: int,
     kind: str,
-    input: str | Sequence[str] | None,
+    input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None,
     query: str | None,
     documents: Sequence[str] | None,
 ) -> list[list[int]]:
@@ -227,8 +227,7 @@ def embedding_inputs(
         if input is None:
             msg = "an embedding task needs input= (a text or a list of texts)"
             raise ValueError(msg)
-        texts = [input] if isinstance(input, str) else list(input)
-        seqs = [model.tokenize(t, add_special=True)[:limit] for t in texts]
+        seqs = [_embedding_tokens(model, item)[:limit] for item in _embedding_items(input)]
     else:
         if query is None or documents is None:
             msg = "a rerank task needs query= and documents="
@@ -238,6 +237,21 @@ def embedding_inputs(
         msg = f"an {kind} task needs at least one non-empty text"
         raise ValueError(msg)
     return seqs
+
+
+def _embedding_items(input: Any) -> list[Any]:
+    """The inputs of an embedding task: a text or token ids alone, or a list of them."""
+    if isinstance(input, str) or (input and isinstance(input[0], int)):
+        return [input]
+    return list(input)
+
+
+def _embedding_tokens(model: lowlevel.Model, item: Any) -> list[int]:
+    if isinstance(item, str):
+        return model.tokenize(item, add_special=True)
+    tokens = [int(t) for t in item]
+    model.check_tokens(tokens, "input token")
+    return tokens
 
 
 def _rerank_tokens(model: lowlevel.Model, query: str, document: str) -> list[int]:

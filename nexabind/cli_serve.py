@@ -134,7 +134,20 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
     "Seconds a request's headers may take to arrive (else the connection is closed), then its "
     "body (else 408).",
 )
-@click.option("--chat-template", help="A jinja chat template or a llama.cpp built-in name.")
+@click.option(
+    "-n",
+    "--n-predict",
+    default=-1,
+    show_default=True,
+    type=int,
+    help="Most tokens a request may generate (-1: until the slot is full); requests may ask "
+    "for fewer with max_tokens or n_predict.",
+)
+@click.option(
+    "--chat-template",
+    help="A jinja chat template or a llama.cpp built-in name [default: the model's; chatml "
+    "when it has none].",
+)
 @click.option(
     "--lib-path",
     type=click.Path(file_okay=False, path_type=str),

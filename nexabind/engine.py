@@ -20,6 +20,7 @@ cells move to host memory and come back when it resumes. :mod:`nexabind._tasks` 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import uuid
@@ -44,6 +45,11 @@ from nexabind.tool_calls import ToolOutput
 
 __all__ = ["Engine"]
 
+log = logging.getLogger(__name__)
+
+#: The turn end of the chatml format: a stop string of every chat rendered with it.
+_CHATML_STOP = "<|im_end|>"
+
 
 class Engine:
     """Many tasks on one model: a context of ``n_parallel`` sequences and a scheduler thread.
@@ -60,7 +66,8 @@ class Engine:
         n_gpu_layers: Layers on the GPU (None: all, when a GPU backend is present).
         flash_attn: True, False, or None for llama.cpp's choice.
         embedding: An embedding engine (``embedding`` and ``rerank`` tasks only).
-        chat_template: A jinja template or a llama.cpp built-in name, for chat tasks.
+        chat_template: A jinja template or a llama.cpp built-in name, for chat tasks (None:
+            the model's; chatml, with a warning logged once, when it has none, as ``Llama``).
         seed: Default sampling seed.
         max_queue: Tasks that may wait for a slot; more raise ``BusyError``.
         check_tensors: Validate every tensor's data while loading.
@@ -128,6 +135,10 @@ class Engine:
             raise
         self.n_parallel = n_parallel
         self.embedding = embedding
+        if chat_template is None and not embedding and self._model.chat_template() is None:
+            log.warning("%s has no chat template: chats use the chatml format (give a chat "
+                        "template to choose another)", self.model_path)  # fmt: skip
+            chat_template = "chatml"
         self.chat_template = chat_template
         self.seed = seed
         self.model_type: str = self._model.metadata().get("general.architecture", "unknown")
@@ -259,7 +270,7 @@ class Engine:
         *,
         prompt: str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        input: str | Sequence[str] | None = None,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = None,
         query: str | None = None,
         documents: Sequence[str] | None = None,
         session: str | None = None,
@@ -271,6 +282,7 @@ class Engine:
         tool_choice: str | dict[str, Any] | None = None,
         functions: list[dict[str, Any]] | None = None,
         function_call: str | dict[str, Any] | None = None,
+        same_prompt_as: int | None = None,
         **sampling: Any,
     ) -> int:
         """Queue a task; return its id at once.
@@ -280,7 +292,7 @@ class Engine:
                 (``input``: a text or a list) or ``rerank`` (``query`` and ``documents``).
             prompt: Text or token ids of a completion.
             messages: The conversation of a chat (in a session: its new messages).
-            input: Texts to embed.
+            input: What to embed: a text or token ids, or a list of texts or of token-id lists.
             query: What to rank ``documents`` by (a rank-pooling model).
             documents: The texts to rank.
             session: A session id (see :meth:`create_session`).
@@ -291,6 +303,10 @@ class Engine:
                 the reply is generated under the schema's grammar.
             tools, tool_choice, functions, function_call: OpenAI's tool calls (chat tasks;
                 see :meth:`chat_output` for reading the reply).
+            same_prompt_as: The id of a task with the same prompt (another choice of one
+                request, OpenAI's ``n``): this task starts once that one has read its prompt
+                and copies its KV cells (``llama_memory_seq_cp``) instead of decoding the
+                prompt again.
             **sampling: Sampling options (see :class:`nexabind.sampling.SamplingOptions`),
                 ``grammar`` among them.
 
@@ -316,6 +332,9 @@ class Engine:
             raise ValueError(msg)
         sess = self._session(session) if session is not None else None
         task = Task(next(self._ids), kind, session=sess)
+        if same_prompt_as is not None:
+            with self._lock:  # None once that task is over and collected: nothing to wait for
+                task.after = self._tasks.get(same_prompt_as)
         model = self._model
         if kind in ("embedding", "rerank"):
             limit = _embed.max_tokens(self._ctx)
@@ -330,6 +349,8 @@ class Engine:
             )  # fmt: skip
             sampling["grammar"] = plan.grammar
             task.req = task_request(model, self.seed, max_tokens, stop, logprobs, sampling)
+            if kind == "chat" and self.chat_template == "chatml":  # its turns end with a text
+                task.req.stops.append(_CHATML_STOP)
             task.matcher = grammar_matcher(model, task.req)
             task.tokens = prompt_tokens(
                 model, self.chat_template, sched.n_ctx_slot, kind, prompt, plan, sess, task

@@ -63,7 +63,9 @@ def json_schema_to_grammar(
     ``pattern``, ``minLength`` / ``maxLength``, ``minimum`` / ``maximum`` / ``exclusive*`` /
     ``multipleOf`` (integers and numbers), ``format`` (date, time, date-time, duration, email,
     hostname, ipv4, ipv6, uri, uuid); annotations (``title``, ``description``, ``default``,
-    ``examples``, ...) are ignored.
+    ``examples``, ...) are ignored. A number or integer is at most 16 digits before the point
+    (as in llama-cpp-python's grammars) unless the schema's own bounds allow more, and a number
+    without ``multipleOf`` at most 10 after it, with no exponent.
 
     Args:
         schema: A JSON schema: a dict, a bool, or its JSON text.

@@ -29,6 +29,8 @@ __all__ = [
     "embedding_list",
     "error",
     "finish_reason",
+    "indexed_chunks",
+    "merge_choices",
     "model_list",
     "rerank_list",
     "with_usage",
@@ -406,6 +408,27 @@ def embedding_list(
 
 
 # -- server shapes -------------------------------------------------------------------------------
+
+
+def merge_choices(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``n`` answers to one request (``completion`` or ``chat.completion`` dicts) as one: the
+    first's fields, every choice in order with ``index`` 0 to n-1, the prompt counted once."""
+    first = results[0]
+    choices = [{**c, "index": i} for i, r in enumerate(results) for c in r["choices"]]
+    out = {**first, "choices": choices}
+    prompt = first["usage"]["prompt_tokens"]
+    generated = sum(r["usage"]["completion_tokens"] for r in results)
+    out["usage"] = {"prompt_tokens": prompt, "completion_tokens": generated,
+                    "total_tokens": prompt + generated}  # fmt: skip
+    return out
+
+
+def indexed_chunks(streams: Sequence[Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The stream chunks of ``n`` answers to one request as one stream: each answer's chunks
+    in turn, their choices' ``index`` the answer's place."""
+    for i, chunks in enumerate(streams):
+        for c in chunks:
+            yield {**c, "choices": [{**choice, "index": i} for choice in c["choices"]]}
 
 
 def with_usage(chunks: Iterable[dict[str, Any]], outcome: Outcome) -> Iterator[dict[str, Any]]:

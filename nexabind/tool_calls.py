@@ -62,7 +62,7 @@ class ToolRequest:
     Attributes:
         tools: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
         choice: ``"auto"``, ``"none"``, ``"required"``, or the name of the one function to
-            call.
+            call (``tool_choice`` names it in an object, or bare: ``"get_weather"``).
         legacy: The request used ``functions`` / ``function_call`` (the reply then carries
             ``function_call`` and finishes with ``"function_call"``).
     """
@@ -125,13 +125,19 @@ class ToolRequest:
                 msg = f"tool_choice names {name!r}, which is not among the tools {names}"
                 raise ValueError(msg)
             return cls(checked, name, legacy, named=True)
-        if not isinstance(choice, str) or choice not in ("auto", "none", "required"):
+        if isinstance(choice, str) and choice not in _CHOICES and choice in names:
+            return cls(checked, choice, legacy, named=True)  # a bare name: LangChain's bind_tools
+        if not isinstance(choice, str) or choice not in _CHOICES:
             msg = (
-                f"tool_choice={_show(choice)} is invalid; use 'auto', 'none', 'required' or "
+                f"tool_choice={_show(choice)} is invalid; use 'auto', 'none', 'required', a "
+                f"function's name ({', '.join(names)}) or "
                 '{"type": "function", "function": {"name": ...}}'
             )
             raise ValueError(msg)
         return cls(checked, choice, legacy)
+
+
+_CHOICES = ("auto", "none", "required")
 
 
 def _show(value: Any) -> str:

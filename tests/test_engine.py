@@ -529,3 +529,21 @@ def test_structured_output_and_tool_calls_through_the_engine(
             )
         with pytest.raises(ValueError, match="tools and functions are for chat tasks"):
             eng.create_task(prompt="x", tools=[WEATHER])
+
+
+def test_choices_of_one_prompt_decode_it_once(libdir: Path, tiny_model_f32: Path) -> None:
+    """Tasks created with same_prompt_as start once the first has read the prompt and copy its
+    KV cells: the prompt is decoded once, and greedy choices equal the first's."""
+    prompt = " ".join(WORDS * 6)
+    with Engine(tiny_model_f32, n_parallel=4, n_ctx=4 * 512, n_threads=1) as engine:
+        n_prompt = len(engine._model.tokenize(prompt, add_special=True))
+        first = engine.create_task(prompt=prompt, max_tokens=6, **GREEDY)
+        others = [
+            engine.create_task(prompt=prompt, max_tokens=6, same_prompt_as=first, **GREEDY)
+            for _ in range(3)
+        ]
+        want = engine.result(first, timeout=120)["tokens"]
+        for tid in others:
+            assert _ids(engine.result(tid, timeout=120)["tokens"]) == _ids(want)
+        # the first read it all; each other choice, only its last token (for its logits)
+        assert engine.status()["prompt_tokens"] == n_prompt + 3

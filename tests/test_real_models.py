@@ -46,6 +46,21 @@ def test_gemma_through_the_engine_gives_llamas_tokens(
     assert [t.id for t in result["tokens"]] == oracle["tokens"][:16]
 
 
+def test_gemma_choices_of_one_prompt_copy_its_cells(gemma: Path, libdir: Path) -> None:
+    """Gemma 3's cache is two (sliding-window layers and full ones): copied cells give the
+    first choice's greedy text, and the prompt is decoded once."""
+    prompt = "The history of the sea is long. " * 30
+    with Engine(gemma, n_parallel=3, n_ctx=3 * 1024, n_threads=2, lib_path=libdir) as eng:
+        first = eng.create_task(prompt=prompt, max_tokens=12, temperature=0.0)
+        others = [
+            eng.create_task(prompt=prompt, max_tokens=12, temperature=0.0, same_prompt_as=first)
+            for _ in range(2)
+        ]
+        want = eng.result(first, timeout=300)
+        assert [eng.result(t, timeout=300)["text"] for t in others] == [want["text"]] * 2
+        assert eng.status()["prompt_tokens"] == want["usage"]["prompt_tokens"] + 2
+
+
 def test_gemma_served_chat_with_the_openai_client(
     gemma: Path, libdir: Path, tmp_path: Path
 ) -> None:

@@ -111,7 +111,7 @@ def test_bad_input_is_a_4xx_naming_the_field_never_a_500(server: Served) -> None
         ({}, 400, "messages"),
         ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
-        ({"messages": CHAT, "n": 3}, 400, "n"),
+        ({"messages": CHAT, "n": 17}, 400, "n"),
         ({"messages": CHAT, "stop": [1]}, 400, "stop[0]"),
         ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias.x"),
         ({"messages": CHAT, "logit_bias": {"99999": 1}}, 400, None),
@@ -352,7 +352,7 @@ def test_embeddings_and_rerank(
 
     texts = ["Hello world", "the cat sat"]
     with Llama(embed_model, embedding=True, n_ctx=1024, n_threads=1) as llm:
-        want = llm.embed(texts)
+        want = llm.embed(texts, normalize=True)  # OpenAI's vectors have unit length
     with Served(embed_model, "--embedding", "-c", "1024", log=tmp_path / "log") as s:
         client = _client(s)
         r = client.embeddings.create(model="x", input=texts)  # base64, the client's default
@@ -433,6 +433,11 @@ def test_structured_output_and_tool_calls_with_the_openai_client(server: Served)
     call = c.message.tool_calls[0]
     tool = WEATHER if call.function.name == "get_weather" else TIME
     validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=200, seed=4, tools=[WEATHER, TIME],
+        tool_choice="get_time",  # a bare name, as LangChain's bind_tools sends it
+    )  # fmt: skip
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
     chunks = list(client.chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=200, seed=3, tools=[WEATHER], stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},

@@ -132,7 +132,8 @@ def test_grammar_and_response_format_together_are_refused(llm: Llama) -> None:
 
 
 def test_required_and_named_calls_follow_the_parameters(hermes: Llama) -> None:
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in (named, "get_weather", "required"):
         for seed in range(3):
             out = hermes.create_chat_completion(
                 ASK, tools=[WEATHER, TIME], tool_choice=choice, seed=seed, max_tokens=200
@@ -145,9 +146,10 @@ def test_required_and_named_calls_follow_the_parameters(hermes: Llama) -> None:
             name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
             tool = WEATHER if name == "get_weather" else TIME
             validate(args, tool["function"]["parameters"])
-            if isinstance(choice, dict):
+            if choice != "required":
                 assert name == "get_weather"
-    # the template got the tools, and the call was opened in the model's format
+    # required among two: the template got the tools, and the call was opened in the model's
+    # format (the model chooses the function)
     text = prompt_text(hermes, out["usage"])
     assert '"name": "get_weather"' in text and text.endswith("<tool_call>\n")
 
@@ -230,8 +232,35 @@ def test_the_follow_up_turn_renders_calls_and_results(hermes: Llama) -> None:
     assert "<|im_start|>tool\nsunny, 24 C<|im_end|>" in text
 
 
+@pytest.mark.parametrize("choice", ["get_weather", "required"])
+def test_a_forced_function_is_its_arguments_alone_after_a_prompt_without_tools(
+    hermes: Llama, choice: str
+) -> None:
+    """As llama-cpp-python: the model need not choose, so it is not told the tools, and it
+    writes only the arguments, under the parameter schema (a few tokens, not a wrapper)."""
+    plain = hermes.create_chat_completion(ASK, max_tokens=1)
+    for seed in range(3):
+        out = hermes.create_chat_completion(
+            ASK, tools=[WEATHER], tool_choice=choice, seed=seed, max_tokens=40
+        )
+        c = out["choices"][0]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
+        (call,) = c["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+        assert out["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+        assert "<tool_call>" not in prompt_text(hermes, out["usage"])
+    legacy = hermes.create_chat_completion(
+        ASK, functions=[WEATHER["function"]], function_call={"name": "get_weather"}, max_tokens=40
+    )
+    assert legacy["choices"][0]["finish_reason"] == "function_call"
+    assert legacy["choices"][0]["message"]["function_call"]["name"] == "get_weather"
+
+
 def test_a_template_without_tools_is_told_about_them(llm: Llama) -> None:
-    out = llm.create_chat_completion(ASK, tools=[WEATHER], tool_choice="required", max_tokens=200)
+    out = llm.create_chat_completion(
+        ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200
+    )
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     text = prompt_text(llm, out["usage"])
     assert "You can call these tools" in text and '"get_weather"' in text
@@ -309,3 +338,37 @@ def test_deep_schemas_are_value_errors_at_any_depth() -> None:
         with pytest.raises(ValueError, match="limit is 32|more than 64 deep"):
             to_grammar(schema)
     assert to_grammar({"type": "object", "properties": {"a": {"$ref": "#"}}})  # it nests: fine
+
+
+@pytest.mark.parametrize(
+    ("schema", "most"),
+    [
+        ({"type": "integer"}, 10**16 - 1),
+        ({"type": "integer", "minimum": 0}, 10**16 - 1),
+        ({"type": "number"}, 1e16),  # the nearest double to 10**16 - 1
+        ({"type": ["number", "null"], "exclusiveMaximum": 5}, 1e16),
+        ({"type": "integer", "minimum": 0, "maximum": 10**20}, 10**20),
+    ],
+)
+def test_digits_are_bounded_so_the_reply_parses(
+    gemma: Path, libdir: Path, schema: dict[str, Any], most: int
+) -> None:
+    """A model that would write digits for ever (its digits favoured) still closes the object
+    (llama-cpp-python's grammars allow 16 digits; a schema's own bounds may allow more), and
+    a number's digits after the point end too."""
+    with Llama(gemma, n_ctx=512, n_threads=1, verbose=False) as llm:
+        digits = {llm.tokenize(str(d).encode(), add_bos=False)[0]: 30.0 for d in range(10)}
+        if "number" in schema["type"]:  # and the point, so the digits go on after it
+            digits[llm.tokenize(b".", add_bos=False)[0]] = 40.0
+        fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"age": schema}, "required": ["age"]}}}  # fmt: skip
+        r = llm.create_chat_completion(
+            [{"role": "user", "content": "Your age?"}], response_format=fmt, logit_bias=digits,
+            temperature=0, max_tokens=60,
+        )  # fmt: skip
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    age = json.loads(choice["message"]["content"])["age"]
+    assert abs(age) <= most
+    if schema["type"] == "integer":
+        assert len(str(abs(age))) >= 16  # digits, as many as it may write

@@ -16,6 +16,8 @@ from _serve import Served, events, read_events
 
 from nexabind._build import server_binary
 from nexabind.server import ServeOptions
+from nexabind.server._forward import upstream_body
+from nexabind.server.gateway import HTTPError
 from nexabind.server.supervisor import Supervisor, SupervisorError, find_binary, server_argv
 
 IN_CI = bool(os.environ.get("CI"))
@@ -54,6 +56,20 @@ def test_flags_come_from_the_same_options() -> None:
     for part in ("-np 3", "-c 4096", "-t 2", "-tb 2", "--alias m", "--reranking", "--kv-unified"):
         assert part in joined
     assert "--api-key" not in joined  # the key goes through the environment
+    assert " -n " not in joined  # no cap unless asked for
+    capped = server_argv("/bin/llama-server", ServeOptions("m.gguf", n_predict=64), 5555)
+    assert "-n 64" in " ".join(capped)
+
+
+def test_embedding_options_as_llama_server_reads_them() -> None:
+    raw = json.dumps({"input": "hi", "normalize": False}).encode()
+    sent = json.loads(upstream_body("embedding", {"input": "hi", "normalize": False}, raw))
+    assert sent == {"input": "hi", "normalize": False, "embd_normalize": -1}
+    plain = b'{"input": "hi"}'
+    assert upstream_body("embedding", {"input": "hi"}, plain) is plain
+    with pytest.raises(HTTPError) as e:
+        upstream_body("embedding", {"input": "hi", "dimensions": 8}, b"{}")
+    assert e.value.status == 400 and "--engine llama-server" in str(e.value)
 
 
 def test_a_missing_binary_says_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,8 @@ def test_request_is_normalized() -> None:
     assert named is not None and named.named and named.choice == "get_weather"
     legacy = ToolRequest.of(None, None, [WEATHER["function"]], {"name": "get_weather"})
     assert legacy is not None and legacy.legacy and legacy.named
+    by_name = ToolRequest.of([WEATHER, TIME], "get_time", None, None)  # LangChain's bind_tools
+    assert by_name is not None and by_name.named and by_name.choice == "get_time"
     bare = ToolRequest.of([{"type": "function", "function": {"name": "f"}}], "required", None, None)
     assert bare is not None and bare.tool("f")["parameters"] == {"type": "object", "properties": {}}
 
@@ -47,6 +49,7 @@ def test_request_is_normalized() -> None:
         (([WEATHER, WEATHER], None, None, None), "appear more than once"),
         (([WEATHER], {"type": "function", "function": {"name": "nope"}}, None, None), "'nope'"),
         (([WEATHER], "sometimes", None, None), "tool_choice='sometimes' is invalid"),
+        (([WEATHER], "get_time", None, None), r"a function's name \(get_weather\)"),
         ((None, "auto", None, None), "needs tools"),
         (([{"type": "function", "function": {}}], None, None, None), r"tools\[0\].function needs"),
         (

@@ -23,7 +23,7 @@ from nexabind.server._options import ServeOptions
 from nexabind.server.gateway import Call, Held, HTTPError
 from nexabind.server.supervisor import Supervisor, find_binary
 
-__all__ = ["ForwardBackend"]
+__all__ = ["ForwardBackend", "upstream_body"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,27 @@ _PATHS = {
     "embedding": "/v1/embeddings",
     "rerank": "/v1/rerank",
 }
+
+
+def upstream_body(kind: str, body: dict[str, Any], raw: bytes) -> bytes:
+    """The body as llama-server reads it: an embedding request's ``normalize`` becomes its
+    ``embd_normalize`` (2: unit length, -1: raw), and ``dimensions``, which it would ignore,
+    is a 400.
+
+    Raises:
+        HTTPError: ``dimensions`` in an embedding request.
+    """
+    if kind != "embedding" or not {"dimensions", "normalize"} & set(body):
+        return raw
+    if "dimensions" in body:
+        msg = (
+            "'dimensions' is not served with --engine llama-server (it would ignore it); leave "
+            "it out, or serve with the in-process engine"
+        )
+        raise HTTPError(400, msg, param="dimensions")
+    data = json.loads(raw)
+    data["embd_normalize"] = 2 if body["normalize"] else -1
+    return json.dumps(data).encode()
 
 
 def _count(value: Any) -> int:
@@ -96,7 +117,7 @@ class ForwardBackend:
         sup = self.supervisor
         client = self._client()
         req = client.build_request(
-            "POST", sup.url + _PATHS[kind], content=raw,
+            "POST", sup.url + _PATHS[kind], content=upstream_body(kind, body, raw),
             headers={"Authorization": f"Bearer {sup.api_key}", "Content-Type": "application/json"},
         )  # fmt: skip
         self.calls.add(call)

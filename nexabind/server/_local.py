@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nexabind import chat, openai
+from nexabind import _embed, chat, openai
 from nexabind.engine import Engine
 from nexabind.errors import (
     BusyError,
@@ -37,7 +37,7 @@ from nexabind.server._schema import field_of
 from nexabind.server.gateway import Call, HTTPError
 from nexabind.tokens import Outcome, Token
 
-__all__ = ["LocalBackend", "encode_json", "sse"]
+__all__ = ["LocalBackend", "as_flags", "encode_json", "sse"]
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,39 @@ def sse(obj: Any) -> bytes:
     return b"data: " + encode_json(obj) + b"\n\n"
 
 
+#: The engine's advice in Python arguments, and the same advice in ``nexabind serve`` flags.
+_FLAGS = (
+    ("create the Engine with a larger n_ctx (or fewer n_parallel)",
+     "start the server with a larger -c/--ctx-size (or a smaller -np/--parallel)"),
+    ("create the Engine with a larger max_queue", "start the server with a larger --max-queue"),
+    ("pass a jinja template with chat_template=...",
+     "start the server with --chat-template (a jinja template or a built-in name)"),
+    ("pass chat_template= (", "start the server with --chat-template ("),
+)  # fmt: skip
+
+
+def as_flags(message: str) -> str:
+    """An engine error's message, its advice naming the server's flags, not Python's."""
+    for python, flag in _FLAGS:
+        message = message.replace(python, flag)
+    return message
+
+
 def to_http(e: BaseException, param: str | None = None) -> HTTPError:
     """The HTTP answer for an engine error (bad input is a 400, never a 500)."""
     if isinstance(e, HTTPError):
         return e
+    text = as_flags(str(e))
     if isinstance(e, ContextOverflowError):
-        return HTTPError(400, str(e), param=param, code="context_length_exceeded")
+        return HTTPError(400, text, param=param, code="context_length_exceeded")
     if isinstance(e, (ValueError, TypeError)) and not isinstance(e, SessionNotFoundError):
-        return HTTPError(400, str(e), param=param or field_of(str(e)))
+        return HTTPError(400, text, param=param or field_of(text))
     if isinstance(e, BusyError):
-        return HTTPError(429, str(e), headers={"Retry-After": "1"})
+        return HTTPError(429, text, headers={"Retry-After": "1"})
     if isinstance(e, ClosedError):
         return HTTPError(503, "the model was unloaded; retry", headers={"Retry-After": "1"})
     if isinstance(e, NexabindError):
-        return HTTPError(500, str(e))
+        return HTTPError(500, text)
     log.error("unexpected error", exc_info=e)
     return HTTPError(500, f"internal error ({type(e).__name__}); see the server's log")
 
@@ -99,9 +118,55 @@ class _Conversation:
             self.lock.release()
 
 
+def _cancel(engine: Engine, call: Call) -> None:
+    """Cancel the engine tasks of ``call`` (if it has any yet)."""
+    for tid in call.task or ():
+        with contextlib.suppress(KeyError, ClosedError):
+            engine.cancel(tid)
+
+
 def _close_session(engine: Engine, sid: str) -> None:
     with contextlib.suppress(SessionNotFoundError, ClosedError):
         engine.close_session(sid)
+
+
+def _max_tokens(body: dict[str, Any], cap: int) -> int | None:
+    """The tokens a request may generate: its ``max_completion_tokens``, ``max_tokens`` or
+    ``n_predict`` (llama-server's name; -1: no limit), within the server's ``-n`` cap."""
+    asked = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("n_predict")
+    if asked is None or asked < 0:
+        asked = None
+    if cap > 0:
+        return cap if asked is None else min(asked, cap)
+    return asked
+
+
+def _summed(
+    engine: Engine,
+    tids: list[int],
+    chunks: Iterable[dict[str, Any]],
+    outcomes: list[Outcome],
+    total: Outcome,
+) -> Iterator[dict[str, Any]]:
+    """``chunks``; once they are done, ``total`` holds the tokens of every choice's
+    ``outcomes`` (the prompt once). The choices' tasks are discarded however it ends."""
+    try:
+        yield from chunks
+    finally:
+        _discard(engine, tids)
+    total.prompt_tokens = outcomes[0].prompt_tokens
+    total.completion_tokens = sum(o.completion_tokens for o in outcomes)
+
+
+def _discard(engine: Engine, tids: list[int]) -> None:
+    """Cancel the tasks of ``tids`` whose answers were not read (a choice before them failed)
+    and let the engine forget them; those that were read are gone already."""
+    for tid in tids:
+        with contextlib.suppress(KeyError, ClosedError):
+            engine.cancel(tid)
+    for tid in tids:
+        with contextlib.suppress(Exception):  # its own error: the request has failed already
+            engine.result(tid)
 
 
 def _key(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -173,8 +238,8 @@ class LocalBackend:
         engine = self.engine
         for call in list(self.calls):
             call.cut = "the server is shutting down: the request was cancelled"
-            if engine is not None and call.task is not None:
-                engine.cancel(call.task)
+            if engine is not None:
+                _cancel(engine, call)
 
     async def reserve(self, kind: str, body: dict[str, Any], owner: str) -> _Conversation | None:
         name = body.get("session_id") or body.get("user")
@@ -224,12 +289,14 @@ class LocalBackend:
 
     def _generation(
         self, engine: Engine, kind: str, body: dict[str, Any], call: Call
-    ) -> tuple[Callable[[], int], Callable[[int], Any]]:
-        """What creates the task (in the worker) and what turns it into a response."""
+    ) -> tuple[Callable[[], list[int]], Callable[[list[int]], Any]]:
+        """What creates the tasks (in the worker: one per choice, ``n``) and what turns them
+        into a response."""
         sampling = {k: body[k] for k in _SAMPLING if k in body}
+        n = body.get("n") or 1
         # Structured output and tool calls, as the engine takes them (empty lists: none).
         asked = {k: body[k] for k in _STRUCTURED if body.get(k) not in (None, [])}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = _max_tokens(body, self.options.n_predict)
         stop = body.get("stop")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -244,8 +311,14 @@ class LocalBackend:
             logprobs = bool(body.get("logprobs"))
             n_top: bool | int = (body.get("top_logprobs") or 0) if logprobs else False
             conv = call.permit.held if isinstance(call.permit.held, _Conversation) else None
+            if conv is not None and n > 1:
+                msg = (
+                    f"n={n} cannot continue a conversation (session_id or user): its history "
+                    "holds one reply; ask for n=1, or leave session_id and user out"
+                )
+                raise HTTPError(400, msg, param="n")
 
-            def start() -> int:
+            def start_one(sampling: dict[str, Any], first: int | None) -> int:
                 session = None
                 todo = messages
                 if conv is not None:  # this request holds it (reserve)
@@ -264,7 +337,7 @@ class LocalBackend:
                     session = conv.sid
                 return engine.create_task(
                     "chat", messages=todo, session=session, max_tokens=max_tokens,
-                    stop=stop, logprobs=n_top, **asked, **sampling,
+                    stop=stop, logprobs=n_top, same_prompt_as=first, **asked, **sampling,
                 )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
@@ -289,11 +362,11 @@ class LocalBackend:
                 pieces = b"".join(engine.token_to_piece(t) for t in prompt)
                 return pieces.decode("utf-8", "replace")
 
-            def start() -> int:
+            def start_one(sampling: dict[str, Any], first: int | None) -> int:
                 lp: bool | int = n_lp if n_lp is not None else False
                 return engine.create_task(
                     "completion", prompt=prompt, max_tokens=max_tokens, stop=stop,
-                    logprobs=lp, **asked, **sampling,
+                    logprobs=lp, same_prompt_as=first, **asked, **sampling,
                 )  # fmt: skip
 
             def finish(outcome: Outcome, text: str) -> None:
@@ -305,7 +378,22 @@ class LocalBackend:
                          logprobs=n_lp, piece=engine.token_to_piece, id=rid,
                          created=created)  # fmt: skip
 
-        def tokens_of(tid: int, outcome: Outcome, texts: list[str]) -> Iterator[Token]:
+        def start() -> list[int]:
+            tids: list[int] = []
+            try:
+                for i in range(n):  # a seed gives each choice its own: seed, seed + 1, ...
+                    own = {**sampling, "seed": (sampling["seed"] + i) & 0xFFFFFFFF} if (
+                        i and "seed" in sampling) else sampling  # fmt: skip
+                    # The prompt is decoded once: the other choices copy the first's cells.
+                    tids.append(start_one(own, tids[0] if tids else None))
+            except BaseException:
+                for tid in tids:
+                    with contextlib.suppress(KeyError, ClosedError):
+                        engine.cancel(tid)
+                raise
+            return tids
+
+        def tokens_of(tid: int, outcome: Outcome, texts: list[str], last: bool) -> Iterator[Token]:
             try:
                 for t in engine.stream(tid):
                     if call.first_token is None:
@@ -318,14 +406,29 @@ class LocalBackend:
                 # request on it in.
                 finish(outcome, "".join(texts))
                 self.metrics.tokens(outcome.prompt_tokens, outcome.completion_tokens)
-                call.permit.release()
+                if last:
+                    call.permit.release()
 
-        def shape(tid: int) -> Any:
-            self._attach(engine, call, tid)
-            outcome = engine.outcome(tid)
-            out = shaped(tokens_of(tid, outcome, []), outcome, tid)
+        def shape(tids: list[int]) -> Any:
+            self._attach(engine, call, tids)
+            outcomes = [engine.outcome(tid) for tid in tids]
+
+            def one(i: int) -> Any:  # a stream's chunks, or an answer (when not streamed)
+                return shaped(tokens_of(tids[i], outcomes[i], [], i == n - 1), outcomes[i], tids[i])
+
+            if n == 1:
+                out, total = one(0), outcomes[0]
+            elif stream:
+                total = Outcome()
+                chunks = openai.indexed_chunks([one(i) for i in range(n)])
+                out = _summed(engine, tids, chunks, outcomes, total)
+            else:
+                try:
+                    return openai.merge_choices([one(i) for i in range(n)])
+                finally:
+                    _discard(engine, tids)
             if stream and usage:
-                out = openai.with_usage(out, outcome)
+                out = openai.with_usage(out, total)
             return out
 
         return start, shape
@@ -351,7 +454,7 @@ class LocalBackend:
             tid = engine.create_task("embedding", input=body["input"])
         else:
             tid = engine.create_task("rerank", query=body["query"], documents=body["documents"])
-        self._attach(engine, call, tid)
+        self._attach(engine, call, [tid])
         try:
             res = engine.result(tid)
         finally:
@@ -360,7 +463,12 @@ class LocalBackend:
         self.metrics.tokens(n, 0)
         if kind == "embedding":
             fmt = body.get("encoding_format") or "float"
-            return openai.embedding_list(res["embeddings"], model=self.options.name,
+            unit = body.get("normalize", True)  # OpenAI's vectors have unit length
+            try:
+                vectors = _embed.shorten(res["embeddings"], body.get("dimensions"), unit=unit)
+            except ValueError as e:
+                raise HTTPError(400, str(e), param="dimensions") from None
+            return openai.embedding_list(vectors, model=self.options.name,
                                          prompt_tokens=n, encoding_format=fmt)  # fmt: skip
         docs = body["documents"] if body.get("return_documents") else None
         return openai.rerank_list(res["scores"], model=self.options.name, prompt_tokens=n,
@@ -368,20 +476,18 @@ class LocalBackend:
 
     # -- running in the worker threads --------------------------------------------------------
 
-    def _attach(self, engine: Engine, call: Call, tid: int) -> None:
-        """Note a call's task; cancel it at once when its client is already gone."""
-        call.task = tid
+    def _attach(self, engine: Engine, call: Call, tids: list[int]) -> None:
+        """Note a call's tasks; cancel them at once when its client is already gone."""
+        call.task = tids
         if call.gone:
-            with contextlib.suppress(KeyError, ClosedError):
-                engine.cancel(tid)
+            _cancel(engine, call)
 
     def _abandon(self, call: Call) -> None:
         """The client went away: cancel its task, now or as soon as it exists."""
         call.gone = True
         engine = self.engine
-        if engine is not None and call.task is not None:
-            with contextlib.suppress(KeyError, ClosedError):
-                engine.cancel(call.task)
+        if engine is not None:
+            _cancel(engine, call)
 
     def _run_owned(self, call: Call, work: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``work`` in a worker that owns the call: when the work ends, however it ends,
@@ -422,8 +528,8 @@ class LocalBackend:
         self,
         engine: Engine,
         call: Call,
-        start: Callable[[], int],
-        shape: Callable[[int], Iterable[dict[str, Any]]],
+        start: Callable[[], list[int]],
+        shape: Callable[[list[int]], Iterable[dict[str, Any]]],
     ) -> AsyncIterator[bytes]:
         """Create the task (errors are HTTP answers), then stream its chunks as SSE events."""
         loop = asyncio.get_running_loop()
@@ -434,14 +540,14 @@ class LocalBackend:
 
         def work() -> None:
             try:
-                tid = start()
+                tids = start()
             except BaseException as e:  # noqa: BLE001 - handed to the request
                 put("fail", e)
                 return
-            self._attach(engine, call, tid)
-            put("started", tid)
+            self._attach(engine, call, tids)
+            put("started", tids)
             try:
-                for chunk in shape(tid):
+                for chunk in shape(tids):
                     put("data", sse(chunk))
                 if call.cut is not None:
                     put("data", sse(HTTPError(503, call.cut).body()))

@@ -53,6 +53,8 @@ class ServeOptions:
         read_timeout: Seconds a request's headers may take to arrive (from the connection's
             start, or the end of its previous answer: else it is closed), and then its body
             (else 408).
+        n_predict: Most tokens any request generates (-1: no cap beyond the slot), as
+            llama-server's ``-n``; a request's ``max_tokens`` / ``n_predict`` may ask for fewer.
     """
 
     model: str
@@ -82,6 +84,7 @@ class ServeOptions:
     max_input_chars: int = 1 << 20
     max_connections: int = 4096
     read_timeout: float = 30.0
+    n_predict: int = -1
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -109,6 +112,8 @@ class ServeOptions:
         for name in (*limits, "max_connections"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")
+        if self.n_predict < -1 or self.n_predict == 0:
+            bad(f"n_predict={self.n_predict} is invalid; use -1 (no cap) or 1 or more tokens")
         if self.ctx_size is not None and self.ctx_size < self.parallel:
             bad(f"ctx_size={self.ctx_size} is invalid; give each of {self.parallel} slots a cell")
 

@@ -173,11 +173,19 @@ def stream_options(name: str, v: Any) -> dict[str, Any]:
     return v
 
 
+def _token_ids(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+    )
+
+
 def prompt(name: str, v: Any) -> str | list[int]:
     """A text, an array of token ids, or an array of one text."""
     if isinstance(v, str):
         return v
-    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+    if _token_ids(v):
         return list(v)
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
         return v[0]
@@ -187,13 +195,18 @@ def prompt(name: str, v: Any) -> str | list[int]:
     raise _fail(name, "a string or an array of token ids", v)
 
 
-def embed_input(name: str, v: Any) -> list[str]:
-    if isinstance(v, str):
+def embed_input(name: str, v: Any) -> list[str] | list[list[int]]:
+    """A text, an array of texts, an array of token ids, or an array of such arrays (what
+    OpenAI's API takes, and LangChain's ``OpenAIEmbeddings`` sends by default)."""
+    if isinstance(v, str) or _token_ids(v):
         v = [v]
     if not isinstance(v, list) or not v:
-        raise _fail(name, "a string or a non-empty array of strings", v)
+        raise _fail(name, "a string, an array of strings or an array of token ids", v)
+    tokens = _token_ids(v[0])
     for i, item in enumerate(v):
-        if not isinstance(item, str) or not item:
+        if tokens and not _token_ids(item):
+            raise _fail(f"{name}[{i}]", "a non-empty array of token ids", item)
+        if not tokens and (not isinstance(item, str) or not item):
             raise _fail(f"{name}[{i}]", "a non-empty string", item)
     return v
 
@@ -245,12 +258,16 @@ def server_grammar(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any
 
 #: The largest int32: what llama.cpp's counts fit in.
 INT32_MAX = 0x7FFFFFFF
+#: Choices one request may ask for (``n``).
+MAX_CHOICES = 16
 #: Entries a ``logit_bias`` may have (the model's vocabulary bounds it again).
 MAX_LOGIT_BIAS = 1 << 18
 
 _GENERATION: dict[str, Field] = {
     "model": Field(string),
     "max_tokens": Field(integer(1, INT32_MAX)),
+    "max_completion_tokens": Field(integer(1, INT32_MAX)),
+    "n_predict": Field(integer(-1, INT32_MAX)),
     "temperature": Field(number(0, 2)),
     "top_p": Field(number(0, 1)),
     "top_k": Field(integer(0, INT32_MAX)),
@@ -261,7 +278,7 @@ _GENERATION: dict[str, Field] = {
     "frequency_penalty": Field(number(-2, 2)),
     "logit_bias": Field(logit_bias),
     "seed": Field(integer(0, 0xFFFFFFFF)),
-    "n": Field(integer(1, 1)),
+    "n": Field(integer(1, MAX_CHOICES)),
     "stream": Field(boolean),
     "stream_options": Field(stream_options),
     "stop": Field(strings(0, 16, or_string=True)),
@@ -278,7 +295,6 @@ CHAT: dict[str, Field] = {
     "functions": Field(server_grammar(objects(0))),
     "function_call": Field(choice),
     "messages": Field(objects(1), required=True, nullable=False),
-    "max_completion_tokens": Field(integer(1, INT32_MAX)),
     "logprobs": Field(boolean),
     "top_logprobs": Field(integer(0, 20)),
 }
@@ -298,6 +314,8 @@ EMBEDDING: dict[str, Field] = {
     "model": Field(string),
     "input": Field(embed_input, required=True, nullable=False),
     "encoding_format": Field(one_of("float", "base64")),
+    "dimensions": Field(integer(1, INT32_MAX)),
+    "normalize": Field(boolean),
     "user": Field(string),
 }
 

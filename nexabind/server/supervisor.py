@@ -51,6 +51,8 @@ def server_argv(binary: str | os.PathLike[str], options: ServeOptions, port: int
         argv.append("--embedding")
     if options.rerank:
         argv.append("--reranking")
+    if options.n_predict > 0:
+        argv += ["-n", str(options.n_predict)]
     if options.chat_template:
         argv += ["--chat-template", options.chat_template]
     return argv
