@@ -105,7 +105,7 @@ def scores(libdir: Path, timeout: float = _TIMEOUT) -> dict[str, int]:
     if code != 0:
         msg = f"scoring the CPU variants of {libdir} failed: {report['error']}"
         raise LibraryNotFoundError(msg)
-    return {str(k): int(v) for k, v in report["scores"].items()}
+    return {str(k): int(v) for k, v in report.get("scores", {}).items()}
 
 
 def run_check(
@@ -123,7 +123,7 @@ def run_check(
     code, report = _child(args, variant, timeout)
     if code != 0:
         return Check(variant, error=str(report["error"]))
-    return Check(variant, report.get("cpu_variant"), report["results"])
+    return Check(variant, report.get("cpu_variant"), report.get("results", {}))
 
 
 @dataclass
