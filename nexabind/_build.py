@@ -61,15 +61,17 @@ def _key_parts(
 
 
 def _local_cpu_variants(all_variants: bool | None, out: object) -> list[str] | None:
-    """The CPU variants a build for this machine makes: ggml's pick for this CPU and ``x64``
-    (the baseline, for ``doctor --all-variants`` and the install's fallback); None: all."""
+    """The CPU variants a build for this machine makes: ggml's pick for this CPU and the
+    baseline (``x64``, ``armv8.0_1``: for ``doctor --all-variants`` and the install's
+    fallback), on Linux x86_64 and arm64; None: all."""
     if all_variants or (all_variants is None and out is not None):
         return None
+    os_name, arch = host_target()
     flags = cpu_flags()
-    if host_target() != ("linux", "x86_64") or flags is None:
+    ranked = list(targets.cpu_variant_scores(arch, flags or set())) if os_name == "linux" else []
+    if not ranked:  # not a Linux the table knows: every variant
         return None
-    ranked = list(targets.x86_variant_scores(flags))
-    return sorted({ranked[0], "x64"})
+    return sorted({ranked[0], ranked[-1]})  # the best and the baseline (x64, armv8.0_1)
 
 
 def _build_dir(

@@ -21,10 +21,12 @@ __all__ = [
     "SERVER_FLAGS",
     "OSES",
     "VARIANTS",
+    "ARM64_CPU_VARIANTS",
     "X86_CPU_VARIANTS",
     "artifact_name",
     "cmake_flags",
     "cpu_variant_of",
+    "cpu_variant_scores",
     "key",
     "library_names",
     "parse_target",
@@ -171,17 +173,47 @@ def cpu_variant_of(filename: str) -> str | None:
     return (m.group(1) or "cpu") if m else None
 
 
-def x86_variant_scores(cpu_flags: set[str]) -> dict[str, int]:
-    """ggml's score of each x86 CPU variant on a CPU with ``cpu_flags`` (/proc/cpuinfo's
-    names), for the variants it can run (score above 0), best first."""
+#: The Linux arm64 CPU variants and the features each needs (/proc/cpuinfo's names:
+#: asimddp = DOTPROD, asimdhp = FP16_VECTOR_ARITHMETIC, i8mm = MATMUL_INT8).
+ARM64_CPU_VARIANTS: dict[str, tuple[str, ...]] = {
+    "armv8.0_1": (),
+    "armv8.2_1": ("asimddp",),
+    "armv8.2_2": ("asimddp", "asimdhp"),
+    "armv8.2_3": ("asimddp", "asimdhp", "sve"),
+    "armv8.6_1": ("asimddp", "asimdhp", "sve", "i8mm"),
+    "armv8.6_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2"),
+    "armv9.2_1": ("asimddp", "asimdhp", "sve", "i8mm", "sme"),
+    "armv9.2_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2", "sme"),
+}
+# ggml's score weights from bit 1 up (ggml-cpu/arch/arm/cpu-feats.cpp).
+_ARM64_SCORE = ("", "asimddp", "asimdhp", "sve", "i8mm", "sve2", "sme")
+
+
+def cpu_variant_scores(arch: str, cpu_flags: set[str]) -> dict[str, int]:
+    """ggml's score of each CPU variant of ``arch`` (``x86_64``, ``arm64``) on a CPU with
+    ``cpu_flags`` (/proc/cpuinfo's names), for the variants it can run, best first; empty for
+    another arch."""
     have = set(cpu_flags)
-    if all(f in have for f in _AVX512):
-        have.add("avx512")
+    weights: tuple[str, ...]
+    if arch == "x86_64":
+        if all(f in have for f in _AVX512):
+            have.add("avx512")
+        table, weights, first = X86_CPU_VARIANTS, _X86_SCORE, 0
+    elif arch == "arm64":
+        table, weights, first = ARM64_CPU_VARIANTS, _ARM64_SCORE, 1
+    else:
+        return {}
     scores = {}
-    for name, needs in X86_CPU_VARIANTS.items():
+    for name, needs in table.items():
         if all(f in have for f in needs):
-            scores[name] = 1 + sum(1 << i for i, f in enumerate(_X86_SCORE) if f in needs)
+            bits = (1 << i for i, f in enumerate(weights) if f in needs and i >= first)
+            scores[name] = 1 + sum(bits)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+def x86_variant_scores(cpu_flags: set[str]) -> dict[str, int]:
+    """:func:`cpu_variant_scores` of x86_64."""
+    return cpu_variant_scores("x86_64", cpu_flags)
 
 
 def artifact_name(os_name: str, arch: str, variant: str) -> str:

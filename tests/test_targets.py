@@ -64,3 +64,21 @@ def test_names() -> None:
     assert library_names("macos")[0] == "libggml-base.dylib"
     assert library_names("freebsd") == library_names("linux")
     assert library_names() == library_names(target()[0])
+
+
+def test_cpu_variant_scores_follow_ggmls_weights() -> None:
+    """ggml's score tables (cpu-feats.cpp), on flags of a few known CPUs."""
+    from nexabind.targets import cpu_variant_scores
+
+    graviton3 = {"fp", "asimd", "asimddp", "asimdhp", "sve", "i8mm", "bf16"}
+    arm = cpu_variant_scores("arm64", graviton3)
+    assert list(arm) == ["armv8.6_1", "armv8.2_3", "armv8.2_2", "armv8.2_1", "armv8.0_1"]
+    assert arm["armv8.6_1"] == 1 + 2 + 4 + 8 + 16 and arm["armv8.0_1"] == 1
+    haswell = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+    x86 = cpu_variant_scores("x86_64", haswell)
+    assert next(iter(x86)) == "haswell" and list(x86)[-1] == "x64"
+    assert "skylakex" not in x86  # no AVX-512
+    spr = haswell | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi",
+                     "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"}  # fmt: skip
+    assert next(iter(cpu_variant_scores("x86_64", spr))) == "sapphirerapids"
+    assert cpu_variant_scores("riscv64", haswell) == {}
