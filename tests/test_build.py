@@ -363,3 +363,23 @@ def test_the_arm64_toolchain_names_clang_plus_plus_on_this_cmake(
     r = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"CXX={cxx}" in r.stdout
+
+
+def test_the_wheel_carries_the_patches_and_toolchains(tmp_path: Path) -> None:
+    """A build from an installed nexabind (the release workflow's, a user's fallback build)
+    applies the same patches as one from this checkout."""
+    import zipfile
+
+    from nexabind import _source
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(tmp_path), str(root)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("nexabind-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for p in _source.patches():
+        assert f"nexabind/patches/{p['file']}" in names
+    assert "nexabind/toolchains/linux-arm64.cmake" in names
