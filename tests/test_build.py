@@ -383,3 +383,14 @@ def test_the_wheel_carries_the_patches_and_toolchains(tmp_path: Path) -> None:
     for p in _source.patches():
         assert f"nexabind/patches/{p['file']}" in names
     assert "nexabind/toolchains/linux-arm64.cmake" in names
+
+
+def test_a_patch_that_does_not_apply_is_a_build_error(tmp_path: Path) -> None:
+    from nexabind import _source
+    from nexabind.errors import BuildError
+
+    tree = tmp_path / "llama.cpp"
+    (tree / "ggml" / "src").mkdir(parents=True)  # the files the patches change are missing
+    with pytest.raises(BuildError, match=r"patch 0001-amx-tile-config-static-storage\.patch "
+                       r"does not apply to .*llama\.cpp"):  # fmt: skip
+        _source._apply_patches(tree)

@@ -129,3 +129,16 @@ def test_the_build_records_the_rpc_protocol(libdir: Path) -> None:
     assert info["rpc_protocol"] == abi["rpc_protocol"] == "7.0.0"
     assert any(libdir.glob("libggml-rpc.*"))
     assert gather()["library"]["rpc"] == "7.0.0"
+
+
+def test_rpc_server_on_a_taken_port_says_so(libdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "nexabind", "rpc-server", "--port", str(port), "-t", "1",
+             "--lib-path", str(libdir)], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 1
+    assert f"the RPC server at 127.0.0.1:{port} stopped (is the port taken?)" in r.stderr
