@@ -14,7 +14,7 @@ from typing import Any
 
 from nexabind.server._chunks import Blocks, Step, bad, parts, text_of
 
-__all__ = ["Events", "error", "message", "to_chat"]
+__all__ = ["RENAMED", "Events", "error", "message", "to_chat"]
 
 #: Anthropic's stop reasons for the chat finish reasons.
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -26,6 +26,8 @@ _ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "perm
 _SAME = {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature",
          "top_p": "top_p", "top_k": "top_k", "stop_sequences": "stop",
          "stream": "stream"}  # fmt: skip
+#: The Messages name of a chat field it goes by another name, for errors.
+RENAMED = {ours: theirs for theirs, ours in _SAME.items() if ours != theirs}
 
 
 def _text(content: Any, where: str) -> str:

@@ -15,11 +15,13 @@ from typing import Any
 
 from nexabind.server._chunks import Blocks, Step, bad, parts, text_of
 
-__all__ = ["Events", "response", "to_chat"]
+__all__ = ["RENAMED", "Events", "response", "to_chat"]
 
 #: Responses fields with the same meaning under the chat API's name.
 _SAME = {"model": "model", "max_output_tokens": "max_tokens", "temperature": "temperature",
          "top_p": "top_p", "stream": "stream"}  # fmt: skip
+#: The Responses name of a chat field it goes by another name, for errors.
+RENAMED = {ours: theirs for theirs, ours in _SAME.items() if ours != theirs}
 
 
 def _content(content: Any, where: str) -> str:

@@ -64,6 +64,8 @@ _ADAPTED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "count_tokens": functools.partial(_anthropic.to_chat, count=True),
     "responses": _responses.to_chat,
 }
+_RENAMED = {"messages": _anthropic.RENAMED, "count_tokens": _anthropic.RENAMED,
+            "responses": _responses.RENAMED}  # fmt: skip
 _ANTHROPIC = frozenset({"messages", "count_tokens"})
 _KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics"}
 
@@ -129,15 +131,19 @@ def _parse(raw: bytes, kind: str, options: ServeOptions) -> tuple[Any, dict[str,
         raise HTTPError(400, msg, code="invalid_json") from None
     except ValueError as e:
         raise HTTPError(400, str(e), param="body", code="invalid_json") from None
+    asked, route = parsed, kind
     try:
-        asked = parsed
         if kind in _ADAPTED:
             parsed, kind = _ADAPTED[kind](parsed), "chat"
         body = _schema.validate(parsed, _ENDPOINTS[kind])
         _schema.check_sizes(kind, body, options)
     except _schema.SchemaError as e:
         code = "request_too_large" if e.status == 413 else None
-        raise HTTPError(e.status, str(e), param=e.param, code=code) from None
+        param, text = e.param, str(e)
+        theirs = _RENAMED.get(route, {}).get(param)
+        if theirs is not None:  # an adapter's field, by its own name
+            param, text = theirs, text.replace(f"'{param}'", f"'{theirs}'")
+        raise HTTPError(e.status, text, param=param, code=code) from None
     return asked, body
 
 
