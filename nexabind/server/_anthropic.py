@@ -158,8 +158,13 @@ def message(completion: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def error(status: int, text: str) -> dict[str, Any]:
-    """Anthropic's error object."""
-    return {"type": "error", "error": {"type": _ERRORS.get(status, "api_error"), "message": text}}
+    """Anthropic's error object for an HTTP status."""
+    return error_of(_ERRORS.get(status, "api_error"), text)
+
+
+def error_of(kind: str, text: str) -> dict[str, Any]:
+    """Anthropic's error object: ``{"type": "error", "error": {"type", "message"}}``."""
+    return {"type": "error", "error": {"type": kind, "message": text}}
 
 
 def _event(name: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -206,10 +211,10 @@ class Events:
     def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out = self._map(self.blocks.feed(chunk))
         err = self.blocks.error
-        if err is not None:
-            kind = _ERRORS.get(400 if err.get("type") == "invalid_request_error" else 500)
-            out.append(("error", {"type": "error", "error": {
-                "type": kind or "api_error", "message": err.get("message", "")}}))  # fmt: skip
+        if err is not None:  # the chat path's error type where Anthropic has the same
+            kind = str(err.get("type"))
+            kind = kind if kind in _ERRORS.values() else "api_error"
+            out.append(("error", error_of(kind, err.get("message") or "")))
         return out
 
     def end(self) -> list[tuple[str, dict[str, Any]]]:
