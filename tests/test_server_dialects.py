@@ -212,6 +212,21 @@ def test_responses_function_calls(server: Served) -> None:
     assert done[0].arguments == args and isinstance(json.loads(args), dict)
 
 
+def test_responses_structured_output(server: Served) -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    r = _openai(server).responses.parse(
+        model="x", input=ASK[0]["content"], text_format=Weather, max_output_tokens=40
+    )
+    assert r.output_parsed is not None and r.output_parsed.city in ("Paris", "Rome")
+    assert r.text.format.type == "json_schema"
+
+
 # -- bad requests and keys ------------------------------------------------------------------------
 
 MESSAGES_BAD = [
@@ -256,6 +271,8 @@ RESPONSES_BAD = [
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": "hi", "tool_choice": "always"}, "tool_choice"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "hi", "text": "json"}, "text"),
+    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format"),
 ]
 
 

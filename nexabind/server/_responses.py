@@ -98,6 +98,18 @@ def _tool_choice(choice: Any) -> str | dict[str, Any]:
     raise bad("tool_choice", 'give "auto", "none", "required" or {"type": "function", "name"}')
 
 
+def _format(fmt: Any) -> dict[str, Any]:
+    """``text.format`` as the chat API's ``response_format``."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema" and isinstance(fmt.get("schema"), dict):
+        schema = {"name": fmt.get("name") or "output", "schema": fmt["schema"]}
+        return {"type": "json_schema", "json_schema": schema}
+    msg = 'give {"type": "text" | "json_object"} or {"type": "json_schema", "name", "schema"}'
+    raise bad("text.format", msg)
+
+
 def to_chat(body: Any) -> dict[str, Any]:
     """A Responses request as a chat completions body.
 
@@ -122,6 +134,12 @@ def to_chat(body: Any) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    text = body.get("text")
+    if text is not None:
+        if not isinstance(text, dict):
+            raise bad("text", 'give {"format": {...}}')
+        if text.get("format") is not None:
+            chat["response_format"] = _format(text["format"])
     if chat.get("stream"):
         chat["stream_options"] = {"include_usage": True}
     return chat
@@ -159,7 +177,8 @@ class _Head:
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "parallel_tool_calls": True, "previous_response_id": None, "metadata": {},
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "error": None,
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "truncation": "disabled", "error": None,
         }  # fmt: skip
 
     def response(self, status: str, output: list[Any], usage: Any = None,
