@@ -112,7 +112,8 @@ def test_requests_become_chat_requests() -> None:
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         "messages": [
             {"role": "user", "content": "q"},
-            {"role": "assistant", "content": [{"type": "text", "text": "t"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"},
+                {"type": "text", "text": "t"},
                 {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1",
                                           "content": "r"}]},

@@ -62,6 +62,8 @@ def _turn(m: Any, i: int) -> list[dict[str, Any]]:
             result = block.get("content", "")
             out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""),
                         "content": _text(result, f"{at}.content")})  # fmt: skip
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # another model's reasoning, which this one does not read back
         else:
             raise bad(at, f"is {kind!r}; take text, tool_use (assistant) or tool_result (user)")
     if texts or calls:
