@@ -384,3 +384,41 @@ def test_gemma_through_both_clients(gemma: Path, tmp_path: Path) -> None:
             tool_choice={"type": "any"},
         )
         assert m.stop_reason == "tool_use" and m.content[-1].input["city"] == "Paris"
+
+
+def test_the_llama_server_engine_answers_through_the_adapters(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The adapters read the chat answer back, whichever backend wrote it: llama-server's
+    chunks too (in its own cuts)."""
+    import os
+
+    from nexabind._build import server_binary
+
+    if server_binary() is None:
+        msg = "no llama-server in the build cache: run `nexabind build --with-server`"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    args = ("--engine", "llama-server", "-np", "1", "-c", "2048", "--api-key", KEY)
+    greedy = {"temperature": 0}
+    with Served(tiny_model, *args, log=tmp_path / "log") as s:
+        _, _, chat = s.post(
+            "/v1/chat/completions",
+            {"messages": ASK, "max_tokens": 6, **greedy},
+            headers={"x-api-key": KEY},
+        )
+        want = chat["choices"][0]["message"]["content"]
+        m = _anthropic(s).messages.create(model="x", max_tokens=6, messages=ASK, extra_body=greedy)
+        assert "".join(b.text for b in m.content) == want
+        assert m.usage.input_tokens == chat["usage"]["prompt_tokens"]
+        with _anthropic(s).messages.stream(
+            model="x", max_tokens=6, messages=ASK, extra_body=greedy
+        ) as stream:
+            assert "".join(stream.text_stream) == want
+        r = _openai(s).responses.create(model="x", input=ASK, max_output_tokens=6, temperature=0)
+        assert r.output_text == want
+        events = _openai(s).responses.create(
+            model="x", input=ASK, max_output_tokens=6, temperature=0, stream=True
+        )
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
