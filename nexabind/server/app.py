@@ -1,19 +1,23 @@
 """The HTTP side: Starlette routes, OpenAI's conventions, and :func:`serve` (uvicorn).
 
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
-``/v1/rerank``; ``GET /v1/models`` (and ``/v1/models/{id}``), ``/health`` (public),
-``/slots``, ``/metrics``. Every error is OpenAI's error object with a fitting status: a body
-that is not JSON or fails its schema is a 400 naming the field, a body over ``max_body`` bytes
-a 413, an unknown route a 404; an unexpected failure is a 500 whose traceback goes to the log,
-never to the client. Streams are ``text/event-stream``: ``data: {json}`` events, the first
-delta with the role, ``data: [DONE]`` last (or ``data: {"error": {...}}`` when the task fails
-midway). One access-log line per request goes to the ``nexabind.server.access`` logger.
+``/v1/rerank``, Anthropic's ``/v1/messages`` (and ``/v1/messages/count_tokens``) and OpenAI's
+``/v1/responses`` (adapters over the chat path, :mod:`._anthropic`, :mod:`._responses`);
+``GET /v1/models`` (and ``/v1/models/{id}``), ``/health`` (public), ``/slots``, ``/metrics``.
+Every error is OpenAI's error object (on ``/v1/messages``, Anthropic's) with a fitting status:
+a body that is not JSON or fails its schema is a 400 naming the field, a body over
+``max_body`` bytes a 413, an unknown route a 404; an unexpected failure is a 500 whose
+traceback goes to the log, never to the client. Streams are ``text/event-stream``: ``data:
+{json}`` events (the adapters' named, ``event: NAME`` first), the first delta with the
+role, ``data: [DONE]`` last (or ``data: {"error": {...}}`` when the task fails midway). One
+access-log line per request goes to the ``nexabind.server.access`` logger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -23,7 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from nexabind import _nesting
-from nexabind.server import _schema
+from nexabind.server import _anthropic, _responses, _schema
+from nexabind.server._chunks import SSEReader
 from nexabind.server._conn import protocol, raise_file_limit
 from nexabind.server._forward import ForwardBackend
 from nexabind.server._local import LocalBackend, encode_json, to_http
@@ -41,6 +46,11 @@ _ROUTES = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
     "/v1/rerank": "rerank",
+    # adapters over the chat path: their requests become chat requests, and the chat answer
+    # is given back in their shape
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
+    "/v1/responses": "responses",
 }
 _ENDPOINTS = {
     "chat": _schema.CHAT,
@@ -48,6 +58,15 @@ _ENDPOINTS = {
     "embedding": _schema.EMBEDDING,
     "rerank": _schema.RERANK,
 }
+#: The adapters: each request's translation into a chat request.
+_ADAPTED: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "messages": _anthropic.to_chat,
+    "count_tokens": functools.partial(_anthropic.to_chat, count=True),
+    "responses": _responses.to_chat,
+}
+_RENAMED = {"messages": _anthropic.RENAMED, "count_tokens": _anthropic.RENAMED,
+            "responses": _responses.RENAMED}  # fmt: skip
+_ANTHROPIC = frozenset({"messages", "count_tokens"})
 _KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics"}
 
 
@@ -102,9 +121,9 @@ async def _unless_gone(receive: Callable[[], Awaitable[Any]], coro: Awaitable[An
     raise _ClientGone
 
 
-def _parse(raw: bytes, kind: str, options: ServeOptions) -> dict[str, Any]:
-    """A request body, read (within the depth limit), checked against its schema and the
-    server's size limits."""
+def _parse(raw: bytes, kind: str, options: ServeOptions) -> tuple[Any, dict[str, Any]]:
+    """A request body as sent (read within the depth limit) and as the chat path takes it
+    (an adapter's translated), checked against its schema and the server's size limits."""
     try:
         parsed = _nesting.loads(raw, what="the request body")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,13 +131,60 @@ def _parse(raw: bytes, kind: str, options: ServeOptions) -> dict[str, Any]:
         raise HTTPError(400, msg, code="invalid_json") from None
     except ValueError as e:
         raise HTTPError(400, str(e), param="body", code="invalid_json") from None
+    asked, route = parsed, kind
     try:
+        if kind in _ADAPTED:
+            parsed, kind = _ADAPTED[kind](parsed), "chat"
         body = _schema.validate(parsed, _ENDPOINTS[kind])
         _schema.check_sizes(kind, body, options)
     except _schema.SchemaError as e:
         code = "request_too_large" if e.status == 413 else None
-        raise HTTPError(e.status, str(e), param=e.param, code=code) from None
-    return body
+        param, text = e.param, str(e)
+        theirs = _RENAMED.get(route, {}).get(param)
+        if theirs is not None:  # an adapter's field, by its own name
+            param, text = theirs, text.replace(f"'{param}'", f"'{theirs}'")
+        raise HTTPError(e.status, text, param=param, code=code) from None
+    return asked, body
+
+
+def _answer(route: str, result: dict[str, Any], asked: Any, model: str) -> dict[str, Any]:
+    """An answer in its route's shape (an adapter's from the chat completion)."""
+    if route == "messages":
+        return _anthropic.message(result, model)
+    if route == "count_tokens":
+        return {"input_tokens": result["usage"]["prompt_tokens"]}
+    if route == "responses":
+        return _responses.response(result, asked, model)
+    return result
+
+
+async def _events(
+    chunks: AsyncIterator[bytes], route: str, asked: Any, model: str
+) -> AsyncIterator[bytes]:
+    """A chat stream as an adapter's named SSE events (``event: NAME`` and its data)."""
+    shape: _anthropic.Events | _responses.Events = (
+        _anthropic.Events(model) if route == "messages" else _responses.Events(asked, model)
+    )
+    reader = SSEReader()
+
+    def encoded(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+        return b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), encode_json(data))
+                        for name, data in events)  # fmt: skip
+
+    try:
+        yield encoded(shape.start)
+        async for data in chunks:
+            for chunk in reader.feed(data):
+                if chunk is not None:
+                    events = shape.feed(chunk)
+                    if events:
+                        yield encoded(events)
+        if shape.blocks.error is None:
+            yield encoded(shape.end())
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
@@ -142,11 +208,13 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     gateway = Gateway(backend, options, metrics)
     started = int(time.time())
 
-    def error(e: HTTPError) -> Response:
-        return Response(encode_json(e.body()), e.status, e.headers, "application/json")
+    def error(e: HTTPError, route: str = "") -> Response:
+        body = _anthropic.error(e.status, e.message) if route in _ANTHROPIC else e.body()
+        return Response(encode_json(body), e.status, e.headers, "application/json")
 
     async def generate(request: Request) -> Response:
-        kind = _ROUTES[request.url.path]
+        route = _ROUTES[request.url.path]
+        kind = "chat" if route in _ADAPTED else route
         receive = request.receive
         try:
             owner = gateway.check_key(request.headers)
@@ -157,7 +225,9 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             except asyncio.TimeoutError:
                 msg = f"the request body did not arrive within {options.read_timeout:g} s"
                 raise HTTPError(408, msg, code="timeout") from None
-            body = await asyncio.to_thread(_parse, raw, kind, options)
+            asked, body = await asyncio.to_thread(_parse, raw, route, options)
+            if route in _ADAPTED:  # what a forwarding backend sends on
+                raw = encode_json(body)
             # A busy conversation is waited for here, before a slot is taken: the wait holds
             # neither a slot nor a thread, and ends when the client leaves.
             held = await _unless_gone(receive, backend.reserve(kind, body, owner))
@@ -174,14 +244,17 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
                 call.permit.release()
                 raise
         except HTTPError as e:
-            return error(e)
+            return error(e, route)
         except _ClientGone:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a 500 without the traceback (it goes to the log)
-            return error(to_http(e))
+            return error(to_http(e), route)
         if isinstance(result, dict):  # encoded off the loop: it may be large
+            result = _answer(route, result, asked, options.name)
             data = await asyncio.to_thread(encode_json, result)
             return Response(data, media_type="application/json")
+        if route in _ADAPTED:
+            result = _events(result, route, asked, options.name)
         return StreamingResponse(
             _guarded(result), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
