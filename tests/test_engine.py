@@ -62,16 +62,19 @@ def _ids(tokens) -> list[int]:
 
 
 def _near_tie(llm: Llama, prompt: str, want: list[int], got: list[int]) -> bool:
-    """Whether ``got`` leaves ``want`` where the two tokens' logits (run alone) are within a
-    hundredth: a quantized model's kernels differ with the batch's shape (one row or many,
+    """Whether ``got`` leaves ``want`` where the two tokens' logits (run alone) are within the
+    kernels' noise: a quantized model's kernels differ with the batch's shape (one row or many,
     REPACK's gemm or gemv), which can flip a near tie but never a clear choice."""
     k = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
     if k is None:  # one ends where the other goes on: not a choice between two tokens
         return False
     llm.reset()
     llm.eval(llm.tokenize(prompt.encode()) + want[:k])
-    row = llm.scores[-1]  # the last position (without logits_all only it is kept)
-    return bool(abs(row[want[k]] - row[got[k]]) < 1e-2)
+    row = np.asarray(llm.scores[-1])  # the last position (without logits_all only it is kept)
+    # The kernels' noise across batch shapes stays under 0.3% of the logits' range
+    # (test_variants.py::test_quantized_kernels_agree_across_batch_shapes); slots that read
+    # each other's cells would differ by whole units.
+    return bool(abs(row[want[k]] - row[got[k]]) < 2e-3 * float(row.max() - row.min()))
 
 
 def test_32_threads_over_4_slots_each_get_their_own_tokens(
