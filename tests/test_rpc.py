@@ -26,6 +26,16 @@ PROMPT = "Hello world, the"
 @pytest.fixture(scope="module")
 def rpc_server(libdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``nexabind rpc-server`` on 127.0.0.1, one thread: its endpoint."""
+    yield from _rpc_server(libdir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rpc_server_2(libdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second one."""
+    yield from _rpc_server(libdir, tmp_path_factory)
+
+
+def _rpc_server(libdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("rpc") / "rpc-server.log"
     with log.open("wb") as out:
@@ -68,6 +78,27 @@ def test_llama_with_an_rpc_server_gives_the_local_tokens(
     r = run_child(code, tiny_model_f32, rpc_server, PROMPT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+
+
+def test_a_quantized_model_over_two_rpc_servers_gives_the_local_tokens(
+    libdir: Path, tiny_model: Path, rpc_server: str, rpc_server_2: str
+) -> None:
+    """The q8_0 model's layers spread over two servers (and this process's CPU)."""
+    want = _local_tokens(tiny_model, libdir)
+    code = """
+        import json, sys
+        from nexabind import Llama
+        llm = Llama(sys.argv[1], n_ctx=256, n_threads=1, rpc_servers=sys.argv[2].split(","),
+                    verbose=True)
+        prompt = llm.tokenize(sys.argv[3].encode())
+        print(json.dumps([int(t) for t in llm.generate(prompt, temp=0, max_tokens=16)]))
+    """
+    r = run_child(code, tiny_model, f"{rpc_server},{rpc_server_2}", PROMPT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+    # llama.cpp's own log says where the layers went.
+    assert f"using device RPC0 ({rpc_server})" in r.stderr
+    assert f"using device RPC1 ({rpc_server_2})" in r.stderr
 
 
 def test_the_engine_and_the_server_take_rpc_servers(
