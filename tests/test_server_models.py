@@ -1,0 +1,147 @@
+"""`nexabind serve --models-dir` as a real process: models loaded on demand, the least recently
+used one unloaded beyond --models-max, two models answering at once, /models/load and
+/models/unload, an unknown model, the default model."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _serve import Served, read_events
+
+from nexabind.server._router import find_models
+
+openai = pytest.importorskip("openai")
+
+KEY = "models-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "Tell me about birds"}]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("many")
+    for name in ("alpha", "beta", "gamma", "mmproj-alpha"):
+        shutil.copy(tiny_model, folder / f"{name}.gguf")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(libdir: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    args = ("--models-max", "2", "--default-model", "beta", "-np", "2", "-c", "1024",
+            "--api-key", KEY)  # fmt: skip
+    with Served(f"--models-dir={models_dir}", *args, log=log) as s:
+        yield s
+
+
+def _client(server: Served) -> Any:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def _statuses(server: Served) -> dict[str, str]:
+    status, body = server.get("/v1/models", headers=AUTH)
+    assert status == 200
+    return {m["id"]: m["status"]["value"] for m in body["data"]}
+
+
+def _unload_all(server: Served) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        status, _, body = server.post("/models/unload", {"model": name}, headers=AUTH)
+        assert status == 200 and body == {"success": True}
+
+
+def test_find_models_names_by_stem_splits_once_without_projectors(tmp_path: Path) -> None:
+    for name in ("b", "a", "big-00001-of-00002", "big-00002-of-00002", "mmproj-a"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    found = find_models((str(tmp_path),))
+    assert list(found) == ["a", "b", "big"]
+    assert found["big"].name == "big-00001-of-00002.gguf"
+    with pytest.raises(ValueError, match="two models are named 'a'"):
+        find_models((str(tmp_path), str(tmp_path)))
+
+
+def test_a_request_loads_its_model_and_models_lists_every_status(server: Served) -> None:
+    _unload_all(server)
+    assert _statuses(server) == {"alpha": "unloaded", "beta": "unloaded", "gamma": "unloaded"}
+    r = _client(server).chat.completions.create(model="alpha", messages=CHAT, max_tokens=4)
+    assert r.model == "alpha" and r.usage.completion_tokens == 4
+    assert _statuses(server)["alpha"] == "loaded"
+    status, one = server.get("/v1/models/gamma", headers=AUTH)
+    assert status == 200 and one["status"]["value"] == "unloaded"
+
+
+def test_beyond_models_max_the_least_recently_used_is_unloaded(server: Served) -> None:
+    _unload_all(server)
+    unloads = server.metric('nexabind_model_unloads_total{model="alpha"}', headers=AUTH)
+    client = _client(server)
+    for name in ("alpha", "beta", "gamma"):
+        r = client.completions.create(model=name, prompt="Once upon", max_tokens=2)
+        assert r.model == name
+    assert _statuses(server) == {"alpha": "unloaded", "beta": "loaded", "gamma": "loaded"}
+    after = server.metric('nexabind_model_unloads_total{model="alpha"}', headers=AUTH)
+    assert after == unloads + 1
+    # beta is used again, so gamma is now the least recent: alpha's load unloads it
+    client.completions.create(model="beta", prompt="Once upon", max_tokens=2)
+    client.completions.create(model="alpha", prompt="Once upon", max_tokens=2)
+    assert _statuses(server) == {"alpha": "loaded", "beta": "loaded", "gamma": "unloaded"}
+    assert server.metric('nexabind_model_loads_total{model="alpha"}', headers=AUTH) >= 2
+
+
+def test_two_models_answer_at_once(server: Served) -> None:
+    _unload_all(server)
+    conn, resp = server.open_stream("/v1/chat/completions", {
+        "model": "alpha", "messages": CHAT, "max_tokens": 200, "logit_bias": {"2": -100},
+    }, headers=AUTH)  # fmt: skip
+    try:
+        assert len(read_events(resp, 2)) == 2  # alpha is generating
+        answers: list[Any] = []
+
+        def ask() -> None:
+            answers.append(_client(server).chat.completions.create(
+                model="gamma", messages=CHAT, max_tokens=3))  # fmt: skip
+
+        t = threading.Thread(target=ask)
+        t.start()
+        t.join(120)
+        assert answers and answers[0].model == "gamma"
+        assert _statuses(server) == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
+        # alpha still streams: its stream was not held up, nor did gamma's request end it
+        assert len(read_events(resp, 1)) == 1
+    finally:
+        conn.close()
+
+
+def test_an_unknown_model_is_a_404_model_not_found(server: Served) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        _client(server).chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
+    assert e.value.code == "model_not_found"
+    status, _, body = server.post("/v1/completions", {"model": "nope", "prompt": "x"},
+                                  headers=AUTH)  # fmt: skip
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, _ = server.get("/v1/models/nope", headers=AUTH)
+    assert status == 404
+
+
+def test_a_request_without_model_goes_to_the_default(server: Served) -> None:
+    status, _, body = server.post("/v1/completions", {"prompt": "Once upon", "max_tokens": 2},
+                                  headers=AUTH)  # fmt: skip
+    assert status == 200 and body["model"] == "beta"
+
+
+def test_models_load_and_unload(server: Served) -> None:
+    status, _, body = server.post("/models/load", {"model": "gamma"})
+    assert status == 401
+    status, _, body = server.post("/models/load", {"model": "gamma"}, headers=AUTH)
+    assert status == 200 and body == {"success": True}
+    assert _statuses(server)["gamma"] == "loaded"
+    status, _, body = server.post("/models/unload", {"model": "gamma"}, headers=AUTH)
+    assert status == 200 and _statuses(server)["gamma"] == "unloaded"
+    status, _, body = server.post("/models/load", {"model": "nope"}, headers=AUTH)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, _, body = server.post("/models/load", {}, headers=AUTH)
+    assert status == 400 and body["error"]["param"] == "model"
