@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ openai = pytest.importorskip("openai")
 KEY = "models-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [{"role": "user", "content": "Tell me about birds"}]
+LONG = {"prompt": "Once", "max_tokens": 100_000, "logit_bias": {"2": -100}}  # until the slot fills
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def models_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def server(libdir: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ("--models-max", "2", "--default-model", "beta", "-np", "2", "-c", "1024",
+    args = ("--models-max", "2", "--default-model", "beta", "-np", "2", "-c", "4096",
             "--api-key", KEY)  # fmt: skip
     with Served(f"--models-dir={models_dir}", *args, log=log) as s:
         yield s
@@ -92,11 +94,20 @@ def test_beyond_models_max_the_least_recently_used_is_unloaded(server: Served) -
     assert server.metric('nexabind_model_loads_total{model="alpha"}', headers=AUTH) >= 2
 
 
+def _busy(server: Served, name: str) -> int:
+    return server.get("/slots", headers=AUTH)[1]["models"][name].get("slots_busy", 0)
+
+
+def _until_idle(server: Served, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while _busy(server, name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _busy(server, name) == 0
+
+
 def test_two_models_answer_at_once(server: Served) -> None:
     _unload_all(server)
-    conn, resp = server.open_stream("/v1/chat/completions", {
-        "model": "alpha", "messages": CHAT, "max_tokens": 200, "logit_bias": {"2": -100},
-    }, headers=AUTH)  # fmt: skip
+    conn, resp = server.open_stream("/v1/completions", {"model": "alpha", **LONG}, headers=AUTH)
     try:
         assert len(read_events(resp, 2)) == 2  # alpha is generating
         answers: list[Any] = []
@@ -109,11 +120,36 @@ def test_two_models_answer_at_once(server: Served) -> None:
         t.start()
         t.join(120)
         assert answers and answers[0].model == "gamma"
+        assert _busy(server, "alpha") == 1  # gamma loaded and answered while alpha generated
         assert _statuses(server) == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
-        # alpha still streams: its stream was not held up, nor did gamma's request end it
-        assert len(read_events(resp, 1)) == 1
     finally:
         conn.close()
+    _until_idle(server, "alpha")
+
+
+def test_a_load_while_every_loaded_model_is_busy_is_a_503(server: Served) -> None:
+    _unload_all(server)
+    streams = [server.open_stream("/v1/completions", {"model": m, **LONG}, headers=AUTH)
+               for m in ("alpha", "gamma")]  # fmt: skip
+    try:
+        for _, resp in streams:
+            assert len(read_events(resp, 2)) == 2
+        status, headers, body = server.post("/v1/completions", {"model": "beta", "prompt": "x"},
+                                            headers=AUTH)  # fmt: skip
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert "--models-max 2" in body["error"]["message"]
+        assert _statuses(server) == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
+        assert server.post("/models/unload", {"model": "alpha"}, headers=AUTH)[0] == 409
+    finally:
+        for conn, _ in streams:
+            conn.close()
+    _until_idle(server, "alpha")
+    _until_idle(server, "gamma")
+    # the clients are gone, their models idle: beta's load unloads the least recently used
+    status, _, body = server.post("/v1/completions", {"model": "beta", "prompt": "x",
+                                                      "max_tokens": 2}, headers=AUTH)  # fmt: skip
+    assert status == 200 and body["model"] == "beta"
+    assert sorted(_statuses(server).values()) == ["loaded", "loaded", "unloaded"]
 
 
 def test_an_unknown_model_is_a_404_model_not_found(server: Served) -> None:
