@@ -63,6 +63,12 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
 @click.option(
     "--default-model", help="The model of a request that names none [default: the first by name]."
 )
+@click.option(
+    "--models-memory",
+    type=float,
+    help="GiB the loaded models may take, each estimated from its GGUF header (weights and KV "
+    "cache); least recently used idle models are unloaded to fit [default: no budget].",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
 @click.option(

@@ -1,10 +1,11 @@
 """`nexabind serve --models-dir` as a real process: models loaded on demand, the least recently
 used one unloaded beyond --models-max, two models answering at once, /models/load and
-/models/unload, an unknown model, the default model."""
+/models/unload, an unknown model, the default model, the memory budget."""
 
 from __future__ import annotations
 
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 from _serve import Served, read_events
 
-from nexabind.server._router import find_models
+from nexabind.server._options import ServeOptions
+from nexabind.server._router import estimate_bytes, find_models
 
 openai = pytest.importorskip("openai")
 
@@ -181,3 +183,49 @@ def test_models_load_and_unload(server: Served) -> None:
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, _, body = server.post("/models/load", {}, headers=AUTH)
     assert status == 400 and body["error"]["param"] == "model"
+
+
+def test_the_header_gives_the_weights_bytes(tiny_model: Path) -> None:
+    from gguf import GGUFReader
+
+    from nexabind import _gguf
+
+    want = sum(int(t.n_bytes) for t in GGUFReader(tiny_model).tensors)
+    assert _gguf.summarize(tiny_model).n_bytes == want
+
+
+def _header_only(path: Path) -> None:
+    """A GGUF header claiming a 4 TiB f32 tensor, with no data behind it."""
+
+    def text(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = text("general.architecture") + struct.pack("<I", 8) + text("llama")
+    tensor = text("token_embd.weight") + struct.pack("<IQQIQ", 2, 1 << 20, 1 << 20, 0, 0)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + tensor)
+
+
+def test_the_memory_budget_unloads_to_fit_and_refuses_what_never_fits(
+    libdir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        shutil.copy(tiny_model, folder / f"{name}.gguf")
+    _header_only(folder / "huge.gguf")
+    one = estimate_bytes(tiny_model, ServeOptions(str(tiny_model), parallel=2, ctx_size=1024))
+    assert one > tiny_model.stat().st_size // 2  # the weights, and a KV cache
+    assert estimate_bytes(folder / "huge.gguf", ServeOptions("x")) >= 4 << 40
+    budget = f"{1.5 * one / 2**30:.9f}"  # room for one tiny model, not two
+    args = ("--models-memory", budget, "-np", "2", "-c", "1024")
+    with Served(f"--models-dir={folder}", *args, log=tmp_path / "server.log") as s:
+        status, headers, body = s.post("/v1/completions", {"model": "huge", "prompt": "x"})
+        assert status == 503 and "more than --models-memory" in body["error"]["message"]
+        assert "retry-after" not in headers  # waiting does not help
+        for name in ("alpha", "beta"):
+            status, _, body = s.post("/v1/completions", {"model": name, "prompt": "x",
+                                                         "max_tokens": 2})  # fmt: skip
+            assert status == 200 and body["model"] == name
+        _, listed = s.get("/v1/models")
+        statuses = {m["id"]: m["status"]["value"] for m in listed["data"]}
+        assert statuses == {"alpha": "unloaded", "beta": "loaded", "huge": "unloaded"}

@@ -60,6 +60,8 @@ class ServeOptions:
         models_max: Models loaded at once (with ``models_dirs``); beyond, the least recently
             used one with no request in flight is unloaded.
         default_model: The model of a request that names none (default: the first by name).
+        models_memory: GiB the loaded models may take (with ``models_dirs``; None: no budget),
+            each estimated from its GGUF header (weights and KV cache) before it loads.
     """
 
     model: str
@@ -93,6 +95,7 @@ class ServeOptions:
     models_dirs: tuple[str, ...] = ()
     models_max: int = 4
     default_model: str | None = None
+    models_memory: float | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -130,6 +133,8 @@ class ServeOptions:
                     "leave out alias and engine")  # fmt: skip
             if self.models_max < 1:
                 bad(f"models_max={self.models_max} is invalid; use 1 or more")
+            if self.models_memory is not None and self.models_memory <= 0:
+                bad(f"models_memory={self.models_memory} is invalid; use GiB > 0")
         elif not self.model:
             bad("no model: give a .gguf file, or models_dirs")
         if self.ctx_size is not None and self.ctx_size < self.parallel:

@@ -9,9 +9,11 @@ server's gateway checks keys and counts, and :meth:`Router.reserve` picks the mo
 request's ``model`` field, loads it if need be (concurrent requests wait for one load), and
 takes one of its slots; the lease it returns gives the slot back with the request's permit.
 
-Beyond ``models_max`` loaded models, the least recently used one that no request is using is
-unloaded before another loads; when every loaded model is in use, the load is refused with a
-503 and ``Retry-After``. Everything here runs on the event loop.
+Beyond ``models_max`` loaded models, or beyond ``models_memory`` GiB (each model estimated
+from its GGUF header: its weights and its KV cache), the least recently used one that no
+request is using is unloaded before another loads; when every loaded model is in use, the load
+is refused with a 503 and ``Retry-After``, and a model that alone exceeds the budget is refused
+with a 503 before any allocation. Everything here runs on the event loop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nexabind import _gguf
+from nexabind.engine import default_n_ctx
+from nexabind.errors import ModelLoadError
 from nexabind.server._local import LocalBackend
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
@@ -66,11 +71,38 @@ def find_models(dirs: tuple[str, ...]) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def estimate_bytes(path: Path, options: ServeOptions) -> int:
+    """Memory a model takes once loaded, from its GGUF header alone: its tensors' bytes (every
+    part of a split model) and an f16 KV cache of the context ``options`` give it."""
+    split = _SPLIT.match(path.stem)
+    parts = sorted(path.parent.glob(f"{split['name']}-*-of-*.gguf")) if split else [path]
+    summaries = [_gguf.summarize(p) for p in parts]
+    meta = summaries[0].metadata
+    arch = meta.get("general.architecture", "")
+
+    def num(key: str, default: int = 0) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        return value if isinstance(value, int) else default
+
+    n_head = num("attention.head_count")
+    head = num("embedding_length") // n_head if n_head else 0
+    width = num("attention.head_count_kv", n_head) * (
+        num("attention.key_length", head) + num("attention.value_length", head)
+    )
+    n_ctx = options.ctx_size or default_n_ctx(options.parallel, num("context_length"))
+    return sum(s.n_bytes for s in summaries) + num("block_count") * n_ctx * width * 2
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g}"
+
+
 @dataclass(eq=False)
 class _Model:
     """One model: its engine, its gateway, and the requests using it."""
 
     name: str
+    path: Path
     backend: LocalBackend
     gateway: Gateway
     users: int = 0  # requests between choosing this model and giving its slot back
@@ -79,6 +111,7 @@ class _Model:
     loads: int = 0
     unloads: int = 0
     requests: int = 0
+    bytes: int | None = None  # its estimated memory, once a budget asked for it
 
     @property
     def status(self) -> str:
@@ -112,7 +145,7 @@ class Router:
         for name, path in find_models(options.models_dirs).items():
             own = dataclasses.replace(options, model=str(path), alias=name, models_dirs=())
             backend = LocalBackend(own, metrics)
-            self.models[name] = _Model(name, backend, Gateway(backend, own, Metrics()))
+            self.models[name] = _Model(name, path, backend, Gateway(backend, own, Metrics()))
         self.default = options.default_model or next(iter(self.models))
         if self.default not in self.models:
             msg = f"--default-model {self.default!r} is not among the models ({self._names()})"
@@ -216,15 +249,47 @@ class Router:
                 m.gateway.begin_load()
         await m.gateway.load()
 
+    async def _bytes(self, m: _Model) -> int:
+        if m.bytes is None:
+            own = m.backend.options
+            try:
+                m.bytes = await asyncio.to_thread(estimate_bytes, m.path, own)
+            except ModelLoadError:
+                m.bytes = 0  # its load says what is wrong with it
+        return m.bytes
+
     async def _make_room(self, m: _Model) -> None:
+        """Unload the least recently used idle models until ``m`` fits.
+
+        Raises:
+            HTTPError: 503, every loaded model is in use (with ``Retry-After``), or ``m`` alone
+                is larger than the memory budget.
+        """
         limit = self.options.models_max
+        budget = self.options.models_memory
         loaded = [x for x in self.models.values()
                   if x is not m and x.started and x.gateway.state in ("ok", "loading")]  # fmt: skip
-        while len(loaded) >= limit:
+        need = 0
+        if budget is not None:
+            need = await self._bytes(m)
+            if need > budget * 2**30:
+                msg = (f"{m.name!r} needs about {_gib(need)} GiB (weights and KV cache), more "
+                       f"than --models-memory {budget:g}")  # fmt: skip
+                raise HTTPError(503, msg, param="model")
+
+        async def over_budget() -> bool:
+            if budget is None:
+                return False
+            used = sum([await self._bytes(x) for x in loaded])
+            return need + used > budget * 2**30
+
+        while len(loaded) >= limit or await over_budget():
             idle = [x for x in loaded if x.users == 0 and x.gateway.state == "ok"]
             if not idle:
-                msg = (f"{len(loaded)} models are loaded (--models-max {limit}) and each is "
-                       f"serving a request; {m.name!r} loads once one is free")  # fmt: skip
+                what = f"--models-max {limit}" if len(loaded) >= limit else (
+                    f"--models-memory {budget:g}")  # fmt: skip
+                msg = (f"{len(loaded)} models are loaded ({what}) and each is serving a "
+                       f"request; {m.name!r} loads once one is free")  # fmt: skip
                 raise HTTPError(503, msg, headers={"Retry-After": "2"})
             lru = min(idle, key=lambda x: x.last_used)
             log.info("unloading %s, the least recently used, to load %s", lru.name, m.name)
