@@ -154,6 +154,37 @@ def test_a_load_while_every_loaded_model_is_busy_is_a_503(server: Served) -> Non
     assert sorted(_statuses(server).values()) == ["loaded", "loaded", "unloaded"]
 
 
+def test_requests_racing_loads_and_evictions_are_answered(server: Served) -> None:
+    _unload_all(server)
+    got: list[tuple[int, str]] = []
+
+    def ask(name: str) -> None:
+        asked = {"model": name, "prompt": "Once", "max_tokens": 3}
+        status, _, body = server.post("/v1/completions", asked, headers=AUTH)
+        got.append((status, body["model"] if status == 200 else body["error"]["message"]))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ["alpha", "beta", "gamma"] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) == 12
+    # each answered by its model, or refused while both loaded models were busy
+    assert all(status == 200 or (status == 503 and "--models-max" in what)
+               for status, what in got), got  # fmt: skip
+    assert {what for status, what in got if status == 200}
+    assert list(_statuses(server).values()).count("loaded") <= 2
+
+
+def test_serve_takes_a_model_or_a_models_dir(runner: Any, models_dir: Path) -> None:
+    from nexabind.cli import cli
+
+    both = runner.invoke(cli, ["serve", "x.gguf", "--models-dir", str(models_dir)])
+    neither = runner.invoke(cli, ["serve"])
+    for result in (both, neither):
+        assert result.exit_code == 2 and "give MODEL or --models-dir DIR" in result.output
+
+
 def test_an_unknown_model_is_a_404_model_not_found(server: Served) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         _client(server).chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
@@ -229,3 +260,4 @@ def test_the_memory_budget_unloads_to_fit_and_refuses_what_never_fits(
         _, listed = s.get("/v1/models")
         statuses = {m["id"]: m["status"]["value"] for m in listed["data"]}
         assert statuses == {"alpha": "unloaded", "beta": "loaded", "huge": "unloaded"}
+        assert s.terminate() == 0  # SIGTERM frees every loaded model and exits 0
