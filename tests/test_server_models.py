@@ -185,6 +185,15 @@ def test_serve_takes_a_model_or_a_models_dir(runner: Any, models_dir: Path) -> N
         assert result.exit_code == 2 and "give MODEL or --models-dir DIR" in result.output
 
 
+def test_the_adapters_answer_with_the_model_asked_for(server: Served) -> None:
+    body = {"model": "gamma", "max_tokens": 2, "messages": CHAT}
+    status, _, answer = server.post("/v1/messages", body, headers={"X-Api-Key": KEY})
+    assert status == 200 and answer["model"] == "gamma"
+    body = {"model": "alpha", "max_output_tokens": 2, "input": "Hi"}
+    status, _, answer = server.post("/v1/responses", body, headers=AUTH)
+    assert status == 200 and answer["model"] == "alpha"
+
+
 def test_an_unknown_model_is_a_404_model_not_found(server: Served) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         _client(server).chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
@@ -261,3 +270,22 @@ def test_the_memory_budget_unloads_to_fit_and_refuses_what_never_fits(
         statuses = {m["id"]: m["status"]["value"] for m in listed["data"]}
         assert statuses == {"alpha": "unloaded", "beta": "loaded", "huge": "unloaded"}
         assert s.terminate() == 0  # SIGTERM frees every loaded model and exits 0
+
+
+def test_idle_unload_applies_to_each_model(libdir: Path, models_dir: Path, tmp_path: Path) -> None:
+    args = ("--idle-unload", "1", "-np", "1", "-c", "512")
+    with Served(f"--models-dir={models_dir}", *args, log=tmp_path / "server.log") as s:
+        status, _, _ = s.post("/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 2})
+        assert status == 200
+        deadline = time.monotonic() + 30
+        while (
+            s.get("/v1/models")[1]["data"][0]["status"]["value"] != "unloaded"
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert s.get("/v1/models")[1]["data"][0]["status"]["value"] == "unloaded"
+        assert s.metric('nexabind_model_unloads_total{model="alpha"}') == 1
+        status, _, body = s.post("/v1/completions", {"model": "alpha", "prompt": "x",
+                                                     "max_tokens": 2})  # fmt: skip
+        assert status == 200 and body["model"] == "alpha"  # loaded again on demand
+        assert s.metric('nexabind_model_loads_total{model="alpha"}') == 2

@@ -108,8 +108,6 @@ class _Model:
     users: int = 0  # requests between choosing this model and giving its slot back
     last_used: float = 0.0
     started: bool = False
-    loads: int = 0
-    unloads: int = 0
     requests: int = 0
     bytes: int | None = None  # its estimated memory, once a budget asked for it
 
@@ -244,7 +242,6 @@ class Router:
         async with self._choosing:
             if m.gateway.state in ("unloaded", "error"):
                 await self._make_room(m)
-                m.loads += 1
                 log.info("loading %s", m.name)
                 m.gateway.begin_load()
         await m.gateway.load()
@@ -317,7 +314,6 @@ class Router:
         if m.users or m.gateway.in_flight:
             msg = f"{m.name!r} is serving a request; unload it once it is idle"
             raise HTTPError(409, msg, param="model", type="invalid_request_error")
-        m.unloads += 1
         await m.gateway.unload()
 
     def model_list(self, created: int) -> dict[str, Any]:
@@ -335,7 +331,8 @@ class Router:
         for what in ("loads", "unloads", "requests"):
             lines.append(f"# TYPE nexabind_model_{what}_total counter")
             for name, m in self.models.items():
-                lines.append(f'nexabind_model_{what}_total{{model="{name}"}} {getattr(m, what)}')
+                n = m.requests if what == "requests" else getattr(m.gateway, what)
+                lines.append(f'nexabind_model_{what}_total{{model="{name}"}} {n}')
         lines.append("# TYPE nexabind_model_loaded gauge")
         for name, m in self.models.items():
             lines.append(f'nexabind_model_loaded{{model="{name}"}} {int(m.status == "loaded")}')

@@ -234,6 +234,8 @@ class Gateway:
         self._loading: asyncio.Task[Any] | None = None
         self._keys = tuple(k.encode() for k in options.api_keys)
         self.loaded_once = False
+        self.loads = 0  # loads started, and unloads (idle, or asked for), for /metrics
+        self.unloads = 0
         self.on_fatal: Callable[[str], None] | None = None
         """Called when the first load fails, or the engine stops for good (the server then
         exits non-zero)."""
@@ -264,6 +266,7 @@ class Gateway:
         if self._loading is not None and not self._loading.done():
             return
         self.state = "loading"
+        self.loads += 1
         self._loading = self._spawn(self._do_load())
 
     async def load(self) -> None:
@@ -284,6 +287,7 @@ class Gateway:
     async def unload(self) -> None:
         """Free the model (it loads again on the next request)."""
         self.state = "unloading"
+        self.unloads += 1
         try:
             await asyncio.to_thread(self.backend.unload)
         finally:
