@@ -5,6 +5,7 @@ used one unloaded beyond --models-max, two models answering at once, /models/loa
 from __future__ import annotations
 
 import shutil
+import signal
 import struct
 import threading
 import time
@@ -289,3 +290,31 @@ def test_idle_unload_applies_to_each_model(libdir: Path, models_dir: Path, tmp_p
                                                      "max_tokens": 2})  # fmt: skip
         assert status == 200 and body["model"] == "alpha"  # loaded again on demand
         assert s.metric('nexabind_model_loads_total{model="alpha"}') == 2
+
+
+def test_sigterm_answers_requests_waiting_for_a_model_503(
+    libdir: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    args = ("-np", "1", "-c", "4096", "--grace", "5")
+    with Served(f"--models-dir={models_dir}", *args, log=tmp_path / "server.log") as s:
+        conn, resp = s.open_stream("/v1/completions", {"model": "alpha", **LONG})
+        assert len(read_events(resp, 2)) == 2  # alpha's one slot is busy
+        got: list[int] = []
+        waiting = threading.Thread(
+            target=lambda: got.append(
+                s.post("/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 2})[0]
+            )
+        )
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while (
+            not s.get("/slots")[1]["models"]["alpha"]["in_flight"] and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        time.sleep(0.3)  # the second request is in alpha's queue
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        waiting.join(30)
+        assert got == [503] and time.monotonic() - t0 < 1  # at once, not once a slot frees
+        conn.close()
+        assert s.terminate() == 0

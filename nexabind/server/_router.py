@@ -212,6 +212,12 @@ class Router:
         assert isinstance(lease, _Lease), "reserve gives every request a lease"
         return await lease.model.backend.run(kind, body, raw, call)
 
+    def begin_shutdown(self) -> None:
+        """Stop admitting to every model: their waiting requests get 503."""
+        for m in self.models.values():
+            if m.started:
+                m.gateway.begin_shutdown()
+
     async def aclose(self) -> None:
         """Free every loaded model (the server has stopped)."""
         for m in self.models.values():

@@ -347,6 +347,9 @@ class Gateway:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_exception(self._unavailable("the server is shutting down"))
+        inner = getattr(self.backend, "begin_shutdown", None)  # a router's models' gateways
+        if inner is not None:
+            inner()
         if self.in_flight:
             self.loop.call_later(self.options.grace, self._end_grace)
 
