@@ -65,11 +65,14 @@ class Summary(NamedTuple):
         n_params: Elements of the tensors this file describes (the parameters; one part's
             share for a split model).
         n_tensors: Tensors this file describes.
+        n_bytes: Bytes of those tensors' data as their types store it (what the weights take
+            in memory; a type this reader does not know counts 4 bytes an element).
     """
 
     metadata: dict[str, Any]
     n_params: int
     n_tensors: int
+    n_bytes: int = 0
 
 
 def summarize(path: str | os.PathLike[str]) -> Summary:
@@ -83,7 +86,8 @@ def summarize(path: str | os.PathLike[str]) -> Summary:
 
     def scan(buf: Any, p: Path) -> Summary:
         meta, off, n_tensors = _scan(buf, p, vocab=False)
-        return Summary(meta, _count_params(buf, off, n_tensors), n_tensors)
+        n_params, n_bytes = _count_params(buf, off, n_tensors)
+        return Summary(meta, n_params, n_tensors, n_bytes)
 
     return _read(path, scan)
 
@@ -155,9 +159,12 @@ def _scan(buf: Any, path: Path, *, vocab: bool) -> tuple[dict[str, Any], int, in
     return out, off, n_tensors
 
 
-def _count_params(buf: Any, off: int, n_tensors: int) -> int:
-    """Sum the element counts of the tensor infos that start at ``off``."""
-    total = 0
+def _count_params(buf: Any, off: int, n_tensors: int) -> tuple[int, int]:
+    """Sum the element counts, and their bytes, of the tensor infos that start at ``off``."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    sizes = {int(t): size for t, size in GGML_QUANT_SIZES.items()}
+    total = n_bytes = 0
     unpack = struct.unpack_from
     for _ in range(n_tensors):
         _need(buf, off, 8)
@@ -169,9 +176,13 @@ def _count_params(buf: Any, off: int, n_tensors: int) -> int:
             raise _Truncated
         _need(buf, off + 4, 8 * n_dims + 12)
         dims = unpack(f"<{n_dims}Q", buf, off + 4)
+        (kind,) = unpack("<I", buf, off + 4 + 8 * n_dims)
         off += 4 + 8 * n_dims + 12  # dims, then the type (u32) and the data offset (u64)
-        total += math.prod(dims)
-    return total
+        n = math.prod(dims)
+        block, size = sizes.get(kind, (1, 4))
+        total += n
+        n_bytes += -(-n // block) * size
+    return total, n_bytes
 
 
 _U64 = struct.Struct("<Q").unpack_from

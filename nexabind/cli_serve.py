@@ -49,7 +49,26 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
 
 
 @click.command("serve", context_settings=CONTEXT_SETTINGS)
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option(
+    "--models-dir",
+    "models_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=str),
+    help="Serve every .gguf in this folder (repeatable), each named by its file's stem and "
+    "loaded on its first request; instead of MODEL.",
+)
+@_number("--models-max", 4, int, "Models loaded at once; beyond, the least recently used idle one "
+         "is unloaded.")  # fmt: skip
+@click.option(
+    "--default-model", help="The model of a request that names none [default: the first by name]."
+)
+@click.option(
+    "--models-memory",
+    type=float,
+    help="GiB the loaded models may take, each estimated from its GGUF header (weights and KV "
+    "cache); least recently used idle models are unloaded to fit [default: no budget].",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
 @click.option(
@@ -156,7 +175,7 @@ def _keys(given: tuple[str, ...], key_file: Any, no_auth: bool) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="No access log.")
 @click.option("-v", "--verbose", is_flag=True, help="Also llama.cpp's own log lines.")
 def serve_cmd(
-    model: str,
+    model: str | None,
     api_keys: tuple[str, ...],
     api_key_file: Any,
     no_auth: bool,
@@ -164,8 +183,8 @@ def serve_cmd(
     verbose: bool,
     **options: Any,
 ) -> None:
-    """Serve MODEL (a .gguf file or a pulled model's name) over an OpenAI-compatible HTTP API
-    until SIGTERM or Ctrl-C.
+    """Serve MODEL (a .gguf file or a pulled model's name), or every model of --models-dir,
+    over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/rerank, /v1/models,
     /health, /slots and /metrics. Needs the server extra: pip install 'nexabind[server]'.
@@ -183,7 +202,9 @@ def serve_cmd(
         msg = f"nexabind serve needs the server extra ({e}); pip install 'nexabind[server]'"
         raise click.ClickException(msg) from e
     keys = _keys(api_keys, api_key_file, no_auth)
-    path = _resolve(model, yes=False, quiet=True)
+    if (model is None) == (not options["models_dirs"]):
+        raise click.UsageError("give MODEL or --models-dir DIR (one of the two)")
+    path = "" if model is None else _resolve(model, yes=False, quiet=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if quiet:
         logging.getLogger("nexabind.server.access").setLevel(logging.WARNING)
@@ -199,7 +220,8 @@ def serve_cmd(
         click.echo(f"Error: {e}", err=True)
         code = 1
     if code:
-        click.echo(f"Error: could not serve {model}; see the log above", err=True)
+        what = model or ", ".join(options["models_dirs"])
+        click.echo(f"Error: could not serve {what}; see the log above", err=True)
     # The server has stopped. A worker thread may still be inside a long tokenization that
     # nothing can interrupt (and the interpreter would wait for it at exit): leave now.
     logging.shutdown()

@@ -43,7 +43,14 @@ from nexabind.errors import ClosedError, SessionNotFoundError, TaskTimeoutError
 from nexabind.tokens import Outcome, Token
 from nexabind.tool_calls import ToolOutput
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "default_n_ctx"]
+
+
+def default_n_ctx(n_parallel: int, n_ctx_train: int | None) -> int:
+    """The KV cells an Engine takes when it is given no ``n_ctx``: ``n_parallel`` x the
+    model's training length, each slot's share capped at 4096."""
+    return n_parallel * min(n_ctx_train or 4096, 4096)
+
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +124,7 @@ class Engine:
         )
         try:
             if not n_ctx:
-                n_ctx = n_parallel * min(self._model.n_ctx_train or 4096, 4096)
+                n_ctx = default_n_ctx(n_parallel, self._model.n_ctx_train)
             self._ctx = lowlevel.Context(
                 self._model,
                 n_ctx=n_ctx,

@@ -79,11 +79,13 @@ class Served:
         status, headers, data = self.request("POST", path, body, **kw)
         return status, headers, json.loads(data) if data else None
 
-    def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Any, Any]:
+    def open_stream(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[Any, Any]:
         """Start a streamed request; return (connection, response) to read events from."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         conn.request("POST", path, json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})  # fmt: skip
+                     {"Content-Type": "application/json", **(headers or {})})  # fmt: skip
         return conn, conn.getresponse()
 
     def metric(self, name: str, headers: dict[str, str] | None = None) -> float:

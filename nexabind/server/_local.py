@@ -310,7 +310,9 @@ class LocalBackend:
                 raise HTTPError(400, str(e), param="messages") from None
             logprobs = bool(body.get("logprobs"))
             n_top: bool | int = (body.get("top_logprobs") or 0) if logprobs else False
-            conv = call.permit.held if isinstance(call.permit.held, _Conversation) else None
+            # A router's lease holds the conversation besides the model's slot.
+            held = getattr(call.permit.held, "conversation", call.permit.held)
+            conv = held if isinstance(held, _Conversation) else None
             if conv is not None and n > 1:
                 msg = (
                     f"n={n} cannot continue a conversation (session_id or user): its history "

@@ -16,7 +16,7 @@ class ServeOptions:
     """Options of a server (the ``nexabind serve`` flags).
 
     Attributes:
-        model: The ``.gguf`` file.
+        model: The ``.gguf`` file ("" when ``models_dirs`` gives the models).
         host: Address to listen on.
         port: Port to listen on (0: any free port).
         parallel: Requests decoded at once (the engine's slots).
@@ -55,6 +55,13 @@ class ServeOptions:
             (else 408).
         n_predict: Most tokens any request generates (-1: no cap beyond the slot), as
             llama-server's ``-n``; a request's ``max_tokens`` / ``n_predict`` may ask for fewer.
+        models_dirs: Folders whose ``.gguf`` files are served, each named by its file's stem
+            and loaded on its first request (instead of ``model``).
+        models_max: Models loaded at once (with ``models_dirs``); beyond, the least recently
+            used one with no request in flight is unloaded.
+        default_model: The model of a request that names none (default: the first by name).
+        models_memory: GiB the loaded models may take (with ``models_dirs``; None: no budget),
+            each estimated from its GGUF header (weights and KV cache) before it loads.
     """
 
     model: str
@@ -85,6 +92,10 @@ class ServeOptions:
     max_connections: int = 4096
     read_timeout: float = 30.0
     n_predict: int = -1
+    models_dirs: tuple[str, ...] = ()
+    models_max: int = 4
+    default_model: str | None = None
+    models_memory: float | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -114,6 +125,18 @@ class ServeOptions:
                 bad(f"{name}={getattr(self, name)} is invalid; use 1 or more")
         if self.n_predict < -1 or self.n_predict == 0:
             bad(f"n_predict={self.n_predict} is invalid; use -1 (no cap) or 1 or more tokens")
+        if self.models_dirs:
+            if self.model:
+                bad("give one model, or models_dirs, not both")
+            if self.engine != "llama.cpp" or self.alias:
+                bad("models_dirs serves each model by its file's name with the llama.cpp engine; "
+                    "leave out alias and engine")  # fmt: skip
+            if self.models_max < 1:
+                bad(f"models_max={self.models_max} is invalid; use 1 or more")
+            if self.models_memory is not None and self.models_memory <= 0:
+                bad(f"models_memory={self.models_memory} is invalid; use GiB > 0")
+        elif not self.model:
+            bad("no model: give a .gguf file, or models_dirs")
         if self.ctx_size is not None and self.ctx_size < self.parallel:
             bad(f"ctx_size={self.ctx_size} is invalid; give each of {self.parallel} slots a cell")
 

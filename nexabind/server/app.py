@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/v1/rerank``, Anthropic's ``/v1/messages`` (and ``/v1/messages/count_tokens``) and OpenAI's
 ``/v1/responses`` (adapters over the chat path, :mod:`._anthropic`, :mod:`._responses`);
-``GET /v1/models`` (and ``/v1/models/{id}``), ``/health`` (public), ``/slots``, ``/metrics``.
+``GET /v1/models`` (and ``/v1/models/{id}``), ``/health`` (public), ``/slots``, ``/metrics``;
+with ``--models-dir``, ``POST /models/load`` and ``/models/unload`` (llama-server's router).
 Every error is OpenAI's error object (on ``/v1/messages``, Anthropic's) with a fitting status:
 a body that is not JSON or fails its schema is a 400 naming the field, a body over
 ``max_body`` bytes a 413, an unknown route a 404; an unexpected failure is a 500 whose
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -34,6 +36,7 @@ from nexabind.server._forward import ForwardBackend
 from nexabind.server._local import LocalBackend, encode_json, to_http
 from nexabind.server._metrics import Metrics
 from nexabind.server._options import ServeOptions
+from nexabind.server._router import Router
 from nexabind.server.gateway import Backend, Gateway, HTTPError
 
 __all__ = ["create_app", "serve"]
@@ -67,7 +70,8 @@ _ADAPTED: dict[str, Callable[[Any], dict[str, Any]]] = {
 _RENAMED = {"messages": _anthropic.RENAMED, "count_tokens": _anthropic.RENAMED,
             "responses": _responses.RENAMED}  # fmt: skip
 _ANTHROPIC = frozenset({"messages", "count_tokens"})
-_KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics"}
+_KNOWN = {*_ROUTES, "/v1/models", "/health", "/slots", "/metrics", "/models/load",
+          "/models/unload"}  # fmt: skip
 
 
 class _ClientGone(Exception):
@@ -200,12 +204,18 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
 
     metrics = Metrics()
     if backend is None:
-        backend = (
-            LocalBackend(options, metrics)
-            if options.engine == "llama.cpp"
-            else ForwardBackend(options, metrics)
-        )
-    gateway = Gateway(backend, options, metrics)
+        if options.models_dirs:
+            backend = Router(options, metrics)
+        elif options.engine == "llama.cpp":
+            backend = LocalBackend(options, metrics)
+        else:
+            backend = ForwardBackend(options, metrics)
+    router = backend if isinstance(backend, Router) else None
+    outer = options
+    if router is not None:  # each model's gateway queues its requests and unloads it idle
+        n_slots = options.parallel * len(router.models)
+        outer = dataclasses.replace(options, parallel=n_slots, ctx_size=None, idle_unload=None)
+    gateway = Gateway(backend, outer, metrics)
     started = int(time.time())
 
     def error(e: HTTPError, route: str = "") -> Response:
@@ -249,12 +259,13 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a 500 without the traceback (it goes to the log)
             return error(to_http(e), route)
+        name = (body.get("model") or router.default) if router is not None else options.name
         if isinstance(result, dict):  # encoded off the loop: it may be large
-            result = _answer(route, result, asked, options.name)
+            result = _answer(route, result, asked, name)
             data = await asyncio.to_thread(encode_json, result)
             return Response(data, media_type="application/json")
         if route in _ADAPTED:
-            result = _events(result, route, asked, options.name)
+            result = _events(result, route, asked, name)
         return StreamingResponse(
             _guarded(result), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -287,12 +298,18 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     def models(request: Request) -> Response:
         from nexabind import openai
 
+        if router is not None:
+            return JSONResponse(router.model_list(started))
         return JSONResponse(openai.model_list([options.name], created=started))
 
     def model(request: Request) -> Response:
         from nexabind import openai
 
         name = request.path_params["model"]
+        if router is not None:
+            router.find(name)
+            return JSONResponse(next(m for m in router.model_list(started)["data"]
+                                     if m["id"] == name))  # fmt: skip
         if name != options.name:
             msg = f"no model {name!r} here; this server serves {options.name!r}"
             raise HTTPError(404, msg, param="model", code="model_not_found")
@@ -308,7 +325,31 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
     def metrics_text(request: Request) -> Response:
         restarts = int(backend.status().get("restarts") or 0)
         text = metrics.render(backend.tokens_per_second(), gateway.health()[1]["status"], restarts)
+        if router is not None:
+            text += "\n".join(router.metric_lines()) + "\n"
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def load_or_unload(request: Request) -> Response:
+        """``POST /models/load`` / ``/models/unload`` with ``{"model": NAME}``."""
+        try:
+            gateway.check_key(request.headers)
+            if router is None:
+                raise HTTPError(404, "this server serves one model; start it with --models-dir "
+                                "to load and unload models", code="not_found")  # fmt: skip
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+            name = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(name, str):
+                raise HTTPError(400, 'give the model\'s name: {"model": NAME}', param="model")
+            if request.url.path.endswith("/load"):
+                await router.load_model(name)
+            else:
+                await router.unload_model(router.find(name))
+        except HTTPError as e:
+            return error(e)
+        return JSONResponse({"success": True})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -338,6 +379,8 @@ def create_app(options: ServeOptions, backend: Backend | None = None) -> Any:
         Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
         Route("/slots", guarded(slots), methods=["GET"]),
         Route("/metrics", guarded(metrics_text), methods=["GET"]),
+        Route("/models/load", load_or_unload, methods=["POST"]),
+        Route("/models/unload", load_or_unload, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

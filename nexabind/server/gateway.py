@@ -234,17 +234,23 @@ class Gateway:
         self._loading: asyncio.Task[Any] | None = None
         self._keys = tuple(k.encode() for k in options.api_keys)
         self.loaded_once = False
+        self.loads = 0  # loads started, and unloads (idle, or asked for), for /metrics
+        self.unloads = 0
         self.on_fatal: Callable[[str], None] | None = None
         """Called when the first load fails, or the engine stops for good (the server then
         exits non-zero)."""
 
     # -- life -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start loading the model; watch for idleness."""
+    async def start(self, load: bool = True) -> None:
+        """Start loading the model (unless ``load`` is false: it stays unloaded until
+        :meth:`load`); watch for idleness."""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
-        self._load()
+        if load:
+            self.begin_load()
+        else:
+            self.state = "unloaded"
         if self.options.idle_unload:
             self._spawn(self._idle_watch(self.options.idle_unload))
         self._spawn(self._failure_watch())
@@ -255,11 +261,37 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _load(self) -> None:
+    def begin_load(self) -> None:
+        """Start loading the model, unless a load is under way."""
         if self._loading is not None and not self._loading.done():
             return
         self.state = "loading"
+        self.loads += 1
         self._loading = self._spawn(self._do_load())
+
+    async def load(self) -> None:
+        """Load the model unless it is loaded; concurrent callers wait for one load.
+
+        Raises:
+            HTTPError: 503, the load failed or the model is being unloaded.
+        """
+        if self.state in ("unloaded", "error"):
+            self.begin_load()
+        if self.state == "loading" and self._loading is not None:
+            await asyncio.shield(self._loading)
+        if self.state != "ok":
+            why = f"loading the model failed ({self.error})" if self.error else (
+                f"the model is {self.state}")  # fmt: skip
+            raise self._unavailable(why, self._load_seconds)
+
+    async def unload(self) -> None:
+        """Free the model (it loads again on the next request)."""
+        self.state = "unloading"
+        self.unloads += 1
+        try:
+            await asyncio.to_thread(self.backend.unload)
+        finally:
+            self.state = "unloaded"
 
     async def _do_load(self) -> None:
         t0 = time.monotonic()
@@ -284,10 +316,7 @@ class Gateway:
             if self.state == "ok" and quiet and time.monotonic() - self.last_used >= idle:
                 self.state = "unloading"
                 log.info("no request for %gs: unloading %s", idle, self.options.model)
-                try:
-                    await asyncio.to_thread(self.backend.unload)
-                finally:
-                    self.state = "unloaded"
+                await self.unload()
 
     async def _failure_watch(self) -> None:
         while self.check_failure() is None:
@@ -318,6 +347,9 @@ class Gateway:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_exception(self._unavailable("the server is shutting down"))
+        inner = getattr(self.backend, "begin_shutdown", None)  # a router's models' gateways
+        if inner is not None:
+            inner()
         if self.in_flight:
             self.loop.call_later(self.options.grace, self._end_grace)
 
@@ -399,7 +431,7 @@ class Gateway:
             raise self._unavailable(f"{self.error}; the server is stopping")
         if self.state in ("unloaded", "error"):
             failed = self.error
-            self._load()
+            self.begin_load()
             why = f"loading the model failed ({failed}); retrying" if failed else (
                 "the model was unloaded after idling; it is loading again")  # fmt: skip
             raise self._unavailable(why, self._load_seconds)
