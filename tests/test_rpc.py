@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,87 @@ def test_rpc_server_on_a_taken_port_says_so(libdir: Path) -> None:
         )  # fmt: skip
     assert r.returncode == 1
     assert f"the RPC server at 127.0.0.1:{port} stopped (is the port taken?)" in r.stderr
+
+
+@contextmanager
+def _fake_rpc_server(answer: bytes | None) -> Iterator[str]:
+    """A peer on loopback that reads each greeting and answers ``answer`` (``None``: nothing,
+    holding the connection open): its endpoint."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(64)
+            if answer is None:
+                held.append(conn)
+                continue
+            conn.sendall(answer)
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def _hello_answer(major: int, minor: int, patch: int) -> bytes:
+    return struct.pack("<QBBBB", 28, major, minor, patch, 0) + bytes(24)
+
+
+_REFUSED = """
+    import sys, time
+    from nexabind import Llama
+    from nexabind.errors import RpcError
+    start = time.monotonic()
+    try:
+        Llama(sys.argv[1], n_ctx=64, rpc_servers=sys.argv[2])
+    except RpcError as e:
+        print(f"{time.monotonic() - start:.1f}", e)
+"""
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (_hello_answer(8, 0, 0), "speaks protocol 8.0.0, this library 7.0.0"),
+        (_hello_answer(7, 1, 0), "speaks protocol 7.1.0, this library 7.0.0"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "is not an RPC server: its answer"),
+        (b"", "is not an RPC server: its answer to the greeting is b''"),
+        (None, "did not answer the RPC greeting within 5 s: not an RPC server"),
+    ],
+    ids=["other-major", "newer-minor", "garbage", "closes", "silent"],
+)
+def test_a_server_of_another_protocol_or_not_an_rpc_server_is_refused_before_ggml_sees_it(
+    libdir: Path, tiny_model_f32: Path, answer: bytes | None, says: str
+) -> None:
+    # ggml aborts the process on each of these; the greeting in Python turns them into RpcError.
+    with _fake_rpc_server(answer) as endpoint:
+        r = run_child(_REFUSED, tiny_model_f32, endpoint, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seconds, _, message = r.stdout.strip().partition(" ")
+        assert endpoint in message
+        assert says in message
+        assert float(seconds) < 15
+
+
+def test_the_greeting_reads_the_real_servers_version_and_leaves_it_serving(
+    libdir: Path, rpc_server: str
+) -> None:
+    code = """
+        import sys
+        from nexabind.lowlevel._rpc import greet, rpc_devices
+        print(greet(sys.argv[1]), greet(sys.argv[1]), len(rpc_devices([sys.argv[1]])) > 0)
+    """
+    r = run_child(code, rpc_server, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["7.0.0", "7.0.0", "True"]

@@ -8,7 +8,8 @@ and server always speak the same protocol version (:func:`protocol`).
 
 The protocol has no authentication and no encryption: trusted networks only. A server that
 goes away while a model uses it ends the client process (ggml aborts on a lost connection);
-each endpoint is checked to answer before it is handed to ggml.
+each endpoint is greeted here first (:func:`greet`), since ggml also aborts on a server it
+cannot reach, one that answers garbage, or one of another protocol version.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -25,10 +27,27 @@ from nexabind._ffi import ffi
 from nexabind.errors import LibraryNotFoundError, RpcError
 from nexabind.lowlevel._lib import ggml
 
-__all__ = ["check_endpoint", "endpoints", "model_devices", "protocol", "rpc_devices", "serve"]
+__all__ = [
+    "check_endpoint",
+    "endpoints",
+    "greet",
+    "model_devices",
+    "protocol",
+    "rpc_devices",
+    "serve",
+]
 
 _lock = threading.Lock()
 _servers: dict[str, list[Any]] = {}  # endpoint -> its devices, added once per process
+
+# The greeting, as ggml-rpc.cpp's negotiate_hello sends it: | cmd (1 byte) | size (uint64) |
+# rpc_msg_hello_req (conn_caps[24]) |; all-zero caps ask for plain TCP. The answer is
+# | size (uint64) = 28 | major | minor | patch | padding | conn_caps[24] |. Little-endian, as
+# ggml writes its host's integers and every platform it builds for is little-endian.
+_CMD_HELLO = 14
+_CAPS_SIZE = 24
+_HELLO = struct.pack("<BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE)
+_HELLO_RSP_SIZE = 4 + _CAPS_SIZE
 
 
 def _reg() -> Any:
@@ -88,6 +107,83 @@ def check_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _version(text: str) -> tuple[int, int, int] | None:
+    parts = text.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def greet(endpoint: str, timeout: float = 5.0) -> str:
+    """Say HELLO to the RPC server at ``endpoint`` as ggml's client does, and check its answer.
+
+    The server's protocol version must have this library's major version and no newer minor
+    one (ggml's own rule, which it enforces by aborting the process). The connection is closed
+    afterwards: a server serves one client at a time, and ggml connects next.
+
+    Args:
+        endpoint: ``host:port``.
+        timeout: Seconds allowed for connecting and for the answer.
+
+    Returns:
+        The server's protocol version, ``major.minor.patch``.
+
+    Raises:
+        ValueError: ``endpoint`` is not ``host:port``.
+        RpcError: Nothing accepts the connection, the peer does not answer the greeting within
+            ``timeout`` or answers garbage (not an RPC server), or it speaks another protocol
+            version.
+    """
+    host, port = check_endpoint(endpoint)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        msg = (
+            f"RPC server {endpoint} does not answer ({e}); start it there with "
+            "`nexabind rpc-server --host HOST --port PORT`"
+        )
+        raise RpcError(msg) from e
+    with sock:
+        try:
+            sock.sendall(_HELLO)
+            answer = _recv_exactly(sock, 8 + _HELLO_RSP_SIZE)
+        except TimeoutError as e:
+            msg = (
+                f"{endpoint} accepted a connection but did not answer the RPC greeting within "
+                f"{timeout:g} s: not an RPC server, or one busy with another client"
+            )
+            raise RpcError(msg) from e
+        except OSError as e:
+            msg = f"{endpoint} dropped the RPC greeting ({e}): not an RPC server?"
+            raise RpcError(msg) from e
+    if len(answer) < 8 + _HELLO_RSP_SIZE or struct.unpack_from("<Q", answer)[0] != _HELLO_RSP_SIZE:
+        msg = (
+            f"{endpoint} is not an RPC server: its answer to the greeting is "
+            f"{answer[:16]!r}{'...' if len(answer) > 16 else ''}, not a protocol version"
+        )
+        raise RpcError(msg)
+    major, minor, patch = answer[8], answer[9], answer[10]
+    theirs = f"{major}.{minor}.{patch}"
+    ours = _version(protocol())
+    if ours is not None and (major != ours[0] or minor > ours[1]):
+        msg = (
+            f"RPC server {endpoint} speaks protocol {theirs}, this library {protocol()}: run "
+            "`nexabind rpc-server` there from the same nexabind release as here"
+        )
+        raise RpcError(msg)
+    return theirs
+
+
 def protocol() -> str:
     """The RPC protocol version this library speaks, from its ``abi.json``, or ``unknown``."""
     libdir = loader.loaded_dir()
@@ -105,12 +201,13 @@ def protocol() -> str:
 def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[Any]:
     """The devices of each RPC server, in order (``ggml_backend_dev_t`` handles).
 
-    Each endpoint is first checked to accept a TCP connection within ``timeout`` seconds: ggml
-    aborts the process on a server it cannot reach.
+    Each endpoint is first greeted (:func:`greet`) within ``timeout`` seconds: ggml aborts the
+    process on a server it cannot reach, that answers garbage, or of another protocol version.
 
     Raises:
         ValueError: An endpoint is not ``host:port``.
-        RpcError: A server does not answer, or has no devices.
+        RpcError: A server does not answer, is not an RPC server, speaks another protocol
+            version, or has no devices.
         LibraryNotFoundError: The library has no RPC backend.
     """
     found: list[Any] = []
@@ -118,14 +215,7 @@ def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[Any]:
         host, port = check_endpoint(endpoint)
         with _lock:
             if endpoint not in _servers:
-                try:
-                    socket.create_connection((host, port), timeout=timeout).close()
-                except OSError as e:
-                    msg = (
-                        f"RPC server {endpoint} does not answer ({e}); start it there with "
-                        "`nexabind rpc-server --host HOST --port PORT`"
-                    )
-                    raise RpcError(msg) from e
+                greet(endpoint, timeout)
                 add = _proc("ggml_backend_rpc_add_server", "ggml_backend_reg_t (*)(const char *)")
                 reg = add(endpoint.encode())
                 devs = _devices_of(reg) if reg != ffi.NULL else []
