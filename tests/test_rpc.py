@@ -181,7 +181,7 @@ def test_rpc_server_on_a_taken_port_says_so(libdir: Path) -> None:
 @contextmanager
 def _fake_rpc_server(answer: bytes | None) -> Iterator[str]:
     """A peer on loopback that reads each greeting and answers ``answer`` (``None``: nothing,
-    holding the connection open): its endpoint."""
+    holding the connection open; ``b"trickle"``: a byte a second): its endpoint."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -197,6 +197,9 @@ def _fake_rpc_server(answer: bytes | None) -> Iterator[str]:
             if answer is None:
                 held.append(conn)
                 continue
+            if answer == b"trickle":  # a byte a second, forever
+                threading.Thread(target=_trickle, args=(conn,), daemon=True).start()
+                continue
             conn.sendall(answer)
             conn.close()
 
@@ -207,6 +210,16 @@ def _fake_rpc_server(answer: bytes | None) -> Iterator[str]:
         listener.close()
         for conn in held:
             conn.close()
+
+
+def _trickle(conn: socket.socket) -> None:
+    with conn:
+        try:
+            while True:
+                conn.sendall(b"\x00")
+                time.sleep(1)
+        except OSError:
+            return
 
 
 def _hello_answer(major: int, minor: int, patch: int) -> bytes:
@@ -233,8 +246,9 @@ _REFUSED = """
         (b"HTTP/1.1 400 Bad Request\r\n\r\n", "is not an RPC server: its answer"),
         (b"", "is not an RPC server: its answer to the greeting is b''"),
         (None, "did not answer the RPC greeting within 5 s: not an RPC server"),
+        (b"trickle", "did not answer the RPC greeting within 5 s: not an RPC server"),
     ],
-    ids=["other-major", "newer-minor", "garbage", "closes", "silent"],
+    ids=["other-major", "newer-minor", "garbage", "closes", "silent", "trickle"],
 )
 def test_a_server_of_another_protocol_or_not_an_rpc_server_is_refused_before_ggml_sees_it(
     libdir: Path, tiny_model_f32: Path, answer: bytes | None, says: str

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,9 +108,20 @@ def check_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: socket.socket, n: int, timeout: float) -> bytes:
+    """Up to ``n`` bytes (fewer if the peer closes), within ``timeout`` seconds in all: a peer
+    that trickles bytes cannot stretch it.
+
+    Raises:
+        TimeoutError: The deadline passed first.
+    """
+    deadline = time.monotonic() + timeout
     data = b""
     while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         chunk = sock.recv(n - len(data))
         if not chunk:
             break
@@ -156,7 +168,7 @@ def greet(endpoint: str, timeout: float = 5.0) -> str:
     with sock:
         try:
             sock.sendall(_HELLO)
-            answer = _recv_exactly(sock, 8 + _HELLO_RSP_SIZE)
+            answer = _recv_exactly(sock, 8 + _HELLO_RSP_SIZE, timeout)
         except TimeoutError as e:
             msg = (
                 f"{endpoint} accepted a connection but did not answer the RPC greeting within "
