@@ -24,7 +24,7 @@ from nexabind._build import server_binary
 
 SERVING = harness.HERE / "serving.py"
 CLIENTS, REQUESTS, N_PARALLEL, N_CTX = 64, 8, 4, 4096
-N_GEN = {"100mb": 32, "gemma": 16}
+N_GEN = {"tiny": 64, "100mb": 32, "gemma": 16}
 
 
 def _eog(model: Path, libdir: Path) -> list[int]:
@@ -53,7 +53,7 @@ def _server() -> str:
     return str(found)
 
 
-@pytest.mark.parametrize("model_name", ["100mb", "gemma"])
+@pytest.mark.parametrize("model_name", ["tiny", "100mb", "gemma"])
 def test_serve_load(benchmark: Any, rows: Any, bench: Any, model_name: str) -> None:
     model = _model(bench, model_name)
     cfg = {
