@@ -17,6 +17,7 @@ from nexabind._files import write_atomic
 __all__ = [
     "INSTALL_RECORD",
     "compare",
+    "read_build_info",
     "read_record",
     "sha256_file",
     "update_record",
@@ -82,6 +83,16 @@ def read_record(tree: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def read_build_info(tree: Path) -> dict[str, Any]:
+    """The ``build-info.json`` of an entry or artifact folder ``tree``; empty when it has none
+    or it does not read as a JSON object (an artifact that did not write it well says nothing)."""
+    try:
+        info = json.loads((tree / "build-info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def update_record(tree: Path, fields: dict[str, Any]) -> bool:

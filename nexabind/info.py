@@ -6,14 +6,13 @@ here downloads or loads a library.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from nexabind import manifest as _manifest
 from nexabind import pin, settings, targets
-from nexabind._install_record import read_record
+from nexabind._install_record import read_build_info, read_record
 from nexabind._source import build_cache_dir
 from nexabind._version import __version__
 from nexabind.cache import cache_root, installed, library_dir
@@ -141,10 +140,7 @@ def gather(
 def _cpu_variants(lib: Path) -> dict[str, Any]:
     """Which CPU variants ``lib`` holds, which one loads and why, and which were skipped."""
     record = read_record(lib.parent) or {}
-    try:
-        built = json.loads((lib.parent / "build-info.json").read_text()).get("cpu_variants")
-    except (OSError, ValueError, AttributeError):
-        built = None
+    built = read_build_info(lib.parent).get("cpu_variants")
     forced = settings.CPU_VARIANT.get()
     if forced:
         loads = f"{forced} ({settings.CPU_VARIANT.env})"
@@ -166,11 +162,7 @@ def _rpc(lib: Path) -> str | None:
     """The RPC protocol version of ``lib``'s RPC backend module, or None without one."""
     if not any(lib.glob("*ggml-rpc.*")):
         return None
-    try:
-        version = json.loads((lib.parent / "build-info.json").read_text()).get("rpc_protocol")
-    except (OSError, ValueError, AttributeError):
-        version = None
-    return str(version or "unknown")
+    return str(read_build_info(lib.parent).get("rpc_protocol") or "unknown")
 
 
 def render(report: dict[str, Any]) -> str:

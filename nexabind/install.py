@@ -13,7 +13,6 @@ loads only that one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 from nexabind import _variants, cache, settings, targets
 from nexabind._archive import safe_extract
+from nexabind._install_record import read_build_info
 from nexabind.errors import (
     AbiMismatchError,
     ChecksumMismatchError,
@@ -230,10 +230,7 @@ def install_locked(
             if discard:  # a download, needed no more: deleted while the child loads the library
                 archive.unlink()
         choice = _variants.choose(tree / "lib", checks, _smoke_finish(smoke, name))
-        try:  # what the artifact says it holds; a file it did not write well says nothing
-            built = json.loads((tree / "build-info.json").read_text()).get("cpu_variants", "all")
-        except (OSError, ValueError, AttributeError):
-            built = None
+        built = read_build_info(tree).get("cpu_variants", "all")
         info = {
             "release": release, "key": key, "artifact": name, "sha256": digest, "source": source,
             "cpu_variant": choice.variant, "cpu_variant_checked": choice.loaded,

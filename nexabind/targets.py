@@ -33,7 +33,6 @@ __all__ = [
     "variant_order",
     "variant_order_here",
     "variants_for",
-    "x86_variant_scores",
 ]
 
 #: Operating systems artifacts are built for.
@@ -209,11 +208,6 @@ def cpu_variant_scores(arch: str, cpu_flags: set[str]) -> dict[str, int]:
             bits = (1 << i for i, f in enumerate(weights) if f in needs and i >= first)
             scores[name] = 1 + sum(bits)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
-
-
-def x86_variant_scores(cpu_flags: set[str]) -> dict[str, int]:
-    """:func:`cpu_variant_scores` of x86_64."""
-    return cpu_variant_scores("x86_64", cpu_flags)
 
 
 def artifact_name(os_name: str, arch: str, variant: str) -> str:

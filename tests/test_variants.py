@@ -60,7 +60,7 @@ def test_ggml_scores_match_the_variant_table_for_this_cpu(libdir: Path) -> None:
     if flags is None or target()[1] != "x86_64":
         pytest.skip("the variant table is for Linux x86_64")
     ggml = {v: s for v, s in _variants.scores(libdir).items() if s > 0}
-    assert ggml == targets.x86_variant_scores(flags)
+    assert ggml == targets.cpu_variant_scores("x86_64", flags)
     assert list(ggml)[-1] == "x64"
 
 
@@ -102,7 +102,7 @@ def test_doctor_works_around_a_variant_that_dies_and_records_the_choice(
     assert r.returncode == 0, r.stderr
     assert "skipped:     CPU variant zzpoison: died of SIGILL (Illegal instruction)" in r.stdout
     record = json.loads((lib.parent / INSTALL_RECORD).read_text())
-    best = next(v for v in targets.x86_variant_scores(cpu_flags() or set()))
+    best = next(v for v in targets.cpu_variant_scores("x86_64", cpu_flags() or set()))
     assert record["cpu_variant"] == best
     assert record["cpu_variants_skipped"] == {"zzpoison": "died of SIGILL (Illegal instruction)"}
     # From then on the loader loads only the recorded variant: Llama works in a new process.
@@ -139,7 +139,9 @@ def test_install_records_the_best_variant_that_decodes(
     entry = {**art.entry(release_mirror), "sha256": cache.sha256_file(poisoned)}
     lib = install_archive(poisoned, entry, pin.RELEASE)
     record = json.loads((lib.parent / INSTALL_RECORD).read_text())
-    assert record["cpu_variant"] == next(iter(targets.x86_variant_scores(cpu_flags() or set())))
+    assert record["cpu_variant"] == next(
+        iter(targets.cpu_variant_scores("x86_64", cpu_flags() or set()))
+    )
     assert record["cpu_variants_skipped"] == {"zzpoison": "died of SIGILL (Illegal instruction)"}
     assert record["cpu_variant_checked"] == record["cpu_variant"]
     from nexabind.info import gather, render
@@ -156,7 +158,9 @@ def test_an_unknown_or_unrunnable_cpu_variant_is_a_clear_error(libdir: Path) -> 
     assert "CPU variant 'pentium' (from NEXABIND_CPU_VARIANT) is not in" in r.stderr
     assert "x64" in r.stderr
     flags = cpu_flags() or set()
-    unrunnable = [v for v in targets.X86_CPU_VARIANTS if v not in targets.x86_variant_scores(flags)]
+    unrunnable = [
+        v for v in targets.X86_CPU_VARIANTS if v not in targets.cpu_variant_scores("x86_64", flags)
+    ]
     if not unrunnable or not (libdir / f"libggml-cpu-{unrunnable[0]}.so").exists():
         pytest.skip("this CPU runs every variant of the build")
     r = _nexabind("doctor", "--lib-path", str(libdir), "--cpu-variant", unrunnable[0])
